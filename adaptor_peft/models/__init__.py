@@ -1,0 +1,19 @@
+"""Backbones (Vim, VMamba) with the official state-dict layouts, and checkpoint loading."""
+
+from . import vim, vmamba
+from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from .registry import create_model, list_models
+from .vim import VisionMamba
+from .vmamba import VSSM
+
+__all__ = [
+    "VSSM",
+    "CheckpointError",
+    "VisionMamba",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "read_state_dict",
+    "vim",
+    "vmamba",
+]

@@ -1,0 +1,59 @@
+"""Pieces both backbones share: RMSNorm, a permute module, and Mamba's parameter initialisation."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a weight and no bias, computed in float32 (as mamba-ssm's fused kernel)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+class Permute(nn.Module):
+    """``x.permute(*dims)`` as a module, so that it can sit in an ``nn.Sequential`` with official indices."""
+
+    def __init__(self, *dims: int):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(*self.dims)
+
+
+def drop_path_rates(rate: float, count: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to ``rate`` over ``count`` blocks."""
+    return [rate * i / max(count - 1, 1) for i in range(count)]
+
+
+def init_dt_(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    dt_min: float = 1e-3,
+    dt_max: float = 0.1,
+    dt_init_floor: float = 1e-4,
+) -> None:
+    """Mamba's Δ projection init: weight uniform in ±rank^-0.5, bias the inverse softplus of a step
+    drawn log-uniformly from [dt_min, dt_max]. ``weight`` (..., dim, rank), ``bias`` (..., dim)."""
+    with torch.no_grad():
+        bound = weight.shape[-1] ** -0.5
+        weight.uniform_(-bound, bound)
+        dt = torch.exp(torch.rand_like(bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+        dt = dt.clamp(min=dt_init_floor)
+        bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+
+def s4d_real_a_log(dim: int, d_state: int) -> torch.Tensor:
+    """``log(A)`` with ``A[d, n] = n + 1`` (S4D-real), the init of every Mamba ``A_log``."""
+    return torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(dim, 1).contiguous()

@@ -1,0 +1,45 @@
+"""The model registry: every backbone is a timm model too, and ``create_model`` builds and loads one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import register_model
+from torch import nn
+
+_MODELS: list[str] = []
+
+
+def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Registers a model entry point with timm and in :func:`list_models`."""
+    _MODELS.append(fn.__name__)
+    return register_model(fn)
+
+
+def list_models() -> list[str]:
+    """Names of every backbone this package provides."""
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str,
+    checkpoint: str | Path | Mapping[str, torch.Tensor] | None = None,
+    num_classes: int | None = None,
+    img_size: int | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Builds ``name`` (keyword overrides such as ``depth=2`` change the architecture) and, if given,
+    loads ``checkpoint``: a file in any format :func:`~adaptor_peft.models.read_state_dict` reads, or a
+    state dict. A ``num_classes`` other than the checkpoint's leaves the head freshly initialised."""
+    from .checkpoint import load_checkpoint
+
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    overrides = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items() if v is not None}
+    model = timm.create_model(name, pretrained=False, **overrides, **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
+    return model

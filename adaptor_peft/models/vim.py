@@ -1,0 +1,261 @@
+"""Vision Mamba (Vim, hustvl/Vim): bidirectional "bimamba v2" blocks with a middle class token.
+
+State-dict keys and shapes are those of the official releases (``vim_{t,s,b}_midclstok_*.pth``), so
+their ``model`` entry loads with ``strict=True``. Unlike the official code, every projection is called
+as a module (``self.in_proj(x)``), so wrappers such as HF ``peft`` LoRA take effect.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath
+from timm.models import build_model_with_cfg, generate_default_cfgs
+from torch import nn
+
+from ..ops import selective_scan
+from .checkpoint import Loadable
+from .layers import RMSNorm, drop_path_rates, init_dt_, s4d_real_a_log
+from .registry import register
+
+
+def grid_size(img_size: tuple[int, int], patch_size: int, stride: int) -> tuple[int, int]:
+    return tuple((s - patch_size) // stride + 1 for s in img_size)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubically resizes a (1, M + 1, C) position embedding whose class token sits at index M // 2,
+    keeping that token's embedding and putting it back in the middle of the new sequence."""
+    if tuple(new_grid) == tuple(old_grid):
+        return pos_embed
+    m = old_grid[0] * old_grid[1]
+    if pos_embed.shape[1] != m + 1:
+        raise ValueError(f"pos_embed has {pos_embed.shape[1]} tokens, expected {m + 1} for grid {tuple(old_grid)}")
+    cls = pos_embed[:, m // 2 : m // 2 + 1]
+    patches = torch.cat([pos_embed[:, : m // 2], pos_embed[:, m // 2 + 1 :]], dim=1)
+    patches = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
+    mid = new_grid[0] * new_grid[1] // 2
+    return torch.cat([patches[:, :mid], cls, patches[:, mid:]], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Image → patch tokens (B, M, C) by one strided convolution; overlapping when stride < patch."""
+
+    def __init__(self, img_size: int, patch_size: int, stride: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size, self.stride = patch_size, stride
+        self.grid_size = grid_size((img_size, img_size), patch_size, stride)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=stride)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        h, w = x.shape[-2:]
+        if min(h, w) < self.patch_size or (h - self.patch_size) % self.stride or (w - self.patch_size) % self.stride:
+            raise ValueError(
+                f"Vim: image size {h}x{w} does not tile into {self.patch_size}-pixel patches at stride {self.stride}; "
+                f"use sides of the form {self.patch_size} + k*{self.stride}"
+            )
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
+
+
+class BiMambaMixer(nn.Module):
+    """Bimamba-v2 mixer: one shared ``in_proj``, a forward scan and a scan over the flipped sequence,
+    each with its own causal depthwise conv, ``x_proj``, ``dt_proj``, ``A`` and ``D``; the two outputs
+    are averaged and projected back."""
+
+    def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int | None = None):
+        super().__init__()
+        inner = expand * d_model
+        self.d_state, self.dt_rank = d_state, dt_rank or math.ceil(d_model / 16)
+        self.A_log = nn.Parameter(s4d_real_a_log(inner, d_state))
+        self.D = nn.Parameter(torch.ones(inner))
+        self.A_b_log = nn.Parameter(s4d_real_a_log(inner, d_state))
+        self.D_b = nn.Parameter(torch.ones(inner))
+        self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
+        self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
+        self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, inner)
+        self.conv1d_b = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
+        self.x_proj_b = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj_b = nn.Linear(self.dt_rank, inner)
+        self.out_proj = nn.Linear(inner, d_model, bias=False)
+        init_dt_(self.dt_proj.weight, self.dt_proj.bias)
+        init_dt_(self.dt_proj_b.weight, self.dt_proj_b.bias)
+
+    def directions(self):
+        """Per scan direction: (conv1d, x_proj, dt_proj, A_log, D); forward first, then flipped."""
+        return (
+            (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+            (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
+        )
+
+    def scan(self, x: torch.Tensor, z: torch.Tensor, direction: int) -> torch.Tensor:
+        """One direction on (B, E, L) inputs already in that direction's order; returns (B, E, L)."""
+        conv, x_proj, dt_proj, A_log, D = self.directions()[direction]
+        x = F.silu(conv(x)[..., : x.shape[-1]])
+        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt_proj(dt).transpose(1, 2)
+        A = -torch.exp(A_log.float())
+        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D.float(), z, delta_softplus=True).out
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
+        forward = self.scan(x, z, 0)
+        backward = self.scan(x.flip(-1), z.flip(-1), 1).flip(-1)
+        return self.out_proj(((forward + backward) / 2).transpose(1, 2))
+
+
+class VimBlock(nn.Module):
+    """``residual += drop_path(hidden)`` (first block: ``residual = hidden``), then
+    ``hidden = mixer(norm(residual))``; the residual stream is kept in float32."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs):
+        super().__init__()
+        self.mixer = BiMambaMixer(dim, **mixer_kwargs)
+        self.norm = RMSNorm(dim, eps=norm_eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        residual = residual.float()
+        return self.mixer(self.norm(residual).to(self.norm.weight.dtype)), residual
+
+
+class VisionMamba(Loadable, nn.Module):
+    """Vim: patch tokens with a class token in the middle, 24 bidirectional Mamba blocks, and the
+    normed class token as the pooled feature."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        stride: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 24,
+        d_state: int = 16,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.num_classes, self.num_features, self.embed_dim = num_classes, embed_dim, embed_dim
+        self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
+        num_patches = self.patch_embed.grid_size[0] * self.patch_embed.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        # As the official code: block i drops with the rate of block i - 1; the final add uses the full rate.
+        rates = [0.0, *drop_path_rates(drop_path_rate, depth)]
+        self.layers = nn.ModuleList(
+            VimBlock(embed_dim, drop_path=rates[i], norm_eps=norm_eps, d_state=d_state) for i in range(depth)
+        )
+        self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) → pooled feature (B, C): the normed output at the class token."""
+        x, grid = self.patch_embed(x)
+        token = x.shape[1] // 2
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([x[:, :token], cls, x[:, token:]], dim=1)
+        x = self.pos_drop(x + resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size))
+        hidden, residual = x, None
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual)
+        return self.norm_f(residual + self.drop_path(hidden))[:, token]
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Resizes a checkpoint's position embedding to this model's patch grid."""
+        pos = state_dict.get("pos_embed")
+        if pos is not None and pos.shape != self.pos_embed.shape:
+            side = math.isqrt(pos.shape[1] - 1)
+            if side * side == pos.shape[1] - 1:
+                state_dict = {
+                    **state_dict,
+                    "pos_embed": resample_pos_embed(pos, self.patch_embed.grid_size, (side, side)),
+                }
+        return state_dict
+
+
+def _cfg(url: str = "", **kwargs) -> dict:
+    return {
+        "url": url,
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+        "custom_load": True,
+        "license": "apache-2.0",
+        **kwargs,
+    }
+
+
+_HUB = "https://huggingface.co/hustvl/{}/resolve/main/{}"
+default_cfgs = generate_default_cfgs(
+    {
+        "vim_tiny_patch16_224": _cfg(_HUB.format("Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth")),
+        "vim_small_patch16_224": _cfg(_HUB.format("Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth")),
+        "vim_base_patch16_224": _cfg(_HUB.format("Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth")),
+        "vim_tiny_patch16_stride8_224": _cfg(crop_pct=1.0),
+        "vim_small_patch16_stride8_224": _cfg(crop_pct=1.0),
+    }
+)
+
+
+def _create(variant: str, pretrained: bool, **kwargs) -> VisionMamba:
+    return build_model_with_cfg(VisionMamba, variant, pretrained, **kwargs)
+
+
+@register
+def vim_tiny_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    return _create("vim_tiny_patch16_224", pretrained, **{"embed_dim": 192, "depth": 24, **kwargs})
+
+
+@register
+def vim_small_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    return _create("vim_small_patch16_224", pretrained, **{"embed_dim": 384, "depth": 24, **kwargs})
+
+
+@register
+def vim_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    return _create("vim_base_patch16_224", pretrained, **{"embed_dim": 768, "depth": 24, **kwargs})
+
+
+@register
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    return _create("vim_tiny_patch16_stride8_224", pretrained, **{"embed_dim": 192, "depth": 24, "stride": 8, **kwargs})
+
+
+@register
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs) -> VisionMamba:
+    return _create(
+        "vim_small_patch16_stride8_224", pretrained, **{"embed_dim": 384, "depth": 24, "stride": 8, **kwargs}
+    )

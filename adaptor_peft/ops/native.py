@@ -1,0 +1,174 @@
+"""The compiled CPU selective scan: builds ``selective_scan_cpu.c`` once per machine and calls it.
+
+The C source is compiled with the system C compiler at first use and cached (``ADAPTOR_PEFT_CACHE``,
+default ``~/.cache/adaptor_peft``); no Python headers, torch headers or build tools beyond ``cc`` are
+needed. It is called through ``ctypes`` and threads with OpenMP: linked against ``libgomp.so.1``, which
+PyTorch has already loaded, it runs on PyTorch's own OpenMP threads and follows
+``torch.set_num_threads``; a compiler without OpenMP gives a single-threaded build. Where no compiler
+works, :func:`available` is False and the dispatcher uses the PyTorch implementation instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("selective_scan_cpu.c")
+LANES = 16  # channels per SIMD work item; VL in the C source
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+
+_I64x3 = ctypes.c_int64 * 3
+_I64x4 = ctypes.c_int64 * 4
+_P = ctypes.c_void_p
+
+
+class _ScanArgs(ctypes.Structure):
+    """Mirror of ``ScanArgs`` in the C source; field order must match it exactly."""
+
+    _fields_ = [
+        *[(name, ctypes.c_int64) for name in ("batch", "dim", "len", "nstate", "groups", "probe_groups", "nprobe")],
+        *[(name, _P) for name in ("u", "delta", "delta_bias", "A", "B", "C", "Dskip", "z")],
+        ("softplus", ctypes.c_int64),
+        ("u_s", _I64x3), ("delta_s", _I64x3), ("z_s", _I64x3), ("B_s", _I64x4), ("C_s", _I64x4),
+        *[(name, _P) for name in ("probe", "out", "readout", "last_state", "hidden", "dout", "dreadout",
+                                  "du", "ddelta", "dz", "dA", "dD", "ddelta_bias", "dB", "dC")],
+    ]  # fmt: skip
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ADAPTOR_PEFT_CACHE") or Path.home() / ".cache" / "adaptor_peft")
+
+
+def _machine_fingerprint() -> bytes:
+    """Distinguishes CPUs, since ``-march=native`` output may not run on another one."""
+    info = Path("/proc/cpuinfo")
+    flags = ""
+    if info.exists():
+        flags = next((line for line in info.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
+    return f"{platform.machine()}|{platform.processor()}|{flags}".encode()
+
+
+@cache
+def _library(double: bool) -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if sys.platform == "win32" or not compiler:
+        return None
+    flags = (*FLAGS, "-DSCAN_DOUBLE") if double else FLAGS
+    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + " ".join(flags).encode() + _machine_fingerprint())
+    target = cache_dir() / f"selective_scan_cpu_{'f64' if double else 'f32'}_{key.hexdigest()[:16]}.so"
+    if not target.exists() and not _compile(compiler, flags, target):
+        return None
+    lib = ctypes.CDLL(str(target))
+    for name in ("forward", "backward"):
+        fn = getattr(lib, f"scan_{name}_{'f64' if double else 'f32'}")
+        fn.argtypes = [ctypes.POINTER(_ScanArgs)]
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
+    """Builds ``target`` atomically, with OpenMP if the compiler has it; warns and returns False on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    for extra in (("-fopenmp",), ()):
+        result = subprocess.run([compiler, *flags, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(tmp, target)
+            return True
+    os.unlink(tmp)
+    warnings.warn(
+        f"adaptor_peft: compiling {SOURCE} with {compiler} failed, using the PyTorch scan (slower on CPU):\n"
+        f"{result.stderr[-2000:]}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return False
+
+
+def available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the compiled scan can run for ``dtype`` (float32 or float64) on this machine."""
+    return dtype in (torch.float32, torch.float64) and _library(dtype == torch.float64) is not None
+
+
+def supports(dim: int, groups: int, probe_groups: int) -> bool:
+    """Whether a channel layout fits the kernel: lane blocks never straddle a B/C or probe group."""
+    return all(dim % g == 0 and (dim // g) % LANES == 0 for g in (groups, probe_groups))
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _strides(t: torch.Tensor | None, n: int):
+    return (ctypes.c_int64 * n)(*(t.stride() if t is not None else (0,) * n))
+
+
+def _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe) -> _ScanArgs:
+    batch, dim, length = u.shape
+    return _ScanArgs(
+        batch=batch, dim=dim, len=length, nstate=A.shape[1], groups=B.shape[1],
+        probe_groups=probe.shape[1] if probe is not None else 1,
+        nprobe=probe.shape[3] if probe is not None else 0,
+        u=_ptr(u), delta=_ptr(delta), delta_bias=_ptr(delta_bias), A=_ptr(A), B=_ptr(B), C=_ptr(C), Dskip=_ptr(D),
+        z=_ptr(z), softplus=int(softplus),
+        u_s=_strides(u, 3), delta_s=_strides(delta, 3), z_s=_strides(z, 3), B_s=_strides(B, 4), C_s=_strides(C, 4),
+        probe=_ptr(probe),
+    )  # fmt: skip
+
+
+def _contiguous(*tensors):
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _run(direction: str, args: _ScanArgs, dtype: torch.dtype) -> None:
+    double = dtype == torch.float64
+    if getattr(_library(double), f"scan_{direction}_{'f64' if double else 'f32'}")(ctypes.byref(args)):
+        raise MemoryError("adaptor_peft: the compiled selective scan could not allocate its work buffers")
+
+
+def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last: bool, want_hidden: bool):
+    """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`; inputs already in one float dtype."""
+    batch, dim, length = u.shape
+    n = A.shape[1]
+    A, D, delta_bias, probe = _contiguous(A, D, delta_bias, probe)
+    new = u.new_empty
+    out = new(batch, dim, length)
+    readout = new(batch, dim, length, probe.shape[3]) if probe is not None else None
+    last = new(batch, dim, n) if want_last else None
+    hidden = new(batch, dim, length, n) if want_hidden else None
+    args = _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe)
+    args.out, args.readout, args.last_state, args.hidden = _ptr(out), _ptr(readout), _ptr(last), _ptr(hidden)
+    _run("forward", args, u.dtype)
+    return out, readout, last, hidden
+
+
+def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, dout, dreadout):
+    """Same contract as :func:`adaptor_peft.ops.scan_torch.backward`."""
+    dim = u.shape[1]
+    A, D, delta_bias, probe, dout = _contiguous(A, D, delta_bias, probe, dout)
+    dreadout = None if probe is None else _contiguous(dreadout)[0]
+    du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
+    dz = u.new_empty(u.shape) if z is not None else None
+    dA, dB, dC = u.new_zeros(A.shape), u.new_zeros(B.shape), u.new_zeros(B.shape)
+    dD = u.new_zeros(dim) if D is not None else None
+    dbias = u.new_zeros(dim) if delta_bias is not None else None
+    args = _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe)
+    grads = dict(
+        dout=dout, dreadout=dreadout, du=du, ddelta=ddelta, dz=dz, dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC
+    )
+    for name, t in grads.items():
+        setattr(args, name, _ptr(t))
+    _run("backward", args, u.dtype)
+    return du, ddelta, dbias, dA, dB, dC, dD, dz

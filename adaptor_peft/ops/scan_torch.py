@@ -1,0 +1,137 @@
+"""The selective scan in plain PyTorch, with a hand-written backward; runs on any device.
+
+Channels are processed in blocks small enough that a block's (batch, channels, len, nstate) states fit a
+fixed element budget (``ADAPTOR_PEFT_SCAN_BLOCK``, default 2**21 elements); within a block the linear
+recurrence ``h_t = a_t h_{t-1} + x_t`` is solved by a log-depth (Hillis-Steele) scan, so the cost is a
+handful of large tensor operations instead of one small operation per position. The backward pass
+recomputes each block's states and runs the adjoint recurrence with the same scan, reversed.
+
+Contract shared with :mod:`adaptor_peft.ops.native`: ``u``, ``delta``, ``z`` are (batch, dim, len), and
+the step is ``dt = softplus(delta + delta_bias)`` (bias optional, softplus if ``softplus``); ``A`` is
+(dim, nstate); ``B`` and ``C`` are (batch, groups, nstate, len);
+``D`` is (dim,) or None; ``probe`` is (batch, probe_groups, len, nprobe) integer positions or None.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Solves ``h_t = a_t * h_{t-1} + x_t`` (``h_{-1} = 0``) along dim -2 of (..., len, n) tensors."""
+    a, h = a.clone(), x.clone()
+    length, step = a.shape[-2], 1
+    while step < length:
+        h[..., step:, :] += a[..., step:, :] * h[..., :-step, :].clone()
+        if 2 * step < length:
+            a[..., step:, :] *= a[..., :-step, :].clone()
+        step *= 2
+    return h
+
+
+def _blocks(batch: int, dim: int, length: int, nstate: int, nprobe: int):
+    """Channel ranges whose working set fits the element budget."""
+    budget = int(os.environ.get("ADAPTOR_PEFT_SCAN_BLOCK", 2**21))
+    size = max(1, min(dim, budget // max(1, batch * length * nstate * max(1, nprobe))))
+    return [(d0, min(dim, d0 + size)) for d0 in range(0, dim, size)]
+
+
+def _per_channel(X: torch.Tensor, d0: int, d1: int, dim: int) -> torch.Tensor:
+    """(batch, groups, nstate, len) → (batch, d1 - d0, len, nstate), each channel seeing its group's row."""
+    group = torch.arange(d0, d1, device=X.device) // (dim // X.shape[1])
+    return X[:, group].transpose(-1, -2)
+
+
+def _probe_index(probe: torch.Tensor, d0: int, d1: int, dim: int, nstate: int) -> torch.Tensor:
+    """Per-channel flat probe positions, expanded over the state dim for ``gather``: (b, c, len*k, n)."""
+    group = torch.arange(d0, d1, device=probe.device) // (dim // probe.shape[1])
+    index = probe[:, group].flatten(2)
+    return index.unsqueeze(-1).expand(*index.shape, nstate)
+
+
+def _states(u, dt, A, B, d0, d1, dim):
+    dtb, ub = dt[:, d0:d1, :, None], u[:, d0:d1, :, None]
+    a = torch.exp(dtb * A[d0:d1, None, :])
+    Bc = _per_channel(B, d0, d1, dim)
+    return a, Bc, linear_scan(a, dtb * ub * Bc)
+
+
+def _step(delta, delta_bias, softplus):
+    x = delta if delta_bias is None else delta + delta_bias[:, None]
+    return x, F.softplus(x) if softplus else x
+
+
+def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last: bool, want_hidden: bool):
+    """Returns ``(out, readout, last_state, hidden_states)``; the last three are None unless asked for."""
+    _, dt = _step(delta, delta_bias, softplus)
+    batch, dim, length = u.shape
+    nstate = A.shape[1]
+    nprobe = probe.shape[3] if probe is not None else 0
+    out = u.new_empty(batch, dim, length)
+    readout = u.new_empty(batch, dim, length, nprobe) if probe is not None else None
+    last = u.new_empty(batch, dim, nstate) if want_last else None
+    hidden = u.new_empty(batch, dim, length, nstate) if want_hidden else None
+    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe):
+        _, _, h = _states(u, dt, A, B, d0, d1, dim)
+        Cc = _per_channel(C, d0, d1, dim)
+        out[:, d0:d1] = (h * Cc).sum(-1)
+        if probe is not None:
+            gathered = h.gather(2, _probe_index(probe, d0, d1, dim, nstate))
+            readout[:, d0:d1] = (gathered.view(batch, d1 - d0, length, nprobe, nstate) * Cc.unsqueeze(3)).sum(-1)
+        if want_last:
+            last[:, d0:d1] = h[:, :, -1]
+        if want_hidden:
+            hidden[:, d0:d1] = h
+    if D is not None:
+        out += D[:, None] * u
+    if z is not None:
+        out *= F.silu(z)
+    return out, readout, last, hidden
+
+
+def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, dout, dreadout):
+    """Gradients ``(du, ddelta, ddelta_bias, dA, dB, dC, dD, dz)`` given ``dout`` and ``dreadout``."""
+    x, dt = _step(delta, delta_bias, softplus)
+    batch, dim, length = u.shape
+    nstate = A.shape[1]
+    nprobe = probe.shape[3] if probe is not None else 0
+    dz = None
+    if z is not None:
+        y, _, _, _ = forward(u, delta, delta_bias, softplus, A, B, C, D, None, None, False, False)
+        sig = torch.sigmoid(z)
+        dz = dout * y * sig * (1 + z * (1 - sig))
+        dout = dout * z * sig
+    du = dout * D[:, None] if D is not None else torch.zeros_like(u)
+    dD = (dout * u).sum((0, 2)) if D is not None else None
+    ddt, dA = torch.zeros_like(dt), torch.zeros_like(A)
+    dB, dC = B.new_zeros(B.shape), C.new_zeros(C.shape)
+    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe):
+        group = torch.arange(d0, d1, device=u.device) // (dim // B.shape[1])
+        a, Bc, h = _states(u, dt, A, B, d0, d1, dim)
+        Cc = _per_channel(C, d0, d1, dim)
+        dy = dout[:, d0:d1, :, None]
+        direct = Cc * dy
+        dC_block = dy * h
+        if probe is not None and dreadout is not None:
+            index = _probe_index(probe, d0, d1, dim, nstate)
+            dr = dreadout[:, d0:d1, :, :, None]
+            gathered = h.gather(2, index).view(batch, d1 - d0, length, nprobe, nstate)
+            direct = direct.scatter_add(2, index, (dr * Cc.unsqueeze(3)).flatten(2, 3))
+            dC_block = dC_block + (dr * gathered).sum(3)
+        # Adjoint recurrence g_t = direct_t + a_{t+1} g_{t+1}, solved as a forward scan on reversed time.
+        a_next = F.pad(a[:, :, 1:], (0, 0, 0, 1))
+        g = linear_scan(a_next.flip(2), direct.flip(2)).flip(2)
+        h_prev = F.pad(h[:, :, :-1], (0, 0, 1, 0))
+        dtb, ub = dt[:, d0:d1, :, None], u[:, d0:d1, :, None]
+        g_a_hprev = g * a * h_prev
+        ddt[:, d0:d1] = (g_a_hprev * A[d0:d1, None, :] + g * ub * Bc).sum(-1)
+        dA[d0:d1] = (g_a_hprev * dtb).sum((0, 2))
+        du[:, d0:d1] += (g * Bc).sum(-1) * dt[:, d0:d1]
+        dB.index_add_(1, group, (g * dtb * ub).transpose(-1, -2))
+        dC.index_add_(1, group, dC_block.transpose(-1, -2))
+    ddelta = ddt * torch.sigmoid(x) if softplus else ddt
+    dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
+    return du, ddelta, dbias, dA, dB, dC, dD, dz

@@ -1,0 +1,230 @@
+"""The selective scan entry point, and the one place that chooses how it runs.
+
+``selective_scan_fn`` has mamba-ssm's signature and semantics. ``selective_scan`` is the full interface:
+it can also return the hidden states, or *probe readouts*: for chosen positions ``p(i, k)`` of every
+query position ``i``, the state seen through that query's ``C``, ``r[b, d, i, k] = C_i · h_{p(i,k)}``.
+Because ``C_i · h`` is linear in ``h``, a caller can mix hidden states from anywhere in the sequence into
+position ``i``'s output (what Adaptor-T does) without ever holding a (batch, dim, len, k, nstate) tensor.
+
+Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACKEND``):
+
+- ``mamba_ssm``: mamba-ssm's CUDA kernel; CUDA tensors only, no probes or hidden states.
+- ``native``: the compiled CPU kernel (:mod:`adaptor_peft.ops.native`), float32 / float64.
+- ``torch``: plain PyTorch (:mod:`adaptor_peft.ops.scan_torch`), any device.
+- ``auto`` (default): ``mamba_ssm`` for CUDA tensors when it imports, else ``native`` on CPU where it
+  builds and the channel layout fits, else ``torch``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from functools import cache
+from typing import NamedTuple
+
+import torch
+
+from . import native, scan_torch
+
+BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
+BACKENDS = ("auto", "mamba_ssm", "native", "torch")
+_IMPLEMENTATIONS = {"native": native, "torch": scan_torch}
+
+
+class ScanOutput(NamedTuple):
+    """Result of :func:`selective_scan`; fields not asked for are None.
+
+    ``out`` (batch, dim, len); ``last_state`` (batch, dim, nstate); ``readout`` (batch, dim, len, k);
+    ``hidden_states`` (batch, dim, len, nstate). ``last_state`` and ``hidden_states`` carry no gradient.
+    """
+
+    out: torch.Tensor
+    last_state: torch.Tensor | None = None
+    readout: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+
+
+@cache
+def mamba_ssm_kernel() -> Callable | None:
+    """mamba-ssm's ``selective_scan_fn`` if its compiled extension imports, else None."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
+    except Exception:  # ImportError, or OSError / RuntimeError from a broken CUDA extension
+        return None
+    return kernel
+
+
+def as_grouped(X: torch.Tensor, batch: int, length: int, groups: int | None = None) -> torch.Tensor:
+    """B or C as (batch, groups, nstate, len): (dim, nstate) becomes one group per channel.
+
+    With ``groups``, a coarser grouping is repeated to that many groups, so B and C can share one.
+    """
+    if X.dim() == 2:
+        X = X.t()[None, :, :, None].expand(batch, -1, -1, length).transpose(1, 2)
+    elif X.dim() == 3:
+        X = X.unsqueeze(1)
+    if groups is not None and groups != X.shape[1]:
+        X = X.repeat_interleave(groups // X.shape[1], dim=1)
+    return X
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, dim, len), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (dim={dim}, nstate), got shape {tuple(A.shape)}")
+    nstate = A.shape[1]
+    for name, t, shape in (
+        ("delta", delta, u.shape),
+        ("z", z, u.shape),
+        ("D", D, (dim,)),
+        ("delta_bias", delta_bias, (dim,)),
+    ):
+        if t is not None and tuple(t.shape) != tuple(shape):
+            raise ValueError(f"selective_scan: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    for name, X in (("B", B), ("C", C)):
+        ok = (
+            (X.dim() == 2 and tuple(X.shape) == (dim, nstate))
+            or (X.dim() == 3 and tuple(X.shape) == (batch, nstate, length))
+            or (X.dim() == 4 and X.shape[0] == batch and X.shape[2:] == (nstate, length) and dim % X.shape[1] == 0)
+        )
+        if not ok:
+            raise ValueError(
+                f"selective_scan: {name} must be (dim, nstate)={(dim, nstate)}, (batch, nstate, len)="
+                f"{(batch, nstate, length)} or (batch, groups, nstate, len) with groups dividing {dim}; "
+                f"got shape {tuple(X.shape)}"
+            )
+    if probe_index is not None:
+        p = probe_index
+        if p.dim() != 4 or p.shape[0] != batch or p.shape[2] != length or dim % p.shape[1] != 0:
+            raise ValueError(
+                f"selective_scan: probe_index must be (batch={batch}, groups dividing {dim}, len={length}, k), "
+                f"got shape {tuple(p.shape)}"
+            )
+        if p.dtype.is_floating_point or p.dtype == torch.bool:
+            raise TypeError(f"selective_scan: probe_index must hold integer positions, got {p.dtype}")
+        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= length):
+            raise ValueError(f"selective_scan: probe_index values must lie in [0, {length}), got "
+                             f"[{int(p.min())}, {int(p.max())}]")  # fmt: skip
+
+
+def select_backend(
+    u: torch.Tensor,
+    groups: int = 1,
+    probe_groups: int = 1,
+    needs_states: bool = False,
+    requested: str | None = None,
+) -> str:
+    """The backend that will run a scan on ``u`` (see the module docstring for the rules)."""
+    requested = requested or os.environ.get(BACKEND_ENV) or "auto"
+    if requested not in BACKENDS:
+        raise ValueError(
+            f"selective_scan backend {requested!r} (argument or ${BACKEND_ENV}): expected one of {BACKENDS}"
+        )
+    dim = u.shape[1]
+    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
+    mamba_ok = u.is_cuda and not needs_states and mamba_ssm_kernel() is not None
+    native_ok = u.device.type == "cpu" and native.supports(dim, groups, probe_groups) and native.available(compute)
+    if requested == "auto":
+        return "mamba_ssm" if mamba_ok else "native" if native_ok else "torch"
+    if requested == "mamba_ssm" and not mamba_ok:
+        raise RuntimeError(
+            "selective_scan backend 'mamba_ssm' needs CUDA tensors, an importable mamba-ssm "
+            f"(importable: {mamba_ssm_kernel() is not None}) and no probes or hidden states; got device {u.device}"
+        )
+    if requested == "native" and not native_ok:
+        raise RuntimeError(
+            f"selective_scan backend 'native' needs CPU tensors, a working C compiler and channel groups that "
+            f"are multiples of {native.LANES}; got device {u.device}, dim {dim}, groups {groups}, "
+            f"probe groups {probe_groups}"
+        )
+    return requested
+
+
+class _ScanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last, want_hidden):
+        impl = _IMPLEMENTATIONS[backend]
+        out, readout, last, hidden = impl.forward(
+            u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last, want_hidden
+        )
+        ctx.impl, ctx.softplus = impl, softplus
+        ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, z, probe)
+        ctx.mark_non_differentiable(*(t for t in (last, hidden) if t is not None))
+        return out, readout, last, hidden
+
+    @staticmethod
+    def backward(ctx, dout, dreadout, _dlast, _dhidden):
+        u, delta, delta_bias, A, B, C, D, z, probe = ctx.saved_tensors
+        grads = ctx.impl.backward(u, delta, delta_bias, ctx.softplus, A, B, C, D, z, probe, dout, dreadout)
+        du, ddelta, ddelta_bias, dA, dB, dC, dD, dz = grads
+        return None, du, ddelta, ddelta_bias, None, dA, dB, dC, dD, dz, None, None, None
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    *,
+    probe_index: torch.Tensor | None = None,
+    return_last_state: bool = False,
+    return_hidden_states: bool = False,
+    backend: str | None = None,
+) -> ScanOutput:
+    """Selective scan ``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t``, ``y_t = C_t h_t + D u_t``, gated by silu(z).
+
+    Shapes as mamba-ssm: ``u``, ``delta``, ``z`` (batch, dim, len); ``A`` (dim, nstate); ``B``, ``C``
+    (dim, nstate), (batch, nstate, len) or (batch, groups, nstate, len); ``D``, ``delta_bias`` (dim,).
+    ``probe_index`` (batch, probe_groups, len, k): integer positions whose states each query position
+    reads through its own ``C`` (see :class:`ScanOutput`); channels are split into ``probe_groups``
+    contiguous groups, each with its own positions. Readouts are raw: no ``D`` term, no gate.
+    ``hidden_states`` is (batch, dim, len, nstate) and is only built when asked for.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index)
+    batch, dim, length = u.shape
+    groups = math.lcm(*(dim if X.dim() == 2 else 1 if X.dim() == 3 else X.shape[1] for X in (B, C)))
+    Bg, Cg = as_grouped(B, batch, length, groups), as_grouped(C, batch, length, groups)
+    probe_groups = probe_index.shape[1] if probe_index is not None else 1
+    needs_states = probe_index is not None or return_hidden_states
+    name = select_backend(u, groups, probe_groups, needs_states, backend)
+    if name == "mamba_ssm":
+        result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return ScanOutput(*result) if return_last_state else ScanOutput(result)
+    dtype, compute = u.dtype, torch.float64 if u.dtype == torch.float64 else torch.float32
+    u, delta, delta_bias, A, Bg, Cg, D, z = (
+        None if t is None else t.to(compute) for t in (u, delta, delta_bias, A, Bg, Cg, D, z)
+    )
+    probe = None if probe_index is None else probe_index.long()
+    out, readout, last, hidden = _ScanFunction.apply(
+        name, u, delta, delta_bias, delta_softplus, A, Bg, Cg, D, z, probe, return_last_state, return_hidden_states
+    )
+    return ScanOutput(out.to(dtype), last, None if readout is None else readout.to(dtype), hidden)
+
+
+def selective_scan_fn(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Drop-in for mamba-ssm's ``selective_scan_fn``: ``out``, or ``(out, last_state)``."""
+    result = selective_scan(
+        u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=return_last_state, backend=backend
+    )
+    return (result.out, result.last_state) if return_last_state else result.out

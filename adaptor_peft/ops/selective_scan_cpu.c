@@ -1,0 +1,428 @@
+/*
+ * Selective scan for the CPU: forward and hand-written backward.
+ *
+ * Work is split into items of one batch row and VL consecutive channels; the VL channels are the SIMD
+ * lanes, so every inner loop runs over lanes and vectorises without reassociation. An item keeps its
+ * own hidden-state history (len x nstate x VL) in a per-thread buffer, so the full
+ * (batch, dim, len, nstate) state tensor never exists unless the caller asks for it.
+ *
+ * Per channel d and state n:   dt_t = softplus(delta_t + bias) (softplus optional),
+ *                              a_t = exp(dt_t A_n),   h_t = a_t h_{t-1} + dt_t B_t u_t,
+ *                              y_t = sum_n C_t h_t + D u_t,   out_t = y_t silu(z_t).
+ * Probes read r_{i,k} = sum_n C_i h_{p(i,k)}: the state at a chosen position seen through C at i.
+ *
+ * Compiled at first use by adaptor_peft/ops/native.py, once with SCAN_DOUBLE and once without, with
+ * OpenMP where the compiler has it: linked against libgomp.so.1, it shares PyTorch's OpenMP runtime and
+ * threads (same soname, already loaded), so the two never oversubscribe the cores.
+ * The caller guarantees: dim divisible by VL, and every lane block inside one B/C group and one
+ * probe group; probe positions in [0, len).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define VL 16
+
+#ifdef SCAN_DOUBLE
+typedef double real;
+#define EXP exp
+#define LOG log
+#define SCAN_FORWARD scan_forward_f64
+#define SCAN_BACKWARD scan_backward_f64
+#else
+typedef float real;
+#define EXP fast_expf
+#define LOG fast_logf
+#define SCAN_FORWARD scan_forward_f32
+#define SCAN_BACKWARD scan_backward_f32
+
+/* exp for float, branch-free so that lane loops vectorise: Cephes range reduction and polynomial
+ * (about 1 ulp); inputs are clamped to the normal range. */
+static inline float fast_expf(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    x = x > 88.0f ? 88.0f : x;
+    float k = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - k * 0.693359375f + k * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)k + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* log for positive normal floats, branch-free: Cephes logf (about 1 ulp). */
+static inline float fast_logf(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    float e = (float)(((bits >> 23) & 0xff) - 126);
+    bits = (bits & 0x007fffff) | 0x3f000000; /* mantissa in [0.5, 1) */
+    float m;
+    memcpy(&m, &bits, sizeof m);
+    const int small = m < 0.707106781186547524f;
+    e = small ? e - 1.0f : e;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z - 2.12194440e-4f * e - 0.5f * z;
+    return m + y + 0.693359375f * e;
+}
+#endif
+
+/* softplus(x) = max(x, 0) + log1p(exp(-|x|)); log1p(q) as log(1 + q) q / ((1 + q) - 1), which stays
+ * accurate for tiny q. */
+static inline real softplus(real x) {
+    const real q = EXP(x > 0 ? -x : x), p = 1 + q, d = p - 1;
+    const real log1p_q = LOG(p) * q / (d == 0 ? 1 : d);
+    return (x > 0 ? x : 0) + (d == 0 ? q : log1p_q);
+}
+
+typedef struct {
+    int64_t batch, dim, len, nstate, groups, probe_groups, nprobe;
+    const real *u, *delta, *delta_bias, *A, *B, *C, *Dskip, *z; /* delta_bias, Dskip, z may be NULL */
+    int64_t softplus;                            /* apply softplus to delta + delta_bias */
+    int64_t u_s[3], delta_s[3], z_s[3];          /* strides of (batch, dim, len) inputs */
+    int64_t B_s[4], C_s[4];                      /* strides of (batch, groups, nstate, len) */
+    const int64_t *probe;                        /* (batch, probe_groups, len, nprobe) or NULL */
+    real *out;                                   /* (batch, dim, len) */
+    real *readout;                               /* (batch, dim, len, nprobe) or NULL */
+    real *last_state;                            /* (batch, dim, nstate) or NULL */
+    real *hidden;                                /* (batch, dim, len, nstate) or NULL */
+    const real *dout, *dreadout;                 /* backward: like out / readout */
+    real *du, *ddelta, *dz;                      /* backward: (batch, dim, len); dz NULL if no z */
+    real *dA, *dD, *ddelta_bias, *dB, *dC;       /* backward, accumulated into: (dim, nstate), (dim,), (dim,),
+                                                    (batch, groups, nstate, len) twice */
+} ScanArgs;
+
+typedef struct {
+    real *u, *x, *dt, *z, *y, *hist, *decay, *extra, *dy, *du, *ddt;
+    real *h, *a, *g, *A, *cum_dA;
+} Work;
+
+static int work_alloc(Work *w, const ScanArgs *s, int backward) {
+    const int64_t L = s->len, N = s->nstate;
+    const int64_t row = L * VL, state = N * VL;
+    const int64_t total = 6 * row + (L + 1) * state + (backward ? 2 * L * state + 2 * row : 0) + 5 * state;
+    real *p = calloc((size_t)total, sizeof(real));
+    if (!p) return -1;
+    w->u = p; p += row;
+    w->x = p; p += row;
+    w->dt = p; p += row;
+    w->z = p; p += row;
+    w->y = p; p += row;
+    w->hist = p + state; p += (L + 1) * state; /* hist[-1] stays zero: the state before t = 0 */
+    w->h = p; p += state;
+    w->a = p; p += state;
+    w->g = p; p += state;
+    w->A = p; p += state;
+    w->cum_dA = p; p += state;
+    w->du = p; p += row;
+    if (backward) {
+        w->extra = p; p += L * state;
+        w->decay = p; p += L * state;
+        w->dy = p; p += row;
+        w->ddt = p; p += row;
+    }
+    return 0;
+}
+
+static inline real silu_gate(real z, real *dgate) {
+    const real sig = 1 / (1 + EXP(-z));
+    if (dgate) *dgate = sig * (1 + z * (1 - sig));
+    return z * sig;
+}
+
+/* The recurrence over one lane block; with keep, every state goes to w->hist, and with keep == 2
+ * every decay exp(dt A) to w->decay as well. Always inlined so that
+ * each (nstate, keep) pair used below compiles to its own loop with constant trip counts. */
+static inline __attribute__((always_inline)) void recurrence(
+    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, int64_t d0, const int64_t N, const int keep) {
+    for (int64_t t = 0; t < s->len; t++) {
+        const real *dt = w->dt + t * VL, *u = w->u + t * VL;
+        real dtu[VL], acc[VL];
+        for (int v = 0; v < VL; v++) {
+            dtu[v] = dt[v] * u[v];
+            acc[v] = 0;
+        }
+        real *hist = w->hist + t * N * VL;
+        for (int64_t n = 0; n < N; n++) {
+            const real bn = Bg[n * s->B_s[2] + t * s->B_s[3]];
+            const real cn = Cg[n * s->C_s[2] + t * s->C_s[3]];
+            real *h = w->h + n * VL, *A = w->A + n * VL;
+            for (int v = 0; v < VL; v++) {
+                const real a = EXP(dt[v] * A[v]);
+                const real hn = a * h[v] + dtu[v] * bn;
+                h[v] = hn;
+                if (keep) hist[n * VL + v] = hn;
+                if (keep == 2) w->decay[(t * N + n) * VL + v] = a;
+                acc[v] += hn * cn;
+            }
+        }
+        for (int v = 0; v < VL; v++)
+            w->y[t * VL + v] = acc[v] + (s->Dskip ? s->Dskip[d0 + v] * u[v] : 0);
+    }
+}
+
+/* Loads the lane block's inputs into lane-major buffers (w->x holds delta + bias before softplus) and
+ * runs the recurrence, leaving the pre-gate output y in w->y. */
+static void block_forward(const ScanArgs *s, Work *w, int64_t b, int64_t d0, int keep) {
+    const int64_t L = s->len, N = s->nstate;
+    const int64_t g = d0 / (s->dim / s->groups);
+    for (int64_t v = 0; v < VL; v++) {
+        const real *u = s->u + b * s->u_s[0] + (d0 + v) * s->u_s[1];
+        const real *delta = s->delta + b * s->delta_s[0] + (d0 + v) * s->delta_s[1];
+        for (int64_t t = 0; t < L; t++) {
+            w->u[t * VL + v] = u[t * s->u_s[2]];
+            w->x[t * VL + v] = delta[t * s->delta_s[2]];
+        }
+        if (s->z) {
+            const real *z = s->z + b * s->z_s[0] + (d0 + v) * s->z_s[1];
+            for (int64_t t = 0; t < L; t++) w->z[t * VL + v] = z[t * s->z_s[2]];
+        }
+        for (int64_t n = 0; n < N; n++) {
+            w->A[n * VL + v] = s->A[(d0 + v) * N + n];
+            w->h[n * VL + v] = 0;
+        }
+    }
+    real bias[VL] = {0};
+    if (s->delta_bias)
+        for (int v = 0; v < VL; v++) bias[v] = s->delta_bias[d0 + v];
+    for (int64_t t = 0; t < L; t++)
+        for (int v = 0; v < VL; v++) w->x[t * VL + v] += bias[v];
+    if (s->softplus)
+        for (int64_t i = 0; i < L * VL; i++) w->dt[i] = softplus(w->x[i]);
+    else
+        memcpy(w->dt, w->x, (size_t)(L * VL) * sizeof(real));
+    const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
+    const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
+    if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, d0, 16, 2);
+    else if (N == 16 && keep) recurrence(s, w, Bg, Cg, d0, 16, 1);
+    else if (N == 16) recurrence(s, w, Bg, Cg, d0, 16, 0);
+    else if (keep == 2) recurrence(s, w, Bg, Cg, d0, N, 2);
+    else if (keep) recurrence(s, w, Bg, Cg, d0, N, 1);
+    else recurrence(s, w, Bg, Cg, d0, N, 0);
+}
+
+int SCAN_FORWARD(const ScanArgs *s) {
+    int failed = 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+    Work w = {0};
+    failed = work_alloc(&w, s, 0);
+    const int64_t L = s->len, N = s->nstate, K = s->nprobe;
+    const int64_t blocks = s->dim / VL, items = s->batch * blocks;
+    #pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; item++) {
+        if (failed) continue;
+        const int64_t b = item / blocks, d0 = (item % blocks) * VL;
+        block_forward(s, &w, b, d0, s->probe || s->hidden);
+        if (s->z)
+            for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
+        for (int64_t v = 0; v < VL; v++) {
+            real *out = s->out + (b * s->dim + d0 + v) * L;
+            for (int64_t t = 0; t < L; t++) out[t] = w.y[t * VL + v];
+            if (s->last_state)
+                for (int64_t n = 0; n < N; n++)
+                    s->last_state[(b * s->dim + d0 + v) * N + n] = w.h[n * VL + v];
+            if (s->hidden)
+                for (int64_t t = 0; t < L; t++)
+                    for (int64_t n = 0; n < N; n++)
+                        s->hidden[((b * s->dim + d0 + v) * L + t) * N + n] = w.hist[(t * N + n) * VL + v];
+        }
+        if (s->probe) {
+            const int64_t g = d0 / (s->dim / s->groups), pg = d0 / (s->dim / s->probe_groups);
+            const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
+            const int64_t *probe = s->probe + (b * s->probe_groups + pg) * L * K;
+            for (int64_t i = 0; i < L; i++)
+                for (int64_t k = 0; k < K; k++) {
+                    const real *hj = w.hist + probe[i * K + k] * N * VL;
+                    real r[VL] = {0};
+                    for (int64_t n = 0; n < N; n++) {
+                        const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
+                        for (int v = 0; v < VL; v++) r[v] += ci * hj[n * VL + v];
+                    }
+                    for (int v = 0; v < VL; v++) s->readout[((b * s->dim + d0 + v) * L + i) * K + k] = r[v];
+                }
+        }
+    }
+    free(w.u);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The adjoint recurrence g_t = dL/dh_t = C_t dy_t (+ probe gradient) + a_{t+1} g_{t+1}, run backwards
+ * in time, with every parameter gradient that reads g. Inlined per (nstate, probes) like recurrence. */
+static inline __attribute__((always_inline)) void reverse(
+    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, real *dBg, real *dCg, const int64_t N,
+    const int probes) {
+    const int64_t L = s->len;
+    for (int64_t i = 0; i < N * VL; i++) {
+        w->g[i] = 0;
+        w->a[i] = 0;
+        w->cum_dA[i] = 0;
+    }
+    for (int64_t t = L - 1; t >= 0; t--) {
+        const real *dt = w->dt + t * VL, *u = w->u + t * VL, *dy = w->dy + t * VL;
+        real ddt[VL] = {0}, du[VL] = {0}, dtu[VL];
+        for (int v = 0; v < VL; v++) dtu[v] = dt[v] * u[v];
+        for (int64_t n = 0; n < N; n++) {
+            const real bn = Bg[n * s->B_s[2] + t * s->B_s[3]];
+            const real cn = Cg[n * s->C_s[2] + t * s->C_s[3]];
+            const real *hprev = w->hist + ((t - 1) * N + n) * VL, *ht = w->hist + (t * N + n) * VL;
+            const real *ex = w->extra + (t * N + n) * VL;
+            real *gs = w->g + n * VL, *anext = w->a + n * VL, *A = w->A + n * VL, *cdA = w->cum_dA + n * VL;
+            real dbn = 0, dcn = 0;
+            #pragma omp simd reduction(+:dbn, dcn)
+            for (int v = 0; v < VL; v++) {
+                const real a = w->decay[(t * N + n) * VL + v];
+                const real gv = gs[v] * anext[v] + cn * dy[v] + (probes ? ex[v] : 0);
+                const real ga_hp = gv * a * hprev[v];
+                ddt[v] += ga_hp * A[v] + gv * u[v] * bn;
+                cdA[v] += ga_hp * dt[v];
+                du[v] += gv * dt[v] * bn;
+                dbn += gv * dtu[v];
+                dcn += dy[v] * ht[v];
+                gs[v] = gv;
+                anext[v] = a;
+            }
+            dBg[n * L + t] += dbn;
+            dCg[n * L + t] += dcn;
+        }
+        for (int v = 0; v < VL; v++) {
+            w->ddt[t * VL + v] = ddt[v];
+            w->du[t * VL + v] += du[v];
+        }
+    }
+}
+
+/* Adds a thread's partial parameter gradients into the shared outputs. */
+static void add_into(real *dst, const real *src, int64_t n) {
+    #pragma omp critical
+    for (int64_t i = 0; i < n; i++) dst[i] += src[i];
+}
+
+int SCAN_BACKWARD(const ScanArgs *s) {
+    int failed = 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+    Work w = {0};
+    const int64_t L = s->len, N = s->nstate, K = s->nprobe, Dm = s->dim;
+    const int64_t bc_size = s->batch * s->groups * N * L;
+    real *dA = calloc((size_t)(Dm * N + 2 * Dm + 2 * bc_size), sizeof(real));
+    failed = work_alloc(&w, s, 1) || !dA;
+    real *dD = dA + Dm * N, *dbias_acc = dD + Dm, *dB = dbias_acc + Dm, *dC = dB + bc_size;
+    const int64_t blocks = Dm / VL, items = s->batch * blocks;
+    #pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; item++) {
+        if (failed) continue;
+        const int64_t b = item / blocks, d0 = (item % blocks) * VL;
+        const int64_t g = d0 / (Dm / s->groups);
+        block_forward(s, &w, b, d0, 2);
+
+        /* Output gate and skip: gradient reaching y, z and (through D) u. */
+        for (int64_t v = 0; v < VL; v++) {
+            const real *dout = s->dout + (b * Dm + d0 + v) * L;
+            for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = dout[t];
+        }
+        if (s->z)
+            for (int64_t i = 0; i < L * VL; i++) {
+                real dgate;
+                const real gate = silu_gate(w.z[i], &dgate);
+                w.ddt[i] = w.dy[i] * w.y[i] * dgate; /* dz, parked in ddt until the reverse pass */
+                w.dy[i] *= gate;
+            }
+        real Dv[VL] = {0}, dDv[VL] = {0};
+        if (s->Dskip)
+            for (int v = 0; v < VL; v++) Dv[v] = s->Dskip[d0 + v];
+        for (int64_t t = 0; t < L; t++)
+            for (int v = 0; v < VL; v++) {
+                w.du[t * VL + v] = Dv[v] * w.dy[t * VL + v];
+                dDv[v] += w.dy[t * VL + v] * w.u[t * VL + v];
+            }
+        for (int64_t v = 0; v < VL; v++) {
+            if (s->z) {
+                real *dz = s->dz + (b * Dm + d0 + v) * L;
+                for (int64_t t = 0; t < L; t++) dz[t] = w.ddt[t * VL + v];
+            }
+            if (s->Dskip) dD[d0 + v] += dDv[v];
+        }
+
+        /* Probes: each readout sends gradient to the state it read and to C at the query. */
+        real *dCg = dC + (b * s->groups + g) * N * L;
+        const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
+        const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
+        const int probes = s->probe && s->dreadout;
+        if (probes) {
+            memset(w.extra, 0, (size_t)(L * N * VL) * sizeof(real));
+            const int64_t pg = d0 / (Dm / s->probe_groups);
+            const int64_t *probe = s->probe + (b * s->probe_groups + pg) * L * K;
+            for (int64_t i = 0; i < L; i++)
+                for (int64_t k = 0; k < K; k++) {
+                    const int64_t j = probe[i * K + k];
+                    real dr[VL];
+                    for (int v = 0; v < VL; v++) dr[v] = s->dreadout[((b * Dm + d0 + v) * L + i) * K + k];
+                    for (int64_t n = 0; n < N; n++) {
+                        const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
+                        real *ex = w.extra + (j * N + n) * VL;
+                        const real *hj = w.hist + (j * N + n) * VL;
+                        real dci = 0;
+                        #pragma omp simd reduction(+:dci)
+                        for (int v = 0; v < VL; v++) {
+                            ex[v] += ci * dr[v];
+                            dci += dr[v] * hj[v];
+                        }
+                        dCg[n * L + i] += dci;
+                    }
+                }
+        }
+
+
+        real *dBg = dB + (b * s->groups + g) * N * L;
+        if (N == 16 && probes) reverse(s, &w, Bg, Cg, dBg, dCg, 16, 1);
+        else if (N == 16) reverse(s, &w, Bg, Cg, dBg, dCg, 16, 0);
+        else if (probes) reverse(s, &w, Bg, Cg, dBg, dCg, N, 1);
+        else reverse(s, &w, Bg, Cg, dBg, dCg, N, 0);
+        if (s->softplus)
+            for (int64_t t = 0; t < L * VL; t++) w.ddt[t] *= 1 / (1 + EXP(-w.x[t]));
+        real dbias[VL] = {0};
+        for (int64_t t = 0; t < L; t++)
+            for (int v = 0; v < VL; v++) dbias[v] += w.ddt[t * VL + v];
+        for (int64_t v = 0; v < VL; v++) {
+            real *du = s->du + (b * Dm + d0 + v) * L, *ddelta = s->ddelta + (b * Dm + d0 + v) * L;
+            for (int64_t t = 0; t < L; t++) {
+                du[t] = w.du[t * VL + v];
+                ddelta[t] = w.ddt[t * VL + v];
+            }
+            dbias_acc[d0 + v] += dbias[v];
+            for (int64_t n = 0; n < N; n++) dA[(d0 + v) * N + n] += w.cum_dA[n * VL + v];
+        }
+    }
+    free(w.u);
+    if (!failed) {
+        add_into(s->dA, dA, Dm * N);
+        if (s->Dskip) add_into(s->dD, dD, Dm);
+        if (s->delta_bias) add_into(s->ddelta_bias, dbias_acc, Dm);
+        add_into(s->dB, dB, bc_size);
+        add_into(s->dC, dC, bc_size);
+    }
+    free(dA);
+    }
+    return failed ? -1 : 0;
+}
