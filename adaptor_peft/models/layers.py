@@ -8,6 +8,11 @@ import torch
 from torch import nn
 
 
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it already is: where the official code says ``.float()``."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a weight and no bias, computed in float32 (as mamba-ssm's fused kernel)."""
 
@@ -17,8 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        xf = full_precision(x)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * full_precision(self.weight)).to(x.dtype)
 
 
 class Permute(nn.Module):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import timm
 import torch
-from timm.models import register_model
+from timm.models import build_model_with_cfg, register_model
 from torch import nn
 
 _MODELS: list[str] = []
@@ -17,6 +17,14 @@ def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Registers a model entry point with timm and in :func:`list_models`."""
     _MODELS.append(fn.__name__)
     return register_model(fn)
+
+
+def build(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs) -> nn.Module:
+    """timm's ``build_model_with_cfg``, with weights (also a user's ``pretrained_cfg_overlay=dict(file=...)``)
+    always read by the model's ``load_pretrained``, which understands the official checkpoint formats."""
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    overlay.setdefault("custom_load", True)
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
 
 
 def list_models() -> list[str]:

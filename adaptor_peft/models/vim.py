@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from torch import nn
 
 from ..ops import selective_scan
 from .checkpoint import Loadable
-from .layers import RMSNorm, drop_path_rates, init_dt_, s4d_real_a_log
-from .registry import register
+from .layers import RMSNorm, drop_path_rates, full_precision, init_dt_, s4d_real_a_log
+from .registry import build, register
 
 
 def grid_size(img_size: tuple[int, int], patch_size: int, stride: int) -> tuple[int, int]:
@@ -36,7 +36,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_g
         raise ValueError(f"pos_embed has {pos_embed.shape[1]} tokens, expected {m + 1} for grid {tuple(old_grid)}")
     cls = pos_embed[:, m // 2 : m // 2 + 1]
     patches = torch.cat([pos_embed[:, : m // 2], pos_embed[:, m // 2 + 1 :]], dim=1)
-    patches = patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2).float()
+    patches = full_precision(patches.reshape(1, *old_grid, -1).permute(0, 3, 1, 2))
     patches = F.interpolate(patches, size=tuple(new_grid), mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)
     mid = new_grid[0] * new_grid[1] // 2
@@ -100,8 +100,10 @@ class BiMambaMixer(nn.Module):
         x = F.silu(conv(x)[..., : x.shape[-1]])
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt_proj(dt).transpose(1, 2)
-        A = -torch.exp(A_log.float())
-        return selective_scan(x, delta, A, B.transpose(1, 2), C.transpose(1, 2), D.float(), z, delta_softplus=True).out
+        A = -torch.exp(full_precision(A_log))
+        return selective_scan(
+            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), full_precision(D), z, delta_softplus=True
+        ).out
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
@@ -112,7 +114,7 @@ class BiMambaMixer(nn.Module):
 
 class VimBlock(nn.Module):
     """``residual += drop_path(hidden)`` (first block: ``residual = hidden``), then
-    ``hidden = mixer(norm(residual))``; the residual stream is kept in float32."""
+    ``hidden = mixer(norm(residual))``; the residual stream is kept in (at least) float32."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs):
         super().__init__()
@@ -122,7 +124,7 @@ class VimBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         residual = hidden if residual is None else residual + self.drop_path(hidden)
-        residual = residual.float()
+        residual = full_precision(residual)
         return self.mixer(self.norm(residual).to(self.norm.weight.dtype)), residual
 
 
@@ -231,7 +233,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> VisionMamba:
-    return build_model_with_cfg(VisionMamba, variant, pretrained, **kwargs)
+    return build(VisionMamba, variant, pretrained, **kwargs)
 
 
 @register

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
-from timm.models import build_model_with_cfg, generate_default_cfgs
+from timm.models import generate_default_cfgs
 from torch import nn
 
 from ..ops import selective_scan
 from .checkpoint import Loadable
-from .layers import Permute, drop_path_rates, init_dt_, s4d_real_a_log
-from .registry import register
+from .layers import Permute, drop_path_rates, full_precision, init_dt_, s4d_real_a_log
+from .registry import build, register
 
 DIRECTIONS = 4  # row-major, column-major, and both reversed
 
@@ -83,11 +83,11 @@ class SS2D(nn.Module):
         ys = selective_scan(
             xs.flatten(1, 2),
             dts.flatten(1, 2),
-            -torch.exp(self.A_logs.float()),
+            -torch.exp(full_precision(self.A_logs)),
             Bs,
             Cs,
-            self.Ds.float(),
-            delta_bias=self.dt_projs_bias.flatten().float(),
+            full_precision(self.Ds),
+            delta_bias=full_precision(self.dt_projs_bias.flatten()),
             delta_softplus=True,
         ).out
         y = cross_merge(ys.view(batch, DIRECTIONS, inner, -1), height, width)
@@ -283,7 +283,7 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in _CONFIGS})
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> VSSM:
-    return build_model_with_cfg(VSSM, variant, pretrained, **{**_CONFIGS[variant], **kwargs})
+    return build(VSSM, variant, pretrained, **{**_CONFIGS[variant], **kwargs})
 
 
 @register

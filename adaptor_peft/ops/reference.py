@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .selective_scan import ScanOutput, as_grouped
+from .dispatch import ScanOutput, as_grouped
 
 
 def selective_scan_reference(

@@ -111,33 +111,37 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index) -> None:
 
 
 def select_backend(
-    u: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    dim: int,
     groups: int = 1,
     probe_groups: int = 1,
     needs_states: bool = False,
     requested: str | None = None,
 ) -> str:
-    """The backend that will run a scan on ``u`` (see the module docstring for the rules)."""
+    """The backend that runs a scan of ``dim`` channels in ``groups`` B/C groups (and ``probe_groups``
+    probe groups) on ``device``; see the module docstring for the rules. Raises if ``requested``
+    (or ``$ADAPTOR_PEFT_SCAN_BACKEND``) names a backend that cannot run this scan."""
     requested = requested or os.environ.get(BACKEND_ENV) or "auto"
     if requested not in BACKENDS:
         raise ValueError(
             f"selective_scan backend {requested!r} (argument or ${BACKEND_ENV}): expected one of {BACKENDS}"
         )
-    dim = u.shape[1]
-    compute = torch.float64 if u.dtype == torch.float64 else torch.float32
-    mamba_ok = u.is_cuda and not needs_states and mamba_ssm_kernel() is not None
-    native_ok = u.device.type == "cpu" and native.supports(dim, groups, probe_groups) and native.available(compute)
+    device = torch.device(device)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    mamba_ok = device.type == "cuda" and not needs_states and mamba_ssm_kernel() is not None
+    native_ok = device.type == "cpu" and native.supports(dim, groups, probe_groups) and native.available(compute)
     if requested == "auto":
         return "mamba_ssm" if mamba_ok else "native" if native_ok else "torch"
     if requested == "mamba_ssm" and not mamba_ok:
         raise RuntimeError(
             "selective_scan backend 'mamba_ssm' needs CUDA tensors, an importable mamba-ssm "
-            f"(importable: {mamba_ssm_kernel() is not None}) and no probes or hidden states; got device {u.device}"
+            f"(importable: {mamba_ssm_kernel() is not None}) and no probes or hidden states; got device {device}"
         )
     if requested == "native" and not native_ok:
         raise RuntimeError(
             f"selective_scan backend 'native' needs CPU tensors, a working C compiler and channel groups that "
-            f"are multiples of {native.LANES}; got device {u.device}, dim {dim}, groups {groups}, "
+            f"are multiples of {native.LANES}; got device {device}, dim {dim}, groups {groups}, "
             f"probe groups {probe_groups}"
         )
     return requested
@@ -194,7 +198,7 @@ def selective_scan(
     Bg, Cg = as_grouped(B, batch, length, groups), as_grouped(C, batch, length, groups)
     probe_groups = probe_index.shape[1] if probe_index is not None else 1
     needs_states = probe_index is not None or return_hidden_states
-    name = select_backend(u, groups, probe_groups, needs_states, backend)
+    name = select_backend(u.device, u.dtype, dim, groups, probe_groups, needs_states, backend)
     if name == "mamba_ssm":
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return ScanOutput(*result) if return_last_state else ScanOutput(result)
