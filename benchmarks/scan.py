@@ -1,0 +1,135 @@
+"""Selective scan, forward + backward, side by side in one run: sequential references, mambapy, ours.
+
+Every method computes the same thing (softplus(delta + bias), the scan, the D skip and the silu(z)
+gate) and its gradients with respect to all eight inputs. Times are medians over interleaved rounds,
+so machine noise hits all methods alike; peak memory is each method's extra resident memory in a
+fresh process. Usage (Vim-S shape by default):
+
+    python benchmarks/scan.py [--batch 4 --dim 768 --length 197 --nstate 16 --rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adaptor_peft.ops import native, selective_scan, selective_scan_reference
+from tests.official import scan_ref
+
+
+def mambapy_scan(u, delta, A, B, C, D, z, delta_bias):
+    """The same op on mambapy's parallel scan (Blelloch, over the full (B, L, D, N) tensors)."""
+    from mambapy.pscan import pscan
+
+    dt = F.softplus(delta + delta_bias[:, None]).transpose(1, 2)
+    x = u.transpose(1, 2)
+    hs = pscan(torch.exp(dt.unsqueeze(-1) * A), (dt * x).unsqueeze(-1) * B.transpose(1, 2).unsqueeze(2))
+    y = (hs @ C.transpose(1, 2).unsqueeze(-1)).squeeze(3) + D * x
+    return y.transpose(1, 2) * F.silu(z)
+
+
+METHODS = {
+    "sequential: mamba-ssm selective_scan_ref algorithm": lambda *a: scan_ref(*a),
+    "sequential: step loop (adaptor_peft reference)": lambda *a: selective_scan_reference(*a, delta_softplus=True).out,
+    "mambapy pscan": mambapy_scan,
+    "adaptor_peft torch backend": lambda *a: selective_scan(*a, delta_softplus=True, backend="torch").out,
+    "adaptor_peft native backend": lambda *a: selective_scan(*a, delta_softplus=True, backend="native").out,
+}
+SLOW = {"sequential: mamba-ssm selective_scan_ref algorithm"}  # seconds per call: fewer rounds
+
+
+def make_inputs(batch, dim, length, nstate, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    inputs = [
+        torch.randn(batch, dim, length, generator=g),
+        torch.randn(batch, dim, length, generator=g) * 0.5,
+        -torch.rand(dim, nstate, generator=g) - 0.1,
+        torch.randn(batch, nstate, length, generator=g),
+        torch.randn(batch, nstate, length, generator=g),
+        torch.randn(dim, generator=g),
+        torch.randn(batch, dim, length, generator=g),
+        torch.randn(dim, generator=g) * 0.1,
+    ]
+    return [t.requires_grad_() for t in inputs], torch.randn(batch, dim, length, generator=g)
+
+
+def step(method, inputs, cotangent, backward=True):
+    for t in inputs:
+        t.grad = None
+    if not backward:
+        with torch.no_grad():
+            METHODS[method](*inputs)
+        return
+    (METHODS[method](*inputs) * cotangent).sum().backward()
+
+
+def rss_kb(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1])
+
+
+def peak_memory_mb(method: str, shape: list[int]) -> float | None:
+    """Extra peak resident memory of one forward + backward, measured in a fresh process."""
+    if not Path("/proc/self/status").exists():
+        return None
+    code = (
+        "import sys, json; sys.argv = ['scan.py']; from benchmarks.scan import *\n"
+        f"inputs, cot = make_inputs(*{shape}); base = rss_kb('VmRSS'); step({method!r}, inputs, cot)\n"
+        "print(json.dumps((rss_kb('VmHWM') - base) / 1024))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=768)
+    parser.add_argument("--length", type=int, default=197)
+    parser.add_argument("--nstate", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    shape = [args.batch, args.dim, args.length, args.nstate]
+    inputs, cotangent = make_inputs(*shape)
+    methods = [m for m in METHODS if m != "adaptor_peft native backend" or native.available()]
+    try:
+        import mambapy
+    except ImportError:
+        methods.remove("mambapy pscan")
+    times: dict[str, dict[str, list[float]]] = {m: {"fwd": [], "fwd+bwd": []} for m in methods}
+    for m in methods:  # warm-up: builds the compiled kernel, fills allocator caches
+        step(m, inputs, cotangent)
+    for r in range(args.rounds):
+        for m in methods:
+            if m in SLOW and r >= 2:
+                continue
+            for kind in ("fwd", "fwd+bwd"):
+                start = time.perf_counter()
+                step(m, inputs, cotangent, backward=kind == "fwd+bwd")
+                times[m][kind].append(time.perf_counter() - start)
+    median = {m: {k: statistics.median(v) * 1e3 for k, v in times[m].items()} for m in methods}
+    seq, lean, mambapy = methods[0], methods[1], "mambapy pscan"
+    print(f"selective scan, batch {args.batch}, dim {args.dim}, len {args.length}, nstate {args.nstate}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of interleaved rounds\n")  # fmt: skip
+    print("| method | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs mamba ref / step loop / mambapy | peak extra MB |")
+    print("|---|---:|---:|---|---:|")
+    for m in methods:
+        t = median[m]["fwd+bwd"]
+        ratios = [median[base]["fwd+bwd"] / t if base in median else float("nan") for base in (seq, lean, mambapy)]
+        memory = peak_memory_mb(m, shape)
+        mem = f"{memory:.0f}" if memory is not None else "n/a"
+        print(f"| {m} | {median[m]['fwd']:.1f} | {t:.1f} | {' / '.join(f'{x:.1f}x' for x in ratios)} | {mem} |")
+
+
+if __name__ == "__main__":
+    main()
