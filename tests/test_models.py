@@ -15,7 +15,7 @@ from adaptor_peft.models.vmamba import cross_merge, cross_scan
 
 from .official import vim_forward, vmamba_forward
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).with_name("reference")  # copies of the official state-dict listings
 OFFICIAL_NAMES = {
     "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_patch16_224",
     "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_patch16_stride8_224",  # noqa: E501
