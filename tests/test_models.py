@@ -182,3 +182,37 @@ def test_reset_classifier_and_features():
         assert features.shape == (2, model.num_features)
         assert torch.allclose(model.forward_head(features), model(images))
         assert model(images).shape == (2, 7)
+
+
+def test_peft_lora_on_vim_projections_changes_the_output():
+    """Every projection is called as a module, so LoRA wrappers from HF peft are on the compute path."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny("vim")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(images)
+    targets = ["in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"]
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    for target in targets:
+        wrapped = lora.base_model.model.layers[0].mixer.get_submodule(target)
+        assert hasattr(wrapped, "lora_B"), target
+        with torch.no_grad():
+            torch.nn.init.zeros_(wrapped.lora_B["default"].weight)
+    with torch.no_grad():
+        assert torch.allclose(lora(images), before, atol=1e-6)  # LoRA starts as a no-op
+        lora.base_model.model.layers[1].mixer.dt_proj_b.lora_B["default"].weight.fill_(0.1)
+        assert not torch.allclose(lora(images), before, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["vim", "vmamba_v2"])
+def test_bfloat16_autocast_on_cpu(kind):
+    model = tiny(kind)
+    size = 32 if kind == "vim" else 64
+    images = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        full = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(images)
+    assert half.dtype == torch.bfloat16
+    assert (half.float() - full).abs().max() < 0.05 * full.abs().max()
