@@ -154,3 +154,41 @@ def test_unreadable_files_name_the_file(tmp_path):
     bad.write_bytes(b"\x00" * 16)
     with pytest.raises(CheckpointError, match=r"bad\.safetensors"):
         read_state_dict(bad)
+
+
+class _RunsCode:
+    """Pickles as a call to a numpy helper that executes a string: what a malicious checkpoint carries."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from numpy.testing._private.utils import runstring
+
+        return runstring, (f"open({str(self.marker)!r}, 'w').write('code ran')", {})
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    marker = tmp_path / "ran.txt"
+    torch.save({"model": {"w": torch.zeros(1)}, "args": _RunsCode(marker)}, tmp_path / "evil.pth")
+    assert read_state_dict(tmp_path / "evil.pth").keys() == {"w"}
+    assert not marker.exists()
+
+
+def test_legacy_non_zip_torch_save_files(tmp_path):
+    state = tiny("vim").state_dict()
+    torch.save({"model": state}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    assert read_state_dict(tmp_path / "legacy.pth").keys() == state.keys()
+
+
+def test_num_classes_zero_gives_a_feature_extractor(tmp_path):
+    path = tmp_path / "vim.pth"
+    torch.save(tiny("vim").state_dict(), path)
+    config = dict(embed_dim=32, depth=2, img_size=32, patch_size=8, stride=8)
+    model = adaptor_peft.create_model("vim_tiny_patch16_224", checkpoint=path, num_classes=0, **config)
+    via_timm = timm.create_model(
+        "vim_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=0, **config
+    )
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert model(images).shape == (1, 32) and torch.equal(model(images), via_timm(images))

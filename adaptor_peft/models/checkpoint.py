@@ -31,10 +31,19 @@ class _Inert:
         return OrderedDict()
 
 
+# Globals that only rebuild plain data (numpy arrays and scalars, argparse namespaces), allowed by exact
+# name; any other global a file names becomes an inert dict, so nothing in the file can run code.
+_DATA_GLOBALS = {f"numpy.{core}.multiarray.{fn}" for core in ("core", "_core") for fn in ("scalar", "_reconstruct")} | {
+    "numpy.ndarray",
+    "numpy.dtype",
+    "argparse.Namespace",
+}
+
+
 def _rebuilt_as(name: str):
-    """What the unpickler may build for a global the file names: numpy data and argparse namespaces
-    as themselves (plain data), anything else as an inert dict."""
-    if name.startswith("numpy.") or name == "argparse.Namespace":
+    """What the unpickler may build for a global the file names."""
+    dtype_class = name.startswith("numpy.dtypes.") and name.endswith("DType") and name.count(".") == 2
+    if name in _DATA_GLOBALS or dtype_class:
         module, _, attr = name.rpartition(".")
         try:
             return getattr(importlib.import_module(module), attr)
@@ -46,16 +55,20 @@ def _rebuilt_as(name: str):
 def _allowed_globals(path: Path) -> list:
     names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     allowed = [_rebuilt_as(name) for name in names]
-    if any(name.startswith("numpy.") for name in names):
+    if "numpy.dtype" in names:  # a dtype rebuilds as its concrete class, which the file does not name
         import numpy as np
 
-        allowed += [t for t in vars(np.dtypes).values() if isinstance(t, type)]
+        allowed += [t for t in vars(np.dtypes).values() if isinstance(t, type) and t.__name__.endswith("DType")]
     return allowed
 
 
 def _torch_load(path: Path):
     try:
-        with torch.serialization.safe_globals(_allowed_globals(path)):
+        try:
+            extra = _allowed_globals(path)
+        except (RuntimeError, ValueError):  # not a zip archive: a legacy torch.save file; default allowlist
+            extra = []
+        with torch.serialization.safe_globals(extra):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise CheckpointError(
@@ -97,7 +110,8 @@ def _listing(title: str, items: list[str], limit: int = 20) -> str:
     return f"  {title} ({len(items)}):\n" + "\n".join(f"    {i}" for i in items[:limit]) + more
 
 
-def _classifier_prefix(model: nn.Module) -> str | None:
+def classifier_name(model: nn.Module) -> str | None:
+    """Qualified name of the model's classification head (timm's ``get_classifier``), if it has one."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     return next((name for name, m in model.named_modules() if m is head), None) if head is not None else None
 
@@ -117,9 +131,9 @@ def load_checkpoint(
     if hasattr(model, "adapt_state_dict"):
         state = model.adapt_state_dict(state)
     own = model.state_dict()
-    head = _classifier_prefix(model)
-    skipped = [
-        k for k, v in state.items() if head and k.startswith(head + ".") and k in own and own[k].shape != v.shape
+    head = classifier_name(model)
+    skipped = [  # another num_classes, or none (num_classes=0): the head stays fresh
+        k for k, v in state.items() if head and k.startswith(head + ".") and (k not in own or own[k].shape != v.shape)
     ]
     state = {k: v for k, v in state.items() if k not in skipped}
     missing = [k for k in own if k not in state and k not in skipped]
