@@ -60,24 +60,28 @@ def assert_close(actual, expected, rtol, what):
 
 
 CASES = [
-    # batch, dim, length, nstate, groups, layout, with z / D / delta_bias
-    (2, 32, 7, 4, 1, "grouped", True),
-    (1, 64, 1, 3, 2, "grouped", True),  # L = 1
-    (3, 32, 33, 16, 2, "variable", False),  # odd L, no z / D / bias
-    (2, 96, 20, 1, 3, "grouped", True),  # d_state 1, three groups (VMamba-like)
-    (2, 16, 9, 5, 1, "fixed", True),  # time-invariant B, C of shape (dim, nstate)
+    # batch, dim, length, nstate, B/C groups, layout, with z / D / delta_bias, probe groups
+    (2, 32, 7, 4, 1, "grouped", True, 2),
+    (1, 64, 1, 3, 2, "grouped", True, 2),  # L = 1
+    (3, 32, 33, 16, 2, "variable", False, 2),  # odd L, no z / D / bias
+    (2, 96, 20, 1, 3, "grouped", True, 2),  # d_state 1, three groups (VMamba-like)
+    (2, 96, 12, 4, 3, "grouped", True, 1),  # more B/C groups than probe groups
+    (2, 16, 9, 5, 1, "fixed", True, 2),  # time-invariant B, C of shape (dim, nstate)
 ]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}")
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
 def test_matches_reference_outputs_and_gradients(backend, dtype, case):
-    batch, dim, length, nstate, groups, bc, extras = case
-    if backend == "native" and not native.supports(dim, dim if bc == "fixed" else groups, 2):
+    batch, dim, length, nstate, groups, bc, extras, pgroups = case
+    if backend == "native" and not native.supports(dim, dim if bc == "fixed" else groups, pgroups):
         pytest.skip("channel layout the compiled kernel leaves to the PyTorch scan")
     inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=dim + length)
-    probe = torch.randint(0, length, (batch, 2, length, 3), generator=torch.Generator().manual_seed(length))
+    g = torch.Generator().manual_seed(length)
+    probe = torch.randint(0, length, (batch, pgroups, length, 3), generator=g)
+    inputs["probe_weight"] = torch.rand(batch, pgroups, length, 3, generator=g, dtype=torch.float64)
+    inputs["probe_scale"] = torch.randn(dim, generator=g, dtype=torch.float64)
     expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, probe)
     actual, grads = run_with_grads(
         lambda **kw: selective_scan(**kw, return_last_state=True, return_hidden_states=True, backend=backend),
@@ -106,17 +110,21 @@ def test_reference_follows_mamba_semantics():
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_probe_readout_is_state_seen_through_query_c(backend):
-    """readout[b, d, i, k] = C[b, :, i] · h[b, d, probe[b, g(d), i, k]], read off the hidden states."""
+def test_probe_readout_is_weighted_states_seen_through_query_c(backend):
+    """readout[b, d, i] = sum_k w[b, g(d), i, k] C[b, :, i] · h[b, d, p[b, g(d), i, k]], off the hidden states."""
     inputs = make_inputs(2, 32, 10, 4, 1, bc="variable")
-    probe = torch.randint(0, 10, (2, 2, 10, 3), generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    probe = torch.randint(0, 10, (2, 2, 10, 3), generator=g)
+    weight = torch.randn(2, 2, 10, 3, generator=g, dtype=torch.float64)
     result = selective_scan(
-        **inputs, delta_softplus=True, probe_index=probe, return_hidden_states=True, backend=backend
-    )
+        **inputs, delta_softplus=True, probe_index=probe, probe_weight=weight, return_hidden_states=True,
+        backend=backend,
+    )  # fmt: skip
     h = result.hidden_states  # (b, d, l, n)
-    for b, d, i, k in [(0, 0, 0, 0), (1, 31, 9, 2), (0, 17, 4, 1), (1, 16, 5, 0)]:
-        j = probe[b, d // 16, i, k]
-        assert torch.allclose(result.readout[b, d, i, k], (inputs["C"][b, :, i] * h[b, d, j]).sum(), atol=1e-12)
+    for b, d, i in [(0, 0, 0), (1, 31, 9), (0, 17, 4), (1, 16, 5)]:
+        seen = [(inputs["C"][b, :, i] * h[b, d, probe[b, d // 16, i, k]]).sum() for k in range(3)]
+        expected = sum(weight[b, d // 16, i, k] * seen[k] for k in range(3))
+        assert torch.allclose(result.readout[b, d, i], expected, atol=1e-12)
 
 
 def test_selective_scan_fn_has_mamba_return_contract():
@@ -131,10 +139,11 @@ def test_torch_path_bounds_its_blocks(monkeypatch):
     """With a tiny element budget the PyTorch scan works channel by channel and gives the same result."""
     inputs = make_inputs(2, 24, 9, 3, 3)
     probe = torch.randint(0, 9, (2, 3, 9, 2), generator=torch.Generator().manual_seed(0))
-    whole = selective_scan(**inputs, delta_softplus=True, probe_index=probe, backend="torch")
+    probes = dict(probe_index=probe, probe_weight=torch.rand(2, 3, 9, 2, dtype=torch.float64))
+    whole = selective_scan(**inputs, delta_softplus=True, **probes, backend="torch")
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BLOCK", "1")
     assert len(scan_torch._blocks(2, 24, 9, 3, 2)) == 24
-    blocked = selective_scan(**inputs, delta_softplus=True, probe_index=probe, backend="torch")
+    blocked = selective_scan(**inputs, delta_softplus=True, **probes, backend="torch")
     assert torch.allclose(whole.out, blocked.out, atol=1e-12)
     assert torch.allclose(whole.readout, blocked.readout, atol=1e-12)
 
@@ -157,12 +166,20 @@ def test_bad_shapes_name_the_input(change, message):
 
 def test_bad_probes_are_rejected():
     inputs = make_inputs(1, 16, 5, 2, 1, bc="variable")
+
+    def weight(*shape):
+        return torch.ones(*shape, dtype=torch.float64)
+
     with pytest.raises(ValueError, match=r"lie in \[0, 5\)"):
-        selective_scan(**inputs, probe_index=torch.full((1, 1, 5, 1), 5))
+        selective_scan(**inputs, probe_index=torch.full((1, 1, 5, 1), 5), probe_weight=weight(1, 1, 5, 1))
     with pytest.raises(TypeError, match="integer"):
-        selective_scan(**inputs, probe_index=torch.zeros(1, 1, 5, 1))
+        selective_scan(**inputs, probe_index=torch.zeros(1, 1, 5, 1), probe_weight=weight(1, 1, 5, 1))
     with pytest.raises(ValueError, match="probe_index must be"):
-        selective_scan(**inputs, probe_index=torch.zeros(1, 3, 5, 1, dtype=torch.long))
+        selective_scan(**inputs, probe_index=torch.zeros(1, 3, 5, 1, dtype=torch.long), probe_weight=weight(1, 3, 5, 1))
+    with pytest.raises(ValueError, match="go together"):
+        selective_scan(**inputs, probe_index=torch.zeros(1, 1, 5, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="probe_weight must have"):
+        selective_scan(**inputs, probe_index=torch.zeros(1, 1, 5, 2, dtype=torch.long), probe_weight=weight(1, 1, 5, 1))
 
 
 def test_backend_selection(monkeypatch):
@@ -186,6 +203,26 @@ def test_backend_selection(monkeypatch):
         select_backend(cpu, torch.float32, 768, requested="cuda-please")
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BACKEND", "torch")
     assert select_backend(cpu, torch.float32, 768) == "torch"
+
+
+def test_damaged_kernel_cache_is_rebuilt(monkeypatch, tmp_path):
+    if not native.available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("ADAPTOR_PEFT_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert native.available()
+        for built in tmp_path.glob("*.so"):  # replaced, not overwritten: this process has the old one mapped
+            damaged = built.with_suffix(".tmp")
+            damaged.write_bytes(b"not a shared library")
+            damaged.replace(built)
+        native._library.cache_clear()
+        assert native.available()
+        inputs = make_inputs(1, 16, 5, 2, 1, bc="variable")
+        expected = selective_scan_reference(**inputs, delta_softplus=True).out
+        assert torch.allclose(selective_scan(**inputs, delta_softplus=True, backend="native").out, expected)
+    finally:
+        native._library.cache_clear()
 
 
 def test_native_build_failure_falls_back_to_torch(monkeypatch, tmp_path):

@@ -1,10 +1,11 @@
 """The selective scan entry point, and the one place that chooses how it runs.
 
 ``selective_scan_fn`` has mamba-ssm's signature and semantics. ``selective_scan`` is the full interface:
-it can also return the hidden states, or *probe readouts*: for chosen positions ``p(i, k)`` of every
-query position ``i``, the state seen through that query's ``C``, ``r[b, d, i, k] = C_i · h_{p(i,k)}``.
-Because ``C_i · h`` is linear in ``h``, a caller can mix hidden states from anywhere in the sequence into
-position ``i``'s output (what Adaptor-T does) without ever holding a (batch, dim, len, k, nstate) tensor.
+it can also return the hidden states, or a *probe readout*: for chosen positions ``p(i, k)`` and
+weights ``w(i, k)`` of every query position ``i``, the weighted states seen through that query's ``C``,
+``r[b, d, i] = Σ_k w(i, k) C_i · h_{p(i,k)}``. Because ``C_i · h`` is linear in ``h``, a caller can mix
+hidden states from anywhere in the sequence into position ``i``'s output (what Adaptor-T does) without
+ever holding a (batch, dim, len, k, nstate) tensor, and gets gradients for the weights too.
 
 Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACKEND``):
 
@@ -35,7 +36,7 @@ _IMPLEMENTATIONS = {"native": native, "torch": scan_torch}
 class ScanOutput(NamedTuple):
     """Result of :func:`selective_scan`; fields not asked for are None.
 
-    ``out`` (batch, dim, len); ``last_state`` (batch, dim, nstate); ``readout`` (batch, dim, len, k);
+    ``out`` (batch, dim, len); ``last_state`` (batch, dim, nstate); ``readout`` (batch, dim, len);
     ``hidden_states`` (batch, dim, len, nstate). ``last_state`` and ``hidden_states`` carry no gradient.
     """
 
@@ -69,7 +70,7 @@ def as_grouped(X: torch.Tensor, batch: int, length: int, groups: int | None = No
     return X
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index) -> None:
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight, probe_scale) -> None:
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, len), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape
@@ -81,6 +82,7 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index) -> None:
         ("z", z, u.shape),
         ("D", D, (dim,)),
         ("delta_bias", delta_bias, (dim,)),
+        ("probe_scale", probe_scale, (dim,)),
     ):
         if t is not None and tuple(t.shape) != tuple(shape):
             raise ValueError(f"selective_scan: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -96,8 +98,15 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index) -> None:
                 f"{(batch, nstate, length)} or (batch, groups, nstate, len) with groups dividing {dim}; "
                 f"got shape {tuple(X.shape)}"
             )
+    if (probe_index is None) != (probe_weight is None) or (probe_scale is not None and probe_index is None):
+        raise ValueError("selective_scan: probe_index and probe_weight go together; probe_scale needs both")
     if probe_index is not None:
         p = probe_index
+        if tuple(probe_weight.shape) != tuple(p.shape):
+            raise ValueError(
+                f"selective_scan: probe_weight must have probe_index's shape {tuple(p.shape)}, "
+                f"got {tuple(probe_weight.shape)}"
+            )
         if p.dim() != 4 or p.shape[0] != batch or p.shape[2] != length or dim % p.shape[1] != 0:
             raise ValueError(
                 f"selective_scan: probe_index must be (batch={batch}, groups dividing {dim}, len={length}, k), "
@@ -140,31 +149,35 @@ def select_backend(
         )
     if requested == "native" and not native_ok:
         raise RuntimeError(
-            f"selective_scan backend 'native' needs CPU tensors, a working C compiler and channel groups that "
-            f"are multiples of {native.LANES}; got device {device}, dim {dim}, groups {groups}, "
-            f"probe groups {probe_groups}"
+            f"selective_scan backend 'native' needs CPU tensors, a working C compiler, and a multiple of "
+            f"{native.LANES} channels in every B/C group and probe group (so never a (dim, nstate) B or C); got "
+            f"device {device}, dim {dim}, {groups} B/C groups, {probe_groups} probe groups"
         )
     return requested
 
 
 class _ScanFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, backend, u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last, want_hidden):
+    def forward(
+        ctx, backend, u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last, want_hidden
+    ):
         impl = _IMPLEMENTATIONS[backend]
         out, readout, last, hidden = impl.forward(
-            u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last, want_hidden
+            u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last, want_hidden
         )
         ctx.impl, ctx.softplus = impl, softplus
-        ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, z, probe)
+        ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, z, probe, weight, scale)
         ctx.mark_non_differentiable(*(t for t in (last, hidden) if t is not None))
         return out, readout, last, hidden
 
     @staticmethod
     def backward(ctx, dout, dreadout, _dlast, _dhidden):
-        u, delta, delta_bias, A, B, C, D, z, probe = ctx.saved_tensors
-        grads = ctx.impl.backward(u, delta, delta_bias, ctx.softplus, A, B, C, D, z, probe, dout, dreadout)
-        du, ddelta, ddelta_bias, dA, dB, dC, dD, dz = grads
-        return None, du, ddelta, ddelta_bias, None, dA, dB, dC, dD, dz, None, None, None
+        u, delta, delta_bias, A, B, C, D, z, probe, weight, scale = ctx.saved_tensors
+        grads = ctx.impl.backward(
+            u, delta, delta_bias, ctx.softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout
+        )
+        du, ddelta, ddelta_bias, dA, dB, dC, dD, dz, dweight, dscale = grads
+        return None, du, ddelta, ddelta_bias, None, dA, dB, dC, dD, dz, None, dweight, dscale, None, None
 
 
 def selective_scan(
@@ -179,6 +192,8 @@ def selective_scan(
     delta_softplus: bool = False,
     *,
     probe_index: torch.Tensor | None = None,
+    probe_weight: torch.Tensor | None = None,
+    probe_scale: torch.Tensor | None = None,
     return_last_state: bool = False,
     return_hidden_states: bool = False,
     backend: str | None = None,
@@ -188,11 +203,13 @@ def selective_scan(
     Shapes as mamba-ssm: ``u``, ``delta``, ``z`` (batch, dim, len); ``A`` (dim, nstate); ``B``, ``C``
     (dim, nstate), (batch, nstate, len) or (batch, groups, nstate, len); ``D``, ``delta_bias`` (dim,).
     ``probe_index`` (batch, probe_groups, len, k): integer positions whose states each query position
-    reads through its own ``C`` (see :class:`ScanOutput`); channels are split into ``probe_groups``
-    contiguous groups, each with its own positions. Readouts are raw: no ``D`` term, no gate.
+    reads through its own ``C``, summed with ``probe_weight`` (same shape; differentiable) into
+    ``readout``; channels are split into ``probe_groups`` contiguous groups, each with its own positions
+    and weights. The readout is raw: no ``D`` term, no gate. With ``probe_scale`` (dim,), ``out`` is
+    ``(y + probe_scale * readout) * silu(z)``: Adaptor-T's adapted states, in one pass.
     ``hidden_states`` is (batch, dim, len, nstate) and is only built when asked for.
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight, probe_scale)
     batch, dim, length = u.shape
     groups = math.lcm(*(dim if X.dim() == 2 else 1 if X.dim() == 3 else X.shape[1] for X in (B, C)))
     Bg, Cg = as_grouped(B, batch, length, groups), as_grouped(C, batch, length, groups)
@@ -203,13 +220,13 @@ def selective_scan(
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return ScanOutput(*result) if return_last_state else ScanOutput(result)
     dtype, compute = u.dtype, torch.float64 if u.dtype == torch.float64 else torch.float32
-    u, delta, delta_bias, A, Bg, Cg, D, z = (
-        None if t is None else t.to(compute) for t in (u, delta, delta_bias, A, Bg, Cg, D, z)
-    )
+    floats = (u, delta, delta_bias, A, Bg, Cg, D, z, probe_weight, probe_scale)
+    u, delta, delta_bias, A, Bg, Cg, D, z, weight, scale = (None if t is None else t.to(compute) for t in floats)
     probe = None if probe_index is None else probe_index.long()
     out, readout, last, hidden = _ScanFunction.apply(
-        name, u, delta, delta_bias, delta_softplus, A, Bg, Cg, D, z, probe, return_last_state, return_hidden_states
-    )
+        name, u, delta, delta_bias, delta_softplus, A, Bg, Cg, D, z, probe, weight, scale, return_last_state,
+        return_hidden_states,
+    )  # fmt: skip
     return ScanOutput(out.to(dtype), last, None if readout is None else readout.to(dtype), hidden)
 
 

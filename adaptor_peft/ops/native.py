@@ -41,8 +41,9 @@ class _ScanArgs(ctypes.Structure):
         *[(name, _P) for name in ("u", "delta", "delta_bias", "A", "B", "C", "Dskip", "z")],
         ("softplus", ctypes.c_int64),
         ("u_s", _I64x3), ("delta_s", _I64x3), ("z_s", _I64x3), ("B_s", _I64x4), ("C_s", _I64x4),
-        *[(name, _P) for name in ("probe", "out", "readout", "last_state", "hidden", "dout", "dreadout",
-                                  "du", "ddelta", "dz", "dA", "dD", "ddelta_bias", "dB", "dC")],
+        *[(name, _P) for name in ("probe", "probe_weight", "probe_scale", "out", "readout", "last_state", "hidden",
+                                  "dout", "dreadout", "du", "ddelta", "dz", "dA", "dD", "ddelta_bias", "dB", "dC",
+                                  "dprobe_weight", "dprobe_scale")],
     ]  # fmt: skip
 
 
@@ -69,7 +70,16 @@ def _library(double: bool) -> ctypes.CDLL | None:
     target = cache_dir() / f"selective_scan_cpu_{'f64' if double else 'f32'}_{key.hexdigest()[:16]}.so"
     if not target.exists() and not _compile(compiler, flags, target):
         return None
-    lib = ctypes.CDLL(str(target))
+    try:
+        lib = ctypes.CDLL(str(target))
+    except OSError as err:  # a damaged cache entry, or one built against another C library: rebuild once
+        if not _compile(compiler, flags, target):
+            return None
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError:
+            warnings.warn(f"adaptor_peft: cannot load {target} ({err}), using the PyTorch scan", RuntimeWarning, 2)
+            return None
     for name in ("forward", "backward"):
         fn = getattr(lib, f"scan_{name}_{'f64' if double else 'f32'}")
         fn.argtypes = [ctypes.POINTER(_ScanArgs)]
@@ -115,7 +125,7 @@ def _strides(t: torch.Tensor | None, n: int):
     return (ctypes.c_int64 * n)(*(t.stride() if t is not None else (0,) * n))
 
 
-def _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe) -> _ScanArgs:
+def _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale) -> _ScanArgs:
     batch, dim, length = u.shape
     return _ScanArgs(
         batch=batch, dim=dim, len=length, nstate=A.shape[1], groups=B.shape[1],
@@ -124,7 +134,7 @@ def _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe) -> _ScanArgs:
         u=_ptr(u), delta=_ptr(delta), delta_bias=_ptr(delta_bias), A=_ptr(A), B=_ptr(B), C=_ptr(C), Dskip=_ptr(D),
         z=_ptr(z), softplus=int(softplus),
         u_s=_strides(u, 3), delta_s=_strides(delta, 3), z_s=_strides(z, 3), B_s=_strides(B, 4), C_s=_strides(C, 4),
-        probe=_ptr(probe),
+        probe=_ptr(probe), probe_weight=_ptr(weight), probe_scale=_ptr(scale),
     )  # fmt: skip
 
 
@@ -138,37 +148,42 @@ def _run(direction: str, args: _ScanArgs, dtype: torch.dtype) -> None:
         raise MemoryError("adaptor_peft: the compiled selective scan could not allocate its work buffers")
 
 
-def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last: bool, want_hidden: bool):
+def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last: bool, want_hidden: bool):
     """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`; inputs already in one float dtype."""
     batch, dim, length = u.shape
     n = A.shape[1]
-    A, D, delta_bias, probe = _contiguous(A, D, delta_bias, probe)
+    A, D, delta_bias, probe, weight, scale = _contiguous(A, D, delta_bias, probe, weight, scale)
     new = u.new_empty
     out = new(batch, dim, length)
-    readout = new(batch, dim, length, probe.shape[3]) if probe is not None else None
+    readout = new(batch, dim, length) if probe is not None else None
     last = new(batch, dim, n) if want_last else None
     hidden = new(batch, dim, length, n) if want_hidden else None
-    args = _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe)
+    args = _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale)
     args.out, args.readout, args.last_state, args.hidden = _ptr(out), _ptr(readout), _ptr(last), _ptr(hidden)
     _run("forward", args, u.dtype)
     return out, readout, last, hidden
 
 
-def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, dout, dreadout):
+def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
     """Same contract as :func:`adaptor_peft.ops.scan_torch.backward`."""
     dim = u.shape[1]
-    A, D, delta_bias, probe, dout = _contiguous(A, D, delta_bias, probe, dout)
-    dreadout = None if probe is None else _contiguous(dreadout)[0]
+    A, D, delta_bias, probe, weight, scale, dout = _contiguous(A, D, delta_bias, probe, weight, scale, dout)
+    if probe is not None and dreadout is None:
+        dreadout = u.new_zeros(u.shape)
+    dreadout = _contiguous(dreadout)[0]
     du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
     dz = u.new_empty(u.shape) if z is not None else None
     dA, dB, dC = u.new_zeros(A.shape), u.new_zeros(B.shape), u.new_zeros(B.shape)
     dD = u.new_zeros(dim) if D is not None else None
     dbias = u.new_zeros(dim) if delta_bias is not None else None
-    args = _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe)
+    dweight = torch.zeros_like(weight) if weight is not None else None
+    dscale = torch.zeros_like(scale) if scale is not None else None
+    args = _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale)
     grads = dict(
-        dout=dout, dreadout=dreadout, du=du, ddelta=ddelta, dz=dz, dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC
-    )
+        dout=dout, dreadout=dreadout, du=du, ddelta=ddelta, dz=dz, dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC,
+        dprobe_weight=dweight, dprobe_scale=dscale,
+    )  # fmt: skip
     for name, t in grads.items():
         setattr(args, name, _ptr(t))
     _run("backward", args, u.dtype)
-    return du, ddelta, dbias, dA, dB, dC, dD, dz
+    return du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale

@@ -25,8 +25,10 @@ def selective_scan_reference(
     delta_softplus: bool = False,
     *,
     probe_index: torch.Tensor | None = None,
+    probe_weight: torch.Tensor | None = None,
+    probe_scale: torch.Tensor | None = None,
 ) -> ScanOutput:
-    """Sequential scan; returns every field of :class:`ScanOutput` (readout only with ``probe_index``)."""
+    """Sequential scan; returns every field of :class:`ScanOutput` (readout only with probes)."""
     batch, dim, length = u.shape
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
@@ -46,13 +48,16 @@ def selective_scan_reference(
     out = torch.stack(ys, dim=-1)
     if D is not None:
         out = out + D[:, None] * u
-    if z is not None:
-        out = out * F.silu(z)
     readout = None
     if probe_index is not None:
         nprobe = probe_index.shape[-1]
         per_channel = probe_index.repeat_interleave(dim // probe_index.shape[1], dim=1)  # (batch, dim, len, k)
         picked = hidden.gather(2, per_channel.flatten(2)[..., None].expand(-1, -1, -1, A.shape[1]))
         picked = picked.view(batch, dim, length, nprobe, -1)
-        readout = (picked * channel_C.transpose(-1, -2)[:, :, :, None, :]).sum(-1)
+        weight = probe_weight.repeat_interleave(dim // probe_weight.shape[1], dim=1)
+        readout = ((picked * channel_C.transpose(-1, -2)[:, :, :, None, :]).sum(-1) * weight).sum(-1)
+        if probe_scale is not None:
+            out = out + probe_scale[:, None] * readout
+    if z is not None:
+        out = out * F.silu(z)
     return ScanOutput(out, h, readout, hidden)

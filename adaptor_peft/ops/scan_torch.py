@@ -9,7 +9,9 @@ recomputes each block's states and runs the adjoint recurrence with the same sca
 Contract shared with :mod:`adaptor_peft.ops.native`: ``u``, ``delta``, ``z`` are (batch, dim, len), and
 the step is ``dt = softplus(delta + delta_bias)`` (bias optional, softplus if ``softplus``); ``A`` is
 (dim, nstate); ``B`` and ``C`` are (batch, groups, nstate, len);
-``D`` is (dim,) or None; ``probe`` is (batch, probe_groups, len, nprobe) integer positions or None.
+``D`` is (dim,) or None; ``probe`` is (batch, probe_groups, len, nprobe) integer positions or None, and
+``weight`` their weights, of the same shape; the readout is (batch, dim, len), and ``scale`` (dim,) or
+None adds ``scale * readout`` to the output before the gate.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ def _per_channel(X: torch.Tensor, d0: int, d1: int, dim: int) -> torch.Tensor:
     return X[:, group].transpose(-1, -2)
 
 
+def _probe_group(probe: torch.Tensor, d0: int, d1: int, dim: int) -> torch.Tensor:
+    return torch.arange(d0, d1, device=probe.device) // (dim // probe.shape[1])
+
+
 def _probe_index(probe: torch.Tensor, d0: int, d1: int, dim: int, nstate: int) -> torch.Tensor:
     """Per-channel flat probe positions, expanded over the state dim for ``gather``: (b, c, len*k, n)."""
-    group = torch.arange(d0, d1, device=probe.device) // (dim // probe.shape[1])
-    index = probe[:, group].flatten(2)
+    index = probe[:, _probe_group(probe, d0, d1, dim)].flatten(2)
     return index.unsqueeze(-1).expand(*index.shape, nstate)
 
 
@@ -64,14 +69,14 @@ def _step(delta, delta_bias, softplus):
     return x, F.softplus(x) if softplus else x
 
 
-def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last: bool, want_hidden: bool):
+def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last: bool, want_hidden: bool):
     """Returns ``(out, readout, last_state, hidden_states)``; the last three are None unless asked for."""
     _, dt = _step(delta, delta_bias, softplus)
     batch, dim, length = u.shape
     nstate = A.shape[1]
     nprobe = probe.shape[3] if probe is not None else 0
     out = u.new_empty(batch, dim, length)
-    readout = u.new_empty(batch, dim, length, nprobe) if probe is not None else None
+    readout = u.new_empty(batch, dim, length) if probe is not None else None
     last = u.new_empty(batch, dim, nstate) if want_last else None
     hidden = u.new_empty(batch, dim, length, nstate) if want_hidden else None
     for d0, d1 in _blocks(batch, dim, length, nstate, nprobe):
@@ -80,34 +85,43 @@ def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, want_last: boo
         out[:, d0:d1] = (h * Cc).sum(-1)
         if probe is not None:
             gathered = h.gather(2, _probe_index(probe, d0, d1, dim, nstate))
-            readout[:, d0:d1] = (gathered.view(batch, d1 - d0, length, nprobe, nstate) * Cc.unsqueeze(3)).sum(-1)
+            seen = (gathered.view(batch, d1 - d0, length, nprobe, nstate) * Cc.unsqueeze(3)).sum(-1)
+            readout[:, d0:d1] = (seen * weight[:, _probe_group(probe, d0, d1, dim)]).sum(-1)
         if want_last:
             last[:, d0:d1] = h[:, :, -1]
         if want_hidden:
             hidden[:, d0:d1] = h
     if D is not None:
         out += D[:, None] * u
+    if scale is not None:
+        out += scale[:, None] * readout
     if z is not None:
         out *= F.silu(z)
     return out, readout, last, hidden
 
 
-def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, dout, dreadout):
-    """Gradients ``(du, ddelta, ddelta_bias, dA, dB, dC, dD, dz)`` given ``dout`` and ``dreadout``."""
+def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
+    """Gradients ``(du, ddelta, ddelta_bias, dA, dB, dC, dD, dz, dweight, dscale)`` given ``dout`` and
+    ``dreadout``."""
     x, dt = _step(delta, delta_bias, softplus)
     batch, dim, length = u.shape
     nstate = A.shape[1]
     nprobe = probe.shape[3] if probe is not None else 0
-    dz = None
+    dz = dscale = None
+    if z is not None or scale is not None:
+        y, readout, _, _ = forward(u, delta, delta_bias, softplus, A, B, C, D, None, probe, weight, scale, False, False)
     if z is not None:
-        y, _, _, _ = forward(u, delta, delta_bias, softplus, A, B, C, D, None, None, False, False)
         sig = torch.sigmoid(z)
         dz = dout * y * sig * (1 + z * (1 - sig))
         dout = dout * z * sig
+    if scale is not None:
+        dscale = (dout * readout).sum((0, 2))
+        dreadout = dout * scale[:, None] + (dreadout if dreadout is not None else 0)
     du = dout * D[:, None] if D is not None else torch.zeros_like(u)
     dD = (dout * u).sum((0, 2)) if D is not None else None
     ddt, dA = torch.zeros_like(dt), torch.zeros_like(A)
     dB, dC = B.new_zeros(B.shape), C.new_zeros(C.shape)
+    dweight = torch.zeros_like(weight) if weight is not None else None
     for d0, d1 in _blocks(batch, dim, length, nstate, nprobe):
         group = torch.arange(d0, d1, device=u.device) // (dim // B.shape[1])
         a, Bc, h = _states(u, dt, A, B, d0, d1, dim)
@@ -116,11 +130,13 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, dout, dreadou
         direct = Cc * dy
         dC_block = dy * h
         if probe is not None and dreadout is not None:
-            index = _probe_index(probe, d0, d1, dim, nstate)
-            dr = dreadout[:, d0:d1, :, :, None]
+            index, pgroup = _probe_index(probe, d0, d1, dim, nstate), _probe_group(probe, d0, d1, dim)
             gathered = h.gather(2, index).view(batch, d1 - d0, length, nprobe, nstate)
-            direct = direct.scatter_add(2, index, (dr * Cc.unsqueeze(3)).flatten(2, 3))
-            dC_block = dC_block + (dr * gathered).sum(3)
+            dr = dreadout[:, d0:d1, :, None]
+            dweight.index_add_(1, pgroup, dr * (gathered * Cc.unsqueeze(3)).sum(-1))
+            dr_k = (dr * weight[:, pgroup]).unsqueeze(-1)
+            direct = direct.scatter_add(2, index, (dr_k * Cc.unsqueeze(3)).flatten(2, 3))
+            dC_block = dC_block + (dr_k * gathered).sum(3)
         # Adjoint recurrence g_t = direct_t + a_{t+1} g_{t+1}, solved as a forward scan on reversed time.
         a_next = F.pad(a[:, :, 1:], (0, 0, 0, 1))
         g = linear_scan(a_next.flip(2), direct.flip(2)).flip(2)
@@ -134,4 +150,4 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, dout, dreadou
         dC.index_add_(1, group, dC_block.transpose(-1, -2))
     ddelta = ddt * torch.sigmoid(x) if softplus else ddt
     dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
-    return du, ddelta, dbias, dA, dB, dC, dD, dz
+    return du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale

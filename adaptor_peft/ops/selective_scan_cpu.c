@@ -9,7 +9,8 @@
  * Per channel d and state n:   dt_t = softplus(delta_t + bias) (softplus optional),
  *                              a_t = exp(dt_t A_n),   h_t = a_t h_{t-1} + dt_t B_t u_t,
  *                              y_t = sum_n C_t h_t + D u_t,   out_t = y_t silu(z_t).
- * Probes read r_{i,k} = sum_n C_i h_{p(i,k)}: the state at a chosen position seen through C at i.
+ * Probes read r_i = sum_k w_{i,k} sum_n C_i h_{p(i,k)}: states at chosen positions, weighted, seen
+ * through C at the query position i; with probe_scale s, y_t gains s r_t before the gate (Adaptor-T).
  *
  * Compiled at first use by adaptor_peft/ops/native.py, once with SCAN_DOUBLE and once without, with
  * OpenMP where the compiler has it: linked against libgomp.so.1, it shares PyTorch's OpenMP runtime and
@@ -101,25 +102,29 @@ typedef struct {
     int64_t u_s[3], delta_s[3], z_s[3];          /* strides of (batch, dim, len) inputs */
     int64_t B_s[4], C_s[4];                      /* strides of (batch, groups, nstate, len) */
     const int64_t *probe;                        /* (batch, probe_groups, len, nprobe) or NULL */
+    const real *probe_weight;                    /* like probe */
+    const real *probe_scale;                     /* (dim,) or NULL: adds probe_scale * readout to y */
     real *out;                                   /* (batch, dim, len) */
-    real *readout;                               /* (batch, dim, len, nprobe) or NULL */
+    real *readout;                               /* (batch, dim, len) or NULL */
     real *last_state;                            /* (batch, dim, nstate) or NULL */
     real *hidden;                                /* (batch, dim, len, nstate) or NULL */
     const real *dout, *dreadout;                 /* backward: like out / readout */
     real *du, *ddelta, *dz;                      /* backward: (batch, dim, len); dz NULL if no z */
     real *dA, *dD, *ddelta_bias, *dB, *dC;       /* backward, accumulated into: (dim, nstate), (dim,), (dim,),
                                                     (batch, groups, nstate, len) twice */
+    real *dprobe_weight;                         /* backward, accumulated into: like probe */
+    real *dprobe_scale;                          /* backward, accumulated into: (dim,) */
 } ScanArgs;
 
 typedef struct {
-    real *u, *x, *dt, *z, *y, *hist, *decay, *extra, *dy, *du, *ddt;
+    real *u, *x, *dt, *z, *y, *r, *hist, *decay, *extra, *dy, *du, *ddt;
     real *h, *a, *g, *A, *cum_dA;
 } Work;
 
 static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     const int64_t L = s->len, N = s->nstate;
     const int64_t row = L * VL, state = N * VL;
-    const int64_t total = 6 * row + (L + 1) * state + (backward ? 2 * L * state + 2 * row : 0) + 5 * state;
+    const int64_t total = 7 * row + (L + 1) * state + (backward ? 2 * L * state + 2 * row : 0) + 5 * state;
     real *p = calloc((size_t)total, sizeof(real));
     if (!p) return -1;
     w->u = p; p += row;
@@ -127,6 +132,7 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     w->dt = p; p += row;
     w->z = p; p += row;
     w->y = p; p += row;
+    w->r = p; p += row;
     w->hist = p + state; p += (L + 1) * state; /* hist[-1] stays zero: the state before t = 0 */
     w->h = p; p += state;
     w->a = p; p += state;
@@ -220,24 +226,66 @@ static void block_forward(const ScanArgs *s, Work *w, int64_t b, int64_t d0, int
     else recurrence(s, w, Bg, Cg, d0, N, 0);
 }
 
+/* The probe readout of a lane block into w->r (needs w->hist), and, with probe_scale, its scaled
+ * addition to the pre-gate output w->y. Inlined per nstate so that the mixed state stays in registers. */
+static inline __attribute__((always_inline)) void readout_rows(
+    const ScanArgs *s, Work *w, int64_t b, int64_t d0, const int64_t N) {
+    const int64_t L = s->len, K = s->nprobe;
+    const int64_t g = d0 / (s->dim / s->groups), pg = d0 / (s->dim / s->probe_groups);
+    const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
+    const int64_t *probe = s->probe + (b * s->probe_groups + pg) * L * K;
+    const real *weight = s->probe_weight + (b * s->probe_groups + pg) * L * K;
+    real scale[VL] = {0};
+    if (s->probe_scale)
+        for (int v = 0; v < VL; v++) scale[v] = s->probe_scale[d0 + v];
+    for (int64_t i = 0; i < L; i++) {
+        /* mix the probed states first, then look through C_i once */
+        real *mixed = w->g;
+        for (int64_t n = 0; n < N * VL; n++) mixed[n] = 0;
+        for (int64_t k = 0; k < K; k++) {
+            const real *hj = w->hist + probe[i * K + k] * N * VL, wk = weight[i * K + k];
+            for (int64_t n = 0; n < N * VL; n++) mixed[n] += wk * hj[n];
+        }
+        real r[VL] = {0};
+        for (int64_t n = 0; n < N; n++) {
+            const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
+            for (int v = 0; v < VL; v++) r[v] += ci * mixed[n * VL + v];
+        }
+        for (int v = 0; v < VL; v++) {
+            w->r[i * VL + v] = r[v];
+            w->y[i * VL + v] += scale[v] * r[v];
+        }
+    }
+}
+
+static void block_readout(const ScanArgs *s, Work *w, int64_t b, int64_t d0) {
+    if (s->nstate == 16) readout_rows(s, w, b, d0, 16);
+    else readout_rows(s, w, b, d0, s->nstate);
+}
+
 int SCAN_FORWARD(const ScanArgs *s) {
     int failed = 0;
     #pragma omp parallel reduction(|:failed)
     {
     Work w = {0};
     failed = work_alloc(&w, s, 0);
-    const int64_t L = s->len, N = s->nstate, K = s->nprobe;
+    const int64_t L = s->len, N = s->nstate;
     const int64_t blocks = s->dim / VL, items = s->batch * blocks;
     #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; item++) {
         if (failed) continue;
         const int64_t b = item / blocks, d0 = (item % blocks) * VL;
         block_forward(s, &w, b, d0, s->probe || s->hidden);
+        if (s->probe) block_readout(s, &w, b, d0);
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
         for (int64_t v = 0; v < VL; v++) {
             real *out = s->out + (b * s->dim + d0 + v) * L;
             for (int64_t t = 0; t < L; t++) out[t] = w.y[t * VL + v];
+            if (s->probe) {
+                real *readout = s->readout + (b * s->dim + d0 + v) * L;
+                for (int64_t t = 0; t < L; t++) readout[t] = w.r[t * VL + v];
+            }
             if (s->last_state)
                 for (int64_t n = 0; n < N; n++)
                     s->last_state[(b * s->dim + d0 + v) * N + n] = w.h[n * VL + v];
@@ -245,21 +293,6 @@ int SCAN_FORWARD(const ScanArgs *s) {
                 for (int64_t t = 0; t < L; t++)
                     for (int64_t n = 0; n < N; n++)
                         s->hidden[((b * s->dim + d0 + v) * L + t) * N + n] = w.hist[(t * N + n) * VL + v];
-        }
-        if (s->probe) {
-            const int64_t g = d0 / (s->dim / s->groups), pg = d0 / (s->dim / s->probe_groups);
-            const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
-            const int64_t *probe = s->probe + (b * s->probe_groups + pg) * L * K;
-            for (int64_t i = 0; i < L; i++)
-                for (int64_t k = 0; k < K; k++) {
-                    const real *hj = w.hist + probe[i * K + k] * N * VL;
-                    real r[VL] = {0};
-                    for (int64_t n = 0; n < N; n++) {
-                        const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
-                        for (int v = 0; v < VL; v++) r[v] += ci * hj[n * VL + v];
-                    }
-                    for (int v = 0; v < VL; v++) s->readout[((b * s->dim + d0 + v) * L + i) * K + k] = r[v];
-                }
         }
     }
     free(w.u);
@@ -325,9 +358,11 @@ int SCAN_BACKWARD(const ScanArgs *s) {
     Work w = {0};
     const int64_t L = s->len, N = s->nstate, K = s->nprobe, Dm = s->dim;
     const int64_t bc_size = s->batch * s->groups * N * L;
-    real *dA = calloc((size_t)(Dm * N + 2 * Dm + 2 * bc_size), sizeof(real));
+    const int64_t probe_size = s->probe ? s->batch * s->probe_groups * L * K : 0;
+    real *dA = calloc((size_t)(Dm * N + 3 * Dm + 2 * bc_size + probe_size), sizeof(real));
     failed = work_alloc(&w, s, 1) || !dA;
-    real *dD = dA + Dm * N, *dbias_acc = dD + Dm, *dB = dbias_acc + Dm, *dC = dB + bc_size;
+    real *dD = dA + Dm * N, *dbias_acc = dD + Dm, *dscale = dbias_acc + Dm;
+    real *dB = dscale + Dm, *dC = dB + bc_size, *dW = dC + bc_size;
     const int64_t blocks = Dm / VL, items = s->batch * blocks;
     #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; item++) {
@@ -335,6 +370,7 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         const int64_t b = item / blocks, d0 = (item % blocks) * VL;
         const int64_t g = d0 / (Dm / s->groups);
         block_forward(s, &w, b, d0, 2);
+        if (s->probe) block_readout(s, &w, b, d0);
 
         /* Output gate and skip: gradient reaching y, z and (through D) u. */
         for (int64_t v = 0; v < VL; v++) {
@@ -368,31 +404,50 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         real *dCg = dC + (b * s->groups + g) * N * L;
         const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
         const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
-        const int probes = s->probe && s->dreadout;
+        const int probes = s->probe != NULL;
         if (probes) {
             memset(w.extra, 0, (size_t)(L * N * VL) * sizeof(real));
-            const int64_t pg = d0 / (Dm / s->probe_groups);
-            const int64_t *probe = s->probe + (b * s->probe_groups + pg) * L * K;
-            for (int64_t i = 0; i < L; i++)
+            const int64_t pg = d0 / (Dm / s->probe_groups), offset = (b * s->probe_groups + pg) * L * K;
+            const int64_t *probe = s->probe + offset;
+            const real *weight = s->probe_weight + offset;
+            real *dWg = dW + offset;
+            for (int64_t v = 0; v < VL; v++) {
+                const real *dreadout = s->dreadout + (b * Dm + d0 + v) * L;
+                for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = dreadout[t]; /* parked until reverse */
+            }
+            if (s->probe_scale) { /* the readout also reached the output, scaled */
+                real scale[VL], ds[VL] = {0};
+                for (int v = 0; v < VL; v++) scale[v] = s->probe_scale[d0 + v];
+                for (int64_t t = 0; t < L; t++)
+                    for (int v = 0; v < VL; v++) {
+                        w.ddt[t * VL + v] += scale[v] * w.dy[t * VL + v];
+                        ds[v] += w.dy[t * VL + v] * w.r[t * VL + v];
+                    }
+                for (int v = 0; v < VL; v++) dscale[d0 + v] += ds[v];
+            }
+            for (int64_t i = 0; i < L; i++) {
+                const real *dr = w.ddt + i * VL;
                 for (int64_t k = 0; k < K; k++) {
                     const int64_t j = probe[i * K + k];
-                    real dr[VL];
-                    for (int v = 0; v < VL; v++) dr[v] = s->dreadout[((b * Dm + d0 + v) * L + i) * K + k];
+                    const real wk = weight[i * K + k];
+                    real dwk = 0;
                     for (int64_t n = 0; n < N; n++) {
                         const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
                         real *ex = w.extra + (j * N + n) * VL;
                         const real *hj = w.hist + (j * N + n) * VL;
-                        real dci = 0;
-                        #pragma omp simd reduction(+:dci)
+                        real seen = 0; /* sum over lanes of dr * h_j: feeds dC_i and the weight's gradient */
+                        #pragma omp simd reduction(+:seen)
                         for (int v = 0; v < VL; v++) {
-                            ex[v] += ci * dr[v];
-                            dci += dr[v] * hj[v];
+                            ex[v] += wk * ci * dr[v];
+                            seen += dr[v] * hj[v];
                         }
-                        dCg[n * L + i] += dci;
+                        dCg[n * L + i] += wk * seen;
+                        dwk += ci * seen;
                     }
+                    dWg[i * K + k] += dwk;
                 }
+            }
         }
-
 
         real *dBg = dB + (b * s->groups + g) * N * L;
         if (N == 16 && probes) reverse(s, &w, Bg, Cg, dBg, dCg, 16, 1);
@@ -421,6 +476,8 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         if (s->delta_bias) add_into(s->ddelta_bias, dbias_acc, Dm);
         add_into(s->dB, dB, bc_size);
         add_into(s->dC, dC, bc_size);
+        if (probe_size) add_into(s->dprobe_weight, dW, probe_size);
+        if (s->probe_scale) add_into(s->dprobe_scale, dscale, Dm);
     }
     free(dA);
     }
