@@ -1,7 +1,7 @@
 """Backbones (Vim, VMamba) with the official state-dict layouts, and checkpoint loading."""
 
 from . import vim, vmamba
-from .checkpoint import CheckpointError, load_checkpoint, read_state_dict
+from .checkpoint import CheckpointError, classifier_name, load_checkpoint, read_state_dict
 from .registry import create_model, list_models
 from .vim import VisionMamba
 from .vmamba import VSSM
@@ -10,6 +10,7 @@ __all__ = [
     "VSSM",
     "CheckpointError",
     "VisionMamba",
+    "classifier_name",
     "create_model",
     "list_models",
     "load_checkpoint",

@@ -7,6 +7,22 @@ import math
 import torch
 from torch import nn
 
+from ..ops import selective_scan
+
+
+def ssm(adaptor_t: nn.Module | None, *args, direction: int | None = None, **kwargs) -> torch.Tensor:
+    """The selective scan of a mixer, run through its Adaptor-T when one is injected.
+
+    Extension points of every mixer and block (all None until ``inject_adaptor`` / ``prepare_model``
+    sets them, so official state dicts still load): ``mixer.adaptor_t`` (a module whose
+    ``scan(*args, direction=..., **kwargs)`` replaces :func:`selective_scan`), ``mixer.adaptor_s``
+    (a module on (B, H, W, C) maps, with ``position`` "inner" or "output") and
+    ``block.parallel_adapter`` (a module whose output is added to the mixer's).
+    """
+    if adaptor_t is None:
+        return selective_scan(*args, **kwargs).out
+    return adaptor_t.scan(*args, direction=direction, **kwargs)
+
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32, or float64 if it already is: where the official code says ``.float()``."""

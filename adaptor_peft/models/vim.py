@@ -16,10 +16,11 @@ from timm.layers import DropPath
 from timm.models import generate_default_cfgs
 from torch import nn
 
-from ..ops import selective_scan
 from .checkpoint import Loadable
-from .layers import RMSNorm, drop_path_rates, full_precision, init_dt_, s4d_real_a_log
+from .layers import RMSNorm, drop_path_rates, full_precision, init_dt_, s4d_real_a_log, ssm
 from .registry import build, register
+
+TokenLayout = tuple[tuple[int, int], int]  # (patch grid (height, width), index of the class token)
 
 
 def grid_size(img_size: tuple[int, int], patch_size: int, stride: int) -> tuple[int, int]:
@@ -84,6 +85,8 @@ class BiMambaMixer(nn.Module):
         self.x_proj_b = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj_b = nn.Linear(self.dt_rank, inner)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
+        self.adaptor_t: nn.Module | None = None
+        self.adaptor_s: nn.Module | None = None
         init_dt_(self.dt_proj.weight, self.dt_proj.bias)
         init_dt_(self.dt_proj_b.weight, self.dt_proj_b.bias)
 
@@ -101,15 +104,36 @@ class BiMambaMixer(nn.Module):
         dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt_proj(dt).transpose(1, 2)
         A = -torch.exp(full_precision(A_log))
-        return selective_scan(
-            x, delta, A, B.transpose(1, 2), C.transpose(1, 2), full_precision(D), z, delta_softplus=True
-        ).out
+        return ssm(
+            self.adaptor_t,
+            x,
+            delta,
+            A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            full_precision(D),
+            z,
+            delta_softplus=True,
+            direction=direction,
+        )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def spatial(self, tokens: torch.Tensor, layout: TokenLayout | None, position: str) -> torch.Tensor:
+        """Adaptor-S at ``position`` on (B, L, C) tokens: patch tokens as a 2D map, class token untouched."""
+        if self.adaptor_s is None or self.adaptor_s.position != position:
+            return tokens
+        if layout is None:
+            raise ValueError("BiMambaMixer: Adaptor-S needs the token layout (patch grid, class token index)")
+        (height, width), cls = layout
+        patches = torch.cat([tokens[:, :cls], tokens[:, cls + 1 :]], dim=1)
+        adapted = self.adaptor_s(patches.reshape(tokens.shape[0], height, width, -1)).flatten(1, 2)
+        return torch.cat([adapted[:, :cls], tokens[:, cls : cls + 1], adapted[:, cls:]], dim=1)
+
+    def forward(self, hidden: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
         forward = self.scan(x, z, 0)
         backward = self.scan(x.flip(-1), z.flip(-1), 1).flip(-1)
-        return self.out_proj(((forward + backward) / 2).transpose(1, 2))
+        y = self.spatial(((forward + backward) / 2).transpose(1, 2), layout, "inner")
+        return self.spatial(self.out_proj(y), layout, "output")
 
 
 class VimBlock(nn.Module):
@@ -121,11 +145,18 @@ class VimBlock(nn.Module):
         self.mixer = BiMambaMixer(dim, **mixer_kwargs)
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.parallel_adapter: nn.Module | None = None
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None, layout: TokenLayout | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = full_precision(residual)
-        return self.mixer(self.norm(residual).to(self.norm.weight.dtype)), residual
+        normed = self.norm(residual).to(self.norm.weight.dtype)
+        hidden = self.mixer(normed, layout)
+        if self.parallel_adapter is not None:
+            hidden = hidden + self.parallel_adapter(normed)
+        return hidden, residual
 
 
 class VisionMamba(Loadable, nn.Module):
@@ -178,9 +209,9 @@ class VisionMamba(Loadable, nn.Module):
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([x[:, :token], cls, x[:, token:]], dim=1)
         x = self.pos_drop(x + resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size))
-        hidden, residual = x, None
+        hidden, residual, layout = x, None, (grid, token)
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
+            hidden, residual = layer(hidden, residual, layout)
         return self.norm_f(residual + self.drop_path(hidden))[:, token]
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,8 @@ from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs
 from torch import nn
 
-from ..ops import selective_scan
 from .checkpoint import Loadable
-from .layers import Permute, drop_path_rates, full_precision, init_dt_, s4d_real_a_log
+from .layers import Permute, drop_path_rates, full_precision, init_dt_, s4d_real_a_log, ssm
 from .registry import build, register
 
 DIRECTIONS = 4  # row-major, column-major, and both reversed
@@ -69,6 +68,8 @@ class SS2D(nn.Module):
         self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=(d_conv - 1) // 2, groups=inner, bias=conv_bias)
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
+        self.adaptor_t: nn.Module | None = None
+        self.adaptor_s: nn.Module | None = None
         bound = inner**-0.5
         nn.init.uniform_(self.x_proj_weight, -bound, bound)
         init_dt_(self.dt_projs_weight, self.dt_projs_bias)
@@ -80,7 +81,8 @@ class SS2D(nn.Module):
         x_dbl = torch.einsum("bkdl,kcd->bkcl", xs, self.x_proj_weight)
         dts, Bs, Cs = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_projs_weight)
-        ys = selective_scan(
+        ys = ssm(
+            self.adaptor_t,
             xs.flatten(1, 2),
             dts.flatten(1, 2),
             -torch.exp(full_precision(self.A_logs)),
@@ -89,7 +91,7 @@ class SS2D(nn.Module):
             full_precision(self.Ds),
             delta_bias=full_precision(self.dt_projs_bias.flatten()),
             delta_softplus=True,
-        ).out
+        )
         y = cross_merge(ys.view(batch, DIRECTIONS, inner, -1), height, width)
         return y.transpose(1, 2).reshape(batch, height, width, inner)
 
@@ -101,7 +103,11 @@ class SS2D(nn.Module):
         y = self.out_norm(self.scan(x))
         if self.z_gate:
             y = y * F.silu(z)
-        return self.out_proj(y)
+        return self.spatial(self.out_proj(self.spatial(y, "inner")), "output")
+
+    def spatial(self, x: torch.Tensor, position: str) -> torch.Tensor:
+        """Adaptor-S at ``position`` on a (B, H, W, C) map."""
+        return x if self.adaptor_s is None or self.adaptor_s.position != position else self.adaptor_s(x)
 
 
 class VSSBlock(nn.Module):
@@ -115,9 +121,14 @@ class VSSBlock(nn.Module):
         if mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(dim)
             self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+        self.parallel_adapter: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.op(self.norm(x)))
+        normed = self.norm(x)
+        mixed = self.op(normed)
+        if self.parallel_adapter is not None:
+            mixed = mixed + self.parallel_adapter(normed)
+        x = x + self.drop_path(mixed)
         if hasattr(self, "mlp"):
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x

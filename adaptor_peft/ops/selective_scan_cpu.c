@@ -227,7 +227,7 @@ static void block_forward(const ScanArgs *s, Work *w, int64_t b, int64_t d0, int
 }
 
 /* The probe readout of a lane block into w->r (needs w->hist), and, with probe_scale, its scaled
- * addition to the pre-gate output w->y. Inlined per nstate so that the mixed state stays in registers. */
+ * addition to the pre-gate output w->y. Inlined per nstate so that the state loop unrolls. */
 static inline __attribute__((always_inline)) void readout_rows(
     const ScanArgs *s, Work *w, int64_t b, int64_t d0, const int64_t N) {
     const int64_t L = s->len, K = s->nprobe;
@@ -239,17 +239,14 @@ static inline __attribute__((always_inline)) void readout_rows(
     if (s->probe_scale)
         for (int v = 0; v < VL; v++) scale[v] = s->probe_scale[d0 + v];
     for (int64_t i = 0; i < L; i++) {
-        /* mix the probed states first, then look through C_i once */
-        real *mixed = w->g;
-        for (int64_t n = 0; n < N * VL; n++) mixed[n] = 0;
+        real r[VL] = {0};
         for (int64_t k = 0; k < K; k++) {
             const real *hj = w->hist + probe[i * K + k] * N * VL, wk = weight[i * K + k];
-            for (int64_t n = 0; n < N * VL; n++) mixed[n] += wk * hj[n];
-        }
-        real r[VL] = {0};
-        for (int64_t n = 0; n < N; n++) {
-            const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
-            for (int v = 0; v < VL; v++) r[v] += ci * mixed[n * VL + v];
+            for (int64_t n = 0; n < N; n++) {
+                const real c = wk * Cg[n * s->C_s[2] + i * s->C_s[3]];
+                #pragma omp simd
+                for (int v = 0; v < VL; v++) r[v] += c * hj[n * VL + v];
+            }
         }
         for (int v = 0; v < VL; v++) {
             w->r[i * VL + v] = r[v];
@@ -426,25 +423,36 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 for (int v = 0; v < VL; v++) dscale[d0 + v] += ds[v];
             }
             for (int64_t i = 0; i < L; i++) {
+                /* Reductions over lanes happen once per (i, state) for dC and once per (i, probe) for the
+                 * weights, on the probe-mixed state and the C-contracted probe respectively. */
                 const real *dr = w.ddt + i * VL;
+                real *mixed = w.g;
+                for (int64_t n = 0; n < N * VL; n++) mixed[n] = 0;
                 for (int64_t k = 0; k < K; k++) {
                     const int64_t j = probe[i * K + k];
                     const real wk = weight[i * K + k];
-                    real dwk = 0;
+                    real seen[VL] = {0};
                     for (int64_t n = 0; n < N; n++) {
                         const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
-                        real *ex = w.extra + (j * N + n) * VL;
+                        real *ex = w.extra + (j * N + n) * VL, *mx = mixed + n * VL;
                         const real *hj = w.hist + (j * N + n) * VL;
-                        real seen = 0; /* sum over lanes of dr * h_j: feeds dC_i and the weight's gradient */
-                        #pragma omp simd reduction(+:seen)
+                        #pragma omp simd
                         for (int v = 0; v < VL; v++) {
+                            seen[v] += ci * hj[v];
                             ex[v] += wk * ci * dr[v];
-                            seen += dr[v] * hj[v];
+                            mx[v] += wk * hj[v];
                         }
-                        dCg[n * L + i] += wk * seen;
-                        dwk += ci * seen;
                     }
+                    real dwk = 0;
+                    #pragma omp simd reduction(+:dwk)
+                    for (int v = 0; v < VL; v++) dwk += dr[v] * seen[v];
                     dWg[i * K + k] += dwk;
+                }
+                for (int64_t n = 0; n < N; n++) {
+                    real dcn = 0;
+                    #pragma omp simd reduction(+:dcn)
+                    for (int v = 0; v < VL; v++) dcn += dr[v] * mixed[n * VL + v];
+                    dCg[n * L + i] += dcn;
                 }
             }
         }

@@ -1,0 +1,110 @@
+"""``inject_adaptor``: Adaptor-T and Adaptor-S into every mixer of a Vim or VMamba backbone.
+
+Mixers are found by type (:class:`~adaptor_peft.models.vim.BiMambaMixer`,
+:class:`~adaptor_peft.models.vmamba.SS2D`); the adaptors become their ``adaptor_t`` / ``adaptor_s``
+submodules, which the mixers' own forward passes call. Nothing is monkey-patched, ``print(model)``
+shows every adaptor, and a parameter's name says what it belongs to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from ..models import classifier_name
+from ..models.vim import BiMambaMixer
+from ..models.vmamba import SS2D
+from .config import AdaptorConfig
+from .spatial import AdaptorS
+from .temporal import AdaptorT
+
+MIXER_TYPES = (BiMambaMixer, SS2D)
+ADAPTOR_MARKERS = (".adaptor_t.", ".adaptor_s.")
+
+
+def find_mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every supported mixer in ``model``, in order, with its qualified name."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MIXER_TYPES)]
+
+
+def _scan_shape(mixer: nn.Module) -> tuple[int, int]:
+    """(channels per scan direction, directions) of a mixer."""
+    if isinstance(mixer, BiMambaMixer):
+        return mixer.A_log.shape[0], 2
+    return mixer.dt_projs_weight.shape[1], mixer.dt_projs_weight.shape[0]
+
+
+def is_head(model: nn.Module) -> Callable[[str], bool]:
+    """A predicate on parameter names: does this one belong to the classification head?"""
+    head = classifier_name(model)
+    return lambda name: head is not None and name.startswith(head + ".")
+
+
+def set_trainable(model: nn.Module, trainable: Callable[[str], bool]) -> nn.Module:
+    """``requires_grad`` = ``trainable(name)`` for every parameter; the rest is frozen."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable(name))
+    return model
+
+
+def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze_backbone: bool = True) -> nn.Module:
+    """Inserts the adaptors of ``config`` (default :class:`AdaptorConfig`) into ``model`` and returns it.
+
+    ``freeze_backbone=True`` (parameter-efficient fine-tuning) leaves only the adaptors and the
+    classification head trainable; ``False`` keeps everything trainable (the paper's "booster" use on
+    a pretrained model, or its "backbone" use when training from scratch). The adaptors start as the
+    identity: the injected model computes what it computed before, to float rounding.
+    """
+    config = config or AdaptorConfig()
+    mixers = find_mixers(model)
+    if not mixers:
+        children = ", ".join(f"{n}: {type(m).__name__}" for n, m in model.named_children()) or "none"
+        raise TypeError(
+            f"inject_adaptor: {type(model).__name__} has no Vim (BiMambaMixer) or VMamba (SS2D) mixers "
+            f"(its children: {children}); build the backbone with adaptor_peft.create_model"
+        )
+    injected = [name for name, m in mixers if m.adaptor_t is not None or m.adaptor_s is not None]
+    if injected:
+        raise RuntimeError(
+            f"inject_adaptor: {type(model).__name__} already has adaptors ({injected[0]} and "
+            f"{len(injected) - 1} more mixers); inject once, or start from a fresh backbone"
+        )
+    chosen = range(len(mixers)) if config.blocks is None else config.blocks
+    if any(not 0 <= i < len(mixers) for i in chosen):
+        raise ValueError(
+            f"AdaptorConfig.blocks={config.blocks}: the model has {len(mixers)} blocks (0..{len(mixers) - 1})"
+        )
+    for i in chosen:
+        name, mixer = mixers[i]
+        weight = mixer.out_proj.weight
+        if config.temporal:
+            channels, directions = _scan_shape(mixer)
+            if channels % config.t_groups:
+                raise ValueError(
+                    f"AdaptorConfig.t_groups={config.t_groups} does not divide the scan width {channels} of {name}"
+                )
+            mixer.adaptor_t = AdaptorT(
+                channels,
+                directions,
+                config.t_locations,
+                config.t_groups,
+                config.t_rank,
+                config.t_anchor,
+                config.dropout,
+            ).to(weight.device, weight.dtype)
+        if config.spatial:
+            width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features
+            mixer.adaptor_s = AdaptorS(
+                width,
+                config.s_kernel_size,
+                config.s_dilations,
+                config.s_share_kernel,
+                config.s_position,
+                config.dropout,
+            ).to(weight.device, weight.dtype)
+    model.adaptor_config = config
+    if freeze_backbone:
+        head = is_head(model)
+        set_trainable(model, lambda n: any(m in f".{n}" for m in ADAPTOR_MARKERS) or head(n))
+    return model

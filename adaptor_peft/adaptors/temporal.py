@@ -1,0 +1,120 @@
+"""Adaptor-T: each position reads hidden states from K learned locations of its scan (Mamba-Adaptor).
+
+For one scan direction with inner width E, state size N and length L the scan gives
+``y_i = C_i h_i + D u_i``. Adaptor-T makes it ``y_i = C_i h̃_i + D u_i`` with
+
+    h̃_i = h_i + γ ⊙ Σ_k c_{i,k} h(p_{i,k})
+
+where, for each of S channel groups, a low-rank predictor on the scan input ``u_i`` gives K locations
+``p_{i,k} = (anchor_k + offset_{i,k}) (L - 1)`` and K softmax weights ``c_{i,k}``. Locations may lie after
+``i``, which lets a causal scan see later tokens. A fractional location is read by linear
+interpolation between its two neighbouring states. Since ``C_i · h(p)`` is linear in ``h``, the scan
+hands back only the probe readouts ``C_i · h_j`` (:func:`adaptor_peft.ops.selective_scan`), never a
+(B, E, L, K, N) tensor. ``γ``, the offsets and the weight logits start at zero, so an injected model
+computes exactly what the pretrained one did.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import selective_scan
+
+
+class AdaptorT(nn.Module):
+    """Adaptor-T for a mixer with ``directions`` scans of ``channels`` channels each.
+
+    A mixer that runs its directions as separate scans (Vim) calls :meth:`scan` with ``direction``;
+    one that stacks them along the channels of a single scan (VMamba's four) passes ``direction=None``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        directions: int = 1,
+        locations: int = 4,
+        groups: int = 4,
+        rank: int = 4,
+        anchor: str = "learned",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"Adaptor-T: t_groups={groups} must divide the scan width {channels}")
+        self.channels, self.directions, self.locations, self.groups = channels, directions, locations, groups
+        self.learned = anchor == "learned"
+        outputs = groups * locations
+        self.down = nn.Parameter(torch.empty(directions, rank, channels))
+        self.weight_up = nn.Parameter(torch.zeros(directions, outputs, rank))
+        self.weight_bias = nn.Parameter(torch.zeros(directions, outputs))
+        spread = ((torch.arange(locations) + 0.5) / locations).repeat(directions, groups, 1)
+        if self.learned:
+            self.anchor = nn.Parameter(spread)
+            self.offset_up = nn.Parameter(torch.zeros(directions, outputs, rank))
+        else:
+            self.register_buffer("anchor", spread)
+        self.gamma = nn.Parameter(torch.zeros(directions, channels))
+        self.dropout = nn.Dropout(dropout)
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, directions={self.directions}, locations={self.locations}, "
+            f"groups={self.groups}, rank={self.down.shape[1]}, anchor={'learned' if self.learned else 'static'}"
+        )
+
+    def probes(self, u: torch.Tensor, direction: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Probe positions (B, P, L, 2K) and their weights (B, P, L, 2K) for scan input ``u``
+        (B, dirs * E, L), with P = dirs * S groups: each location's floor and ceiling state, weighted
+        by its softmax weight times its interpolation weight."""
+        picked = slice(None) if direction is None else slice(direction, direction + 1)
+        dirs = self.directions if direction is None else 1
+        batch, _, length = u.shape
+        hidden = torch.einsum("bkcl,krc->bkrl", u.view(batch, dirs, self.channels, length), self.down[picked])
+        shape = (batch, dirs, self.groups, self.locations, length)
+        logits = torch.einsum("bkrl,kor->bkol", hidden, self.weight_up[picked]) + self.weight_bias[picked, :, None]
+        weights = logits.view(shape).softmax(dim=3)
+        position = self.anchor[picked][None, :, :, :, None].expand(shape)
+        if self.learned:
+            position = position + torch.einsum("bkrl,kor->bkol", hidden, self.offset_up[picked]).view(shape)
+        position = (position * (length - 1)).clamp(0, length - 1)
+        floor = position.detach().floor()
+        frac = position - floor
+        index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=3).long()
+        mix = torch.cat([weights * (1 - frac), weights * frac], dim=3)
+        groups = dirs * self.groups
+        return (
+            index.view(batch, groups, -1, length).transpose(2, 3),
+            mix.view(batch, groups, -1, length).transpose(2, 3),
+        )
+
+    def scan(
+        self,
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None = None,
+        z: torch.Tensor | None = None,
+        delta_bias: torch.Tensor | None = None,
+        delta_softplus: bool = False,
+        direction: int | None = None,
+    ) -> torch.Tensor:
+        """The selective scan's output with the adapted states, then the silu(z) gate."""
+        index, mix = self.probes(u, direction)
+        gamma = self.gamma.flatten() if direction is None else self.gamma[direction]
+        if self.dropout.p == 0 or not self.training:  # the common case, fused into the scan
+            return selective_scan(
+                u, delta, A, B, C, D, z, delta_bias, delta_softplus, probe_index=index, probe_weight=mix,
+                probe_scale=gamma,
+            ).out  # fmt: skip
+        result = selective_scan(
+            u, delta, A, B, C, D, None, delta_bias, delta_softplus, probe_index=index, probe_weight=mix
+        )
+        out = result.out + gamma[:, None].to(result.readout.dtype) * self.dropout(result.readout)
+        return out if z is None else out * F.silu(z)
