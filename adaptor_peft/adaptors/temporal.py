@@ -74,14 +74,14 @@ class AdaptorT(nn.Module):
         picked = slice(None) if direction is None else slice(direction, direction + 1)
         dirs = self.directions if direction is None else 1
         batch, _, length = u.shape
-        hidden = torch.einsum("bkcl,krc->bkrl", u.view(batch, dirs, self.channels, length), self.down[picked])
+        hidden = torch.matmul(self.down[picked], u.view(batch, dirs, self.channels, length))
         shape = (batch, dirs, self.groups, self.locations, length)
-        logits = torch.einsum("bkrl,kor->bkol", hidden, self.weight_up[picked]) + self.weight_bias[picked, :, None]
+        logits = torch.matmul(self.weight_up[picked], hidden) + self.weight_bias[picked, :, None]
         weights = logits.view(shape).softmax(dim=3)
-        position = self.anchor[picked][None, :, :, :, None].expand(shape)
+        position = self.anchor[picked][None, :, :, :, None]
         if self.learned:
-            position = position + torch.einsum("bkrl,kor->bkol", hidden, self.offset_up[picked]).view(shape)
-        position = (position * (length - 1)).clamp(0, length - 1)
+            position = position + torch.matmul(self.offset_up[picked], hidden).view(shape)
+        position = (position.expand(shape) * (length - 1)).clamp(0, length - 1)
         floor = position.detach().floor()
         frac = position - floor
         index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=3).long()

@@ -239,15 +239,24 @@ static inline __attribute__((always_inline)) void readout_rows(
     if (s->probe_scale)
         for (int v = 0; v < VL; v++) scale[v] = s->probe_scale[d0 + v];
     for (int64_t i = 0; i < L; i++) {
-        real r[VL] = {0};
+        /* Mix the probed states first (one vector FMA per state element), then contract once with C_i. */
+        real mixed[N][VL];
+        memset(mixed, 0, sizeof mixed);
         for (int64_t k = 0; k < K; k++) {
             const real *hj = w->hist + probe[i * K + k] * N * VL, wk = weight[i * K + k];
             for (int64_t n = 0; n < N; n++) {
-                const real c = wk * Cg[n * s->C_s[2] + i * s->C_s[3]];
                 #pragma omp simd
-                for (int v = 0; v < VL; v++) r[v] += c * hj[n * VL + v];
+                for (int v = 0; v < VL; v++) mixed[n][v] += wk * hj[n * VL + v];
             }
         }
+        real part[2][VL] = {{0}}; /* two partial sums: one chain would wait on FMA latency */
+        for (int64_t n = 0; n < N; n++) {
+            const real c = Cg[n * s->C_s[2] + i * s->C_s[3]];
+            #pragma omp simd
+            for (int v = 0; v < VL; v++) part[n & 1][v] += c * mixed[n][v];
+        }
+        real r[VL];
+        for (int v = 0; v < VL; v++) r[v] = part[0][v] + part[1][v];
         for (int v = 0; v < VL; v++) {
             w->r[i * VL + v] = r[v];
             w->y[i * VL + v] += scale[v] * r[v];
