@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from .adaptors import METHODS, prepare_model
 from .models import create_model, list_models
 from .ops import BACKENDS, native
 from .ops.dispatch import BACKEND_ENV
+from .reports import parameter_report
 
 
 def _parts(model: torch.nn.Module) -> dict[str, int]:
@@ -54,6 +58,37 @@ def info(args: argparse.Namespace) -> None:
     )
 
 
+def _options(text: str | None) -> dict:
+    """Method options from ``--config``: a JSON file or an inline JSON object."""
+    if not text:
+        return {}
+    is_file = os.path.isfile(text)
+    source = f"--config file {text}" if is_file else "--config"
+    try:
+        options = json.loads(Path(text).read_text() if is_file else text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"adaptor-peft params: {source} is not valid JSON: {err}") from None
+    if not isinstance(options, dict):
+        raise SystemExit(f"adaptor-peft params: {source} must be a JSON object of method options")
+    return options
+
+
+def params(args: argparse.Namespace) -> None:
+    """Prepares a backbone with a transfer method and prints what it trains."""
+    model = create_model(args.model, checkpoint=args.checkpoint, num_classes=args.num_classes)
+    try:
+        prepare_model(model, args.method, **_options(args.config))
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"adaptor-peft params: {err}") from None
+    report = parameter_report(model)
+    if args.format == "json":
+        print(report.to_json())
+    elif args.format == "markdown":
+        print(report.to_markdown(), end="")
+    else:
+        Console().print(report)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="adaptor-peft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +99,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--backend", choices=BACKENDS, help=f"selective scan backend (default: ${BACKEND_ENV} or auto)")
     p.set_defaults(run=info)
+    p = commands.add_parser("params", help="prepare a backbone with a transfer method and report what it trains")
+    p.add_argument("model", choices=list_models(), metavar="MODEL")
+    p.add_argument("--method", default="adaptor", choices=list(METHODS))
+    p.add_argument("--config", help="method options as a JSON object or JSON file (e.g. AdaptorConfig fields, LoRA r)")
+    p.add_argument("--checkpoint", help="official .pth, plain state dict or .safetensors file")
+    p.add_argument("--num-classes", type=int, help="head size (default: the backbone's)")
+    p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    p.set_defaults(run=params)
     args = parser.parse_args(argv)
     args.run(args)
 

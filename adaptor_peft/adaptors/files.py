@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..models import classifier_name
@@ -42,6 +42,12 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
     state.update({n: b for n, b in model.named_buffers() if any(m in f".{n}" for m in ADAPTOR_MARKERS)})
     return state
+
+
+def adapter_bytes(model: nn.Module) -> bytes:
+    """The exact contents of the adapter's ``adaptor.safetensors``."""
+    state = {n: t.detach().cpu().contiguous() for n, t in adapter_state(model).items()}
+    return save(state, metadata={"format": FORMAT})
 
 
 def backbone_fingerprint(model: nn.Module, exclude: set[str] = frozenset()) -> str:
@@ -78,7 +84,7 @@ def save_adaptor(model: nn.Module, directory: str | Path) -> Path:
         raise AdapterFileError("save_adaptor: the model has no transfer method; call prepare_model or inject_adaptor")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {n: t.detach().cpu().contiguous() for n, t in adapter_state(model).items()}
+    state = adapter_state(model)
     config = {
         "format": FORMAT,
         **method,
@@ -88,7 +94,8 @@ def save_adaptor(model: nn.Module, directory: str | Path) -> Path:
         "tensors": len(state),
         "parameters": sum(t.numel() for t in state.values()),
     }
-    _write_atomically(directory / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    weights = adapter_bytes(model)
+    _write_atomically(directory / WEIGHTS, lambda tmp: Path(tmp).write_bytes(weights))
     _write_atomically(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return directory
 

@@ -1,0 +1,79 @@
+"""Trainable parameters of every transfer method on Vim-T/S/B and VMamba-T/S, side by side.
+
+Counts come from :func:`adaptor_peft.reports.parameter_report` on freshly built backbones (random
+weights: counts do not depend on them). Trainable parameters exclude the classification head and are
+given in percent of the backbone's; the adapter file size includes a 100-class head (VTAB-1k cifar).
+Usage:
+
+    python benchmarks/params.py [--output benchmarks/results/params.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adaptor_peft import create_model
+from adaptor_peft.adaptors import METHODS, prepare_model
+from adaptor_peft.reports import parameter_report
+from adaptor_peft.reports.params import ORDER
+
+MODELS = {
+    "Vim-T": "vim_tiny_patch16_224",
+    "Vim-S": "vim_small_patch16_224",
+    "Vim-B": "vim_base_patch16_224",
+    "VMamba-T": "vmamba_tiny_s1l8",
+    "VMamba-S": "vmamba_small_s1l20",
+}
+DETAIL = "Vim-S"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, help="also write the tables to this Markdown file")
+    args = parser.parse_args()
+    reports = {
+        (label, method): parameter_report(prepare_model(create_model(name, num_classes=100), method))
+        for label, name in MODELS.items()
+        for method in METHODS
+    }
+    backbones = {label: reports[label, "full"].backbone for label in MODELS}
+    lines = [
+        "Trainable parameters without the head (% of the backbone)",
+        "",
+        "| method | " + " | ".join(f"{label} ({backbones[label] / 1e6:.1f} M)" for label in MODELS) + " |",
+        "|---|" + "---:|" * len(MODELS),
+    ]
+    for method in METHODS:
+        cells = [reports[label, method] for label in MODELS]
+        lines.append(
+            f"| {method} | "
+            + " | ".join(f"{r.trainable_without_head / 1e6:.3f} M ({r.trainable_percent:.2f} %)" for r in cells)
+            + " |"
+        )
+    groups = [g for g in ORDER if any(g in reports[DETAIL, m].groups for m in METHODS)]
+    lines += [
+        "",
+        f"{DETAIL} ({MODELS[DETAIL]}, 100-class head) in detail",
+        "",
+        "| method | trainable w/o head | % of backbone | " + " | ".join(groups) + " | adapter file |",
+        "|---|---:|---:|" + "---:|" * len(groups) + "---:|",
+    ]
+    for method in METHODS:
+        r = reports[DETAIL, method]
+        cells = [f"{r.groups[g]:,}" if g in r.groups else "" for g in groups]
+        lines.append(
+            f"| {method} | {r.trainable_without_head:,} | {r.trainable_percent:.2f} % | "
+            + " | ".join(cells)
+            + f" | {r.adapter_file_bytes / 2**20:.2f} MiB |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.output:
+        args.output.write_text(f"Command: `python benchmarks/params.py --output {args.output}`\n\n{text}")
+
+
+if __name__ == "__main__":
+    main()
