@@ -14,11 +14,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .adaptors import METHODS, prepare_model
-from .models import create_model, list_models
+from .adaptors import METHODS, AdapterFileError, prepare_model
+from .data import DataError
+from .models import CheckpointError, create_model, list_models
 from .ops import BACKENDS, native
 from .ops.dispatch import BACKEND_ENV
-from .reports import parameter_report
+from .reports import parameter_report, write_summary
+from .reports.results import VTAB1K_GROUPS
+from .training import RecipeError, TrainingError, evaluate_run, load_recipe, train
+from .training.recipe import list_recipes
+
+USER_ERRORS = (RecipeError, DataError, TrainingError, AdapterFileError, CheckpointError, FileNotFoundError)
+"""Errors caused by what the user asked for: reported as one message, without a traceback."""
 
 
 def _parts(model: torch.nn.Module) -> dict[str, int]:
@@ -89,6 +96,64 @@ def params(args: argparse.Namespace) -> None:
         Console().print(report)
 
 
+def _recipe(args: argparse.Namespace, name: str) -> dict:
+    """The recipe ``name`` with the command line's named options and ``key=value`` overrides applied."""
+    named = {"model": args.model, "method": args.method, "checkpoint": args.checkpoint}
+    overrides = [f"{key}={value}" for key, value in named.items() if value is not None]
+    return load_recipe(name, [*overrides, *args.overrides])
+
+
+def train_command(args: argparse.Namespace) -> None:
+    """Trains one recipe into a run folder (resuming it if it holds the same recipe)."""
+    results = train(_recipe(args, args.recipe), args.output_dir, args.data_root, progress=not args.no_progress)
+    print(f"{results['task']}: top-1 {results['top1']:.2f} %, top-5 {results['top5']:.2f} % -> {args.output_dir}")
+
+
+def eval_command(args: argparse.Namespace) -> None:
+    """Evaluates a finished run's adapter on a fresh backbone."""
+    results = evaluate_run(args.run_dir, args.data_root, args.split, progress=not args.no_progress)
+    print(f"{results['task']} {results['eval_split']}: top-1 {results['top1']:.2f} %, top-5 {results['top5']:.2f} %")
+
+
+def vtab_command(args: argparse.Namespace) -> None:
+    """Runs the 19 VTAB-1k tasks in a row, one run folder each, skipping finished ones, then summarises."""
+    failed, everything = [], [t for group in VTAB1K_GROUPS.values() for t in group]
+    tasks = args.tasks.split(",") if args.tasks else everything
+    unknown = sorted(set(tasks) - set(everything))
+    if unknown:
+        raise SystemExit(f"adaptor-peft vtab: unknown task(s) {unknown}; VTAB-1k has {', '.join(everything)}")
+    for task in tasks:
+        run = Path(args.output_dir) / task
+        if (run / "results.json").is_file():
+            print(f"{task}: finished before, skipped")
+            continue
+        try:
+            train(_recipe(args, f"vtab1k/{task}"), run, args.data_root, progress=not args.no_progress)
+        except USER_ERRORS as error:
+            print(f"{task}: failed: {error}")
+            failed.append(task)
+    summarize_command(argparse.Namespace(runs_dir=args.output_dir))
+    if failed:
+        raise SystemExit(f"adaptor-peft vtab: {len(failed)} task(s) failed: {', '.join(failed)}")
+
+
+def summarize_command(args: argparse.Namespace) -> None:
+    """Writes summary.md / summary.json / summary.png for every finished run under a folder."""
+    summary, files = write_summary(args.runs_dir)
+    print(summary.to_markdown())
+    print("written: " + ", ".join(str(path) for path in files.values()))
+
+
+def _training_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=list_models(), metavar="MODEL", help="backbone (default: the recipe's)")
+    p.add_argument("--checkpoint", help="backbone weights: file, https URL or 'pretrained' (default: the recipe's)")
+    p.add_argument("--method", choices=list(METHODS), help="transfer method (default: the recipe's)")
+    p.add_argument("--data-root", help="folder holding the recipe's local data layout (default: its hub copy)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. epochs=1 lr=5e-4")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="adaptor-peft", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -107,8 +172,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--num-classes", type=int, help="head size (default: the backbone's)")
     p.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     p.set_defaults(run=params)
+    p = commands.add_parser("train", help="train one recipe into a run folder (resumes an interrupted run)")
+    p.add_argument("--recipe", required=True, help=f"a recipe name ({', '.join(list_recipes()[:3])}, ...) or YAML")
+    _training_options(p)
+    p.set_defaults(run=train_command)
+    p = commands.add_parser("eval", help="evaluate a finished run's adapter on a fresh backbone")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--data-root")
+    p.add_argument("--split", help="split to evaluate (default: the recipe's eval split)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=eval_command)
+    p = commands.add_parser("vtab", help="run all 19 VTAB-1k tasks, one run folder each under --output-dir")
+    p.add_argument("--tasks", help="comma-separated subset of the tasks (default: all 19)")
+    _training_options(p)
+    p.set_defaults(run=vtab_command)
+    p = commands.add_parser("summarize", help="results table (Markdown, JSON, PNG) of every run under a folder")
+    p.add_argument("runs_dir", metavar="RUNS_DIR")
+    p.set_defaults(run=summarize_command)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except USER_ERRORS as error:
+        raise SystemExit(f"adaptor-peft {args.command}: {type(error).__name__}: {error}") from None
 
 
 if __name__ == "__main__":

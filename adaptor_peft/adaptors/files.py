@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
+from ..atomic import write_atomically
 from ..models import classifier_name
 from .inject import ADAPTOR_MARKERS, find_mixers
 from .methods import BLOCK_TYPES, is_peft_parameter, prepare_model
@@ -64,22 +63,13 @@ def backbone_fingerprint(model: nn.Module, exclude: set[str] = frozenset()) -> s
     return digest.hexdigest()
 
 
-def _write_atomically(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_adaptor(model: nn.Module, directory: str | Path) -> Path:
     """Writes the adapter of a model prepared with :func:`prepare_model` (or :func:`inject_adaptor`)."""
     method = getattr(model, "peft_method", None)
     if method is None and getattr(model, "adaptor_config", None) is not None:
-        method = {"method": "adaptor", "options": {"config": model.adaptor_config.to_dict()}}
+        config = model.adaptor_config  # the method that rebuilds it: "adaptor" would add both adaptors
+        name = "adaptor" if config.temporal and config.spatial else "adaptor_t" if config.temporal else "adaptor_s"
+        method = {"method": name, "options": {"config": config.to_dict()}}
     if method is None:
         raise AdapterFileError("save_adaptor: the model has no transfer method; call prepare_model or inject_adaptor")
     directory = Path(directory)
@@ -94,9 +84,9 @@ def save_adaptor(model: nn.Module, directory: str | Path) -> Path:
         "tensors": len(state),
         "parameters": sum(t.numel() for t in state.values()),
     }
-    weights = adapter_bytes(model)
-    _write_atomically(directory / WEIGHTS, lambda tmp: Path(tmp).write_bytes(weights))
-    _write_atomically(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    weights, text = adapter_bytes(model), json.dumps(config, indent=2) + "\n"  # both before either file is replaced
+    write_atomically(directory / WEIGHTS, weights)
+    write_atomically(directory / CONFIG, text)
     return directory
 
 

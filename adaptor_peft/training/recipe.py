@@ -21,8 +21,9 @@ DEFAULTS = "defaults"
 TASK_KEYS = ("task", "benchmark", "group", "num_classes", "transform", "train_split", "eval_split", "data")
 """Keys a task recipe adds to the defaults (``group`` only for VTAB-1k)."""
 REQUIRED_KEYS = ("task", "num_classes", "transform", "train_split", "eval_split", "data")
-FREE_FORM_KEYS = ("method_options",)
-"""Mappings whose keys belong to another component (the method's config) and are checked there."""
+FREE_FORM_KEYS = ("method_options", "model_options")
+"""Mappings whose keys belong to another component (the method's config, the model's constructor) and
+are checked there."""
 
 
 class RecipeError(ValueError):

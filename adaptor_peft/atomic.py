@@ -1,0 +1,22 @@
+"""Writing files so that nothing a user wrote or trained is ever left half-written."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def write_atomically(path: str | Path, data: str | bytes) -> Path:
+    """Writes ``data`` to a temporary file beside ``path``, then renames it over ``path``: a crash or a
+    full disk leaves either the old file or the new one, never a mixture."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

@@ -1,0 +1,145 @@
+"""Results tables of many runs: per task, per VTAB-1k group, both averaging conventions, trainable parameters.
+
+VTAB-1k papers average two ways: the mean over the 19 tasks, and the mean of the three group means
+(natural, specialized, structured). They differ by a point or more, so both are always printed, each
+labelled. An average is only given when every task it covers has a result; a partial average would be
+compared with complete ones.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..atomic import write_atomically
+
+VTAB1K_GROUPS = {
+    "natural": ("caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397"),
+    "specialized": ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy"),
+    "structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
+                   "smallnorb_ele"),
+}  # fmt: skip
+"""The 19 tasks in the order of the usual VTAB-1k tables (DESIGN.md section 4)."""
+
+
+def _mean(values: list[float | None]) -> float | None:
+    return None if not values or any(v is None for v in values) else sum(values) / len(values)
+
+
+@dataclass
+class Summary:
+    """Top-1 per (model, method) and task, with averages; ``str()`` is Markdown."""
+
+    columns: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+    top1: dict[str, dict[str, float]] = field(default_factory=dict)
+    trainable: dict[str, int] = field(default_factory=dict)
+    trainable_percent: dict[str, float] = field(default_factory=dict)
+    averages: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("columns", "tasks", "top1", "trainable", "trainable_percent", "averages")}
+
+    def to_markdown(self) -> str:
+        def cell(value: float | None) -> str:
+            return "–" if value is None else f"{value:.2f}"
+
+        lines = ["| task | " + " | ".join(self.columns) + " |", "|---|" + "---:|" * len(self.columns)]
+        lines += [f"| {t} | " + " | ".join(cell(self.top1[c].get(t)) for c in self.columns) + " |" for t in self.tasks]
+        labels = next(iter(self.averages.values()), {})
+        for label in labels:
+            lines.append(f"| **{label}** | " + " | ".join(cell(self.averages[c][label]) for c in self.columns) + " |")
+        trainable = (f"{self.trainable[c] / 1e6:.3f} M ({self.trainable_percent[c]:.2f} %)" for c in self.columns)
+        lines.append("| trainable w/o head | " + " | ".join(trainable) + " |")
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+    def plot(self, path: str | Path, average: str | None = None) -> Path:
+        """Mean top-1 (``average``, default the first) against trainable parameters, one point per column."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        labels = next(iter(self.averages.values()), {})
+        average = average or next(iter(labels), None)
+        figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+        for column in self.columns:
+            accuracy = self.averages[column].get(average) if average else None
+            if accuracy is None:
+                continue
+            x = max(self.trainable[column], 1)
+            axes.scatter(x, accuracy)
+            axes.annotate(column, (x, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axes.set_xscale("log")
+        axes.set_xlabel("trainable parameters without head (log)")
+        axes.set_ylabel(f"top-1 % ({average})")
+        axes.grid(alpha=0.3)
+        figure.tight_layout()
+        image = io.BytesIO()
+        figure.savefig(image, format="png")
+        plt.close(figure)
+        return write_atomically(path, image.getvalue())
+
+
+def summarize(results: list[dict[str, Any]]) -> Summary:
+    """Builds the table from ``results.json`` contents (one per run): a column per (model, method), a row
+    per task, VTAB-1k group means and both VTAB-1k averages, or the plain mean for other benchmarks."""
+    summary = Summary()
+    seen_tasks: dict[str, str] = {}
+    for result in results:
+        column = f"{result['model']} / {result['method']}"
+        if column not in summary.top1:
+            summary.columns.append(column)
+            summary.top1[column] = {}
+            summary.trainable[column] = result["parameters"]["trainable_without_head"]
+            summary.trainable_percent[column] = result["parameters"]["trainable_percent"]
+        summary.top1[column][result["task"]] = result["top1"]
+        seen_tasks[result["task"]] = result.get("benchmark") or ""
+    vtab_order = [t for group in VTAB1K_GROUPS.values() for t in group]
+    summary.tasks = sorted(seen_tasks, key=lambda t: (vtab_order.index(t) if t in vtab_order else len(vtab_order), t))
+    vtab = any(b == "vtab1k" for b in seen_tasks.values())
+    for column in summary.columns:
+        scores = summary.top1[column]
+        if vtab:
+            groups = {g: _mean([scores.get(t) for t in tasks]) for g, tasks in VTAB1K_GROUPS.items()}
+            summary.averages[column] = {
+                **{f"{g} mean": v for g, v in groups.items()},
+                "mean of 19 tasks": _mean([scores.get(t) for t in vtab_order]),
+                "mean of 3 group means": _mean(list(groups.values())),
+            }
+        else:
+            summary.averages[column] = {"mean": _mean([scores.get(t) for t in summary.tasks])}
+    return summary
+
+
+def collect_results(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """Every ``results.json`` under ``runs_dir``, in path order."""
+    paths = sorted(Path(runs_dir).rglob("results.json"))
+    if not paths:
+        raise FileNotFoundError(f"no results.json under {runs_dir}: no run has finished there")
+    results = []
+    for path in paths:
+        try:
+            results.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+    return results
+
+
+def write_summary(runs_dir: str | Path) -> tuple[Summary, dict[str, Path]]:
+    """Summarises every finished run under ``runs_dir`` into ``summary.md``, ``summary.json`` and
+    ``summary.png`` there."""
+    summary = summarize(collect_results(runs_dir))
+    runs_dir = Path(runs_dir)
+    files = {
+        "markdown": write_atomically(runs_dir / "summary.md", summary.to_markdown()),
+        "json": write_atomically(runs_dir / "summary.json", json.dumps(summary.to_dict(), indent=2) + "\n"),
+        "plot": summary.plot(runs_dir / "summary.png"),
+    }
+    return summary, files

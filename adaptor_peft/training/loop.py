@@ -1,0 +1,343 @@
+"""The training loop: a resolved recipe in, a run folder out.
+
+A run folder holds ``config.yaml`` (the resolved recipe), ``log.jsonl`` (one line per epoch),
+``checkpoints/epoch_NNN/`` (accelerate's full training state after each epoch, the last two kept),
+``adapter/`` (what :func:`~adaptor_peft.save_adaptor` writes: only the trained weights) and
+``results.json``. Starting a run in a folder that holds the same recipe resumes it after its last
+complete checkpoint, with the same data order, augmentation and dropout draws as an uninterrupted run:
+the sampler is seeded per epoch and accelerate restores every random state.
+
+The loop reads top to bottom in the style of accelerate's examples: prepare, loop, ``accumulate``,
+``backward``, ``gather_for_metrics``, ``save_state``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..adaptors import load_adaptor, prepare_model, save_adaptor
+from ..atomic import write_atomically
+from ..data import LabelledImages, build_transform, data_config, load_split
+from ..models import create_model
+from ..reports import parameter_report
+from .metrics import ClassificationMetrics
+from .optim import build_optimizer, build_scheduler
+from .recipe import RecipeError
+
+CONFIG, LOG, RESULTS, ADAPTER, CHECKPOINTS = "config.yaml", "log.jsonl", "results.json", "adapter", "checkpoints"
+KEEP_CHECKPOINTS = 2
+COMPLETE = "complete"  # marker written after a checkpoint is fully saved
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (a non-finite loss, a run folder holding another recipe)."""
+
+
+def resolve_checkpoint(value: str | None, model_name: str) -> str | None:
+    """A recipe's ``checkpoint``: a file, an https URL (downloaded once into the torch hub cache),
+    ``pretrained`` (the model's official release URL), or None (train from scratch)."""
+    if value is None:
+        return None
+    if value == "pretrained":
+        from timm.models import get_pretrained_cfg
+
+        value = getattr(get_pretrained_cfg(model_name), "url", None)
+        if not value:
+            raise RecipeError(f"checkpoint=pretrained: {model_name} has no official download URL; pass a file")
+    if value.startswith(("https://", "http://")):
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(value).path).name
+        if not target.is_file():  # download_url_to_file writes a temporary file and renames it
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(value, str(target))
+        return str(target)
+    if not Path(value).expanduser().is_file():
+        raise RecipeError(f"checkpoint {value!r} is not a file (nor an URL, nor 'pretrained')")
+    return str(Path(value).expanduser())
+
+
+def build_backbone(recipe: dict[str, Any]) -> nn.Module:
+    """The recipe's backbone with its checkpoint and a fresh head for the task."""
+    return create_model(
+        recipe["model"],
+        checkpoint=resolve_checkpoint(recipe["checkpoint"], recipe["model"]),
+        num_classes=recipe["num_classes"],
+        img_size=recipe["img_size"],
+        drop_path_rate=recipe["drop_path"],
+        **recipe["model_options"],
+    )
+
+
+def build_model(recipe: dict[str, Any]) -> nn.Module:
+    """The recipe's backbone with its method applied: what a run trains."""
+    return prepare_model(build_backbone(recipe), recipe["method"], **recipe["method_options"])
+
+
+def data_source(recipe: dict[str, Any], data_root: str | Path | None) -> tuple[dict[str, Any], Path | None]:
+    """The recipe's local layout under ``data_root`` when one is given, else its hub copy."""
+    sources = recipe["data"]
+    if data_root is not None:
+        if not sources.get("local"):
+            raise RecipeError(f"recipe {recipe['task']!r} has no local data layout; drop --data-root to use the hub")
+        return sources["local"], Path(data_root)
+    if not sources.get("hub"):
+        raise RecipeError(
+            f"recipe {recipe['task']!r} has no hub copy of its data; download it and pass --data-root "
+            f"(expected layout: {sources.get('local')})"
+        )
+    return sources["hub"], None
+
+
+def build_split(recipe: dict[str, Any], model: nn.Module, train: bool, data_root: str | Path | None) -> LabelledImages:
+    """The recipe's train or eval split with its transform, labels checked against the head."""
+    source, root = data_source(recipe, data_root)
+    config = data_config(model)
+    transform = build_transform(
+        recipe["transform"],
+        train,
+        recipe["img_size"] or config["img_size"],
+        config["mean"],
+        config["std"],
+        config["interpolation"],
+    )
+    split = recipe["train_split"] if train else recipe["eval_split"]
+    images = load_split(source, split, root=root, transform=transform, skip_bad_images=recipe["skip_bad_images"])
+    images.check_labels(recipe["num_classes"])
+    return images
+
+
+def mixed_precision(value: str) -> str:
+    """``auto``: bf16 on GPUs that support it, else fp16 on GPUs, else none."""
+    if value != "auto":
+        return value
+    if not torch.cuda.is_available():
+        return "no"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=True,
+    )
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num_classes: int) -> dict[str, Any]:
+    """Top-1, top-5 and per-class accuracy of ``model`` over ``loader`` (every process's share gathered)."""
+    model.eval()
+    metrics = ClassificationMetrics(num_classes, accelerator.device)
+    for images, labels in loader:
+        logits, labels = accelerator.gather_for_metrics((model(images), labels))
+        metrics.update(logits, labels)
+    return metrics.compute()
+
+
+def _checkpoints(run: Path) -> list[Path]:
+    """Complete epoch checkpoints of a run folder, oldest first."""
+    folder = run / CHECKPOINTS
+    return sorted(p for p in folder.glob("epoch_*") if (p / COMPLETE).is_file()) if folder.is_dir() else []
+
+
+def _claim_run_folder(run: Path, recipe: dict[str, Any]) -> None:
+    """Creates the run folder with the recipe, or checks that an existing one holds the same recipe."""
+    written = run / CONFIG
+    if written.is_file():
+        previous = yaml.safe_load(written.read_text())
+        if previous != recipe:
+            changed = sorted(k for k in {*previous, *recipe} if previous.get(k) != recipe.get(k))
+            raise TrainingError(
+                f"{run} holds a run of another recipe (differs in {changed}); resume it with the same recipe "
+                "or choose another --output-dir"
+            )
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    write_atomically(written, yaml.safe_dump(recipe, sort_keys=False))
+
+
+def _append_log(run: Path, record: dict[str, Any]) -> None:
+    with (run / LOG).open("a") as log:
+        log.write(json.dumps(record) + "\n")
+
+
+def train(
+    recipe: dict[str, Any],
+    output_dir: str | Path,
+    data_root: str | Path | None = None,
+    *,
+    progress: bool = True,
+    after_epoch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Trains ``recipe`` into the run folder ``output_dir`` (resuming it if it holds the same recipe) and
+    returns the final results, also written to ``results.json``. ``after_epoch(epoch)`` runs after each
+    epoch's checkpoint (a hook for tests and callers that watch a run)."""
+    run = Path(output_dir)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, processes started by torchrun on CPUs never meet
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=run,
+        mixed_precision=mixed_precision(recipe["mixed_precision"]),
+        gradient_accumulation_steps=recipe["grad_accum_steps"],
+        dataloader_config=DataLoaderConfiguration(
+            split_batches=True, use_seedable_sampler=True, data_seed=recipe["seed"]
+        ),
+    )
+    if accelerator.is_main_process:
+        _claim_run_folder(run, recipe)
+    accelerator.wait_for_everyone()
+    if tensorboard:
+        accelerator.init_trackers("tensorboard")
+    set_seed(recipe["seed"])
+    model = build_model(recipe)
+    report = parameter_report(model)
+    train_set = build_split(recipe, model, True, data_root)
+    eval_set = build_split(recipe, model, False, data_root)
+    if recipe["checkpoint"] is None:
+        warnings.warn(f"{run}: no checkpoint, training {recipe['model']} from scratch", stacklevel=2)
+
+    loader_options = dict(num_workers=recipe["num_workers"], persistent_workers=False)
+    train_loader = DataLoader(train_set, recipe["batch_size"], shuffle=True, drop_last=False, **loader_options)
+    eval_loader = DataLoader(eval_set, recipe["eval_batch_size"], **loader_options)
+    optimizer = build_optimizer(model, recipe["optimizer"], recipe["lr"], recipe["weight_decay"])
+    steps_per_epoch = math.ceil(len(train_loader) / recipe["grad_accum_steps"])
+    scheduler = build_scheduler(
+        optimizer,
+        recipe["scheduler"],
+        recipe["warmup_epochs"] * steps_per_epoch,
+        recipe["epochs"] * steps_per_epoch,
+        recipe["min_lr"] / recipe["lr"],
+    )
+    model, optimizer, train_loader, eval_loader, scheduler = accelerator.prepare(
+        model, optimizer, train_loader, eval_loader, scheduler
+    )
+
+    start_epoch = 0
+    finished = _checkpoints(run)
+    if finished:
+        accelerator.load_state(str(finished[-1]))
+        start_epoch = int(finished[-1].name.split("_")[1])
+        accelerator.print(f"resuming {run} after epoch {start_epoch}")
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {}
+    with _progress(progress and accelerator.is_local_main_process) as bar:
+        for epoch in range(start_epoch + 1, recipe["epochs"] + 1):
+            model.train()
+            train_loader.set_epoch(epoch)
+            task = bar.add_task(f"epoch {epoch}/{recipe['epochs']}", total=len(train_loader), info="")
+            loss_sum, batches = torch.zeros((), device=accelerator.device), 0
+            for images, labels in train_loader:
+                with accelerator.accumulate(model):
+                    loss = F.cross_entropy(model(images), labels, label_smoothing=recipe["label_smoothing"])
+                    if not torch.isfinite(accelerator.reduce(loss.detach(), "mean")):
+                        last = _checkpoints(run)[-1] if _checkpoints(run) else "none (no epoch finished)"
+                        raise TrainingError(
+                            f"loss is {loss.item()} in epoch {epoch}, batch {batches + 1}; stopped. The last good "
+                            f"checkpoint is {last}. Lower lr or set clip_grad_norm."
+                        )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and recipe["clip_grad_norm"]:
+                        accelerator.clip_grad_norm_(model.parameters(), recipe["clip_grad_norm"])
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                batches += 1
+                bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
+            bar.remove_task(task)
+            record: dict[str, Any] = {
+                "epoch": epoch,
+                "lr": scheduler.get_last_lr()[0],
+                "train_loss": accelerator.reduce(loss_sum / max(batches, 1), "mean").item(),
+            }
+            if epoch % recipe["eval_every"] == 0 or epoch == recipe["epochs"]:
+                metrics = evaluate(model, eval_loader, accelerator, recipe["num_classes"])
+                record.update(eval_top1=metrics["top1"], eval_top5=metrics["top5"])
+            record["seconds"] = round(time.perf_counter() - started, 2)
+            _save_checkpoint(accelerator, run, epoch)
+            accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
+            if accelerator.is_main_process:
+                _append_log(run, record)
+                accelerator.print(json.dumps(record))
+            if after_epoch is not None:
+                after_epoch(epoch)
+    if not metrics:  # resumed after the last epoch's checkpoint: evaluate again
+        metrics = evaluate(model, eval_loader, accelerator, recipe["num_classes"])
+    results = {
+        **{key: recipe.get(key) for key in ("task", "benchmark", "group", "model", "method", "num_classes")},
+        "eval_split": recipe["eval_split"],
+        **metrics,
+        "train_images": len(train_set),
+        "skipped_images": {"train": train_set.skipped, "eval": eval_set.skipped},
+        "parameters": report.to_dict(),
+        "epochs": recipe["epochs"],
+        "checkpoint": recipe["checkpoint"],
+        "processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        save_adaptor(accelerator.unwrap_model(model), run / ADAPTER)
+        write_atomically(run / RESULTS, json.dumps(results, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _save_checkpoint(accelerator: Accelerator, run: Path, epoch: int) -> None:
+    """Saves the full training state after ``epoch``, marks it complete, then drops all but the newest ones."""
+    path = run / CHECKPOINTS / f"epoch_{epoch:03d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        write_atomically(path / COMPLETE, f"{epoch}\n")
+        for old in _checkpoints(run)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def evaluate_run(
+    output_dir: str | Path, data_root: str | Path | None = None, split: str | None = None, *, progress: bool = True
+) -> dict[str, Any]:
+    """Evaluates a finished run's adapter on a fresh backbone, on its eval split or ``split``; writes and
+    returns ``eval_<split>.json`` in the run folder."""
+    run = Path(output_dir)
+    if not (run / CONFIG).is_file() or not (run / ADAPTER).is_dir():
+        raise TrainingError(f"{run} is not a finished run folder (it needs {CONFIG} and {ADAPTER}/)")
+    recipe = yaml.safe_load((run / CONFIG).read_text())
+    if split is not None:
+        recipe["eval_split"] = split
+    accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(recipe["mixed_precision"])
+    )
+    set_seed(recipe["seed"])  # a backbone trained from scratch is re-created from the run's seed
+    model = load_adaptor(build_backbone(recipe), run / ADAPTER)
+    images = build_split(recipe, model, False, data_root)
+    loader = DataLoader(images, recipe["eval_batch_size"], num_workers=recipe["num_workers"])
+    model, loader = accelerator.prepare(model, loader)
+    with _progress(progress and accelerator.is_local_main_process) as bar:
+        bar.add_task(f"evaluating {recipe['task']} {recipe['eval_split']}", total=None, info="")
+        metrics = evaluate(model, loader, accelerator, recipe["num_classes"])
+    results = {"task": recipe["task"], "eval_split": recipe["eval_split"], **metrics, "skipped_images": images.skipped}
+    if accelerator.is_main_process:
+        write_atomically(run / f"eval_{recipe['eval_split']}.json", json.dumps(results, indent=2) + "\n")
+    return results

@@ -1,0 +1,59 @@
+"""Optimizer and learning-rate schedule of a recipe.
+
+Weight decay pulls weights towards zero. That is a prior for matrices, but for norms, biases and the
+adaptors' scales and anchors zero is the wrong target: a zero scale switches an adaptor off, a zero
+anchor moves every Adaptor-T location to the first token. Those get no decay (as timm and the VTAB-1k
+PEFT code bases do for norms and biases).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+NO_DECAY_SUFFIXES = ("bias", "gamma", "scale", "anchor", "pos_embed", "cls_token")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULERS = ("cosine", "constant")
+
+
+def decays(name: str, parameter: nn.Parameter) -> bool:
+    """Does weight decay apply to this parameter? Not to vectors (norms, biases, D) nor to the names above."""
+    return parameter.ndim >= 2 and not name.rsplit(".", 1)[-1].endswith(NO_DECAY_SUFFIXES)
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``adamw`` or ``sgd`` (momentum 0.9) over the trainable parameters, in a decayed and a non-decayed group."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError("the model has no trainable parameters: prepare it with a method first")
+    groups = [
+        {"params": [p for n, p in trainable if decays(n, p)], "weight_decay": weight_decay},
+        {"params": [p for n, p in trainable if not decays(n, p)], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+    raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int, min_lr_ratio: float
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over ``warmup_steps``, then ``cosine`` decay to ``min_lr_ratio`` of the peak
+    at ``total_steps``, or ``constant``. Stepped once per optimizer step."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler {name!r} is not one of {SCHEDULERS}")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if name == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

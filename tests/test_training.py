@@ -1,0 +1,245 @@
+"""The training loop, its CLI (train / eval / vtab / summarize), resume, DDP and metrics, on tiny data sets
+in the benchmark layouts that the tests write themselves."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from adaptor_peft import create_model
+from adaptor_peft.cli import main
+from adaptor_peft.training import ClassificationMetrics, TrainingError, load_recipe, train
+from adaptor_peft.training import loop as training_loop
+from adaptor_peft.training.optim import build_optimizer, build_scheduler, decays
+
+COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
+TINY = ["model=vim_tiny_patch16_224", "model_options.depth=2", "img_size=32", "epochs=2", "warmup_epochs=1",
+        "batch_size=8", "eval_batch_size=8", "num_workers=0", "drop_path=0"]  # fmt: skip
+
+
+def picture(path: Path, label: int, rng: random.Random) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in COLOURS[label])
+    Image.new("RGB", (24, 20), colour).save(path)
+
+
+def vtab_task(root: Path, task: str = "cifar", train: int = 32, test: int = 12) -> Path:
+    """A VTAB-1k task folder in the NOAH layout with three colour classes."""
+    rng = random.Random(task)
+    folder = root / task
+    lines: dict[str, list[str]] = {"train800": [], "val200": [], "test": []}
+    sizes = {"train800": train * 3 // 4, "val200": train - train * 3 // 4, "test": test}
+    for split, count in sizes.items():
+        for i in range(count):
+            name = f"images/{split}_{i}.png"
+            picture(folder / name, i % 3, rng)
+            lines[split].append(f"{name} {i % 3}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, entries in lines.items():
+        (folder / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """Weights of the tiny backbone, standing in for a pretrained checkpoint."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "tiny.pth"
+    torch.save({"model": create_model("vim_tiny_patch16_224", depth=2, img_size=32).state_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def recipes(tmp_path, monkeypatch) -> Path:
+    """A recipes folder with the real defaults and tiny 3-class cifar / dtd recipes."""
+    folder = tmp_path / "recipes"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "recipes", folder)
+    for task in ("cifar", "dtd"):
+        recipe = yaml.safe_load((folder / "vtab1k" / f"{task}.yaml").read_text())
+        recipe["num_classes"] = 3
+        (folder / "vtab1k" / f"{task}.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.setenv("ADAPTOR_PEFT_RECIPES", str(folder))
+    return folder
+
+
+def tiny_recipe(checkpoint: Path, *overrides: str, name: str = "vtab1k/cifar") -> dict:
+    return load_recipe(name, [*TINY, f"checkpoint={checkpoint}", *overrides])
+
+
+def logged(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_train_eval_summarize_through_the_cli(tmp_path, recipes, checkpoint, capsys):
+    data, run = vtab_task(tmp_path / "vtab-1k"), tmp_path / "runs" / "cifar"
+    main(["train", "--recipe", "vtab1k/cifar", "--checkpoint", str(checkpoint), "--method", "adaptor",
+          "--data-root", str(data), "--output-dir", str(run), "--no-progress", *TINY, "lr=5e-3"])  # fmt: skip
+    assert "top-1" in capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["lr"] == 5e-3 and config["method"] == "adaptor" and config["checkpoint"] == str(checkpoint)
+    assert [r["epoch"] for r in logged(run)] == [1, 2] and results["epochs"] == 2
+    assert results["images"] == 12 and results["train_images"] == 32 and len(results["per_class"]) == 3
+    assert results["parameters"]["method"] == "adaptor" and results["parameters"]["trainable_without_head"] > 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_001", "epoch_002"]
+    assert (run / "adapter" / "adaptor.safetensors").is_file()
+
+    main(["eval", str(run), "--data-root", str(data), "--no-progress"])
+    evaluated = json.loads((run / "eval_test.json").read_text())
+    assert evaluated["top1"] == pytest.approx(results["top1"]) and evaluated["per_class"] == results["per_class"]
+
+    main(["summarize", str(tmp_path / "runs")])
+    table = capsys.readouterr().out
+    assert "| cifar |" in table and "mean of 19 tasks" in table and "mean of 3 group means" in table
+    assert {p.name for p in (tmp_path / "runs").glob("summary.*")} == {"summary.md", "summary.json", "summary.png"}
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path, recipes, checkpoint):
+    data = vtab_task(tmp_path / "vtab-1k")
+    recipe = tiny_recipe(checkpoint, "epochs=3", "transform=fgvc", "drop_path=0.2")  # random crops, flips, drop path
+    whole = train(recipe, tmp_path / "whole", data, progress=False)
+
+    def killed(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path / "resumed", data, progress=False, after_epoch=killed)
+    assert [r["epoch"] for r in logged(tmp_path / "resumed")] == [1]
+    resumed = train(recipe, tmp_path / "resumed", data, progress=False)
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in logged(tmp_path / "whole")]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in logged(tmp_path / "resumed")] == strip
+    assert resumed["top1"] == whole["top1"] and resumed["per_class"] == whole["per_class"]
+
+
+def test_a_run_folder_refuses_another_recipe(tmp_path, recipes, checkpoint):
+    data = vtab_task(tmp_path / "vtab-1k")
+    train(tiny_recipe(checkpoint, "epochs=1"), tmp_path / "run", data, progress=False)
+    with pytest.raises(TrainingError, match=r"another recipe \(differs in \['lr'\]\)"):
+        train(tiny_recipe(checkpoint, "epochs=1", "lr=0.5"), tmp_path / "run", data, progress=False)
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, recipes, checkpoint, monkeypatch):
+    data = vtab_task(tmp_path / "vtab-1k")
+    calls = {"n": 0}
+    cross_entropy = training_loop.F.cross_entropy
+
+    def poisoned(*args, **kwargs):  # the loss of the 6th batch (2nd epoch) is NaN
+        calls["n"] += 1
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 6 else loss
+
+    monkeypatch.setattr(training_loop.F, "cross_entropy", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan in epoch 2, batch 2.*epoch_001"):
+        train(tiny_recipe(checkpoint), tmp_path / "run", data, progress=False)
+    assert (tmp_path / "run" / "checkpoints" / "epoch_001" / "complete").is_file()
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_bad_labels_bad_images_and_bad_keys_get_clear_errors(tmp_path, recipes, checkpoint):
+    data = vtab_task(tmp_path / "vtab-1k")
+    run = ["--data-root", str(data), "--no-progress", *TINY, f"checkpoint={checkpoint}", "epochs=1"]
+    with pytest.raises(SystemExit, match=r"unknown key 'epochz'.*did you mean 'epochs'"):
+        main(["train", "--recipe", "vtab1k/cifar", "--output-dir", str(tmp_path / "a"), *run, "epochz=3"])
+
+    lists = data / "cifar" / "train800val200.txt"
+    lines = lists.read_text().splitlines()
+    lists.write_text("\n".join([*lines[:-1], lines[-1].rsplit(" ", 1)[0] + " 7"]) + "\n")
+    with pytest.raises(SystemExit, match=r"DataError: .*label 7.*3"):
+        main(["train", "--recipe", "vtab1k/cifar", "--output-dir", str(tmp_path / "b"), *run])
+
+    lists.write_text("\n".join(lines) + "\n")
+    (data / "cifar" / "images" / "train800_3.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"train800_3\.png"):
+        main(["train", "--recipe", "vtab1k/cifar", "--output-dir", str(tmp_path / "c"), *run])
+    main(["train", "--recipe", "vtab1k/cifar", "--output-dir", str(tmp_path / "d"), *run, "skip_bad_images=true"])
+    results = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert results["train_images"] == 31 and len(results["skipped_images"]["train"]) == 1
+
+
+def test_vtab_runs_tasks_in_a_row_and_skips_finished_ones(tmp_path, recipes, checkpoint, capsys):
+    data = vtab_task(vtab_task(tmp_path / "vtab-1k", "cifar"), "dtd")
+    command = ["vtab", "--tasks", "cifar,dtd", "--checkpoint", str(checkpoint), "--data-root", str(data),
+               "--output-dir", str(tmp_path / "runs"), "--no-progress", *TINY, "epochs=1"]  # fmt: skip
+    main(command)
+    assert {p.parent.name for p in (tmp_path / "runs").glob("*/results.json")} == {"cifar", "dtd"}
+    capsys.readouterr()
+    main(command)
+    assert "cifar: finished before, skipped" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown task"):
+        main([*command[:2], "cifar,imagenet", *command[3:]])
+
+
+def test_two_processes_agree_with_one(tmp_path, recipes, checkpoint):
+    """DDP on two CPU processes (gloo) through accelerate launch: the same losses and metrics as one process
+    (32 training images split 4 + 4 per batch of 8, so no batch is padded)."""
+    data = vtab_task(tmp_path / "vtab-1k")
+    args = ["train", "--recipe", "vtab1k/cifar", "--checkpoint", str(checkpoint), "--data-root", str(data),
+            "--no-progress", *TINY]  # fmt: skip
+    main([*args, "--output-dir", str(tmp_path / "one")])
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
+    launch += ["-m", "adaptor_peft.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launch, *args, "--output-dir", str(tmp_path / "two")], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("one", "two"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["images"] == one["images"] == 12
+    for a, b in zip(logged(tmp_path / "one"), logged(tmp_path / "two"), strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["eval_top1"] == pytest.approx(a["eval_top1"])
+    assert two["per_class"] == pytest.approx(one["per_class"])
+
+
+def test_metrics_are_micro_top1_top5_and_per_class():
+    metrics = ClassificationMetrics(6)
+    logits = torch.eye(6)[[0, 0, 0, 0, 1, 2, 3, 4]] * 5 + torch.arange(6) * 0.1  # predicted classes
+    labels = torch.tensor([0, 0, 0, 0, 1, 5, 5, 5])  # class 0 dominates: micro 5/8, macro over present classes 2/3
+    metrics.update(logits[:5], labels[:5])
+    metrics.update(logits[5:], labels[5:])
+    result = metrics.compute()
+    assert result["top1"] == pytest.approx(100 * 5 / 8)
+    ranks = (logits > logits.gather(1, labels[:, None])).sum(1)
+    assert result["top5"] == pytest.approx(100 * (ranks < 5).float().mean().item())
+    assert result["per_class"][0] == 100 and result["per_class"][5] == 0 and result["images"] == 8
+
+
+def test_weight_decay_groups_and_warmup_cosine_schedule():
+    model = create_model("vim_tiny_patch16_224", depth=1, num_classes=3)
+    from adaptor_peft.adaptors import prepare_model
+
+    prepare_model(model, "adaptor")
+    named = dict(model.named_parameters())
+    assert decays("layers.0.mixer.adaptor_t.down", named["layers.0.mixer.adaptor_t.down"])
+    for name in ("layers.0.mixer.adaptor_t.gamma", "layers.0.mixer.adaptor_t.anchor", "head.bias",
+                 "layers.0.mixer.adaptor_s.scale"):  # fmt: skip
+        assert not decays(name, named[name]), name
+    optimizer = build_optimizer(model, "adamw", 1.0, 0.1)
+    decayed, plain = optimizer.param_groups
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in decayed["params"] + plain["params"]} == trainable
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    scheduler = build_scheduler(optimizer, "cosine", warmup_steps=4, total_steps=12, min_lr_ratio=0.01)
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[8] == pytest.approx(0.01 + 0.99 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 4 / 8)).item()))
+    assert all(a >= b for a, b in itertools.pairwise(rates[3:])) and rates[-1] > 0.01
+    with pytest.raises(ValueError, match="optimizer 'lamb'"):
+        build_optimizer(model, "lamb", 1.0, 0.1)
