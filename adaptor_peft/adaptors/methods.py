@@ -64,7 +64,10 @@ def _adaptor_config(options: dict[str, Any], **fixed: Any) -> AdaptorConfig:
         config = AdaptorConfig.from_dict(config)
     fields = {f.name for f in dataclasses.fields(AdaptorConfig)}
     chosen = {k: options.pop(k) for k in list(options) if k in fields}
-    return dataclasses.replace(config, **chosen, **fixed)
+    for name, value in fixed.items():  # the method sets these; an option may only agree with it
+        if name in chosen and chosen[name] != value:
+            raise TypeError(f"AdaptorConfig.{name}={chosen[name]!r}: this method sets {name}={value!r}")
+    return dataclasses.replace(config, **{**chosen, **fixed})
 
 
 def _lora(model: nn.Module, options: dict[str, Any]) -> None:
@@ -107,7 +110,7 @@ def _nothing(model: nn.Module, options: dict[str, Any]) -> None:
 METHODS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], None], Callable[[str], bool]]] = {
     "linear_probe": (_nothing, lambda name: False),
     "full": (_nothing, lambda name: True),
-    "bias": (_nothing, lambda name: name.endswith(".bias")),
+    "bias": (_nothing, lambda name: name.endswith((".bias", ".dt_projs_bias"))),  # VMamba's Δ bias is a bias too
     "partial": (_nothing, lambda name: PARTIAL.search(name) is not None),
     "lora": (_lora, lambda name: False),
     "parallel_adapter": (_parallel_adapter, lambda name: False),

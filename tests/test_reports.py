@@ -1,0 +1,146 @@
+"""parameter_report: counts checked against sums written out here, and its renderings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from adaptor_peft.adaptors import inject_adaptor, prepare_model, save_adaptor
+from adaptor_peft.reports import ParameterReport, parameter_report
+
+from .test_models import tiny
+
+HEADS = ("head.", "classifier.head.")
+MARKERS = {
+    ".adaptor_t.": "Adaptor-T",
+    ".adaptor_s.": "Adaptor-S",
+    ".lora_": "LoRA",
+    ".parallel_adapter.": "parallel adapter",
+}
+CASES = [
+    ("vim", "adaptor"),
+    ("vim", "lora"),
+    ("vim", "parallel_adapter"),
+    ("vim", "bias"),
+    ("vim", "full"),
+    ("vim", "linear_probe"),
+    ("vmamba_v2", "adaptor+lora"),
+    ("vmamba_v2", "adaptor_s"),
+]
+ADDING = {"adaptor", "adaptor_s", "adaptor_t", "lora", "parallel_adapter", "adaptor+lora"}
+
+
+def expected_counts(model: torch.nn.Module) -> dict:
+    """The report's numbers, by hand from ``named_parameters``."""
+    named = list(model.named_parameters())
+    head = sum(p.numel() for n, p in named if n.startswith(HEADS))
+    added = sum(p.numel() for n, p in named if any(m in "." + n for m in MARKERS))
+    groups: dict[str, int] = {}
+    for name, p in named:
+        if p.requires_grad:
+            group = "head" if name.startswith(HEADS) else next((g for m, g in MARKERS.items() if m in "." + name), None)
+            group = group or "other trainable"
+            groups[group] = groups.get(group, 0) + p.numel()
+    total = sum(p.numel() for _, p in named)
+    return dict(
+        total=total,
+        trainable=sum(p.numel() for _, p in named if p.requires_grad),
+        head=head,
+        added=added,
+        backbone=total - head - added,
+        groups=groups,
+    )
+
+
+@pytest.mark.parametrize("kind, method", CASES)
+def test_counts_are_the_sums_of_the_parameters(tmp_path, kind, method):
+    plain = tiny(kind)
+    plain_total = sum(p.numel() for p in plain.parameters())
+    plain_head = sum(p.numel() for n, p in plain.named_parameters() if n.startswith(HEADS))
+    model = prepare_model(tiny(kind), method)
+    report = parameter_report(model)
+    want = expected_counts(model)
+    assert report.model == plain.pretrained_cfg["architecture"] and report.method == method
+    for key in ("total", "trainable", "head", "added", "backbone"):
+        assert getattr(report, key) == want[key], key
+    assert report.backbone == plain_total - plain_head  # what a method adds never counts as backbone
+    assert report.groups == want["groups"] and sum(report.groups.values()) == report.trainable
+    assert report.frozen == report.total - report.trainable
+    assert (report.added > 0) == (method in ADDING)
+    if method == "full":
+        assert report.trainable == report.total and report.trainable_without_head == report.backbone
+    if method == "linear_probe":
+        assert report.trainable == report.head == plain_head and report.trainable_percent == 0
+    trainable_without_head = want["trainable"] - want["groups"].get("head", 0)
+    assert report.trainable_without_head == trainable_without_head
+    assert report.trainable_percent == pytest.approx(100 * trainable_without_head / want["backbone"], rel=1e-12)
+    blocks = [n for n, m in model.named_modules() if type(m).__name__ in ("VimBlock", "VSSBlock")]
+    assert list(report.blocks) == blocks
+    for block in blocks:
+        prefix = block + "."
+        count = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix) and p.requires_grad)
+        assert report.blocks[block] == count
+    if method in ADDING:
+        assert sum(report.blocks.values()) == report.trainable - report.head
+    save_adaptor(model, tmp_path)
+    assert report.adapter_file_bytes == (tmp_path / "adaptor.safetensors").stat().st_size
+
+
+def test_group_order_and_unprepared_models():
+    model = prepare_model(tiny("vim"), "adaptor+lora")
+    assert list(parameter_report(model).groups) == ["Adaptor-T", "Adaptor-S", "LoRA", "head"]
+    plain = parameter_report(tiny("vim"))
+    assert plain.method == "none" and plain.added == 0 and plain.trainable == plain.total
+    assert parameter_report(inject_adaptor(tiny("vim"))).method == "adaptor"
+
+
+def test_json_and_markdown_carry_the_numbers():
+    report = parameter_report(prepare_model(tiny("vim"), "adaptor", blocks=[0]))
+    data = json.loads(report.to_json())
+    for key in ("model", "method", "total", "trainable", "backbone", "head", "added", "groups", "blocks"):
+        assert data[key] == getattr(report, key), key
+    assert data["adapter_file_bytes"] == report.adapter_file_bytes
+    assert data["frozen"] == report.total - report.trainable
+    assert data["trainable_without_head"] == report.trainable - report.head
+    assert data["trainable_percent"] == pytest.approx(100 * (report.trainable - report.head) / report.backbone)
+    markdown = report.to_markdown()
+    assert str(report) == markdown
+    assert "method `adaptor`" in markdown and "vim_tiny_patch16_224" in markdown
+    assert f"| trainable | {report.trainable:,} |" in markdown
+    assert f"| total | {report.total:,} |" in markdown
+    assert f"({report.trainable_percent:.2f} % of backbone)" in markdown
+    # blocks=[0]: block 1 trains nothing, so it gets its own row
+    assert f"| layers.0 | {report.blocks['layers.0']:,} |" in markdown and "| layers.1 | 0 |" in markdown
+
+
+def test_rich_rendering_shows_the_numbers():
+    report = parameter_report(prepare_model(tiny("vmamba_v2"), "lora", r=2))
+    console = Console(record=True, width=120)
+    console.print(report)
+    text = console.export_text()
+    assert "vmamba_tiny_s1l8" in text and "lora" in text
+    for number in (report.total, report.trainable, report.frozen, report.backbone, report.groups["LoRA"]):
+        assert f"{number:,}" in text
+    assert f"{report.trainable_percent:.2f} % of backbone" in text
+    assert "trainable per block" in text and "(5 blocks)" not in text  # stages differ in width
+    assert "layers.0.blocks.0" in text
+
+
+def test_block_rows_collapse_runs_of_equal_blocks():
+    report = ParameterReport(
+        "m", "x", 0, 0, 1, 0, 0, blocks={"a": 5, "b": 5, "c": 5, "d": 1234, "e": 5, "f": 7, "g": 7}
+    )
+    assert report.block_rows() == [
+        ("a … c (3 blocks)", "5 each"),
+        ("d", "1,234"),
+        ("e", "5"),
+        ("f … g (2 blocks)", "7 each"),
+    ]
+    assert ParameterReport("m", "x", 0, 0, 1, 0, 0).block_rows() == []
+    model = prepare_model(tiny("vim"), "adaptor")
+    rows = parameter_report(model).block_rows()
+    per_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.0.") and p.requires_grad)
+    assert rows == [("layers.0 … layers.1 (2 blocks)", f"{per_block:,} each")]
