@@ -1,0 +1,146 @@
+"""What the adaptors cost: inference against the plain backbone, and a PEFT training step against full
+fine-tuning, side by side in one run.
+
+Inference: every configuration runs the same batch in interleaved rounds; the ratio to the plain
+backbone is taken per round and its median reported, so machine noise hits all alike. Training: one
+step (forward, cross-entropy, backward, AdamW) per method, timed the same way; peak memory is each
+method's extra resident memory over two steps in a fresh process (activations, gradients and
+optimizer state). Usage (CPU, Vim-T at 224, batch 8 by default):
+
+    python benchmarks/overhead.py [--model vim_tiny_patch16_224 --batch 8 --rounds 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adaptor_peft import create_model
+from adaptor_peft.adaptors import prepare_model
+from adaptor_peft.reports import parameter_report
+
+INFERENCE = ("plain", "adaptor", "adaptor_t", "adaptor_s")
+TRAINING = ("full", "adaptor", "adaptor_t", "adaptor_s", "lora", "linear_probe")
+CLASSES = 100
+
+
+def build(model_name: str, method: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = create_model(model_name, num_classes=CLASSES)
+    return model if method == "plain" else prepare_model(model, method)
+
+
+def trained_like(model: torch.nn.Module) -> torch.nn.Module:
+    """Moves the trainable weights off their init (zero scales and offsets would put every probe at
+    its anchor, a cache-friendly case no trained adaptor is in)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+def batch(size: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(size, 3, img_size, img_size, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
+
+
+def trainer(model: torch.nn.Module):
+    """One training step of ``model`` (AdamW on its trainable parameters) as a closure."""
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    return step
+
+
+def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call, for every call in each round in turn (after one warm-up call each); each round
+    starts one call later than the previous, so that no call always runs first."""
+    names = list(calls)
+    for call in calls.values():
+        call()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def rss_kb(field: str) -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
+    return int(line.split()[1])
+
+
+def training_peak_mb(model_name: str, method: str, size: int, img_size: int) -> float | None:
+    """Extra peak resident memory of two training steps, in a fresh process (Linux only)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    code = (
+        "import sys; from pathlib import Path; sys.argv = ['overhead.py']; from benchmarks.overhead import *\n"
+        f"step = trainer(build({model_name!r}, {method!r})); data = batch({size}, {img_size})\n"
+        "base = rss_kb('VmRSS'); Path('/proc/self/clear_refs').write_text('5')\n"
+        "step(*data); step(*data); print(json.dumps((rss_kb('VmHWM') - base) / 1024))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vim_tiny_patch16_224")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--inference-only", action="store_true")
+    args = parser.parse_args()
+    images, labels = batch(args.batch, args.img_size)
+    print(f"{args.model} at {args.img_size}, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; medians over {args.rounds} interleaved rounds\n")  # fmt: skip
+
+    base = build(args.model, "plain").eval()  # every model a copy of it, so that all sit in fresh memory alike
+    models = {m: copy.deepcopy(base) if m == "plain" else trained_like(prepare_model(copy.deepcopy(base), m))
+              for m in INFERENCE}  # fmt: skip
+    with torch.no_grad():
+        times = interleaved({m: (lambda model=model: model(images)) for m, model in models.items()}, args.rounds)
+    print("| inference | ms per batch | vs plain (median of per-round ratios) |")
+    print("|---|---:|---:|")
+    for m in INFERENCE:
+        ratio = statistics.median(t / p for t, p in zip(times[m], times["plain"], strict=True))
+        print(f"| {m} | {statistics.median(times[m]) * 1e3:.0f} | {ratio:.3f}x |")
+    del models
+    if args.inference_only:
+        return
+
+    steps = {m: trainer(build(args.model, m)) for m in TRAINING}
+    times = interleaved({m: (lambda step=step: step(images, labels)) for m, step in steps.items()}, args.rounds)
+    print("\n| training step | trainable w/o head | ms per step | vs full | peak extra MB | vs full |")
+    print("|---|---:|---:|---:|---:|---:|")
+    peaks = {m: training_peak_mb(args.model, m, args.batch, args.img_size) for m in TRAINING}
+    for m in TRAINING:
+        ratio = statistics.median(t / f for t, f in zip(times[m], times["full"], strict=True))
+        trainable = parameter_report(build(args.model, m)).trainable_without_head
+        peak = f"{peaks[m]:.0f} | {peaks[m] / peaks['full']:.2f}x" if peaks[m] and peaks["full"] else "n/a | n/a"
+        print(f"| {m} | {trainable:,} | {statistics.median(times[m]) * 1e3:.0f} | {ratio:.2f}x | {peak} |")
+
+
+if __name__ == "__main__":
+    main()
