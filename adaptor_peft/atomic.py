@@ -7,6 +7,12 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomically(path: str | Path, data: str | bytes) -> Path:
     """Writes ``data`` to a temporary file beside ``path``, then renames it over ``path``: a crash or a
     full disk leaves either the old file or the new one, never a mixture."""
@@ -15,6 +21,7 @@ def write_atomically(path: str | Path, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -16,6 +16,8 @@ from rich.table import Table
 
 from .adaptors import METHODS, AdapterFileError, prepare_model
 from .data import DataError
+from .demo import METHODS as METHODS_OF_DEMO
+from .demo import run_demo
 from .models import CheckpointError, create_model, list_models
 from .ops import BACKENDS, native
 from .ops.dispatch import BACKEND_ENV
@@ -73,7 +75,7 @@ def _options(text: str | None) -> dict:
     source = f"--config file {text}" if is_file else "--config"
     try:
         options = json.loads(Path(text).read_text() if is_file else text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise SystemExit(f"adaptor-peft params: {source} is not valid JSON: {err}") from None
     if not isinstance(options, dict):
         raise SystemExit(f"adaptor-peft params: {source} must be a JSON object of method options")
@@ -144,6 +146,15 @@ def summarize_command(args: argparse.Namespace) -> None:
     print("written: " + ", ".join(str(path) for path in files.values()))
 
 
+def demo_command(args: argparse.Namespace) -> None:
+    """Transfers the embedded backbone to scikit-learn's digits with every method, offline."""
+    methods = args.methods.split(",") if args.methods else METHODS_OF_DEMO
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"adaptor-peft demo: unknown method(s) {unknown}; choose from {sorted(METHODS)}")
+    run_demo(args.output_dir, methods, args.overrides, progress=not args.no_progress)
+
+
 def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=list_models(), metavar="MODEL", help="backbone (default: the recipe's)")
     p.add_argument("--checkpoint", help="backbone weights: file, https URL or 'pretrained' (default: the recipe's)")
@@ -186,6 +197,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--tasks", help="comma-separated subset of the tasks (default: all 19)")
     _training_options(p)
     p.set_defaults(run=vtab_command)
+    p = commands.add_parser("demo", help="offline: transfer the embedded backbone to digits with every method")
+    p.add_argument("--output-dir", default="adaptor-peft-demo")
+    p.add_argument("--methods", help=f"comma-separated methods (default: {','.join(METHODS_OF_DEMO)})")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. epochs=5")
+    p.set_defaults(run=demo_command)
     p = commands.add_parser("summarize", help="results table (Markdown, JSON, PNG) of every run under a folder")
     p.add_argument("runs_dir", metavar="RUNS_DIR")
     p.set_defaults(run=summarize_command)

@@ -336,7 +336,8 @@ def test_injection_variants_are_exact_at_init_and_their_parameters_matter(kind, 
     for i, (_, mixer) in enumerate(mixers):
         chosen = config.blocks is None or i in config.blocks
         assert (mixer.adaptor_t is not None) == (chosen and config.temporal)
-        assert (mixer.adaptor_s is not None) == (chosen and config.spatial)
+        reaches_logits = kind != "vim" or i < len(mixers) - 1  # a Vim's head reads the class token only
+        assert (mixer.adaptor_s is not None) == (chosen and config.spatial and reaches_logits)
         if mixer.adaptor_s is not None:
             assert mixer.adaptor_s.position == config.s_position
             assert mixer.adaptor_s.share_kernel == config.s_share_kernel
@@ -526,6 +527,7 @@ def expected_vim_trainable(method: str, names: set[str]) -> set[str]:
     if mixer is None:
         return names
     expected = head | {f"layers.{i}.mixer.{n}" for i in range(2) for n in mixer}
+    expected -= {f"layers.1.mixer.{n}" for n in VIM_BLOCK["adaptor_s"]}  # the last Vim block has no Adaptor-S
     if method == "bias":
         expected.add("patch_embed.proj.bias")
     if method == "parallel_adapter":
@@ -581,6 +583,13 @@ def test_prepare_model_rejects_unknown_methods_and_options():
     for method, option in [("bias", "r"), ("lora", "rank"), ("adaptor", "t_rnak"), ("parallel_adapter", "r")]:
         with pytest.raises(TypeError, match=f"does not take option.*'{option}'"):
             prepare_model(tiny("vim"), method, **{option: 4})
+    model = tiny("vim")
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(TypeError, match="t_rnak"):
+        prepare_model(model, "adaptor", t_rnak=2)
+    assert model.state_dict().keys() == before.keys()  # refused before anything was added
+    prepare_model(model, "adaptor", t_rank=2)  # so the corrected call works on the same model
+    assert model.layers[0].mixer.adaptor_t.down.shape[1] == 2
 
 
 def test_prepare_model_passes_adaptor_options():

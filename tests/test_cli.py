@@ -95,6 +95,9 @@ def test_params_rejects_a_bad_json_file(tmp_path):
     options.write_text('{"r": }')
     with pytest.raises(SystemExit, match=f"--config file {options} is not valid JSON"):
         main(["params", "vim_tiny_patch16_224", "--method", "lora", "--config", str(options)])
+    options.write_bytes(b'{"r": "\xff\xfe"}')
+    with pytest.raises(SystemExit, match="is not valid JSON"):
+        main(["params", "vim_tiny_patch16_224", "--method", "lora", "--config", str(options)])
     with pytest.raises(SystemExit) as exit_info:  # argparse: unknown method
         main(["params", "vim_tiny_patch16_224", "--method", "lorra"])
     assert exit_info.value.code == 2

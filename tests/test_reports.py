@@ -142,5 +142,10 @@ def test_block_rows_collapse_runs_of_equal_blocks():
     assert ParameterReport("m", "x", 0, 0, 1, 0, 0).block_rows() == []
     model = prepare_model(tiny("vim"), "adaptor")
     rows = parameter_report(model).block_rows()
-    per_block = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.0.") and p.requires_grad)
-    assert rows == [("layers.0 … layers.1 (2 blocks)", f"{per_block:,} each")]
+
+    def block(i: int) -> int:
+        return sum(p.numel() for n, p in model.named_parameters() if n.startswith(f"layers.{i}.") and p.requires_grad)
+
+    assert rows == [("layers.0", f"{block(0):,}"), ("layers.1", f"{block(1):,}")]  # the last has no Adaptor-S
+    model = prepare_model(tiny("vim", depth=3), "adaptor")
+    assert parameter_report(model).block_rows()[0] == ("layers.0 … layers.1 (2 blocks)", f"{block(0):,} each")

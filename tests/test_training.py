@@ -218,7 +218,7 @@ def test_metrics_are_micro_top1_top5_and_per_class():
 
 
 def test_weight_decay_groups_and_warmup_cosine_schedule():
-    model = create_model("vim_tiny_patch16_224", depth=1, num_classes=3)
+    model = create_model("vim_tiny_patch16_224", depth=2, num_classes=3)
     from adaptor_peft.adaptors import prepare_model
 
     prepare_model(model, "adaptor")

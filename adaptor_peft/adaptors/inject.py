@@ -13,7 +13,7 @@ from collections.abc import Callable
 from torch import nn
 
 from ..models import classifier_name
-from ..models.vim import BiMambaMixer
+from ..models.vim import BiMambaMixer, VisionMamba
 from ..models.vmamba import SS2D
 from .config import AdaptorConfig
 from .spatial import AdaptorS
@@ -54,7 +54,8 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
     ``freeze_backbone=True`` (parameter-efficient fine-tuning) leaves only the adaptors and the
     classification head trainable; ``False`` keeps everything trainable (the paper's "booster" use on
     a pretrained model, or its "backbone" use when training from scratch). The adaptors start as the
-    identity: the injected model computes what it computed before, to float rounding.
+    identity: the injected model computes what it computed before, to float rounding. A Vim's last block
+    gets no Adaptor-S: the class token the head reads is not on the patch grid Adaptor-S works on.
     """
     config = config or AdaptorConfig()
     mixers = find_mixers(model)
@@ -75,6 +76,9 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
         raise ValueError(
             f"AdaptorConfig.blocks={config.blocks}: the model has {len(mixers)} blocks (0..{len(mixers) - 1})"
         )
+    # A Vim classifies from its class token, which Adaptor-S leaves alone (it has no place on the 2D
+    # grid): in the last block, Adaptor-S could not reach the logits, so it is not put there.
+    last_reaching_logits = len(mixers) - 2 if isinstance(model, VisionMamba) else len(mixers) - 1
     for i in chosen:
         name, mixer = mixers[i]
         weight = mixer.out_proj.weight
@@ -93,7 +97,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.t_anchor,
                 config.dropout,
             ).to(weight.device, weight.dtype)
-        if config.spatial:
+        if config.spatial and i <= last_reaching_logits:
             width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features
             mixer.adaptor_s = AdaptorS(
                 width,

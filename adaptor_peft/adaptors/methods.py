@@ -106,18 +106,23 @@ def _nothing(model: nn.Module, options: dict[str, Any]) -> None:
     return None
 
 
-# method -> (what it adds to the model, which backbone parameters it trains besides the added ones)
-METHODS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], None], Callable[[str], bool]]] = {
-    "linear_probe": (_nothing, lambda name: False),
-    "full": (_nothing, lambda name: True),
-    "bias": (_nothing, lambda name: name.endswith((".bias", ".dt_projs_bias"))),  # VMamba's Δ bias is a bias too
-    "partial": (_nothing, lambda name: PARTIAL.search(name) is not None),
-    "lora": (_lora, lambda name: False),
-    "parallel_adapter": (_parallel_adapter, lambda name: False),
-    "adaptor_t": (_adaptors(True, False), lambda name: False),
-    "adaptor_s": (_adaptors(False, True), lambda name: False),
-    "adaptor": (_adaptors(True, True), lambda name: False),
-    "adaptor+lora": (_adaptors(True, True, lora=True), lambda name: False),
+ADAPTOR_OPTIONS = frozenset({"config", *(f.name for f in dataclasses.fields(AdaptorConfig))})
+LORA_OPTIONS = frozenset(LORA_DEFAULTS)
+NO_OPTIONS: frozenset[str] = frozenset()
+
+# method -> (what it adds to the model, which backbone parameters it trains besides the added ones,
+#            the options it takes)
+METHODS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], None], Callable[[str], bool], frozenset[str]]] = {
+    "linear_probe": (_nothing, lambda name: False, NO_OPTIONS),
+    "full": (_nothing, lambda name: True, NO_OPTIONS),
+    "bias": (_nothing, lambda name: name.endswith((".bias", ".dt_projs_bias")), NO_OPTIONS),  # VMamba's Δ bias too
+    "partial": (_nothing, lambda name: PARTIAL.search(name) is not None, NO_OPTIONS),
+    "lora": (_lora, lambda name: False, LORA_OPTIONS),
+    "parallel_adapter": (_parallel_adapter, lambda name: False, frozenset({"rank"})),
+    "adaptor_t": (_adaptors(True, False), lambda name: False, ADAPTOR_OPTIONS),
+    "adaptor_s": (_adaptors(False, True), lambda name: False, ADAPTOR_OPTIONS),
+    "adaptor": (_adaptors(True, True), lambda name: False, ADAPTOR_OPTIONS),
+    "adaptor+lora": (_adaptors(True, True, lora=True), lambda name: False, ADAPTOR_OPTIONS | LORA_OPTIONS),
 }
 
 
@@ -128,12 +133,14 @@ def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise ValueError(f"prepare_model: unknown method {method!r}; choose from {sorted(METHODS)}")
     if getattr(model, "peft_method", None) is not None:
         raise RuntimeError(f"prepare_model: the model was already prepared with {model.peft_method['method']!r}")
+    add, trains, accepted = METHODS[method]
+    unknown = sorted(set(options) - accepted)
+    if unknown:  # checked before the model changes, so that a corrected call can follow on the same model
+        raise TypeError(
+            f"prepare_model: method {method!r} does not take option(s) {unknown}; it takes {sorted(accepted)}"
+        )
     recorded = {k: (v.to_dict() if isinstance(v, AdaptorConfig) else v) for k, v in options.items()}
-    add, trains = METHODS[method]
-    remaining = dict(options)
-    add(model, remaining)
-    if remaining:
-        raise TypeError(f"prepare_model: method {method!r} does not take option(s) {sorted(remaining)}")
+    add(model, dict(options))
     head = is_head(model)
     set_trainable(model, lambda n: is_peft_parameter(n) or head(n) or trains(n))
     model.peft_method = {"method": method, "options": recorded}
