@@ -269,3 +269,18 @@ def test_unknown_kind_split_and_missing_folder(vtab_root):
     (vtab_root / "cifar" / "test.txt").write_text("\n")
     with pytest.raises(DataError, match="holds no images"):
         vtab(vtab_root, "test")
+
+
+def test_sklearn_digits_split_per_class_without_download():
+    train = load_split({"kind": "sklearn_digits", "train_per_class": 7, "seed": 1}, "train")
+    test = load_split({"kind": "sklearn_digits", "train_per_class": 7, "seed": 1}, "test")
+    assert len(train) == 70 and len(test) == 1797 - 70 and train.num_classes == 10
+    assert sorted(train.labels) == sorted(list(range(10)) * 7)
+    assert not set(train.refs) & set(test.refs)
+    image, label = train[0]
+    assert image.shape == (3, 8, 8) and torch.equal(image[0], image[1]) and image.max() <= 1  # grey as RGB
+    assert label == train.labels[0]
+    again = load_split({"kind": "sklearn_digits", "train_per_class": 7, "seed": 1}, "train")
+    assert again.refs == train.refs
+    with pytest.raises(DataError, match="splits 'train' and 'test'"):
+        load_split({"kind": "sklearn_digits"}, "val")

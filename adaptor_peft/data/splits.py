@@ -12,11 +12,13 @@ import glob
 import io
 import json
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -171,6 +173,9 @@ def load_split(
       keeps ``n`` rows drawn at random with ``subsample_seed`` (default 0), for class-sorted sets where a
       slice such as ``train[:1000]`` would hold a few classes only.
     - ``"parquet"`` (``files: {split: glob or list of globs}``, columns as for hub, ``subsample`` too).
+    - ``"sklearn_digits"`` (``train_per_class``, default 50; ``seed``, default 0): scikit-learn's 1,797
+      8x8 handwritten digits, which ship inside the package (no download); per class, the first
+      ``train_per_class`` images of a seeded shuffle are ``train``, the rest ``test``.
 
     A relative ``dir``, ``id`` folder or glob is resolved against ``root`` (the ``--data-root``). Missing
     image files are found here by a stat of each file; with ``skip_bad_images`` they, and images that fail
@@ -362,10 +367,42 @@ def _parquet(source: Mapping[str, Any], split: str, root: Path, skip_bad_images:
     return _from_rows(f"parquet {Path(patterns[0]).name} split {split!r}", rows, source, split)
 
 
+class _ArrayOpener:
+    """Opens image ``i`` of an (n, h, w) uint8 array as a grayscale PIL image (picklable, like _FileOpener)."""
+
+    def __init__(self, pixels: np.ndarray) -> None:
+        self.pixels = pixels
+
+    def __call__(self, key: int) -> Image.Image:
+        return Image.fromarray(self.pixels[key], mode="L")
+
+
+def _sklearn_digits(source: Mapping[str, Any], split: str, root: Path, skip_bad_images: bool) -> LabelledImages:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the sklearn_digits data kind needs scikit-learn: pip install scikit-learn") from None
+    if split not in ("train", "test"):
+        raise DataError(f"sklearn_digits has the splits 'train' and 'test', not {split!r}")
+    digits = load_digits()
+    per_class, taken = int(source.get("train_per_class", 50)), Counter()
+    chosen = {"train": [], "test": []}
+    for index in np.random.default_rng(source.get("seed", 0)).permutation(len(digits.target)):
+        label = int(digits.target[index])
+        chosen["train" if taken[label] < per_class else "test"].append(int(index))
+        taken[label] += 1
+    ids = sorted(chosen[split])
+    pixels = np.rint(digits.images[ids] * (255 / 16)).astype(np.uint8)
+    refs = [f"scikit-learn digits image {i}" for i in ids]
+    name, labels = f"scikit-learn digits {split}", digits.target[ids]
+    return LabelledImages(name, refs, labels, _ArrayOpener(pixels), num_classes=10)
+
+
 _BUILDERS: dict[str, Callable[[Mapping[str, Any], str, Path, bool], LabelledImages]] = {
     "hub": _hub,
     "vtab1k": _vtab1k,
     "fgvc": _fgvc,
     "folder": _image_folder,
     "parquet": _parquet,
+    "sklearn_digits": _sklearn_digits,
 }

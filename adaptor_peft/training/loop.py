@@ -53,15 +53,17 @@ class TrainingError(RuntimeError):
 
 def resolve_checkpoint(value: str | None, model_name: str) -> str | None:
     """A recipe's ``checkpoint``: a file, an https URL (downloaded once into the torch hub cache),
-    ``pretrained`` (the model's official release URL), or None (train from scratch)."""
+    ``pretrained`` (the weights the package ships for the model, or its official release URL), or None
+    (train from scratch)."""
     if value is None:
         return None
-    if value == "pretrained":
+    if value == "pretrained":  # a file shipped with the package, else the official release URL
         from timm.models import get_pretrained_cfg
 
-        value = getattr(get_pretrained_cfg(model_name), "url", None)
+        config = get_pretrained_cfg(model_name)
+        value = getattr(config, "file", None) or getattr(config, "url", None)
         if not value:
-            raise RecipeError(f"checkpoint=pretrained: {model_name} has no official download URL; pass a file")
+            raise RecipeError(f"checkpoint=pretrained: {model_name} has no released weights; pass a file")
     if value.startswith(("https://", "http://")):
         target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(value).path).name
         if not target.is_file():  # download_url_to_file writes a temporary file and renames it
@@ -91,18 +93,20 @@ def build_model(recipe: dict[str, Any]) -> nn.Module:
 
 
 def data_source(recipe: dict[str, Any], data_root: str | Path | None) -> tuple[dict[str, Any], Path | None]:
-    """The recipe's local layout under ``data_root`` when one is given, else its hub copy."""
+    """Where the recipe's images come from: its local layout under ``data_root`` when one is given, else
+    its ``builtin`` data (shipped inside an installed package), else its hub copy."""
     sources = recipe["data"]
     if data_root is not None:
         if not sources.get("local"):
-            raise RecipeError(f"recipe {recipe['task']!r} has no local data layout; drop --data-root to use the hub")
+            raise RecipeError(f"recipe {recipe['task']!r} has no local data layout; drop --data-root")
         return sources["local"], Path(data_root)
-    if not sources.get("hub"):
-        raise RecipeError(
-            f"recipe {recipe['task']!r} has no hub copy of its data; download it and pass --data-root "
-            f"(expected layout: {sources.get('local')})"
-        )
-    return sources["hub"], None
+    for offline in ("builtin", "hub"):
+        if sources.get(offline):
+            return sources[offline], None
+    raise RecipeError(
+        f"recipe {recipe['task']!r} has no hub copy of its data; download it and pass --data-root "
+        f"(expected layout: {sources.get('local')})"
+    )
 
 
 def build_split(recipe: dict[str, Any], model: nn.Module, train: bool, data_root: str | Path | None) -> LabelledImages:
