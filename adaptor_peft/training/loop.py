@@ -209,16 +209,16 @@ def train(
             split_batches=True, use_seedable_sampler=True, data_seed=recipe["seed"]
         ),
     )
-    if accelerator.is_main_process:
-        _claim_run_folder(run, recipe)
-    accelerator.wait_for_everyone()
-    if tensorboard:
-        accelerator.init_trackers("tensorboard")
     set_seed(recipe["seed"])
     model = build_model(recipe)
     report = parameter_report(model)
     train_set = build_split(recipe, model, True, data_root)
     eval_set = build_split(recipe, model, False, data_root)
+    if accelerator.is_main_process:  # only once model and data are known to work, so a fixed retry may reuse it
+        _claim_run_folder(run, recipe)
+    accelerator.wait_for_everyone()
+    if tensorboard:
+        accelerator.init_trackers("tensorboard")
     if recipe["checkpoint"] is None:
         warnings.warn(f"{run}: no checkpoint, training {recipe['model']} from scratch", stacklevel=2)
 
