@@ -791,6 +791,23 @@ def test_merged_lora_gives_the_same_logits_and_the_merged_weights():
     assert (expected - logits(tiny("vim").double(), images)).abs().max() > 1e-4
 
 
+def test_an_adapter_saved_after_a_merge_belongs_to_the_merged_backbone(tmp_path):
+    model = prepare_model(tiny("vim"), "adaptor+lora", r=4, t_rank=2)
+    torch.manual_seed(7)
+    perturb(model, ".lora_B.")
+    perturb(model, ".adaptor_")
+    merge_adaptor(model)
+    assert model.peft_method == {"method": "adaptor", "options": {"t_rank": 2}}
+    save_adaptor(model, tmp_path / "merged")
+    images = images_for("vim")
+    merged_backbone = tiny("vim")
+    merged_backbone.load_state_dict({k: v for k, v in model.state_dict().items() if ".adaptor_" not in k})
+    reloaded = load_adaptor(merged_backbone, tmp_path / "merged")
+    torch.testing.assert_close(logits(reloaded, images), logits(model, images), rtol=0, atol=0)
+    with pytest.raises(AdapterFileError, match="other backbone weights"):  # the unmerged backbone is another one
+        load_adaptor(tiny("vim"), tmp_path / "merged")
+
+
 @pytest.mark.parametrize("method", ["adaptor+lora", "parallel_adapter", "adaptor"])
 @pytest.mark.parametrize("kind", ["vim", "vmamba_v2"])
 def test_unload_restores_the_plain_backbone(kind, method):

@@ -21,7 +21,7 @@ from torch import nn
 from ..atomic import write_atomically
 from ..models import classifier_name
 from .inject import ADAPTOR_MARKERS, find_mixers
-from .methods import BLOCK_TYPES, is_peft_parameter, prepare_model
+from .methods import BLOCK_TYPES, LORA_OPTIONS, is_peft_parameter, prepare_model
 
 WEIGHTS, CONFIG = "adaptor.safetensors", "adaptor_config.json"
 FORMAT = "adaptor_peft.adapter/1"
@@ -155,6 +155,12 @@ def merge_adaptor(model: nn.Module) -> nn.Module:
     """Folds LoRA into the weights it wraps and removes its wrappers. Adaptor-T, Adaptor-S and parallel
     adapters act on activations (locations, 2D neighbourhoods) and stay as modules."""
     _remove_lora(model, merge=True)
+    method = getattr(model, "peft_method", None)
+    if method is not None and method["method"] in ("lora", "adaptor+lora"):
+        # The merged weights are now the backbone: what is left to save is the rest of the method, and its
+        # adapter file belongs to the merged backbone (whose fingerprint it records).
+        rest = {k: v for k, v in method["options"].items() if k not in LORA_OPTIONS}
+        model.peft_method = {"method": "linear_probe" if method["method"] == "lora" else "adaptor", "options": rest}
     return model
 
 

@@ -2,7 +2,7 @@
 
 from . import vim, vmamba
 from .checkpoint import CheckpointError, classifier_name, load_checkpoint, read_state_dict
-from .registry import create_model, list_models
+from .registry import create_model, list_models, resolve_checkpoint
 from .vim import VisionMamba
 from .vmamba import VSSM
 
@@ -15,6 +15,7 @@ __all__ = [
     "list_models",
     "load_checkpoint",
     "read_state_dict",
+    "resolve_checkpoint",
     "vim",
     "vmamba",
 ]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
 from timm.models import build_model_with_cfg, register_model
 from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint
 
 _MODELS: list[str] = []
 
@@ -27,6 +30,30 @@ def build(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs) 
     return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
 
 
+def resolve_checkpoint(value: str | None, model_name: str) -> str | None:
+    """Where the weights named by ``value`` are: a file, an https URL (downloaded once into the torch hub
+    cache), ``"pretrained"`` (the weights this package ships for the model, else its official release
+    URL), or None (none: train from scratch)."""
+    if value is None:
+        return None
+    if value == "pretrained":  # a file shipped with the package, else the official release URL
+        from timm.models import get_pretrained_cfg
+
+        config = get_pretrained_cfg(model_name)
+        value = getattr(config, "file", None) or getattr(config, "url", None)
+        if not value:
+            raise CheckpointError(f"checkpoint=pretrained: {model_name} has no released weights; pass a file")
+    if value.startswith(("https://", "http://")):
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(value).path).name
+        if not target.is_file():  # download_url_to_file writes a temporary file and renames it
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(value, str(target))
+        return str(target)
+    if not Path(value).expanduser().is_file():
+        raise CheckpointError(f"checkpoint {value!r} is not a file (nor an URL, nor 'pretrained')")
+    return str(Path(value).expanduser())
+
+
 def list_models() -> list[str]:
     """Names of every backbone this package provides."""
     return sorted(_MODELS)
@@ -40,14 +67,15 @@ def create_model(
     **kwargs,
 ) -> nn.Module:
     """Builds ``name`` (keyword overrides such as ``depth=2`` change the architecture) and, if given,
-    loads ``checkpoint``: a file in any format :func:`~adaptor_peft.models.read_state_dict` reads, or a
-    state dict. A ``num_classes`` other than the checkpoint's leaves the head freshly initialised."""
-    from .checkpoint import load_checkpoint
-
+    loads ``checkpoint``: a file in any format :func:`~adaptor_peft.models.read_state_dict` reads, a state
+    dict, an https URL, or ``"pretrained"`` (see :func:`resolve_checkpoint`). A ``num_classes`` other
+    than the checkpoint's leaves the head freshly initialised."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     overrides = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items() if v is not None}
     model = timm.create_model(name, pretrained=False, **overrides, **kwargs)
+    if isinstance(checkpoint, str):
+        checkpoint = resolve_checkpoint(checkpoint, name)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model

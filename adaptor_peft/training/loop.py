@@ -22,7 +22,6 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -51,35 +50,11 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss, a run folder holding another recipe)."""
 
 
-def resolve_checkpoint(value: str | None, model_name: str) -> str | None:
-    """A recipe's ``checkpoint``: a file, an https URL (downloaded once into the torch hub cache),
-    ``pretrained`` (the weights the package ships for the model, or its official release URL), or None
-    (train from scratch)."""
-    if value is None:
-        return None
-    if value == "pretrained":  # a file shipped with the package, else the official release URL
-        from timm.models import get_pretrained_cfg
-
-        config = get_pretrained_cfg(model_name)
-        value = getattr(config, "file", None) or getattr(config, "url", None)
-        if not value:
-            raise RecipeError(f"checkpoint=pretrained: {model_name} has no released weights; pass a file")
-    if value.startswith(("https://", "http://")):
-        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(value).path).name
-        if not target.is_file():  # download_url_to_file writes a temporary file and renames it
-            target.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(value, str(target))
-        return str(target)
-    if not Path(value).expanduser().is_file():
-        raise RecipeError(f"checkpoint {value!r} is not a file (nor an URL, nor 'pretrained')")
-    return str(Path(value).expanduser())
-
-
 def build_backbone(recipe: dict[str, Any]) -> nn.Module:
     """The recipe's backbone with its checkpoint and a fresh head for the task."""
     return create_model(
         recipe["model"],
-        checkpoint=resolve_checkpoint(recipe["checkpoint"], recipe["model"]),
+        checkpoint=recipe["checkpoint"],
         num_classes=recipe["num_classes"],
         img_size=recipe["img_size"],
         drop_path_rate=recipe["drop_path"],
