@@ -94,6 +94,7 @@ def test_train_eval_summarize_through_the_cli(tmp_path, recipes, checkpoint, cap
     assert results["parameters"]["method"] == "adaptor" and results["parameters"]["trainable_without_head"] > 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_001", "epoch_002"]
     assert (run / "adapter" / "adaptor.safetensors").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))  # tensorboard is in the dev extras
 
     main(["eval", str(run), "--data-root", str(data), "--no-progress"])
     evaluated = json.loads((run / "eval_test.json").read_text())
