@@ -69,15 +69,19 @@ class Summary:
         labels = next(iter(self.averages.values()), {})
         average = average or next(iter(labels), None)
         figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+        models = {column.split(" / ")[0] for column in self.columns}
         for column in self.columns:
             accuracy = self.averages[column].get(average) if average else None
             if accuracy is None:
                 continue
             x = max(self.trainable[column], 1)
             axes.scatter(x, accuracy)
-            axes.annotate(column, (x, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            label = column.split(" / ")[-1] if len(models) == 1 else column
+            axes.annotate(label, (x, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
         axes.set_xscale("log")
-        axes.set_xlabel("trainable parameters without head (log)")
+        axes.set_xlabel("trainable parameters without head (log; none drawn at 1)")
+        if len(models) == 1:
+            axes.set_title(models.pop(), fontsize=9)
         axes.set_ylabel(f"top-1 % ({average})")
         axes.grid(alpha=0.3)
         figure.tight_layout()
