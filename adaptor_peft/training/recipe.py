@@ -31,9 +31,10 @@ class RecipeError(ValueError):
 
 
 def recipes_dir() -> Path:
-    """``$ADAPTOR_PEFT_RECIPES``, else the repository's top-level ``recipes/`` folder."""
+    """``$ADAPTOR_PEFT_RECIPES``, else the recipes shipped with the package (in a checkout, ``adaptor_peft/
+    recipes`` links to the repository's top-level ``recipes/`` folder; a wheel holds a copy)."""
     env = os.environ.get(RECIPES_ENV)
-    return Path(env).expanduser() if env else Path(__file__).resolve().parents[2] / "recipes"
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "recipes"
 
 
 def list_recipes() -> list[str]:
