@@ -7,10 +7,13 @@ import tempfile
 from pathlib import Path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+UMASK = _read_umask()  # read once: os.umask can only be read by setting it, which races with other threads
 
 
 def write_atomically(path: str | Path, data: str | bytes) -> Path:
@@ -21,7 +24,7 @@ def write_atomically(path: str | Path, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as file:
             file.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes owner-only files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

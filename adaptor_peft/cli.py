@@ -24,6 +24,7 @@ from .ops.dispatch import BACKEND_ENV
 from .reports import parameter_report, write_summary
 from .reports.results import VTAB1K_GROUPS
 from .training import RecipeError, TrainingError, evaluate_run, load_recipe, train
+from .training.loop import same_recipe
 from .training.recipe import list_recipes
 
 USER_ERRORS = (RecipeError, DataError, TrainingError, AdapterFileError, CheckpointError, FileNotFoundError)
@@ -100,9 +101,14 @@ def params(args: argparse.Namespace) -> None:
 
 def _recipe(args: argparse.Namespace, name: str) -> dict:
     """The recipe ``name`` with the command line's named options and ``key=value`` overrides applied."""
-    named = {"model": args.model, "method": args.method, "checkpoint": args.checkpoint}
-    overrides = [f"{key}={value}" for key, value in named.items() if value is not None]
-    return load_recipe(name, [*overrides, *args.overrides])
+    recipe = load_recipe(name, args.overrides)
+    for key, value in {"model": args.model, "method": args.method, "checkpoint": args.checkpoint}.items():
+        if value is None:
+            continue
+        if any(override.split("=", 1)[0] == key for override in args.overrides):
+            raise RecipeError(f"{key} is given both as --{key} and as {key}=...; give it once")
+        recipe[key] = value  # taken as it is: a file name is not YAML
+    return recipe
 
 
 def train_command(args: argparse.Namespace) -> None:
@@ -126,11 +132,12 @@ def vtab_command(args: argparse.Namespace) -> None:
         raise SystemExit(f"adaptor-peft vtab: unknown task(s) {unknown}; VTAB-1k has {', '.join(everything)}")
     for task in tasks:
         run = Path(args.output_dir) / task
-        if (run / "results.json").is_file():
-            print(f"{task}: finished before, skipped")
-            continue
         try:
-            train(_recipe(args, f"vtab1k/{task}"), run, args.data_root, progress=not args.no_progress)
+            recipe = _recipe(args, f"vtab1k/{task}")
+            if (run / "results.json").is_file() and same_recipe(run, recipe):
+                print(f"{task}: finished before, skipped")
+                continue
+            train(recipe, run, args.data_root, progress=not args.no_progress)
         except USER_ERRORS as error:
             print(f"{task}: failed: {error}")
             failed.append(task)

@@ -21,6 +21,7 @@ from rich.table import Table
 from .atomic import write_atomically
 from .reports import parameter_report, summarize
 from .training import build_model, load_recipe, train
+from .training.loop import same_recipe
 
 RECIPE = "demo/digits"
 METHODS = ("linear_probe", "adaptor_t", "adaptor_s", "adaptor", "lora", "full")
@@ -53,7 +54,7 @@ def run_demo(
         run = output / method
         finished = run / "results.json"
         started = time.perf_counter()
-        if finished.is_file():
+        if finished.is_file() and same_recipe(run, recipe):
             result = json.loads(finished.read_text())
             console.print(f"{method}: finished before in {run}, not retrained")
         else:

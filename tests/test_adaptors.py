@@ -824,3 +824,8 @@ def test_unload_restores_the_plain_backbone(kind, method):
     assert names == [n for n, _ in tiny(kind).named_parameters()]
     assert not hasattr(model, "peft_method") and not hasattr(model, "adaptor_config")
     prepare_model(model, "bias")  # a plain backbone again
+
+
+def test_injecting_nothing_is_refused():
+    with pytest.raises(ValueError, match="adds nothing"):
+        inject_adaptor(tiny("vim"), AdaptorConfig(temporal=False, blocks=[1]))  # the last block of a depth-2 Vim

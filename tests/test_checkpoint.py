@@ -192,3 +192,12 @@ def test_num_classes_zero_gives_a_feature_extractor(tmp_path):
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert model(images).shape == (1, 32) and torch.equal(model(images), via_timm(images))
+
+
+def test_checkpoint_urls_must_be_https():
+    from adaptor_peft.models import CheckpointError, resolve_checkpoint
+
+    with pytest.raises(CheckpointError, match="only https"):
+        resolve_checkpoint("http://example.com/vim.pth", "vim_tiny_patch16_224")
+    with pytest.raises(CheckpointError, match="not a file"):
+        resolve_checkpoint("missing.pth", "vim_tiny_patch16_224")

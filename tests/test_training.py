@@ -244,3 +244,55 @@ def test_weight_decay_groups_and_warmup_cosine_schedule():
     assert all(a >= b for a, b in itertools.pairwise(rates[3:])) and rates[-1] > 0.01
     with pytest.raises(ValueError, match="optimizer 'lamb'"):
         build_optimizer(model, "lamb", 1.0, 0.1)
+
+
+def test_a_folder_where_no_epoch_finished_takes_a_corrected_recipe(tmp_path, recipes, checkpoint):
+    data = vtab_task(tmp_path / "vtab-1k")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(tiny_recipe(checkpoint, "epochs=1", "lr=0.5")))  # crashed early
+    train(tiny_recipe(checkpoint, "epochs=1"), run, data, progress=False)
+    assert yaml.safe_load((run / "config.yaml").read_text())["lr"] == 1e-3
+    assert json.loads((run / "results.json").read_text())["data_source"] == "local"
+
+
+def test_recipes_refuse_impossible_numbers_and_frozen_random_backbones(tmp_path, recipes, checkpoint):
+    from adaptor_peft.training import RecipeError
+
+    for override, message in [("epochs=0", "epochs=0"), ("eval_every=0", "eval_every=0"), ("lr=0", "lr=0.0")]:
+        with pytest.raises(RecipeError, match=message):
+            tiny_recipe(checkpoint, override)
+    data = vtab_task(tmp_path / "vtab-1k")
+    with pytest.raises(RecipeError, match="freezes the backbone"):
+        train(load_recipe("vtab1k/cifar", [*TINY, "epochs=1"]), tmp_path / "random", data, progress=False)
+    assert not (tmp_path / "random").exists()
+
+
+def test_named_options_are_taken_literally_and_given_once(tmp_path, recipes, checkpoint):
+    odd = tmp_path / "run #3" / "weights: v1.pth"  # YAML would cut this at '#' or read a mapping
+    odd.parent.mkdir()
+    shutil.copy(checkpoint, odd)
+    data = vtab_task(tmp_path / "vtab-1k")
+    args = ["train", "--recipe", "vtab1k/cifar", "--data-root", str(data), "--no-progress"]
+    main([*args, "--checkpoint", str(odd), "--output-dir", str(tmp_path / "a"), *TINY, "epochs=1"])
+    assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["checkpoint"] == str(odd)
+    with pytest.raises(SystemExit, match="both as --method and as method="):
+        main([*args, "--method", "lora", "--output-dir", str(tmp_path / "b"), *TINY, "method=bias"])
+
+
+def test_vtab_does_not_take_a_finished_run_of_another_recipe_for_this_one(tmp_path, recipes, checkpoint, capsys):
+    data = vtab_task(tmp_path / "vtab-1k", "cifar")
+    command = ["vtab", "--tasks", "cifar", "--checkpoint", str(checkpoint), "--data-root", str(data),
+               "--output-dir", str(tmp_path / "runs"), "--no-progress", *TINY, "epochs=1"]  # fmt: skip
+    main(command)
+    with pytest.raises(SystemExit, match="1 task"):
+        main([*command, "--method", "lora"])
+    assert "holds a run of another recipe" in capsys.readouterr().out
+
+
+def test_per_class_accuracy_is_none_for_absent_classes_and_empty_evaluations_fail():
+    metrics = ClassificationMetrics(3)
+    metrics.update(torch.eye(3)[[0, 1]], torch.tensor([0, 1]))
+    assert metrics.compute()["per_class"] == [100.0, 100.0, None]
+    with pytest.raises(ValueError, match="empty"):
+        ClassificationMetrics(3).compute()

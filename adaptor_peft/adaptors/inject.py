@@ -107,6 +107,11 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.s_position,
                 config.dropout,
             ).to(weight.device, weight.dtype)
+    if not any(m.adaptor_t is not None or m.adaptor_s is not None for _, m in mixers):
+        raise ValueError(
+            f"inject_adaptor: {config} adds nothing to {type(model).__name__}: a Vim's last block takes no "
+            "Adaptor-S (its head reads the class token only); choose other blocks or enable Adaptor-T"
+        )
     model.adaptor_config = config
     if freeze_backbone:
         head = is_head(model)

@@ -191,6 +191,8 @@ def load_split(
     dataset.transform = transform
     if skip_bad_images:
         dataset.drop_unreadable()
+        if not len(dataset):
+            raise DataError(f"{dataset.name}: every image was dropped as unreadable ({len(dataset.skipped)})")
     return dataset
 
 

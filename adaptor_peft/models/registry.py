@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -43,8 +44,11 @@ def resolve_checkpoint(value: str | None, model_name: str) -> str | None:
         value = getattr(config, "file", None) or getattr(config, "url", None)
         if not value:
             raise CheckpointError(f"checkpoint=pretrained: {model_name} has no released weights; pass a file")
-    if value.startswith(("https://", "http://")):
-        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(value).path).name
+    if value.startswith("http://"):
+        raise CheckpointError(f"checkpoint {value!r}: only https downloads are allowed")
+    if value.startswith("https://"):
+        name = Path(urlparse(value).path).name or "checkpoint"  # two URLs with one file name get two files
+        target = Path(torch.hub.get_dir()) / "checkpoints" / f"{hashlib.sha256(value.encode()).hexdigest()[:12]}-{name}"
         if not target.is_file():  # download_url_to_file writes a temporary file and renames it
             target.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(value, str(target))

@@ -67,17 +67,18 @@ def build_model(recipe: dict[str, Any]) -> nn.Module:
     return prepare_model(build_backbone(recipe), recipe["method"], **recipe["method_options"])
 
 
-def data_source(recipe: dict[str, Any], data_root: str | Path | None) -> tuple[dict[str, Any], Path | None]:
-    """Where the recipe's images come from: its local layout under ``data_root`` when one is given, else
-    its ``builtin`` data (shipped inside an installed package), else its hub copy."""
+def data_source(recipe: dict[str, Any], data_root: str | Path | None) -> tuple[str, dict[str, Any], Path | None]:
+    """Where the recipe's images come from, as (``local`` / ``builtin`` / ``hub``, data entry, root): its
+    local layout under ``data_root`` when one is given, else its ``builtin`` data (shipped inside an
+    installed package), else its hub copy."""
     sources = recipe["data"]
     if data_root is not None:
         if not sources.get("local"):
             raise RecipeError(f"recipe {recipe['task']!r} has no local data layout; drop --data-root")
-        return sources["local"], Path(data_root)
-    for offline in ("builtin", "hub"):
-        if sources.get(offline):
-            return sources[offline], None
+        return "local", sources["local"], Path(data_root)
+    for name in ("builtin", "hub"):
+        if sources.get(name):
+            return name, sources[name], None
     raise RecipeError(
         f"recipe {recipe['task']!r} has no hub copy of its data; download it and pass --data-root "
         f"(expected layout: {sources.get('local')})"
@@ -86,7 +87,7 @@ def data_source(recipe: dict[str, Any], data_root: str | Path | None) -> tuple[d
 
 def build_split(recipe: dict[str, Any], model: nn.Module, train: bool, data_root: str | Path | None) -> LabelledImages:
     """The recipe's train or eval split with its transform, labels checked against the head."""
-    source, root = data_source(recipe, data_root)
+    _, source, root = data_source(recipe, data_root)
     config = data_config(model)
     transform = build_transform(
         recipe["transform"],
@@ -137,23 +138,35 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num
 def _checkpoints(run: Path) -> list[Path]:
     """Complete epoch checkpoints of a run folder, oldest first."""
     folder = run / CHECKPOINTS
-    return sorted(p for p in folder.glob("epoch_*") if (p / COMPLETE).is_file()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.glob("epoch_*") if (p / COMPLETE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
+    """Does the run folder hold ``recipe``? Raises if it holds another one that got anywhere (a finished
+    epoch or results), which must not be mixed with or overwritten by this one."""
+    written = run / CONFIG
+    if not written.is_file():
+        return False
+    previous = yaml.safe_load(written.read_text())
+    if previous != recipe and (_checkpoints(run) or (run / RESULTS).is_file()):
+        changed = sorted(k for k in {*previous, *recipe} if previous.get(k) != recipe.get(k))
+        raise TrainingError(
+            f"{run} holds a run of another recipe (differs in {changed}); resume it with the same recipe "
+            "or choose another --output-dir"
+        )
+    return previous == recipe
 
 
 def _claim_run_folder(run: Path, recipe: dict[str, Any]) -> None:
-    """Creates the run folder with the recipe, or checks that an existing one holds the same recipe."""
-    written = run / CONFIG
-    if written.is_file():
-        previous = yaml.safe_load(written.read_text())
-        if previous != recipe:
-            changed = sorted(k for k in {*previous, *recipe} if previous.get(k) != recipe.get(k))
-            raise TrainingError(
-                f"{run} holds a run of another recipe (differs in {changed}); resume it with the same recipe "
-                "or choose another --output-dir"
-            )
+    """Creates the run folder with the recipe, or checks that an existing one holds the same recipe (a
+    folder where no epoch finished takes the new recipe: a corrected retry)."""
+    if same_recipe(run, recipe):
         return
     run.mkdir(parents=True, exist_ok=True)
-    write_atomically(written, yaml.safe_dump(recipe, sort_keys=False))
+    write_atomically(run / CONFIG, yaml.safe_dump(recipe, sort_keys=False))
 
 
 def _append_log(run: Path, record: dict[str, Any]) -> None:
@@ -184,6 +197,17 @@ def train(
             split_batches=True, use_seedable_sampler=True, data_seed=recipe["seed"]
         ),
     )
+    for key in ("batch_size", "eval_batch_size"):
+        if recipe[key] % accelerator.num_processes:
+            raise RecipeError(
+                f"{key}={recipe[key]} is the global batch, split across {accelerator.num_processes} processes: "
+                "it must be a multiple of the process count"
+            )
+    if recipe["checkpoint"] is None and recipe["method"] != "full":
+        raise RecipeError(
+            f"method {recipe['method']!r} freezes the backbone, but the recipe has no checkpoint: pass "
+            "--checkpoint FILE, an https URL or 'pretrained' (a frozen random backbone learns nothing)"
+        )
     set_seed(recipe["seed"])
     model = build_model(recipe)
     report = parameter_report(model)
@@ -195,7 +219,7 @@ def train(
     if tensorboard:
         accelerator.init_trackers("tensorboard")
     if recipe["checkpoint"] is None:
-        warnings.warn(f"{run}: no checkpoint, training {recipe['model']} from scratch", stacklevel=2)
+        warnings.warn(f"{run}: no checkpoint, fine-tuning {recipe['model']} from random weights", stacklevel=2)
 
     loader_options = dict(num_workers=recipe["num_workers"], persistent_workers=False)
     train_loader = DataLoader(train_set, recipe["batch_size"], shuffle=True, drop_last=False, **loader_options)
@@ -234,7 +258,8 @@ def train(
                         last = _checkpoints(run)[-1] if _checkpoints(run) else "none (no epoch finished)"
                         raise TrainingError(
                             f"loss is {loss.item()} in epoch {epoch}, batch {batches + 1}; stopped. The last good "
-                            f"checkpoint is {last}. Lower lr or set clip_grad_norm."
+                            f"checkpoint is {last}; the recipe must change (lower lr, set clip_grad_norm), so "
+                            "start it in another --output-dir."
                         )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and recipe["clip_grad_norm"]:
@@ -267,6 +292,7 @@ def train(
     results = {
         **{key: recipe.get(key) for key in ("task", "benchmark", "group", "model", "method", "num_classes")},
         "eval_split": recipe["eval_split"],
+        "data_source": data_source(recipe, data_root)[0],
         **metrics,
         "train_images": len(train_set),
         "skipped_images": {"train": train_set.skipped, "eval": eval_set.skipped},
@@ -287,6 +313,7 @@ def _save_checkpoint(accelerator: Accelerator, run: Path, epoch: int) -> None:
     """Saves the full training state after ``epoch``, marks it complete, then drops all but the newest ones."""
     path = run / CHECKPOINTS / f"epoch_{epoch:03d}"
     accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()  # every process's random states are in before the checkpoint counts
     if accelerator.is_main_process:
         write_atomically(path / COMPLETE, f"{epoch}\n")
         for old in _checkpoints(run)[:-KEEP_CHECKPOINTS]:

@@ -21,6 +21,7 @@ class ClassificationMetrics:
         self.top1 = MulticlassAccuracy(top_k=1, average="micro", **options).to(device)
         self.top5 = MulticlassAccuracy(top_k=min(5, num_classes), average="micro", **options).to(device)
         self.per_class = MulticlassAccuracy(top_k=1, average=None, **options).to(device)
+        self.support = torch.zeros(num_classes, dtype=torch.long)
         self.images = 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -28,11 +29,16 @@ class ClassificationMetrics:
         for metric in (self.top1, self.top5, self.per_class):
             metric.update(logits, labels)
         self.images += labels.numel()
+        self.support += torch.bincount(labels.cpu(), minlength=len(self.support))
 
-    def compute(self) -> dict[str, float | int | list[float]]:
+    def compute(self) -> dict[str, float | int | list[float | None]]:
+        """Percentages; a class with no image in the evaluated set has per-class accuracy None, not 0."""
+        if not self.images:
+            raise ValueError("no images were evaluated: the evaluation split is empty")
+        per_class = zip(self.per_class.compute().tolist(), self.support.tolist(), strict=True)
         return {
             "top1": 100 * self.top1.compute().item(),
             "top5": 100 * self.top5.compute().item(),
-            "per_class": [round(100 * x, 4) for x in self.per_class.compute().tolist()],
+            "per_class": [round(100 * x, 4) if n else None for x, n in per_class],
             "images": self.images,
         }

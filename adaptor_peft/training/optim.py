@@ -2,8 +2,9 @@
 
 Weight decay pulls weights towards zero. That is a prior for matrices, but for norms, biases and the
 adaptors' scales and anchors zero is the wrong target: a zero scale switches an adaptor off, a zero
-anchor moves every Adaptor-T location to the first token. Those get no decay (as timm and the VTAB-1k
-PEFT code bases do for norms and biases).
+anchor moves every Adaptor-T location to the first token, a zero ``A_log`` changes the SSM's decay.
+Those get no decay (as timm and the VTAB-1k PEFT code bases do for norms and biases, and Mamba and
+VMamba for ``A_log``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-NO_DECAY_SUFFIXES = ("bias", "gamma", "scale", "anchor", "pos_embed", "cls_token")
+NO_DECAY_SUFFIXES = ("bias", "gamma", "scale", "anchor", "pos_embed", "cls_token", "A_log", "A_b_log", "A_logs")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
 

@@ -26,6 +26,15 @@ FREE_FORM_KEYS = ("method_options", "model_options")
 are checked there."""
 
 
+BOUNDS = (
+    *((key, 0, True) for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every")),
+    *((key, 0, True) for key in ("lr", "num_classes")),
+    *((key, 0, False) for key in ("warmup_epochs", "min_lr", "weight_decay", "drop_path", "label_smoothing")),
+    ("num_workers", 0, False),
+)
+"""(key, bound, strict): numbers a recipe must keep above (strict) or at least at the bound."""
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be resolved; the message names the key, the file and what would fit."""
 
@@ -63,6 +72,10 @@ def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, A
     missing = [key for key in REQUIRED_KEYS if recipe.get(key) is None]
     if missing:
         raise RecipeError(f"recipe {path} does not set {missing}")
+    for key, low, strict in BOUNDS:
+        value = recipe.get(key)
+        if value is not None and (value <= low if strict else value < low):
+            raise RecipeError(f"{key}={value!r} (recipe {path}) must be {'>' if strict else '>='} {low}")
     return recipe
 
 
