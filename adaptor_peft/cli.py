@@ -148,7 +148,10 @@ def vtab_command(args: argparse.Namespace) -> None:
 
 def summarize_command(args: argparse.Namespace) -> None:
     """Writes summary.md / summary.json / summary.png for every finished run under a folder."""
-    summary, files = write_summary(args.runs_dir)
+    try:
+        summary, files = write_summary(args.runs_dir)
+    except ValueError as error:  # two runs for one cell of the table, or an unreadable results.json
+        raise SystemExit(f"adaptor-peft summarize: {error}") from None
     print(summary.to_markdown())
     print("written: " + ", ".join(str(path) for path in files.values()))
 

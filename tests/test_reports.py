@@ -10,6 +10,7 @@ from rich.console import Console
 
 from adaptor_peft.adaptors import inject_adaptor, prepare_model, save_adaptor
 from adaptor_peft.reports import ParameterReport, parameter_report
+from adaptor_peft.reports.results import VTAB1K_GROUPS, summarize
 
 from .test_models import tiny
 
@@ -149,3 +150,37 @@ def test_block_rows_collapse_runs_of_equal_blocks():
     assert rows == [("layers.0", f"{block(0):,}"), ("layers.1", f"{block(1):,}")]  # the last has no Adaptor-S
     model = prepare_model(tiny("vim", depth=3), "adaptor")
     assert parameter_report(model).block_rows()[0] == ("layers.0 … layers.1 (2 blocks)", f"{block(0):,} each")
+
+
+def run_result(task: str, top1: float, method: str = "adaptor", benchmark: str = "vtab1k") -> dict:
+    parameters = {"trainable_without_head": 1000, "trainable_percent": 1.0}
+    return {
+        "task": task,
+        "top1": top1,
+        "model": "m",
+        "method": method,
+        "benchmark": benchmark,
+        "parameters": parameters,
+    }
+
+
+def test_summary_gives_both_vtab_averages_only_when_complete():
+    tasks = [t for group in VTAB1K_GROUPS.values() for t in group]
+    scores = {t: float(i) for i, t in enumerate(tasks)}
+    complete = summarize([run_result(t, s) for t, s in scores.items()] + [run_result("cifar", 50.0, "lora")])
+    assert complete.tasks == tasks
+    averages = complete.averages["m / adaptor"]
+    groups = {g: sum(scores[t] for t in ts) / len(ts) for g, ts in VTAB1K_GROUPS.items()}
+    assert averages["mean of 19 tasks"] == pytest.approx(sum(scores.values()) / 19)
+    assert averages["mean of 3 group means"] == pytest.approx(sum(groups.values()) / 3)
+    assert averages["natural mean"] == pytest.approx(groups["natural"])
+    assert complete.averages["m / lora"]["mean of 19 tasks"] is None  # one task is no average
+    table = complete.to_markdown()
+    assert "| **mean of 3 group means** |" in table and "–" in table
+    fgvc = summarize([run_result("cub", 80.0, benchmark="fgvc"), run_result("nabirds", 70.0, benchmark="fgvc")])
+    assert fgvc.averages["m / adaptor"] == {"mean": pytest.approx(75.0)}
+
+
+def test_summary_refuses_two_runs_for_one_cell():
+    with pytest.raises(ValueError, match="two runs of m / adaptor on cifar"):
+        summarize([run_result("cifar", 50.0), run_result("cifar", 60.0)])

@@ -103,6 +103,13 @@ def summarize(results: list[dict[str, Any]]) -> Summary:
             summary.top1[column] = {}
             summary.trainable[column] = result["parameters"]["trainable_without_head"]
             summary.trainable_percent[column] = result["parameters"]["trainable_percent"]
+        if result["task"] in summary.top1[column]:
+            where = [r.get("run_dir", "?") for r in results if r["task"] == result["task"]
+                     and f"{r['model']} / {r['method']}" == column]  # fmt: skip
+            raise ValueError(
+                f"two runs of {column} on {result['task']} ({', '.join(where)}): summarize the folders of "
+                "different recipes separately"
+            )
         summary.top1[column][result["task"]] = result["top1"]
         seen_tasks[result["task"]] = result.get("benchmark") or ""
     vtab_order = [t for group in VTAB1K_GROUPS.values() for t in group]
@@ -130,7 +137,7 @@ def collect_results(runs_dir: str | Path) -> list[dict[str, Any]]:
     results = []
     for path in paths:
         try:
-            results.append(json.loads(path.read_text()))
+            results.append({**json.loads(path.read_text()), "run_dir": str(path.parent)})
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from error
     return results
