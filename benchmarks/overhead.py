@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft import create_model
 from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.reports import parameter_report
+from benchmarks.memory import in_fresh_process
 
 INFERENCE = ("plain", "adaptor", "adaptor_t", "adaptor_s")
 TRAINING = ("full", "adaptor", "adaptor_t", "adaptor_s", "lora", "linear_probe")
@@ -84,24 +83,18 @@ def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def rss_kb(field: str) -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
-    return int(line.split()[1])
-
-
 def training_peak_mb(model_name: str, method: str, size: int, img_size: int) -> float | None:
     """Extra peak resident memory of two training steps, in a fresh process (Linux only)."""
     if not Path("/proc/self/clear_refs").exists():
         return None
     code = (
-        "import sys; from pathlib import Path; sys.argv = ['overhead.py']; from benchmarks.overhead import *\n"
+        "import sys, json; from pathlib import Path; sys.argv = ['overhead.py']; from benchmarks.overhead import *\n"
+        "from benchmarks.memory import rss_kb\n"
         f"step = trainer(build({model_name!r}, {method!r})); data = batch({size}, {img_size})\n"
         "base = rss_kb('VmRSS'); Path('/proc/self/clear_refs').write_text('5')\n"
         "step(*data); step(*data); print(json.dumps((rss_kb('VmHWM') - base) / 1024))"
     )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
-    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    return in_fresh_process(code)
 
 
 def main() -> None:

@@ -11,9 +11,7 @@ fresh process. Usage (Vim-S shape by default):
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.ops import native, selective_scan, selective_scan_reference
+from benchmarks.memory import in_fresh_process
 from tests.official import scan_ref
 
 
@@ -72,23 +71,17 @@ def step(method, inputs, cotangent, backward=True):
     (METHODS[method](*inputs) * cotangent).sum().backward()
 
 
-def rss_kb(field: str) -> int:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field))
-    return int(line.split()[1])
-
-
 def peak_memory_mb(method: str, shape: list[int]) -> float | None:
     """Extra peak resident memory of one forward + backward, measured in a fresh process."""
     if not Path("/proc/self/status").exists():
         return None
     code = (
         "import sys, json; sys.argv = ['scan.py']; from benchmarks.scan import *\n"
+        "from benchmarks.memory import rss_kb\n"
         f"inputs, cot = make_inputs(*{shape}); base = rss_kb('VmRSS'); step({method!r}, inputs, cot)\n"
         "print(json.dumps((rss_kb('VmHWM') - base) / 1024))"
     )
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
-    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    return in_fresh_process(code)
 
 
 def main() -> None:
