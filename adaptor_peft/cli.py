@@ -22,7 +22,7 @@ from .models import CheckpointError, create_model, list_models
 from .ops import BACKENDS, native
 from .ops.dispatch import BACKEND_ENV
 from .reports import parameter_report, write_summary
-from .reports.results import VTAB1K_GROUPS
+from .reports.results import VTAB1K_TASKS
 from .training import RecipeError, TrainingError, evaluate_run, load_recipe, train
 from .training.loop import same_recipe
 from .training.recipe import list_recipes
@@ -125,11 +125,10 @@ def eval_command(args: argparse.Namespace) -> None:
 
 def vtab_command(args: argparse.Namespace) -> None:
     """Runs the 19 VTAB-1k tasks in a row, one run folder each, skipping finished ones, then summarises."""
-    failed, everything = [], [t for group in VTAB1K_GROUPS.values() for t in group]
-    tasks = args.tasks.split(",") if args.tasks else everything
-    unknown = sorted(set(tasks) - set(everything))
+    failed, tasks = [], args.tasks.split(",") if args.tasks else VTAB1K_TASKS
+    unknown = sorted(set(tasks) - set(VTAB1K_TASKS))
     if unknown:
-        raise SystemExit(f"adaptor-peft vtab: unknown task(s) {unknown}; VTAB-1k has {', '.join(everything)}")
+        raise SystemExit(f"adaptor-peft vtab: unknown task(s) {unknown}; VTAB-1k has {', '.join(VTAB1K_TASKS)}")
     for task in tasks:
         run = Path(args.output_dir) / task
         try:

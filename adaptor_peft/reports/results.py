@@ -22,7 +22,8 @@ VTAB1K_GROUPS = {
     "structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
                    "smallnorb_ele"),
 }  # fmt: skip
-"""The 19 tasks in the order of the usual VTAB-1k tables (DESIGN.md section 4)."""
+"""The 19 tasks by group, in the order of the usual VTAB-1k tables (DESIGN.md section 4)."""
+VTAB1K_TASKS = tuple(task for tasks in VTAB1K_GROUPS.values() for task in tasks)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -112,8 +113,8 @@ def summarize(results: list[dict[str, Any]]) -> Summary:
             )
         summary.top1[column][result["task"]] = result["top1"]
         seen_tasks[result["task"]] = result.get("benchmark") or ""
-    vtab_order = [t for group in VTAB1K_GROUPS.values() for t in group]
-    summary.tasks = sorted(seen_tasks, key=lambda t: (vtab_order.index(t) if t in vtab_order else len(vtab_order), t))
+    order = {task: i for i, task in enumerate(VTAB1K_TASKS)}
+    summary.tasks = sorted(seen_tasks, key=lambda t: (order.get(t, len(order)), t))
     vtab = any(b == "vtab1k" for b in seen_tasks.values())
     for column in summary.columns:
         scores = summary.top1[column]
@@ -121,7 +122,7 @@ def summarize(results: list[dict[str, Any]]) -> Summary:
             groups = {g: _mean([scores.get(t) for t in tasks]) for g, tasks in VTAB1K_GROUPS.items()}
             summary.averages[column] = {
                 **{f"{g} mean": v for g, v in groups.items()},
-                "mean of 19 tasks": _mean([scores.get(t) for t in vtab_order]),
+                "mean of 19 tasks": _mean([scores.get(t) for t in VTAB1K_TASKS]),
                 "mean of 3 group means": _mean(list(groups.values())),
             }
         else:

@@ -112,6 +112,14 @@ def mixed_precision(value: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def _accelerator(recipe: dict[str, Any], **options: Any) -> Accelerator:
+    """The recipe's Accelerator. ``cpu=True`` without CUDA: otherwise accelerate runs processes started by
+    torchrun on CPUs as separate single-process trainings that never meet."""
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(recipe["mixed_precision"]), **options
+    )
+
+
 def _progress(enabled: bool) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
@@ -187,11 +195,10 @@ def train(
     epoch's checkpoint (a hook for tests and callers that watch a run)."""
     run = Path(output_dir)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it, processes started by torchrun on CPUs never meet
+    accelerator = _accelerator(
+        recipe,
         log_with="tensorboard" if tensorboard else None,
         project_dir=run,
-        mixed_precision=mixed_precision(recipe["mixed_precision"]),
         gradient_accumulation_steps=recipe["grad_accum_steps"],
         dataloader_config=DataLoaderConfiguration(
             split_batches=True, use_seedable_sampler=True, data_seed=recipe["seed"]
@@ -255,7 +262,8 @@ def train(
                 with accelerator.accumulate(model):
                     loss = F.cross_entropy(model(images), labels, label_smoothing=recipe["label_smoothing"])
                     if not torch.isfinite(accelerator.reduce(loss.detach(), "mean")):
-                        last = _checkpoints(run)[-1] if _checkpoints(run) else "none (no epoch finished)"
+                        done = _checkpoints(run)
+                        last = done[-1] if done else "none (no epoch finished)"
                         raise TrainingError(
                             f"loss is {loss.item()} in epoch {epoch}, batch {batches + 1}; stopped. The last good "
                             f"checkpoint is {last}; the recipe must change (lower lr, set clip_grad_norm), so "
@@ -332,9 +340,7 @@ def evaluate_run(
     recipe = yaml.safe_load((run / CONFIG).read_text())
     if split is not None:
         recipe["eval_split"] = split
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(recipe["mixed_precision"])
-    )
+    accelerator = _accelerator(recipe)
     set_seed(recipe["seed"])  # a backbone trained from scratch is re-created from the run's seed
     model = load_adaptor(build_backbone(recipe), run / ADAPTER)
     images = build_split(recipe, model, False, data_root)
