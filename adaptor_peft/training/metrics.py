@@ -21,7 +21,7 @@ class ClassificationMetrics:
         self.top1 = MulticlassAccuracy(top_k=1, average="micro", **options).to(device)
         self.top5 = MulticlassAccuracy(top_k=min(5, num_classes), average="micro", **options).to(device)
         self.per_class = MulticlassAccuracy(top_k=1, average=None, **options).to(device)
-        self.support = torch.zeros(num_classes, dtype=torch.long)
+        self.support = torch.zeros(num_classes, dtype=torch.long, device=device)
         self.images = 0
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -29,7 +29,7 @@ class ClassificationMetrics:
         for metric in (self.top1, self.top5, self.per_class):
             metric.update(logits, labels)
         self.images += labels.numel()
-        self.support += torch.bincount(labels.cpu(), minlength=len(self.support))
+        self.support += torch.bincount(labels, minlength=len(self.support))
 
     def compute(self) -> dict[str, float | int | list[float | None]]:
         """Percentages; a class with no image in the evaluated set has per-class accuracy None, not 0."""
