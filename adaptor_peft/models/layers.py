@@ -1,11 +1,14 @@
-"""Pieces both backbones share: RMSNorm, a permute module, and Mamba's parameter initialisation."""
+"""Pieces both backbones share: RMSNorm, a permute module, Mamba's parameter initialisation, and the
+helpers of timm's model contract (activation checkpointing, pooling choice)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..ops import selective_scan
 
@@ -22,6 +25,21 @@ def ssm(adaptor_t: nn.Module | None, *args, direction: int | None = None, **kwar
     if adaptor_t is None:
         return selective_scan(*args, **kwargs).out
     return adaptor_t.scan(*args, direction=direction, **kwargs)
+
+
+def checkpointed(module: nn.Module, *args, enabled: bool) -> torch.Tensor:
+    """``module(*args)``; when ``enabled`` and gradients are on, its activations are not kept for the
+    backward pass but recomputed there (``torch.utils.checkpoint``, same RNG draws, so same gradients)."""
+    if enabled and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
+
+
+def pool_choice(global_pool: str, allowed: Sequence[str], model: str) -> str:
+    """``global_pool`` if ``model`` supports it, else a ValueError naming the choices."""
+    if global_pool not in allowed:
+        raise ValueError(f"{model}: global_pool {global_pool!r} is not supported; expected one of {tuple(allowed)}")
+    return global_pool
 
 
 def full_precision(t: torch.Tensor) -> torch.Tensor:

@@ -23,12 +23,18 @@ def register(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return register_model(fn)
 
 
-def build(model_cls: type[nn.Module], variant: str, pretrained: bool, **kwargs) -> nn.Module:
+def build(
+    model_cls: type[nn.Module], variant: str, pretrained: bool, feature_cfg: dict | None = None, **kwargs
+) -> nn.Module:
     """timm's ``build_model_with_cfg``, with weights (also a user's ``pretrained_cfg_overlay=dict(file=...)``)
-    always read by the model's ``load_pretrained``, which understands the official checkpoint formats."""
+    always read by the model's ``load_pretrained``, which understands the official checkpoint formats.
+    ``features_only=True`` wraps the model in timm's ``FeatureGetterNet`` (its ``forward_intermediates``),
+    by default with ``feature_cfg``'s ``out_indices``."""
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     overlay.setdefault("custom_load", True)
-    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    return build_model_with_cfg(
+        model_cls, variant, pretrained, pretrained_cfg_overlay=overlay, feature_cfg=feature_cfg, **kwargs
+    )
 
 
 def resolve_checkpoint(value: str | None, model_name: str) -> str | None:

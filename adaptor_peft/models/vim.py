@@ -8,6 +8,7 @@ as a module (``self.in_proj(x)``), so wrappers such as HF ``peft`` LoRA take eff
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,10 +16,20 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath
 from timm.models import generate_default_cfgs
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from .checkpoint import Loadable
-from .layers import RMSNorm, drop_path_rates, full_precision, init_dt_, s4d_real_a_log, ssm
+from .layers import (
+    RMSNorm,
+    checkpointed,
+    drop_path_rates,
+    full_precision,
+    init_dt_,
+    pool_choice,
+    s4d_real_a_log,
+    ssm,
+)
 from .registry import build, register
 
 TokenLayout = tuple[tuple[int, int], int]  # (patch grid (height, width), index of the class token)
@@ -26,6 +37,11 @@ TokenLayout = tuple[tuple[int, int], int]  # (patch grid (height, width), index 
 
 def grid_size(img_size: tuple[int, int], patch_size: int, stride: int) -> tuple[int, int]:
     return tuple((s - patch_size) // stride + 1 for s in img_size)
+
+
+def without_token(tokens: torch.Tensor, index: int) -> torch.Tensor:
+    """(B, M + 1, C) tokens without the class token at ``index``: the M patch tokens, in grid order."""
+    return torch.cat([tokens[:, :index], tokens[:, index + 1 :]], dim=1)
 
 
 def resample_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int]) -> torch.Tensor:
@@ -125,7 +141,7 @@ class BiMambaMixer(nn.Module):
         if layout is None:
             raise ValueError("BiMambaMixer: Adaptor-S needs the token layout (patch grid, class token index)")
         (height, width), cls = layout
-        patches = torch.cat([tokens[:, :cls], tokens[:, cls + 1 :]], dim=1)
+        patches = without_token(tokens, cls)
         adapted = self.adaptor_s(patches.reshape(tokens.shape[0], height, width, -1)).flatten(1, 2)
         return torch.cat([adapted[:, :cls], tokens[:, cls : cls + 1], adapted[:, cls:]], dim=1)
 
@@ -162,7 +178,14 @@ class VimBlock(nn.Module):
 
 class VisionMamba(Loadable, nn.Module):
     """Vim: patch tokens with a class token in the middle, 24 bidirectional Mamba blocks, and the
-    normed class token as the pooled feature."""
+    normed class token as the pooled feature.
+
+    timm's model contract: ``forward_features`` gives the normed token sequence (B, M + 1, C), class
+    token included at index M // 2; ``forward_head`` pools it (``global_pool``: "token", the class token
+    as the official model; "avg", the mean over all tokens; "", none) and applies the head.
+    """
+
+    POOLS = ("token", "avg", "")
 
     def __init__(
         self,
@@ -177,9 +200,12 @@ class VisionMamba(Loadable, nn.Module):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
+        global_pool: str = "token",
     ):
         super().__init__()
         self.num_classes, self.num_features, self.embed_dim = num_classes, embed_dim, embed_dim
+        self.global_pool = pool_choice(global_pool, self.POOLS, "Vim")
+        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, stride, in_chans, embed_dim)
         num_patches = self.patch_embed.grid_size[0] * self.patch_embed.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -193,33 +219,91 @@ class VisionMamba(Loadable, nn.Module):
         )
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=embed_dim, reduction=stride, module=f"layers.{i}") for i in range(depth)]
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for ``num_classes`` (0: none), and the pooling if ``global_pool`` is given."""
+        if global_pool is not None:
+            self.global_pool = pool_choice(global_pool, self.POOLS, "Vim")
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) → pooled feature (B, C): the normed output at the class token."""
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
+
+    def _stream(
+        self, x: torch.Tensor, take: Sequence[int] = (), stop: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], TokenLayout]:
+        """Images through the first ``stop`` blocks (all if None): the residual stream before ``norm_f``
+        (B, M + 1, C), the stream after each block in ``take`` (without drop path), and the token layout."""
         x, grid = self.patch_embed(x)
         token = x.shape[1] // 2
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         x = torch.cat([x[:, :token], cls, x[:, token:]], dim=1)
         x = self.pos_drop(x + resample_pos_embed(self.pos_embed, grid, self.patch_embed.grid_size))
-        hidden, residual, layout = x, None, (grid, token)
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, layout)
-        return self.norm_f(residual + self.drop_path(hidden))[:, token]
+        hidden, residual, layout, taken = x, None, (grid, token), []
+        for i, layer in enumerate(self.layers[:stop]):
+            hidden, residual = checkpointed(layer, hidden, residual, layout, enabled=self.grad_checkpointing)
+            if i in take:
+                taken.append(residual + hidden)
+        return residual + self.drop_path(hidden), taken, layout
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) → normed tokens (B, M + 1, C), the class token at index M // 2."""
+        return self.norm_f(self._stream(x)[0])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens from :meth:`forward_features` → logits, or the pooled feature with ``pre_logits``."""
+        if self.global_pool == "token":
+            x = x[:, (x.shape[1] - 1) // 2]
+        elif self.global_pool == "avg":
+            x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature extraction: the patch tokens after the blocks in ``indices`` (the last n if an
+        int, all if None), normed by ``norm_f`` with ``norm``, without the class token (as timm's ViT
+        drops its prefix tokens), as (B, C, H, W) maps ("NCHW") or (B, M, C) ("NLC"); with
+        ``stop_early`` no block after the last of them runs. Returns them, or ``(forward_features
+        output, them)`` unless ``intermediates_only``."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"Vim: output_fmt {output_fmt!r} is not supported; expected 'NCHW' or 'NLC'")
+        take, last = feature_take_indices(len(self.layers), indices)
+        stream, taken, ((height, width), token) = self._stream(x, take, last + 1 if stop_early else None)
+        intermediates = [without_token(self.norm_f(t) if norm else t, token) for t in taken]
+        if output_fmt == "NCHW":
+            intermediates = [t.reshape(x.shape[0], height, width, -1).permute(0, 3, 1, 2) for t in intermediates]
+        return intermediates if intermediates_only else (self.norm_f(stream), intermediates)
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drops the blocks after the last of ``indices`` (and ``norm_f``, the head, if asked); returns
+        the indices, counted from the first block."""
+        take, last = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[: last + 1]
+        if prune_norm:
+            self.norm_f = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Resizes a checkpoint's position embedding to this model's patch grid."""
@@ -274,7 +358,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> VisionMamba:
-    return build(VisionMamba, variant, pretrained, **kwargs)
+    return build(VisionMamba, variant, pretrained, feature_cfg=dict(out_indices=3, feature_cls="getter"), **kwargs)
 
 
 @register

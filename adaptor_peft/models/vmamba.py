@@ -12,16 +12,27 @@ from __future__ import annotations
 import math
 import re
 from collections import OrderedDict
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, Mlp
 from timm.models import generate_default_cfgs
+from timm.models._features import feature_take_indices
 from torch import nn
 
 from .checkpoint import Loadable
-from .layers import Permute, drop_path_rates, full_precision, init_dt_, s4d_real_a_log, ssm
+from .layers import (
+    Permute,
+    checkpointed,
+    drop_path_rates,
+    full_precision,
+    init_dt_,
+    pool_choice,
+    s4d_real_a_log,
+    ssm,
+)
 from .registry import build, register
 
 DIRECTIONS = 4  # row-major, column-major, and both reversed
@@ -175,7 +186,14 @@ def _downsample(version: str, dim: int, out_dim: int) -> nn.Module:
 
 class VSSM(Loadable, nn.Module):
     """VMamba: patch embed, four stages of VSS blocks with downsampling between them, then norm, global
-    average pooling and a linear head (``classifier.norm`` / ``classifier.head``)."""
+    average pooling and a linear head (``classifier.norm`` / ``classifier.head``).
+
+    timm's model contract: ``forward_features`` gives the normed last-stage map channels-last,
+    (B, H, W, C), as timm's Swin and MambaOut (and as the blocks compute); ``forward_head`` averages it
+    (``global_pool`` "avg"; "" keeps the map) and applies the head.
+    """
+
+    POOLS = ("avg", "")
 
     def __init__(
         self,
@@ -192,12 +210,18 @@ class VSSM(Loadable, nn.Module):
         mlp_ratio: float = 0.0,
         version: str = "v0",
         drop_path_rate: float = 0.0,
+        global_pool: str = "avg",
     ):
         super().__init__()
         if version not in ("v0", "v2"):
             raise ValueError(f"VSSM version must be 'v0' or 'v2', got {version!r}")
         widths = [dims * 2**i for i in range(len(depths))]
         self.num_classes, self.num_features, self.img_size = num_classes, widths[-1], img_size
+        self.global_pool = pool_choice(global_pool, self.POOLS, "VMamba")
+        self.grad_checkpointing = False
+        self.feature_info = [
+            dict(num_chs=width, reduction=patch_size * 2**i, module=f"layers.{i}") for i, width in enumerate(widths)
+        ]
         embed, down = ("v1", "v1") if version == "v0" else ("v2", "v3")
         self.patch_embed = _patch_embed(embed, in_chans, dims, patch_size)
         rates = drop_path_rates(drop_path_rate, sum(depths))
@@ -224,22 +248,90 @@ class VSSM(Loadable, nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.classifier.head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A fresh head for ``num_classes`` (0: none), and the pooling if ``global_pool`` is given."""
+        if global_pool is not None:
+            self.global_pool = pool_choice(global_pool, self.POOLS, "VMamba")
         self.num_classes = num_classes
         self.classifier.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) → pooled feature (B, C): normed last stage, averaged over the map."""
-        x = self.patch_embed(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.classifier.norm(x).mean(dim=(1, 2))
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.grad_checkpointing = enable
 
-    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.classifier.head(features)
+    def _stages(
+        self, x: torch.Tensor, take: Sequence[int] = (), stop: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Images through the first ``stop`` stages (all if None): the last one's output before the norm,
+        and the output of each stage in ``take`` before its downsampling, all (B, H, W, C)."""
+        x, taken = self.patch_embed(x), []
+        stages = self.layers[:stop]
+        for i, stage in enumerate(stages):
+            for block in stage.blocks:
+                x = checkpointed(block, x, enabled=self.grad_checkpointing)
+            if i in take:
+                taken.append(x)
+            if i < len(stages) - 1:
+                x = stage.downsample(x)
+        return x, taken
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) → the normed last-stage map (B, H / 32, W / 32, C)."""
+        return self.classifier.norm(self._stages(x)[0])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """A map from :meth:`forward_features` → logits, or the pooled feature with ``pre_logits``."""
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))
+        return x if pre_logits else self.classifier.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's feature extraction: the output of the stages in ``indices`` (the last n if an int, all
+        if None) before their downsampling, as (B, C, H, W) ("NCHW") or (B, H, W, C) ("NHWC"); with
+        ``norm`` the last stage's goes through ``classifier.norm`` (sized for it only, as timm's Swin);
+        with ``stop_early`` no stage after the last of them runs. Returns them, or ``(final map, them)``
+        unless ``intermediates_only``; the final map is normed only when the last stage ran."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"VMamba: output_fmt {output_fmt!r} is not supported; expected 'NCHW' or 'NHWC'")
+        take, last = feature_take_indices(len(self.layers), indices)
+        x, taken = self._stages(x, take, last + 1 if stop_early else None)
+        final = len(self.layers) - 1
+        intermediates = [
+            self.classifier.norm(t) if norm and i == final else t for i, t in zip(take, taken, strict=True)
+        ]
+        if output_fmt == "NCHW":
+            intermediates = [t.permute(0, 3, 1, 2) for t in intermediates]
+        if intermediates_only:
+            return intermediates
+        return (self.classifier.norm(x) if not stop_early or last == final else x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drops the stages after the last of ``indices`` and its downsampling (and the norm, the head,
+        if asked, or if the last stage goes: both are sized for it); returns the indices."""
+        take, last = feature_take_indices(len(self.layers), indices)
+        prune_end = last < len(self.layers) - 1
+        self.layers = self.layers[: last + 1]
+        self.layers[-1].downsample = nn.Identity()
+        if prune_end:
+            self.num_features = self.feature_info[last]["num_chs"]
+        if prune_norm or prune_end:
+            self.classifier.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Renames the legacy v0 keys as the official loader does."""
@@ -294,7 +386,8 @@ default_cfgs = generate_default_cfgs({name: _cfg() for name in _CONFIGS})
 
 
 def _create(variant: str, pretrained: bool, **kwargs) -> VSSM:
-    return build(VSSM, variant, pretrained, **{**_CONFIGS[variant], **kwargs})
+    features = dict(out_indices=(0, 1, 2, 3), feature_cls="getter")
+    return build(VSSM, variant, pretrained, feature_cfg=features, **{**_CONFIGS[variant], **kwargs})
 
 
 @register
