@@ -16,10 +16,12 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from adaptor_peft import create_model
 from adaptor_peft.cli import main
-from adaptor_peft.training import ClassificationMetrics, TrainingError, load_recipe, train
+from adaptor_peft.training import ClassificationMetrics, TrainingError, build_model, load_recipe, train
 from adaptor_peft.training import loop as training_loop
 from adaptor_peft.training.optim import build_optimizer, build_scheduler, decays
 
@@ -81,6 +83,11 @@ def logged(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def interrupt(epoch: int) -> None:
+    """An ``after_epoch`` hook that kills the run after its first epoch's checkpoint."""
+    raise KeyboardInterrupt
+
+
 def test_train_eval_summarize_through_the_cli(tmp_path, recipes, checkpoint, capsys):
     data, run = vtab_task(tmp_path / "vtab-1k"), tmp_path / "runs" / "cifar"
     main(["train", "--recipe", "vtab1k/cifar", "--checkpoint", str(checkpoint), "--method", "adaptor",
@@ -106,17 +113,14 @@ def test_train_eval_summarize_through_the_cli(tmp_path, recipes, checkpoint, cap
     assert {p.name for p in (tmp_path / "runs").glob("summary.*")} == {"summary.md", "summary.json", "summary.png"}
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path, recipes, checkpoint):
+@pytest.mark.parametrize("method", ["adaptor", "full"])  # a checkpoint without / with the backbone
+def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path, recipes, checkpoint, method):
     data = vtab_task(tmp_path / "vtab-1k")
-    recipe = tiny_recipe(checkpoint, "epochs=3", "transform=fgvc", "drop_path=0.2")  # random crops, flips, drop path
+    # random crops, flips and drop path; an evaluation after every epoch
+    recipe = tiny_recipe(checkpoint, "epochs=3", "transform=fgvc", "drop_path=0.2", f"method={method}", "eval_every=1")
     whole = train(recipe, tmp_path / "whole", data, progress=False)
-
-    def killed(epoch: int) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(recipe, tmp_path / "resumed", data, progress=False, after_epoch=killed)
+        train(recipe, tmp_path / "resumed", data, progress=False, after_epoch=interrupt)
     assert [r["epoch"] for r in logged(tmp_path / "resumed")] == [1]
     resumed = train(recipe, tmp_path / "resumed", data, progress=False)
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in logged(tmp_path / "whole")]
@@ -187,7 +191,7 @@ def test_two_processes_agree_with_one(tmp_path, recipes, checkpoint):
     (32 training images split 4 + 4 per batch of 8, so no batch is padded)."""
     data = vtab_task(tmp_path / "vtab-1k")
     args = ["train", "--recipe", "vtab1k/cifar", "--checkpoint", str(checkpoint), "--data-root", str(data),
-            "--no-progress", *TINY]  # fmt: skip
+            "--no-progress", *TINY, "eval_every=1"]  # fmt: skip
     main([*args, "--output-dir", str(tmp_path / "one")])
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
@@ -259,7 +263,7 @@ def test_a_folder_where_no_epoch_finished_takes_a_corrected_recipe(tmp_path, rec
 def test_recipes_refuse_impossible_numbers_and_frozen_random_backbones(tmp_path, recipes, checkpoint):
     from adaptor_peft.training import RecipeError
 
-    for override, message in [("epochs=0", "epochs=0"), ("eval_every=0", "eval_every=0"), ("lr=0", "lr=0.0")]:
+    for override, message in [("epochs=0", "epochs=0"), ("eval_every=-1", "eval_every=-1"), ("lr=0", "lr=0.0")]:
         with pytest.raises(RecipeError, match=message):
             tiny_recipe(checkpoint, override)
     data = vtab_task(tmp_path / "vtab-1k")
@@ -296,3 +300,40 @@ def test_per_class_accuracy_is_none_for_absent_classes_and_empty_evaluations_fai
     assert metrics.compute()["per_class"] == [100.0, 100.0, None]
     with pytest.raises(ValueError, match="empty"):
         ClassificationMetrics(3).compute()
+
+
+def test_benchmark_recipes_read_the_test_split_once_after_the_last_epoch(tmp_path, recipes, checkpoint):
+    """VTAB-1k's protocol (and the default): evaluate after the last epoch only; eval_every=N adds every N-th."""
+    assert {load_recipe(name)["eval_every"] for name in ("vtab1k/svhn", "fgvc/cub", "demo/digits")} == {0}
+    data = vtab_task(tmp_path / "vtab-1k")
+    train(tiny_recipe(checkpoint, "epochs=3"), tmp_path / "end", data, progress=False)
+    assert ["eval_top1" in r for r in logged(tmp_path / "end")] == [False, False, True]
+    train(tiny_recipe(checkpoint, "epochs=3", "eval_every=2"), tmp_path / "every2", data, progress=False)
+    assert ["eval_top1" in r for r in logged(tmp_path / "every2")] == [False, True, True]
+
+
+def test_epoch_checkpoints_hold_what_training_changes_not_the_frozen_backbone(tmp_path, recipes, checkpoint):
+    data = vtab_task(tmp_path / "vtab-1k")
+    saved = {}
+    for method in ("adaptor", "full"):
+        recipe = tiny_recipe(checkpoint, "epochs=2", f"method={method}")
+        with pytest.raises(KeyboardInterrupt):
+            train(recipe, tmp_path / method, data, progress=False, after_epoch=interrupt)
+        epoch = tmp_path / method / "checkpoints" / "epoch_001"
+        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"} <= {
+            p.name for p in epoch.iterdir()
+        }
+        with safe_open(epoch / "model.safetensors", "pt") as weights:
+            saved[method] = set(weights.keys())
+        model = build_model(recipe)
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        assert saved[method] == trainable, method
+    assert "layers.0.mixer.in_proj.weight" in saved["full"] and "patch_embed.proj.weight" in saved["full"]
+    assert all(".adaptor_" in name or name.startswith("head.") for name in saved["adaptor"])
+
+    weights = tmp_path / "adaptor" / "checkpoints" / "epoch_001" / "model.safetensors"
+    state = load_file(weights)
+    state["layers.0.mixer.surprise"] = state.pop("head.bias")  # a checkpoint that does not fit the model
+    save_file(state, weights)
+    with pytest.raises(TrainingError, match=r"epoch_001/model\.safetensors.*surprise.*head\.bias"):
+        train(tiny_recipe(checkpoint, "epochs=2"), tmp_path / "adaptor", data, progress=False)

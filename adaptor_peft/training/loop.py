@@ -1,11 +1,17 @@
 """The training loop: a resolved recipe in, a run folder out.
 
 A run folder holds ``config.yaml`` (the resolved recipe), ``log.jsonl`` (one line per epoch),
-``checkpoints/epoch_NNN/`` (accelerate's full training state after each epoch, the last two kept),
-``adapter/`` (what :func:`~adaptor_peft.save_adaptor` writes: only the trained weights) and
-``results.json``. Starting a run in a folder that holds the same recipe resumes it after its last
-complete checkpoint, with the same data order, augmentation and dropout draws as an uninterrupted run:
-the sampler is seeded per epoch and accelerate restores every random state.
+``checkpoints/epoch_NNN/`` (the training state after each epoch, the last two kept), ``adapter/`` (what
+:func:`~adaptor_peft.save_adaptor` writes: only the trained weights) and ``results.json``. Starting a run
+in a folder that holds the same recipe resumes it after its last complete checkpoint, with the same data
+order, augmentation and dropout draws as an uninterrupted run: the sampler is seeded per epoch and
+accelerate restores every random state.
+
+An epoch checkpoint is accelerate's ``save_state`` (optimizer, scheduler, random states and, where it has
+any, the sampler's) with the model's part cut down to what training changes: the trainable parameters and
+every buffer (buffers such as BatchNorm statistics can change in a frozen module). The frozen backbone is
+not written every epoch: a resumed run rebuilds it from the recipe's checkpoint, as the interrupted run
+did. Under FSDP or DeepSpeed accelerate saves the model itself, whole.
 
 The loop reads top to bottom in the style of accelerate's examples: prepare, loop, ``accumulate``,
 ``backward``, ``gather_for_metrics``, ``save_state``.
@@ -27,8 +33,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import SAFE_WEIGHTS_NAME, DataLoaderConfiguration, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -143,6 +150,36 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num
     return metrics.compute()
 
 
+def _trained_keys(model: nn.Module) -> set[str]:
+    """Names in ``model``'s state dict that training changes: trainable parameters and all buffers."""
+    parameters = {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    return parameters | {name for name, _ in model.named_buffers(remove_duplicate=False)}
+
+
+def _keep_trained_state(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+    """accelerate ``save_state`` pre-hook: drops the frozen parameters from the state dicts it is about to
+    write, in place (``weights`` is empty under FSDP and DeepSpeed, which save the models themselves)."""
+    for model, state in zip(models, weights, strict=False):
+        for key in state.keys() - _trained_keys(model):
+            del state[key]
+
+
+def _load_trained_state(models: list[nn.Module], input_dir: str) -> None:
+    """accelerate ``load_state`` pre-hook: loads what :func:`_keep_trained_state` kept of the loop's one model
+    (a checkpoint holding everything loads too) and takes the model off accelerate's list, whose loader
+    would require every tensor."""
+    for model in models:
+        path = Path(input_dir) / SAFE_WEIGHTS_NAME
+        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+        lacking = sorted(_trained_keys(model).intersection(missing))
+        if unexpected or lacking:
+            raise TrainingError(
+                f"{path} does not fit the run's model: unknown tensors {sorted(unexpected)}, missing trained "
+                f"tensors {lacking}"
+            )
+    models.clear()
+
+
 def _checkpoints(run: Path) -> list[Path]:
     """Complete epoch checkpoints of a run folder, oldest first."""
     folder = run / CHECKPOINTS
@@ -204,6 +241,8 @@ def train(
             split_batches=True, use_seedable_sampler=True, data_seed=recipe["seed"]
         ),
     )
+    accelerator.register_save_state_pre_hook(_keep_trained_state)
+    accelerator.register_load_state_pre_hook(_load_trained_state)
     for key in ("batch_size", "eval_batch_size"):
         if recipe[key] % accelerator.num_processes:
             raise RecipeError(
@@ -284,7 +323,7 @@ def train(
                 "lr": scheduler.get_last_lr()[0],
                 "train_loss": accelerator.reduce(loss_sum / max(batches, 1), "mean").item(),
             }
-            if epoch % recipe["eval_every"] == 0 or epoch == recipe["epochs"]:
+            if epoch == recipe["epochs"] or (recipe["eval_every"] and epoch % recipe["eval_every"] == 0):
                 metrics = evaluate(model, eval_loader, accelerator, recipe["num_classes"])
                 record.update(eval_top1=metrics["top1"], eval_top5=metrics["top5"])
             record["seconds"] = round(time.perf_counter() - started, 2)
@@ -318,7 +357,7 @@ def train(
 
 
 def _save_checkpoint(accelerator: Accelerator, run: Path, epoch: int) -> None:
-    """Saves the full training state after ``epoch``, marks it complete, then drops all but the newest ones."""
+    """Saves the training state after ``epoch``, marks it complete, then drops all but the newest ones."""
     path = run / CHECKPOINTS / f"epoch_{epoch:03d}"
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()  # every process's random states are in before the checkpoint counts

@@ -27,10 +27,9 @@ are checked there."""
 
 
 BOUNDS = (
-    *((key, 0, True) for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "eval_every")),
-    *((key, 0, True) for key in ("lr", "num_classes")),
+    *((key, 0, True) for key in ("epochs", "batch_size", "eval_batch_size", "grad_accum_steps", "lr", "num_classes")),
     *((key, 0, False) for key in ("warmup_epochs", "min_lr", "weight_decay", "drop_path", "label_smoothing")),
-    ("num_workers", 0, False),
+    *((key, 0, False) for key in ("num_workers", "eval_every")),
 )
 """(key, bound, strict): numbers a recipe must keep above (strict) or at least at the bound."""
 
