@@ -201,3 +201,17 @@ def test_checkpoint_urls_must_be_https():
         resolve_checkpoint("http://example.com/vim.pth", "vim_tiny_patch16_224")
     with pytest.raises(CheckpointError, match="not a file"):
         resolve_checkpoint("missing.pth", "vim_tiny_patch16_224")
+
+
+def test_create_model_loads_a_checkpoint_into_a_features_only_model(tmp_path):
+    source = tiny("vmamba_v2")
+    path = tmp_path / "vmamba.pth"
+    save_official(path, source.state_dict())
+    config = dict(dims=16, depths=(1, 2, 1, 1))
+    extractor = adaptor_peft.create_model("vmamba_tiny_s1l8", checkpoint=path, features_only=True, **config).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = source.forward_intermediates(images, intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(extractor(images), expected, strict=True))
+    with pytest.raises(TypeError, match="features_only needs the checkpoint as a file"):
+        adaptor_peft.create_model("vmamba_tiny_s1l8", checkpoint=source.state_dict(), features_only=True, **config)

@@ -79,13 +79,19 @@ def create_model(
     """Builds ``name`` (keyword overrides such as ``depth=2`` change the architecture) and, if given,
     loads ``checkpoint``: a file in any format :func:`~adaptor_peft.models.read_state_dict` reads, a state
     dict, an https URL, or ``"pretrained"`` (see :func:`resolve_checkpoint`). A ``num_classes`` other
-    than the checkpoint's leaves the head freshly initialised."""
+    than the checkpoint's leaves the head freshly initialised. With ``features_only=True`` (timm's
+    feature extractor) the checkpoint must be a file: timm loads it before wrapping and pruning the model."""
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     overrides = {k: v for k, v in dict(num_classes=num_classes, img_size=img_size).items() if v is not None}
-    model = timm.create_model(name, pretrained=False, **overrides, **kwargs)
     if isinstance(checkpoint, str):
         checkpoint = resolve_checkpoint(checkpoint, name)
+    if kwargs.get("features_only") and checkpoint is not None:
+        if isinstance(checkpoint, Mapping):
+            raise TypeError(f"create_model({name!r}, features_only=True): features_only needs the checkpoint as a file")
+        overrides.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(checkpoint)))
+        checkpoint = None
+    model = timm.create_model(name, **{"pretrained": False, **overrides}, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, checkpoint)
     return model
