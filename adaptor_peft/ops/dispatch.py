@@ -10,18 +10,27 @@ ever holding a (batch, dim, len, k, nstate) tensor, and gets gradients for the w
 Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACKEND``):
 
 - ``mamba_ssm``: mamba-ssm's CUDA kernel; CUDA tensors only, no probes or hidden states.
+- ``triton``: the Triton kernels (:mod:`adaptor_peft.ops.scan_triton`); CUDA tensors, or CPU tensors
+  under Triton's interpreter (``TRITON_INTERPRET=1``, for tests and debugging).
 - ``native``: the compiled CPU kernel (:mod:`adaptor_peft.ops.native`), float32 / float64.
 - ``torch``: plain PyTorch (:mod:`adaptor_peft.ops.scan_torch`), any device.
-- ``auto`` (default): ``mamba_ssm`` for CUDA tensors when it imports, else ``native`` on CPU where it
-  builds and the channel layout fits, else ``torch``.
+- ``auto`` (default): on CUDA, ``mamba_ssm`` for plain scans when it imports, else ``triton`` where
+  Triton imports, else ``torch``; on CPU, ``native`` where it builds and the channel layout fits, else
+  ``torch``.
+
+Probe positions are range-checked on CPU tensors. On other devices that check would stall the GPU
+(it reads the positions back to the host), so it runs only with ``ADAPTOR_PEFT_CHECK_PROBES=1``; the
+Triton kernels clamp positions into the sequence, so a bad one cannot read outside it.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 from collections.abc import Callable
 from functools import cache
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -29,8 +38,8 @@ import torch
 from . import native, scan_torch
 
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
-BACKENDS = ("auto", "mamba_ssm", "native", "torch")
-_IMPLEMENTATIONS = {"native": native, "torch": scan_torch}
+CHECK_PROBES_ENV = "ADAPTOR_PEFT_CHECK_PROBES"
+BACKENDS = ("auto", "mamba_ssm", "triton", "native", "torch")
 
 
 class ScanOutput(NamedTuple):
@@ -54,6 +63,23 @@ def mamba_ssm_kernel() -> Callable | None:
     except Exception:  # ImportError, or OSError / RuntimeError from a broken CUDA extension
         return None
     return kernel
+
+
+@cache
+def triton_backend() -> ModuleType | None:
+    """:mod:`adaptor_peft.ops.scan_triton` if Triton imports, else None (imported on first use only)."""
+    try:
+        return importlib.import_module(".scan_triton", __package__)
+    except ImportError:
+        return None
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _implementation(name: str) -> ModuleType:
+    return {"native": native, "torch": scan_torch}.get(name) or triton_backend()
 
 
 def as_grouped(X: torch.Tensor, batch: int, length: int, groups: int | None = None) -> torch.Tensor:
@@ -114,7 +140,8 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight
             )
         if p.dtype.is_floating_point or p.dtype == torch.bool:
             raise TypeError(f"selective_scan: probe_index must hold integer positions, got {p.dtype}")
-        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= length):
+        checked = p.device.type == "cpu" or os.environ.get(CHECK_PROBES_ENV) == "1"
+        if checked and p.numel() and (int(p.min()) < 0 or int(p.max()) >= length):
             raise ValueError(f"selective_scan: probe_index values must lie in [0, {length}), got "
                              f"[{int(p.min())}, {int(p.max())}]")  # fmt: skip
 
@@ -139,13 +166,23 @@ def select_backend(
     device = torch.device(device)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     mamba_ok = device.type == "cuda" and not needs_states and mamba_ssm_kernel() is not None
+    triton_ok = (device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())) and (
+        triton_backend() is not None
+    )
     native_ok = device.type == "cpu" and native.supports(dim, groups, probe_groups) and native.available(compute)
     if requested == "auto":
-        return "mamba_ssm" if mamba_ok else "native" if native_ok else "torch"
+        if device.type == "cuda":
+            return "mamba_ssm" if mamba_ok else "triton" if triton_ok else "torch"
+        return "native" if native_ok else "torch"
     if requested == "mamba_ssm" and not mamba_ok:
         raise RuntimeError(
             "selective_scan backend 'mamba_ssm' needs CUDA tensors, an importable mamba-ssm "
             f"(importable: {mamba_ssm_kernel() is not None}) and no probes or hidden states; got device {device}"
+        )
+    if requested == "triton" and not triton_ok:
+        raise RuntimeError(
+            f"selective_scan backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) and an "
+            f"importable triton (importable: {triton_backend() is not None}); got device {device}"
         )
     if requested == "native" and not native_ok:
         raise RuntimeError(
@@ -161,7 +198,7 @@ class _ScanFunction(torch.autograd.Function):
     def forward(
         ctx, backend, u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last, want_hidden
     ):
-        impl = _IMPLEMENTATIONS[backend]
+        impl = _implementation(backend)
         out, readout, last, hidden = impl.forward(
             u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last, want_hidden
         )
@@ -221,7 +258,9 @@ def selective_scan(
         return ScanOutput(*result) if return_last_state else ScanOutput(result)
     dtype, compute = u.dtype, torch.float64 if u.dtype == torch.float64 else torch.float32
     floats = (u, delta, delta_bias, A, Bg, Cg, D, z, probe_weight, probe_scale)
-    u, delta, delta_bias, A, Bg, Cg, D, z, weight, scale = (None if t is None else t.to(compute) for t in floats)
+    if name != "triton":  # the Triton kernels read each input in its own dtype and accumulate in float32
+        floats = (None if t is None else t.to(compute) for t in floats)
+    u, delta, delta_bias, A, Bg, Cg, D, z, weight, scale = floats
     probe = None if probe_index is None else probe_index.long()
     out, readout, last, hidden = _ScanFunction.apply(
         name, u, delta, delta_bias, delta_softplus, A, Bg, Cg, D, z, probe, weight, scale, return_last_state,

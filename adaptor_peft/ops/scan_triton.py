@@ -1,0 +1,375 @@
+"""The selective scan in Triton, with a hand-written backward: GPUs without mamba-ssm, and Adaptor-T's probes.
+
+Same contract as :mod:`adaptor_peft.ops.scan_torch` (``forward`` / ``backward``), except that inputs may
+be float32, bfloat16 or float16 (each tensor in its own dtype); states and accumulations are float32
+(float64 for float64 inputs). A program owns one batch row and ``block`` consecutive channels, all
+inside one B/C group and one probe group, and walks the sequence with its (block, nstate) state in
+registers. Kernels:
+
+- ``_scan_kernel``: the forward recurrence; writes ``y = C·h + D u`` (gated unless probes follow) and,
+  when asked, the float32 state history (batch, dim, len, nstate) and the last state.
+- ``_readout_kernel``: probe readout ``r_i = Σ_k w_ik C_i·h(p_ik)`` off the history, in parallel over
+  positions, then ``out = (y + scale r) silu(z)``.
+- ``_probe_grad_kernel``: probe backward: weights' and C's gradients by gathering from the history, and
+  the states' gradient ``w_ik dr_i C_i`` scattered (atomically) onto positions ``p_ik``.
+- ``_adjoint_kernel``: the reverse recurrence ``g_t = a_{t+1} g_{t+1} + dy_t C_t (+ scattered)`` with
+  ``h_{t-1}`` read from the history; writes du, dΔ and per-block partial sums for dA, dB, dC.
+
+Memory: the forward without probes keeps no history. The probe forward and every backward hold one
+float32 history for the duration of the call (and the backward with probes a second one for the
+scattered gradient): ``batch·dim·len·nstate·4`` bytes each, 591 MiB for one Vim-S scan direction at
+batch 64 (768 channels, 197 tokens, 16 states); it is freed before the next scan runs. Nothing of size
+(batch, dim, len, k, nstate) exists. Partial sums are reduced with PyTorch, not atomics, except the
+scattered state gradient, so results are deterministic without probes.
+
+No host synchronisation: probe positions are not checked here (see the dispatcher); the kernels clamp
+them to [0, len) so a bad position cannot read outside the history.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK = 32  # channels per program
+TIME_BLOCK = 8  # positions per program in the parallel probe kernels
+
+
+@triton.jit
+def _softplus(x):
+    # log1p(exp(x)) without log1p (Kahan's trick), the identity above 20 as torch does
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
+def _step(delta_ptr, bias_ptr, offset, d, mask, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(x, dt) for one position of a channel block: x = delta + bias, dt = softplus(x) or x."""
+    x = tl.load(delta_ptr + offset, mask=mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        x += tl.load(bias_ptr + d, mask=mask, other=0.0).to(ACC)
+    if SOFTPLUS:
+        return x, _softplus(x)
+    return x, x
+
+
+@triton.jit
+def _scan_kernel(
+    u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr, hidden_ptr, last_ptr,
+    dim, length, nstate, cpg,
+    su_b, su_d, su_t, sd_b, sd_d, sd_t, sz_b, sz_d, sz_t,
+    sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
+    BLOCK: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, GATE: tl.constexpr, STORE_HIDDEN: tl.constexpr, STORE_LAST: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n = tl.arange(0, NP)
+    dmask, nmask = d < dim, n < nstate
+    mask2 = dmask[:, None] & nmask[None, :]
+    group = (tl.program_id(1) * BLOCK) // cpg
+    A = tl.load(A_ptr + d[:, None] * nstate + n[None, :], mask=mask2, other=0.0).to(ACC)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
+    B_row = B_ptr + b * sB_b + group * sB_g + n * sB_n
+    C_row = C_ptr + b * sC_b + group * sC_g + n * sC_n
+    row = b * dim * length + d * length  # contiguous (batch, dim, len) outputs
+    h = tl.zeros((BLOCK, NP), dtype=ACC)
+    for t in range(0, length):
+        _, dt = _step(delta_ptr, bias_ptr, b * sd_b + d * sd_d + t * sd_t, d, dmask, ACC, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + b * su_b + d * su_d + t * su_t, mask=dmask, other=0.0).to(ACC)
+        Bt = tl.load(B_row + t * sB_t, mask=nmask, other=0.0).to(ACC)
+        Ct = tl.load(C_row + t * sC_t, mask=nmask, other=0.0).to(ACC)
+        h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+        y = tl.sum(h * Ct[None, :], axis=1)
+        if HAS_D:
+            y += Dskip * u
+        if GATE:
+            zt = tl.load(z_ptr + b * sz_b + d * sz_d + t * sz_t, mask=dmask, other=0.0).to(ACC)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(out_ptr + row + t, y, mask=dmask)
+        if STORE_HIDDEN:
+            tl.store(hidden_ptr + (row + t)[:, None] * nstate + n[None, :], h, mask=mask2)
+    if STORE_LAST:
+        tl.store(last_ptr + (b * dim + d)[:, None] * nstate + n[None, :], h, mask=mask2)
+
+
+@triton.jit
+def _probe_tile(probe_ptr, weight_ptr, b, pgroup, t, tmask, k, pgroups, length, nprobe):
+    """Clamped positions and weights of probe ``k`` for a tile of query positions: two (TIME,) vectors."""
+    offset = ((b * pgroups + pgroup) * length + t) * nprobe + k
+    p = tl.load(probe_ptr + offset, mask=tmask, other=0)
+    p = tl.minimum(tl.maximum(p, 0), length - 1)
+    return p, tl.load(weight_ptr + offset, mask=tmask, other=0.0)
+
+
+@triton.jit
+def _readout_kernel(
+    hidden_ptr, C_ptr, probe_ptr, weight_ptr, scale_ptr, y_ptr, z_ptr, out_ptr, readout_ptr,
+    dim, length, nstate, cpg, ppg, pgroups, nprobe,
+    sC_b, sC_g, sC_n, sC_t, sz_b, sz_d, sz_t,
+    BLOCK: tl.constexpr, TIME: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr, HAS_SCALE: tl.constexpr,
+    GATE: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    t = tl.program_id(2) * TIME + tl.arange(0, TIME)
+    n = tl.arange(0, NP)
+    dmask, tmask, nmask = d < dim, t < length, n < nstate
+    group, pgroup = (tl.program_id(1) * BLOCK) // cpg, (tl.program_id(1) * BLOCK) // ppg
+    Ct = tl.load(
+        C_ptr + b * sC_b + group * sC_g + n[None, :] * sC_n + t[:, None] * sC_t,
+        mask=tmask[:, None] & nmask[None, :], other=0.0,
+    ).to(ACC)  # fmt: skip
+    rows = (b * dim + d) * length  # (BLOCK,)
+    mask3 = dmask[:, None, None] & tmask[None, :, None] & nmask[None, None, :]
+    acc = tl.zeros((BLOCK, TIME), dtype=ACC)
+    for k in range(0, nprobe):
+        p, w = _probe_tile(probe_ptr, weight_ptr, b, pgroup, t, tmask, k, pgroups, length, nprobe)
+        at = (rows[:, None] + p[None, :])[:, :, None] * nstate + n[None, None, :]
+        hp = tl.load(hidden_ptr + at, mask=mask3, other=0.0)
+        acc += w.to(ACC)[None, :] * tl.sum(hp * Ct[None, :, :], axis=2)
+    mask2 = dmask[:, None] & tmask[None, :]
+    at2 = rows[:, None] + t[None, :]
+    tl.store(readout_ptr + at2, acc, mask=mask2)
+    y = tl.load(y_ptr + at2, mask=mask2, other=0.0)
+    if HAS_SCALE:
+        y += tl.load(scale_ptr + d, mask=dmask, other=0.0).to(ACC)[:, None] * acc
+    if GATE:
+        zt = tl.load(z_ptr + b * sz_b + d[:, None] * sz_d + t[None, :] * sz_t, mask=mask2, other=0.0).to(ACC)
+        y = y * zt * tl.sigmoid(zt)
+    tl.store(out_ptr + at2, y, mask=mask2)
+
+
+@triton.jit
+def _probe_grad_kernel(
+    hidden_ptr, C_ptr, probe_ptr, weight_ptr, dr_ptr, scatter_ptr, dweight_ptr, dC_ptr,
+    dim, length, nstate, cpg, ppg, pgroups, nprobe, blocks,
+    sC_b, sC_g, sC_n, sC_t,
+    BLOCK: tl.constexpr, TIME: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    d = blk * BLOCK + tl.arange(0, BLOCK)
+    t = tl.program_id(2) * TIME + tl.arange(0, TIME)
+    n = tl.arange(0, NP)
+    dmask, tmask, nmask = d < dim, t < length, n < nstate
+    group, pgroup = (blk * BLOCK) // cpg, (blk * BLOCK) // ppg
+    mask_tn = tmask[:, None] & nmask[None, :]
+    Ct = tl.load(C_ptr + b * sC_b + group * sC_g + n[None, :] * sC_n + t[:, None] * sC_t, mask=mask_tn, other=0.0)
+    Ct = Ct.to(ACC)
+    rows = (b * dim + d) * length
+    mask2 = dmask[:, None] & tmask[None, :]
+    mask3 = mask2[:, :, None] & nmask[None, None, :]
+    dr = tl.load(dr_ptr + rows[:, None] + t[None, :], mask=mask2, other=0.0)
+    dC = tl.zeros((TIME, NP), dtype=ACC)
+    partial = (b * blocks + blk) * length + t  # (TIME,) rows of the per-block partial sums
+    for k in range(0, nprobe):
+        p, w = _probe_tile(probe_ptr, weight_ptr, b, pgroup, t, tmask, k, pgroups, length, nprobe)
+        at = (rows[:, None] + p[None, :])[:, :, None] * nstate + n[None, None, :]
+        hp = tl.load(hidden_ptr + at, mask=mask3, other=0.0)
+        seen = tl.sum(hp * Ct[None, :, :], axis=2)  # (BLOCK, TIME): C_i · h(p_ik)
+        tl.store(dweight_ptr + partial * nprobe + k, tl.sum(dr * seen, axis=0), mask=tmask)
+        drw = dr * w.to(ACC)[None, :]
+        dC += tl.sum(drw[:, :, None] * hp, axis=0)
+        tl.atomic_add(scatter_ptr + at, drw[:, :, None] * Ct[None, :, :], mask=mask3)
+    tl.store(dC_ptr + (b * blocks + blk) * nstate * length + n[None, :] * length + t[:, None], dC, mask=mask_tn)
+
+
+@triton.jit
+def _adjoint_kernel(
+    u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, hidden_ptr, scatter_ptr, dy_ptr,
+    du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr,
+    dim, length, nstate, cpg, blocks,
+    su_b, su_d, su_t, sd_b, sd_d, sd_t,
+    sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
+    BLOCK: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    SCATTERED: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    d = blk * BLOCK + tl.arange(0, BLOCK)
+    n = tl.arange(0, NP)
+    dmask, nmask = d < dim, n < nstate
+    mask2 = dmask[:, None] & nmask[None, :]
+    group = (blk * BLOCK) // cpg
+    A = tl.load(A_ptr + d[:, None] * nstate + n[None, :], mask=mask2, other=0.0).to(ACC)
+    B_row = B_ptr + b * sB_b + group * sB_g + n * sB_n
+    C_row = C_ptr + b * sC_b + group * sC_g + n * sC_n
+    row = b * dim * length + d * length
+    partial = (b * blocks + blk) * nstate * length + n * length  # (NP,) offsets of the per-block partial sums
+    g = tl.zeros((BLOCK, NP), dtype=ACC)
+    a_next = tl.zeros((BLOCK, NP), dtype=ACC)
+    dA = tl.zeros((BLOCK, NP), dtype=ACC)
+    for step in range(0, length):
+        t = length - 1 - step
+        x, dt = _step(delta_ptr, bias_ptr, b * sd_b + d * sd_d + t * sd_t, d, dmask, ACC, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + b * su_b + d * su_d + t * su_t, mask=dmask, other=0.0).to(ACC)
+        Bt = tl.load(B_row + t * sB_t, mask=nmask, other=0.0).to(ACC)
+        Ct = tl.load(C_row + t * sC_t, mask=nmask, other=0.0).to(ACC)
+        dy = tl.load(dy_ptr + row + t, mask=dmask, other=0.0)
+        states = hidden_ptr + (row + t)[:, None] * nstate + n[None, :]
+        h = tl.load(states, mask=mask2, other=0.0)
+        h_prev = tl.load(states - nstate, mask=mask2 & (t > 0), other=0.0)
+        a = tl.exp(dt[:, None] * A)
+        g = a_next * g + dy[:, None] * Ct[None, :]
+        if SCATTERED:
+            g += tl.load(scatter_ptr + (row + t)[:, None] * nstate + n[None, :], mask=mask2, other=0.0)
+        g_a_hprev = g * a * h_prev
+        ddt = tl.sum(g_a_hprev * A + g * u[:, None] * Bt[None, :], axis=1)
+        if SOFTPLUS:
+            ddt = ddt * tl.sigmoid(x)
+        dA += g_a_hprev * dt[:, None]
+        tl.store(du_ptr + row + t, tl.sum(g * Bt[None, :], axis=1) * dt, mask=dmask)
+        tl.store(ddelta_ptr + row + t, ddt, mask=dmask)
+        tl.store(dB_ptr + partial + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=nmask)
+        dC = tl.sum(dy[:, None] * h, axis=0)
+        if SCATTERED:
+            dC += tl.load(dC_ptr + partial + t, mask=nmask, other=0.0)
+        tl.store(dC_ptr + partial + t, dC, mask=nmask)
+        a_next = a
+    tl.store(dA_ptr + (b * dim + d)[:, None] * nstate + n[None, :], dA, mask=mask2)
+
+
+def block_size(dim: int, cpg: int, ppg: int) -> int:
+    """Channels per program: a power of two dividing the channels of every B/C and probe group."""
+    common = math.gcd(cpg, ppg)
+    return min(MAX_BLOCK, common & -common)
+
+
+def _layout(u, A, B, probe):
+    batch, dim, length = u.shape
+    nstate = A.shape[1]
+    cpg = dim // B.shape[1]
+    ppg = dim // probe.shape[1] if probe is not None else cpg
+    block = block_size(dim, cpg, ppg)
+    return batch, dim, length, nstate, cpg, ppg, block, triton.next_power_of_2(nstate)
+
+
+def _accumulator(u: torch.Tensor) -> tuple[torch.dtype, object]:
+    return (torch.float64, tl.float64) if u.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def warps(elements: int) -> int:
+    return max(1, min(8, elements // 128))
+
+
+def _scan(u, delta, delta_bias, softplus, A, B, C, D, z, gate, want_hidden, want_last):
+    """Runs ``_scan_kernel``: (y or gated out, history or None, last state or None)."""
+    batch, dim, length, nstate, cpg, _, block, np2 = _layout(u, A, B, None)
+    acc, ACC = _accumulator(u)
+    y = torch.empty(batch, dim, length, device=u.device, dtype=acc)
+    hidden = torch.empty(batch, dim, length, nstate, device=u.device, dtype=acc) if want_hidden else None
+    last = torch.empty(batch, dim, nstate, device=u.device, dtype=acc) if want_last else None
+    zs = z.stride() if z is not None else (0, 0, 0)
+    _scan_kernel[(batch, triton.cdiv(dim, block))](
+        u, delta, delta_bias, A, B, C, D, z, y, hidden, last, dim, length, nstate, cpg,
+        *u.stride(), *delta.stride(), *zs, *B.stride(), *C.stride(),
+        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        HAS_D=D is not None, GATE=gate and z is not None, STORE_HIDDEN=want_hidden, STORE_LAST=want_last,
+        num_warps=warps(block * np2),
+    )  # fmt: skip
+    return y, hidden, last
+
+
+def _readout(hidden, C, probe, weight, scale, y, z, gate):
+    """Runs ``_readout_kernel``: (out, readout)."""
+    batch, dim, length, nstate = hidden.shape
+    cpg, ppg = dim // C.shape[1], dim // probe.shape[1]
+    block, np2 = block_size(dim, cpg, ppg), triton.next_power_of_2(nstate)
+    out, readout = torch.empty_like(y), torch.empty_like(y)
+    zs = z.stride() if z is not None else (0, 0, 0)
+    grid = (batch, triton.cdiv(dim, block), triton.cdiv(length, TIME_BLOCK))
+    _readout_kernel[grid](
+        hidden, C, probe, weight, scale, y, z, out, readout, dim, length, nstate, cpg, ppg, probe.shape[1],
+        probe.shape[3], *C.stride(), *zs,
+        BLOCK=block, TIME=TIME_BLOCK, NP=np2, ACC=_accumulator(hidden)[1], HAS_SCALE=scale is not None,
+        GATE=gate and z is not None, num_warps=warps(block * TIME_BLOCK * np2),
+    )  # fmt: skip
+    return out, readout
+
+
+def _probes(probe, weight):
+    return (None, None) if probe is None else (probe.contiguous(), weight.contiguous())
+
+
+def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last: bool, want_hidden: bool):
+    """Returns ``(out, readout, last_state, hidden_states)`` in the accumulation dtype."""
+    probe, weight = _probes(probe, weight)
+    y, hidden, last = _scan(
+        u, delta, delta_bias, softplus, A, B, C, D, z, probe is None, want_hidden or probe is not None, want_last
+    )
+    if probe is None:
+        return y, None, last, hidden
+    out, readout = _readout(hidden, C, probe, weight, scale, y, z, gate=True)
+    return out, readout, last, hidden if want_hidden else None
+
+
+def _group_sum(partial: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-block partial sums (batch, blocks, ...) summed into (batch, groups, ...)."""
+    return partial.view(partial.shape[0], groups, -1, *partial.shape[2:]).sum(2)
+
+
+def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
+    """Gradients ``(du, ddelta, ddelta_bias, dA, dB, dC, dD, dz, dweight, dscale)``, each in its input's
+    dtype, given ``dout`` and ``dreadout``."""
+    probe, weight = _probes(probe, weight)
+    batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(u, A, B, probe)
+    acc, ACC = _accumulator(u)
+    blocks = triton.cdiv(dim, block)
+    y, hidden, _ = _scan(u, delta, delta_bias, softplus, A, B, C, D, z, False, True, False)
+    readout = None
+    if probe is not None:
+        y, readout = _readout(hidden, C, probe, weight, scale, y, z, gate=False)
+    dy = dout.to(acc)
+    dz = dscale = dweight = None
+    if z is not None:
+        zf = z.to(acc)
+        sig = torch.sigmoid(zf)
+        dz = dy * y * sig * (1 + zf * (1 - sig))
+        dy = dy * zf * sig
+    dr = None if dreadout is None else dreadout.to(acc)
+    if scale is not None:
+        dscale = (dy * readout).sum((0, 2))
+        dr = dy * scale.to(acc)[:, None] + (dr if dr is not None else 0)
+    dD = (dy * u.to(acc)).sum((0, 2)) if D is not None else None
+    dy = dy.contiguous()
+    dC_partial = torch.empty(batch, blocks, nstate, length, device=u.device, dtype=acc)
+    scatter = None
+    if probe is not None and dr is not None:
+        scatter = torch.zeros_like(hidden)
+        dweight_partial = torch.empty(batch, blocks, length, probe.shape[3], device=u.device, dtype=acc)
+        _probe_grad_kernel[(batch, blocks, triton.cdiv(length, TIME_BLOCK))](
+            hidden, C, probe, weight, dr.contiguous(), scatter, dweight_partial, dC_partial,
+            dim, length, nstate, cpg, ppg, probe.shape[1], probe.shape[3], blocks, *C.stride(),
+            BLOCK=block, TIME=TIME_BLOCK, NP=np2, ACC=ACC, num_warps=warps(block * TIME_BLOCK * np2),
+        )  # fmt: skip
+        dweight = _group_sum(dweight_partial, probe.shape[1])
+    elif weight is not None:
+        dweight = torch.zeros(weight.shape, device=u.device, dtype=acc)
+    du, ddelta = torch.empty_like(dy), torch.empty_like(dy)
+    dA_partial = torch.empty(batch, dim, nstate, device=u.device, dtype=acc)
+    dB_partial = torch.empty_like(dC_partial)
+    _adjoint_kernel[(batch, blocks)](
+        u, delta, delta_bias, A, B, C, hidden, scatter, dy, du, ddelta, dA_partial, dB_partial, dC_partial,
+        dim, length, nstate, cpg, blocks, *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
+        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        SCATTERED=scatter is not None, num_warps=warps(block * np2),
+    )  # fmt: skip
+    if D is not None:
+        du += dy * D.to(acc)[:, None]
+    groups = B.shape[1]
+    grads = (
+        du, ddelta, ddelta.sum((0, 2)) if delta_bias is not None else None, dA_partial.sum(0),
+        _group_sum(dB_partial, groups), _group_sum(dC_partial, groups), dD, dz, dweight, dscale,
+    )  # fmt: skip
+    inputs = (u, delta, delta_bias, A, B, C, D, z, weight, scale)
+    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))
+
+
+__all__ = ["backward", "block_size", "forward"]

@@ -1,0 +1,178 @@
+"""The Triton scan, without a GPU: Triton's interpreter against the float64 reference, and every kernel
+compiled for sm_80 and sm_90 with its registers and spills reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptor_peft.ops import dispatch, selective_scan, selective_scan_fn, selective_scan_reference
+from adaptor_peft.ops.dispatch import select_backend
+
+from .test_scan import CASES, assert_close, make_inputs, run_with_grads
+
+triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(
+    dispatch.triton_backend() is None or not dispatch._triton_interpreting(),
+    reason="needs triton and TRITON_INTERPRET=1 (set by tests/conftest.py)",
+)
+
+
+def triton_scan(**kwargs):
+    return selective_scan(**kwargs, return_last_state=True, return_hidden_states=True, backend="triton")
+
+
+def with_probes(inputs, batch, dim, length, pgroups, nprobe=3, seed=0, positions=None):
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.randint(0, length, (batch, pgroups, length, nprobe), generator=g) if positions is None else positions
+    inputs["probe_weight"] = torch.rand(probe.shape, generator=g, dtype=torch.float64)
+    inputs["probe_scale"] = torch.randn(dim, generator=g, dtype=torch.float64)
+    return probe
+
+
+def check_against_reference(inputs, probe, dtype, rtol):
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, probe)
+    actual, grads = run_with_grads(triton_scan, inputs, dtype, probe)
+    assert actual.out.dtype == dtype
+    assert_close(actual.out, expected.out, rtol, "out")
+    assert_close(actual.last_state, expected.last_state, rtol, "last_state")
+    assert_close(actual.hidden_states, expected.hidden_states, rtol, "hidden_states")
+    if probe is not None:
+        assert_close(actual.readout, expected.readout, rtol, "readout")
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        assert_close(grads[name], expected_grads[name], rtol, f"d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
+def test_matches_reference_with_probes(dtype, case):
+    """Outputs, readout, states and every gradient (probe weights and scale included)."""
+    batch, dim, length, nstate, groups, bc, extras, pgroups = case
+    inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=dim + length)
+    probe = with_probes(inputs, batch, dim, length, pgroups, seed=length)
+    check_against_reference(inputs, probe, dtype, 1e-10 if dtype == torch.float64 else 2e-5)
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}")
+def test_plain_scan_matches_reference(case):
+    """Without probes or hidden states the forward keeps no history; the backward recomputes it."""
+    batch, dim, length, nstate, groups, bc, extras, _ = case
+    inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=length)
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64)
+    leaves = {k: None if v is None else v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    out, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, backend="triton")
+    assert_close(out, expected.out, 1e-10, "out")
+    assert_close(last, expected.last_state, 1e-10, "last_state")
+    g = torch.Generator().manual_seed(1)
+    (out * torch.randn(out.shape, generator=g, dtype=torch.float64)).sum().backward()
+    for name, leaf in leaves.items():
+        if leaf is not None:
+            assert_close(leaf.grad, expected_grads[name], 1e-10, f"d{name}")
+
+
+def test_probes_at_the_sequence_ends():
+    """Every query reads the first and the last state (and a position in between, twice)."""
+    batch, dim, length = 2, 32, 13
+    inputs = make_inputs(batch, dim, length, 4, 2, seed=5)
+    ends = torch.tensor([0, length - 1, length // 2, length // 2])
+    probe = ends.expand(batch, 2, length, 4).contiguous()
+    with_probes(inputs, batch, dim, length, 2, positions=probe)
+    check_against_reference(inputs, probe, torch.float64, 1e-10)
+
+
+def test_single_position_sequence_with_probes():
+    inputs = make_inputs(3, 32, 1, 4, 1, bc="variable", seed=2)
+    probe = with_probes(inputs, 3, 32, 1, 2, nprobe=2)
+    check_against_reference(inputs, probe, torch.float64, 1e-10)
+
+
+def test_bfloat16_inputs_accumulate_in_float32():
+    """bf16 activations with float32 parameters, as under autocast: each read in its own dtype, states and
+    sums in float32, so the result equals the float64 reference on the bf16-rounded inputs up to the output's
+    own bf16 rounding."""
+    batch, dim, length = 2, 32, 24
+    inputs = make_inputs(batch, dim, length, 8, 1, bc="variable", seed=3)
+    probe = with_probes(inputs, batch, dim, length, 2)
+    activations = ("u", "delta", "B", "C", "z", "probe_weight")
+    rounded = {k: v.to(torch.bfloat16).double() if k in activations else v for k, v in inputs.items()}
+    reference = {k: v.detach().clone().requires_grad_() for k, v in rounded.items()}
+    expected = selective_scan_reference(**reference, delta_softplus=True, probe_index=probe)
+    cotangent = torch.randn(expected.out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (expected.out * cotangent).sum().backward()
+    leaves = {
+        k: (v.to(torch.bfloat16) if k in activations else v.float()).detach().requires_grad_()
+        for k, v in inputs.items()
+    }
+    result = triton_scan(**leaves, delta_softplus=True, probe_index=probe)
+    assert result.out.dtype == torch.bfloat16 and result.hidden_states.dtype == torch.float32
+    assert_close(result.hidden_states, expected.hidden_states, 1e-5, "hidden_states (float32)")
+    assert_close(result.out, expected.out, 1e-2, "out (bf16)")
+    (result.out.float() * cotangent.float()).sum().backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad.dtype == leaf.dtype, name
+        assert_close(leaf.grad, reference[name].grad, 2e-2, f"d{name}")
+
+
+def test_backend_selection_on_cuda(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(dispatch, "mamba_ssm_kernel", lambda: object())
+    assert select_backend(cuda, torch.bfloat16, 768) == "mamba_ssm"  # plain scans: mamba-ssm where it imports
+    assert select_backend(cuda, torch.float32, 768, needs_states=True) == "triton"  # probes: always ours
+    monkeypatch.setattr(dispatch, "mamba_ssm_kernel", lambda: None)
+    assert select_backend(cuda, torch.float32, 768) == "triton"
+    assert select_backend(cuda, torch.float32, 24, groups=3, probe_groups=8) == "triton"  # any channel layout
+    monkeypatch.setattr(dispatch, "triton_backend", lambda: None)
+    assert select_backend(cuda, torch.float32, 768, needs_states=True) == "torch"
+    with pytest.raises(RuntimeError, match="'triton' needs"):
+        select_backend(cuda, torch.float32, 768, requested="triton")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    cpu = torch.device("cpu")
+    assert select_backend(cpu, torch.float32, 768, requested="triton") == "triton"
+    assert select_backend(cpu, torch.float32, 768, needs_states=True) != "triton"  # never chosen on CPU by itself
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_backend(cpu, torch.float32, 768, requested="triton")
+
+
+def test_probe_range_check_does_not_read_device_tensors_back(monkeypatch):
+    """On a device other than the CPU the check would stall the GPU; it is opt-in there. (Meta tensors stand
+    in for a GPU's: reading one back to the host fails, so any read shows.)"""
+    inputs = {k: v.to("meta") if v is not None else v for k, v in make_inputs(1, 16, 5, 2, 1, bc="variable").items()}
+    probe = torch.full((1, 1, 5, 1), 7, device="meta", dtype=torch.long)
+    weight = torch.ones(1, 1, 5, 1, device="meta")
+    args = (*inputs.values(), probe, weight, None)
+    dispatch._check_shapes(*args)
+    monkeypatch.setenv(dispatch.CHECK_PROBES_ENV, "1")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        dispatch._check_shapes(*args)
+
+
+# --- compiled for real GPUs ---------------------------------------------------------------------------------
+
+KERNEL_REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_kernels.py"
+NVIDIA_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+@pytest.mark.skipif(not (NVIDIA_TOOLS / "cuobjdump").exists(), reason="triton without its NVIDIA tools")
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(capsys):
+    """Compiled (not interpreted, so in a fresh process) at the Vim-S layout with bf16 activations."""
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    run = subprocess.run([sys.executable, str(KERNEL_REPORT), "--json"], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(run.stdout)
+    assert {(r["kernel"], r["capability"]) for r in rows} >= {("adjoint scan", 80), ("probe readout", 90)}
+    assert len(rows) == 10
+    with capsys.disabled():
+        print("".join(f"\nsm_{r['capability']} {r['kernel']}: {r['REG']} registers, {r['STACK']} stack bytes"
+                      for r in rows))  # fmt: skip
+    spilling = [f"{r['kernel']} on sm_{r['capability']}: {r}" for r in rows if r["STACK"] or r["LOCAL"]]
+    assert not spilling, f"register spills: {spilling}"
