@@ -142,10 +142,22 @@ def test_torch_path_bounds_its_blocks(monkeypatch):
     probes = dict(probe_index=probe, probe_weight=torch.rand(2, 3, 9, 2, dtype=torch.float64))
     whole = selective_scan(**inputs, delta_softplus=True, **probes, backend="torch")
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BLOCK", "1")
-    assert len(scan_torch._blocks(2, 24, 9, 3, 2)) == 24
+    assert len(scan_torch._blocks(2, 24, 9, 3, 2, torch.device("cpu"))) == 24
     blocked = selective_scan(**inputs, delta_softplus=True, **probes, backend="torch")
     assert torch.allclose(whole.out, blocked.out, atol=1e-12)
     assert torch.allclose(whole.readout, blocked.readout, atol=1e-12)
+
+
+def test_torch_path_sizes_blocks_for_the_device(monkeypatch):
+    """On a GPU the blocks follow free memory (few large ones); on the CPU a cache-sized budget."""
+    monkeypatch.delenv("ADAPTOR_PEFT_SCAN_BLOCK", raising=False)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**30, 80 * 2**30))
+    shape = (64, 768, 197, 16, 4)  # Vim-S at batch 64 with Adaptor-T's probes
+    cpu, cuda = scan_torch._blocks(*shape, torch.device("cpu")), scan_torch._blocks(*shape, torch.device("cuda"))
+    assert len(cpu) == 384 and len(cuda) == 2
+    assert scan_torch.element_budget(torch.device("cuda")) * 4 * scan_torch.LIVE_BLOCKS <= 64 * 2**30
+    monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BLOCK", "4096")
+    assert scan_torch.element_budget(torch.device("cuda")) == 4096
 
 
 @pytest.mark.parametrize(
@@ -183,7 +195,9 @@ def test_bad_probes_are_rejected():
 
 
 def test_backend_selection(monkeypatch):
+    """The rules without Triton (tests/test_scan_triton.py has them with it)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(scan_module, "triton_backend", lambda: None)
     monkeypatch.setattr(scan_module, "mamba_ssm_kernel", lambda: object())
     assert select_backend(cuda, torch.float16, 768) == "mamba_ssm"
     assert select_backend(cuda, torch.float32, 768, needs_states=True) == "torch"  # probes need our scan

@@ -1,7 +1,8 @@
 """The selective scan in plain PyTorch, with a hand-written backward; runs on any device.
 
-Channels are processed in blocks small enough that a block's (batch, channels, len, nstate) states fit a
-fixed element budget (``ADAPTOR_PEFT_SCAN_BLOCK``, default 2**21 elements); within a block the linear
+Channels are processed in blocks small enough that a block's (batch, channels, len, nstate) states fit an
+element budget: ``ADAPTOR_PEFT_SCAN_BLOCK`` where set, else 2**21 elements on the CPU (cache-sized) and a
+share of the free memory on a GPU (so a GPU runs few, large blocks); within a block the linear
 recurrence ``h_t = a_t h_{t-1} + x_t`` is solved by a log-depth (Hillis-Steele) scan, so the cost is a
 handful of large tensor operations instead of one small operation per position. The backward pass
 recomputes each block's states and runs the adjoint recurrence with the same scan, reversed.
@@ -34,9 +35,23 @@ def linear_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def _blocks(batch: int, dim: int, length: int, nstate: int, nprobe: int):
+CPU_BUDGET = 2**21
+LIVE_BLOCKS = 32  # block-sized float tensors alive at once in the backward, with room to spare
+
+
+def element_budget(device: torch.device) -> int:
+    """Elements of one channel block's state tensor: the environment's setting, else sized for ``device``."""
+    if os.environ.get("ADAPTOR_PEFT_SCAN_BLOCK"):
+        return int(os.environ["ADAPTOR_PEFT_SCAN_BLOCK"])
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(CPU_BUDGET, free // (4 * LIVE_BLOCKS))
+    return CPU_BUDGET
+
+
+def _blocks(batch: int, dim: int, length: int, nstate: int, nprobe: int, device: torch.device):
     """Channel ranges whose working set fits the element budget."""
-    budget = int(os.environ.get("ADAPTOR_PEFT_SCAN_BLOCK", 2**21))
+    budget = element_budget(device)
     size = max(1, min(dim, budget // max(1, batch * length * nstate * max(1, nprobe))))
     return [(d0, min(dim, d0 + size)) for d0 in range(0, dim, size)]
 
@@ -79,7 +94,7 @@ def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale,
     readout = u.new_empty(batch, dim, length) if probe is not None else None
     last = u.new_empty(batch, dim, nstate) if want_last else None
     hidden = u.new_empty(batch, dim, length, nstate) if want_hidden else None
-    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe):
+    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u.device):
         _, _, h = _states(u, dt, A, B, d0, d1, dim)
         Cc = _per_channel(C, d0, d1, dim)
         out[:, d0:d1] = (h * Cc).sum(-1)
@@ -122,7 +137,7 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
     ddt, dA = torch.zeros_like(dt), torch.zeros_like(A)
     dB, dC = B.new_zeros(B.shape), C.new_zeros(C.shape)
     dweight = torch.zeros_like(weight) if weight is not None else None
-    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe):
+    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u.device):
         group = torch.arange(d0, d1, device=u.device) // (dim // B.shape[1])
         a, Bc, h = _states(u, dt, A, B, d0, d1, dim)
         Cc = _per_channel(C, d0, d1, dim)
