@@ -101,3 +101,18 @@ def test_params_rejects_a_bad_json_file(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # argparse: unknown method
         main(["params", "vim_tiny_patch16_224", "--method", "lorra"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("method_options.t_groups=5", r"method_options=\{'t_groups': 5\} of method 'adaptor': .*t_groups"),
+        ("method_options.rank=4", r"method_options=\{'rank': 4\} of method 'adaptor': .*rank"),
+        ("model_options.dpeth=2", r"model_options=\{'dpeth': 2\} of model 'vim_nano_patch4_32': .*'dpeth'"),
+    ],
+)
+def test_train_reports_a_model_that_cannot_be_built_in_one_line(tmp_path, override, message):
+    with pytest.raises(SystemExit, match=message) as exit_info:
+        main(["train", "--recipe", "demo/digits", "--output-dir", str(tmp_path / "run"), "--no-progress", override])
+    assert exit_info.value.code.startswith("adaptor-peft train: RecipeError: ") and "\n" not in exit_info.value.code
+    assert not (tmp_path / "run").exists()

@@ -25,7 +25,8 @@ import math
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from torch.utils.data import DataLoader
 from ..adaptors import load_adaptor, prepare_model, save_adaptor
 from ..atomic import write_atomically
 from ..data import LabelledImages, build_transform, data_config, load_split
-from ..models import create_model
+from ..models import CheckpointError, create_model
 from ..reports import parameter_report
 from .metrics import ClassificationMetrics
 from .optim import build_optimizer, build_scheduler
@@ -57,21 +58,36 @@ class TrainingError(RuntimeError):
     """A run that cannot go on (a non-finite loss, a run folder holding another recipe)."""
 
 
+@contextmanager
+def _blamed_on(recipe: dict[str, Any], options: str, of: str) -> Iterator[None]:
+    """Turns a TypeError or ValueError into a RecipeError naming the recipe's ``options`` key, its value and
+    the ``of`` key it belongs to (a CheckpointError keeps its own message): what the user wrote is at fault."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"{options}={recipe[options]!r} of {of} {recipe[of]!r}: {error}") from error
+
+
 def build_backbone(recipe: dict[str, Any]) -> nn.Module:
     """The recipe's backbone with its checkpoint and a fresh head for the task."""
-    return create_model(
-        recipe["model"],
-        checkpoint=recipe["checkpoint"],
-        num_classes=recipe["num_classes"],
-        img_size=recipe["img_size"],
-        drop_path_rate=recipe["drop_path"],
-        **recipe["model_options"],
-    )
+    with _blamed_on(recipe, "model_options", "model"):
+        return create_model(
+            recipe["model"],
+            checkpoint=recipe["checkpoint"],
+            num_classes=recipe["num_classes"],
+            img_size=recipe["img_size"],
+            drop_path_rate=recipe["drop_path"],
+            **recipe["model_options"],
+        )
 
 
 def build_model(recipe: dict[str, Any]) -> nn.Module:
     """The recipe's backbone with its method applied: what a run trains."""
-    return prepare_model(build_backbone(recipe), recipe["method"], **recipe["method_options"])
+    backbone = build_backbone(recipe)
+    with _blamed_on(recipe, "method_options", "method"):
+        return prepare_model(backbone, recipe["method"], **recipe["method_options"])
 
 
 def data_source(recipe: dict[str, Any], data_root: str | Path | None) -> tuple[str, dict[str, Any], Path | None]:
