@@ -14,18 +14,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import AdaptorConfig
+
 
 class AdaptorS(nn.Module):
-    """Adaptor-S on (B, H, W, C) maps; ``position`` says where in the mixer it sits."""
+    """Adaptor-S on (B, H, W, C) maps; ``position`` says where in the mixer it sits. The arguments
+    are :class:`AdaptorConfig`'s ``s_*`` fields and ``dropout``, with its defaults."""
 
     def __init__(
         self,
         channels: int,
-        kernel_size: int = 3,
-        dilations: tuple[int, ...] = (1, 2, 3),
-        share_kernel: bool = True,
-        position: str = "output",
-        dropout: float = 0.0,
+        kernel_size: int = AdaptorConfig.s_kernel_size,
+        dilations: tuple[int, ...] = AdaptorConfig.s_dilations,
+        share_kernel: bool = AdaptorConfig.s_share_kernel,
+        position: str = AdaptorConfig.s_position,
+        dropout: float = AdaptorConfig.dropout,
     ):
         super().__init__()
         self.dilations, self.position, self.share_kernel = tuple(dilations), position, share_kernel

@@ -16,17 +16,17 @@ computes exactly what the pretrained one did.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..ops import selective_scan
+from .config import AdaptorConfig
 
 
 class AdaptorT(nn.Module):
-    """Adaptor-T for a mixer with ``directions`` scans of ``channels`` channels each.
+    """Adaptor-T for a mixer with ``directions`` scans of ``channels`` channels each; the other
+    arguments are :class:`AdaptorConfig`'s ``t_*`` fields and ``dropout``, with its defaults.
 
     A mixer that runs its directions as separate scans (Vim) calls :meth:`scan` with ``direction``;
     one that stacks them along the channels of a single scan (VMamba's four) passes ``direction=None``.
@@ -36,11 +36,11 @@ class AdaptorT(nn.Module):
         self,
         channels: int,
         directions: int = 1,
-        locations: int = 4,
-        groups: int = 4,
-        rank: int = 4,
-        anchor: str = "learned",
-        dropout: float = 0.0,
+        locations: int = AdaptorConfig.t_locations,
+        groups: int = AdaptorConfig.t_groups,
+        rank: int = AdaptorConfig.t_rank,
+        anchor: str = AdaptorConfig.t_anchor,
+        dropout: float = AdaptorConfig.dropout,
     ):
         super().__init__()
         if channels % groups:
@@ -59,7 +59,8 @@ class AdaptorT(nn.Module):
             self.register_buffer("anchor", spread)
         self.gamma = nn.Parameter(torch.zeros(directions, channels))
         self.dropout = nn.Dropout(dropout)
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        # per direction as nn.Linear(channels, rank) is: uniform in ±1/sqrt(fan-in), fan-in = channels
+        nn.init.uniform_(self.down, -(channels**-0.5), channels**-0.5)
 
     def extra_repr(self) -> str:
         return (
