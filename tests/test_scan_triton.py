@@ -77,6 +77,19 @@ def test_plain_scan_matches_reference(case):
             assert_close(leaf.grad, expected_grads[name], 1e-10, f"d{name}")
 
 
+def test_raw_step_without_softplus_or_bias():
+    inputs = make_inputs(2, 32, 6, 4, 1, bias=False, seed=4)
+    inputs["delta"] = inputs["delta"].abs()
+    reference, ours = ({k: None if v is None else v.clone().requires_grad_() for k, v in inputs.items()} for _ in "ab")
+    expected, actual = selective_scan_reference(**reference).out, selective_scan(**ours, backend="triton").out
+    assert_close(actual, expected, 1e-10, "out")
+    expected.sum().backward()
+    actual.sum().backward()
+    for name, leaf in ours.items():
+        if leaf is not None:
+            assert_close(leaf.grad, reference[name].grad, 1e-10, f"d{name}")
+
+
 def test_probes_at_the_sequence_ends():
     """Every query reads the first and the last state (and a position in between, twice)."""
     batch, dim, length = 2, 32, 13
