@@ -119,7 +119,9 @@ def train_command(args: argparse.Namespace) -> None:
 
 def eval_command(args: argparse.Namespace) -> None:
     """Evaluates a finished run's adapter on a fresh backbone."""
-    results = evaluate_run(args.run_dir, args.data_root, args.split, progress=not args.no_progress)
+    results = evaluate_run(
+        args.run_dir, args.data_root, args.split, checkpoint=args.checkpoint, progress=not args.no_progress
+    )
     print(f"{results['task']} {results['eval_split']}: top-1 {results['top1']:.2f} %, top-5 {results['top5']:.2f} %")
 
 
@@ -200,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--data-root")
     p.add_argument("--split", help="split to evaluate (default: the recipe's eval split)")
+    p.add_argument("--checkpoint", help="backbone weights, where they are now (default: the file the run records)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=eval_command)
     p = commands.add_parser("vtab", help="run all 19 VTAB-1k tasks, one run folder each under --output-dir")

@@ -337,3 +337,32 @@ def test_epoch_checkpoints_hold_what_training_changes_not_the_frozen_backbone(tm
     save_file(state, weights)
     with pytest.raises(TrainingError, match=r"epoch_001/model\.safetensors.*surprise.*head\.bias"):
         train(tiny_recipe(checkpoint, "epochs=2"), tmp_path / "adaptor", data, progress=False)
+
+
+def test_a_run_records_its_checkpoint_as_an_absolute_path_and_evaluates_anywhere(
+    tmp_path, recipes, checkpoint, monkeypatch, capsys
+):
+    data, work = vtab_task(tmp_path / "vtab-1k"), tmp_path / "work"
+    (work / "weights").mkdir(parents=True)
+    shutil.copy(checkpoint, work / "weights" / "tiny.pth")
+    monkeypatch.chdir(work)
+    command = ["vtab", "--tasks", "cifar", "--checkpoint", "weights/tiny.pth", "--data-root", str(data),
+               "--output-dir", "runs", "--no-progress", *TINY, "epochs=1"]  # fmt: skip
+    main(command)
+    run = work / "runs" / "cifar"
+    recorded = Path(yaml.safe_load((run / "config.yaml").read_text())["checkpoint"])
+    assert recorded.is_absolute() and recorded.resolve() == (work / "weights" / "tiny.pth").resolve()
+    main(command)  # the same relative path from the same folder: the same recipe
+    assert "cifar: finished before, skipped" in capsys.readouterr().out
+    trained = json.loads((run / "results.json").read_text())
+
+    monkeypatch.chdir(tmp_path)
+    main(["eval", str(run), "--data-root", str(data), "--no-progress"])
+    assert json.loads((run / "eval_test.json").read_text())["top1"] == pytest.approx(trained["top1"])
+    (work / "weights" / "tiny.pth").rename(tmp_path / "moved.pth")
+    with pytest.raises(SystemExit, match=r"tiny\.pth.*not a file.*--checkpoint"):
+        main(["eval", str(run), "--data-root", str(data), "--no-progress"])
+    main(["eval", str(run), "--data-root", str(data), "--no-progress", "--checkpoint", "moved.pth"])
+    evaluated = json.loads((run / "eval_test.json").read_text())
+    assert evaluated["top1"] == pytest.approx(trained["top1"]) and evaluated["per_class"] == trained["per_class"]
+    assert Path(evaluated["checkpoint"]).resolve() == (tmp_path / "moved.pth").resolve()

@@ -87,3 +87,14 @@ def test_train_and_eval_through_the_cli(layout, tmp_path, checkpoint):  # noqa: 
     evaluated = json.loads((run / f"eval_{recipe['eval_split']}.json").read_text())
     assert evaluated["top1"] == pytest.approx(results["top1"]) and evaluated["per_class"] == results["per_class"]
     assert evaluated["images"] == TEST
+
+
+def test_a_vtab_recipe_on_its_hub_copy_warns_that_its_numbers_are_not_comparable(tmp_path, checkpoint):  # noqa: F811
+    """The hub stands in for VTAB-1k without --data-root; here a local copy stands in for the hub."""
+    recipe = {"task": "tiny_vtab", "benchmark": "vtab1k", "num_classes": 3, **hub(tmp_path / "data")}
+    yaml_path = tmp_path / "tiny.yaml"
+    yaml_path.write_text(yaml.safe_dump(recipe))
+    with pytest.warns(UserWarning, match=r"tiny_vtab: no --data-root.*hub.*not comparable with published VTAB-1k"):
+        main(["train", "--recipe", str(yaml_path), "--checkpoint", str(checkpoint), "--output-dir",
+              str(tmp_path / "run"), "--no-progress", *TINY, "epochs=1"])  # fmt: skip
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["data_source"] == "hub"

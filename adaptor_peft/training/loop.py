@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import shutil
 import time
 import warnings
@@ -205,9 +206,24 @@ def _checkpoints(run: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
+def _checkpoint_file(value: str | None) -> str | None:
+    """The absolute path of the file a recipe's ``checkpoint`` names; None for none, ``pretrained`` and URLs."""
+    if value is None or value == "pretrained" or "://" in value:
+        return None
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _as_recorded(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` as a run folder records it: a checkpoint file as an absolute path, so that the run resumes
+    and evaluates from any working directory."""
+    file = _checkpoint_file(recipe["checkpoint"])
+    return {**recipe, "checkpoint": file} if file else recipe
+
+
 def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
     """Does the run folder hold ``recipe``? Raises if it holds another one that got anywhere (a finished
     epoch or results), which must not be mixed with or overwritten by this one."""
+    recipe = _as_recorded(recipe)
     written = run / CONFIG
     if not written.is_file():
         return False
@@ -246,7 +262,7 @@ def train(
     """Trains ``recipe`` into the run folder ``output_dir`` (resuming it if it holds the same recipe) and
     returns the final results, also written to ``results.json``. ``after_epoch(epoch)`` runs after each
     epoch's checkpoint (a hook for tests and callers that watch a run)."""
-    run = Path(output_dir)
+    run, recipe = Path(output_dir), _as_recorded(recipe)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = _accelerator(
         recipe,
@@ -273,6 +289,14 @@ def train(
     set_seed(recipe["seed"])
     model = build_model(recipe)
     report = parameter_report(model)
+    source, entry, _ = data_source(recipe, data_root)
+    if source == "hub" and recipe.get("benchmark") == "vtab1k":
+        warnings.warn(
+            f"{recipe['task']}: no --data-root, so this run uses the hub approximation {entry['id']} (random "
+            "images of the source data set, not VTAB-1k's train800val200 split): its numbers are not comparable "
+            "with published VTAB-1k results. Pass --data-root with the VTAB-1k folders for those.",
+            stacklevel=2,
+        )
     train_set = build_split(recipe, model, True, data_root)
     eval_set = build_split(recipe, model, False, data_root)
     if accelerator.is_main_process:  # only once model and data are known to work, so a fixed retry may reuse it
@@ -355,7 +379,7 @@ def train(
     results = {
         **{key: recipe.get(key) for key in ("task", "benchmark", "group", "model", "method", "num_classes")},
         "eval_split": recipe["eval_split"],
-        "data_source": data_source(recipe, data_root)[0],
+        "data_source": source,
         **metrics,
         "train_images": len(train_set),
         "skipped_images": {"train": train_set.skipped, "eval": eval_set.skipped},
@@ -385,16 +409,30 @@ def _save_checkpoint(accelerator: Accelerator, run: Path, epoch: int) -> None:
 
 
 def evaluate_run(
-    output_dir: str | Path, data_root: str | Path | None = None, split: str | None = None, *, progress: bool = True
+    output_dir: str | Path,
+    data_root: str | Path | None = None,
+    split: str | None = None,
+    *,
+    checkpoint: str | None = None,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluates a finished run's adapter on a fresh backbone, on its eval split or ``split``; writes and
-    returns ``eval_<split>.json`` in the run folder."""
+    returns ``eval_<split>.json`` in the run folder. ``checkpoint`` points at the backbone weights where the
+    run's recorded file has moved to (the adapter checks that they are the same weights)."""
     run = Path(output_dir)
     if not (run / CONFIG).is_file() or not (run / ADAPTER).is_dir():
         raise TrainingError(f"{run} is not a finished run folder (it needs {CONFIG} and {ADAPTER}/)")
     recipe = yaml.safe_load((run / CONFIG).read_text())
     if split is not None:
         recipe["eval_split"] = split
+    recorded = _checkpoint_file(recipe["checkpoint"])
+    if checkpoint is not None:
+        recipe = _as_recorded({**recipe, "checkpoint": checkpoint})
+    elif recorded and not os.path.isfile(recorded):
+        raise TrainingError(
+            f"{run}: the backbone checkpoint {recorded} that {CONFIG} records is not a file; if it moved, pass "
+            "its new path as --checkpoint"
+        )
     accelerator = _accelerator(recipe)
     set_seed(recipe["seed"])  # a backbone trained from scratch is re-created from the run's seed
     model = load_adaptor(build_backbone(recipe), run / ADAPTER)
@@ -404,7 +442,13 @@ def evaluate_run(
     with _progress(progress and accelerator.is_local_main_process) as bar:
         bar.add_task(f"evaluating {recipe['task']} {recipe['eval_split']}", total=None, info="")
         metrics = evaluate(model, loader, accelerator, recipe["num_classes"])
-    results = {"task": recipe["task"], "eval_split": recipe["eval_split"], **metrics, "skipped_images": images.skipped}
+    results = {
+        "task": recipe["task"],
+        "eval_split": recipe["eval_split"],
+        **metrics,
+        "skipped_images": images.skipped,
+        "checkpoint": recipe["checkpoint"],
+    }
     if accelerator.is_main_process:
         write_atomically(run / f"eval_{recipe['eval_split']}.json", json.dumps(results, indent=2) + "\n")
     return results
