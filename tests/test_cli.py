@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -77,16 +78,16 @@ def test_params_markdown_and_table(capsys):
     [
         ("lora", "{r: 4", "--config is not valid JSON"),
         ("lora", "[4]", "--config must be a JSON object"),
-        ("lora", '{"rank": 4}', "does not take option(s) ['rank']"),
+        ("lora", '{"rank": 4}', r"'lora'.* option.*rank"),
         ("adaptor", '{"t_anchor": "sideways"}', "AdaptorConfig.t_anchor"),
         ("adaptor", '{"t_groups": 5}', "t_groups=5"),
-        ("adaptor_t", '{"spatial": true}', "AdaptorConfig.spatial=True: this method sets spatial=False"),
+        ("adaptor_t", '{"spatial": true}', r"spatial=True.*method sets (spatial=)?False"),
     ],
 )
 def test_params_rejects_bad_options_with_a_message(capsys, method, config, message):
     with pytest.raises(SystemExit) as exit_info:
         main(["params", "vim_tiny_patch16_224", "--method", method, "--config", config])
-    assert isinstance(exit_info.value.code, str) and message in exit_info.value.code
+    assert isinstance(exit_info.value.code, str) and re.search(message, exit_info.value.code)
     assert exit_info.value.code.startswith("adaptor-peft params: ")
 
 
