@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from ..models import classifier_name
@@ -56,6 +57,8 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
     a pretrained model, or its "backbone" use when training from scratch). The adaptors start as the
     identity: the injected model computes what it computed before, to float rounding. A Vim's last block
     gets no Adaptor-S: the class token the head reads is not on the patch grid Adaptor-S works on.
+    In a bfloat16 / float16 backbone the adaptors' parameters stay float32 (as peft's
+    ``autocast_adapter_dtype``): they take the backbone's activations and give back its dtype.
     """
     config = config or AdaptorConfig()
     mixers = find_mixers(model)
@@ -82,6 +85,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
     for i in chosen:
         name, mixer = mixers[i]
         weight = mixer.out_proj.weight
+        dtype = torch.promote_types(weight.dtype, torch.float32)  # float32 adaptors in a half-precision backbone
         if config.temporal:
             channels, directions = _scan_shape(mixer)
             if channels % config.t_groups:
@@ -96,7 +100,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.t_rank,
                 config.t_anchor,
                 config.dropout,
-            ).to(weight.device, weight.dtype)
+            ).to(weight.device, dtype)
         if config.spatial and i <= last_reaching_logits:
             width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features
             mixer.adaptor_s = AdaptorS(
@@ -106,7 +110,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.s_share_kernel,
                 config.s_position,
                 config.dropout,
-            ).to(weight.device, weight.dtype)
+            ).to(weight.device, dtype)
     if not any(m.adaptor_t is not None or m.adaptor_s is not None for _, m in mixers):
         raise ValueError(
             f"inject_adaptor: {config} adds nothing to {type(model).__name__}: a Vim's last block takes no "

@@ -59,7 +59,9 @@ class AdaptorS(nn.Module):
         return kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = self.effective_kernel().to(x.dtype)
-        maps = x.permute(0, 3, 1, 2)
+        """``x`` plus the branches, computed in the parameters' precision (float32 in a half-precision
+        backbone, as peft's adapters) and added back in ``x``'s."""
+        kernel = self.effective_kernel()
+        maps = x.to(kernel.dtype).permute(0, 3, 1, 2)
         mixed = F.conv2d(maps, kernel, padding=kernel.shape[-1] // 2, groups=maps.shape[1])
-        return x + self.dropout(mixed.permute(0, 2, 3, 1))
+        return x + self.dropout(mixed.permute(0, 2, 3, 1)).to(x.dtype)

@@ -75,13 +75,16 @@ class AdaptorT(nn.Module):
         picked = slice(None) if direction is None else slice(direction, direction + 1)
         dirs = self.directions if direction is None else 1
         batch, _, length = u.shape
-        hidden = torch.matmul(self.down[picked], u.view(batch, dirs, self.channels, length))
         shape = (batch, dirs, self.groups, self.locations, length)
-        logits = torch.matmul(self.weight_up[picked], hidden) + self.weight_bias[picked, :, None]
-        weights = logits.view(shape).softmax(dim=3)
-        position = self.anchor[picked][None, :, :, :, None]
-        if self.learned:
-            position = position + torch.matmul(self.offset_up[picked], hidden).view(shape)
+        # In the parameters' precision (float32), also under autocast: in bfloat16 a position above 128
+        # would lose its fraction, and with it the interpolation.
+        with torch.autocast(u.device.type, enabled=False):
+            hidden = torch.matmul(self.down[picked], u.to(self.down.dtype).view(batch, dirs, self.channels, length))
+            logits = torch.matmul(self.weight_up[picked], hidden) + self.weight_bias[picked, :, None]
+            weights = logits.view(shape).softmax(dim=3)
+            position = self.anchor[picked][None, :, :, :, None]
+            if self.learned:
+                position = position + torch.matmul(self.offset_up[picked], hidden).view(shape)
         position = (position.expand(shape) * (length - 1)).clamp(0, length - 1)
         floor = position.detach().floor()
         frac = position - floor

@@ -48,7 +48,9 @@ def full_precision(t: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a weight and no bias, computed in float32 (as mamba-ssm's fused kernel)."""
+    """Root-mean-square norm with a weight and no bias, computed in (at least) float32 and returned in the
+    weight's dtype, the model's: as mamba-ssm's fused kernel, which returns the blocks' dtype from a
+    float32 residual."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -57,7 +59,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = full_precision(x)
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * full_precision(self.weight)).to(x.dtype)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * full_precision(self.weight)
+        return normed.to(self.weight.dtype)
 
 
 class Permute(nn.Module):

@@ -81,6 +81,15 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
 
 
+class DeltaProjection(nn.Linear):
+    """The Δ projection ``dt_proj``: a Linear whose forward leaves its bias out. The bias is the scan's
+    ``delta_bias``, added in float32 inside the scan as the official kernel does, so that under autocast
+    it is not rounded to half precision (in bfloat16 a bias near -6.9, Δ = 0.001, rounds to 1/32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class BiMambaMixer(nn.Module):
     """Bimamba-v2 mixer: one shared ``in_proj``, a forward scan and a scan over the flipped sequence,
     each with its own causal depthwise conv, ``x_proj``, ``dt_proj``, ``A`` and ``D``; the two outputs
@@ -97,10 +106,10 @@ class BiMambaMixer(nn.Module):
         self.in_proj = nn.Linear(d_model, 2 * inner, bias=False)
         self.conv1d = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
         self.x_proj = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(self.dt_rank, inner)
+        self.dt_proj = DeltaProjection(self.dt_rank, inner)
         self.conv1d_b = nn.Conv1d(inner, inner, d_conv, groups=inner, padding=d_conv - 1)
         self.x_proj_b = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
-        self.dt_proj_b = nn.Linear(self.dt_rank, inner)
+        self.dt_proj_b = DeltaProjection(self.dt_rank, inner)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
         self.adaptor_t: nn.Module | None = None
         self.adaptor_s: nn.Module | None = None
@@ -130,6 +139,7 @@ class BiMambaMixer(nn.Module):
             C.transpose(1, 2),
             full_precision(D),
             z,
+            delta_bias=full_precision(dt_proj.bias),
             delta_softplus=True,
             direction=direction,
         )
@@ -169,7 +179,7 @@ class VimBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = full_precision(residual)
-        normed = self.norm(residual).to(self.norm.weight.dtype)
+        normed = self.norm(residual)
         hidden = self.mixer(normed, layout)
         if self.parallel_adapter is not None:
             hidden = hidden + self.parallel_adapter(normed)

@@ -1,0 +1,122 @@
+"""Mixed precision: adaptors stay float32 in a bfloat16 backbone, Adaptor-T's locations and weights are
+computed in float32 under autocast, and Vim's Δ bias reaches the scan in float32 (as the official code)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import adaptor_peft.models.layers
+from adaptor_peft.adaptors import AdaptorT, inject_adaptor
+
+from .test_models import tiny
+
+SIZES = {"vim": 32, "vmamba_v2": 64}
+MARKERS = (".adaptor_t.", ".adaptor_s.")
+
+
+def injected(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A tiny backbone in ``dtype`` with both adaptors, moved off their zero init."""
+    model = inject_adaptor(tiny(kind).to(dtype))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(m in f".{name}" for m in MARKERS):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def adaptor_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if any(m in f".{n}" for m in MARKERS)}
+
+
+@pytest.mark.parametrize("kind", list(SIZES))
+def test_adaptors_stay_float32_in_a_bfloat16_backbone(kind):
+    model = injected(kind, torch.bfloat16).train()
+    adaptors = adaptor_parameters(model)
+    assert adaptors and all(p.dtype == torch.float32 for p in adaptors.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in adaptors)
+    logits = model(torch.randn(2, 3, SIZES[kind], SIZES[kind], dtype=torch.bfloat16))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().square().mean().backward()
+    for name, p in adaptors.items():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+    assert all(p.grad.abs().max() > 0 for n, p in adaptors.items() if n.endswith(("gamma", "scale")))
+
+
+@pytest.mark.parametrize("kind", list(SIZES))
+def test_injected_model_under_bfloat16_autocast(kind):
+    model = injected(kind).train()
+    images = torch.randn(2, 3, SIZES[kind], SIZES[kind])
+    with torch.no_grad():
+        full = model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+    assert torch.isfinite(logits).all()
+    assert (logits.float() - full).abs().max() < 0.05 * full.abs().max()
+    logits.float().square().mean().backward()
+    for name, p in adaptor_parameters(model).items():
+        assert p.dtype == p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+def test_adaptor_t_locations_and_weights_are_float32_under_autocast():
+    """Against float64 on the same inputs: to float32 rounding, where bfloat16 would be off by 1e-2."""
+    torch.manual_seed(0)
+    adaptor = AdaptorT(16, 2, locations=2, groups=2, rank=3)
+    with torch.no_grad():
+        for p in (adaptor.offset_up, adaptor.weight_up, adaptor.weight_bias):
+            p.normal_(0, 0.3)
+    u = torch.randn(2, 32, 300)
+    for inputs in (u, u.bfloat16()):  # a float32 activation, and a bfloat16 backbone's
+        index, mix = adaptor.double().probes(inputs.double(), None)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            index32, mix32 = adaptor.float().probes(inputs, None)
+        assert mix32.dtype == torch.float32
+        assert (index32 != index).float().mean() < 1e-3  # a floor may flip where float32 rounds across it
+        agree = index32 == index
+        assert torch.allclose(mix32[agree], mix[agree].float(), atol=1e-4)
+
+
+def test_a_fractional_location_above_128_keeps_its_fraction_in_a_bfloat16_backbone():
+    adaptor = injected("vim", torch.bfloat16).layers[0].mixer.adaptor_t
+    with torch.no_grad():
+        adaptor.anchor.fill_(0.5)  # position 0.5 * (262 - 1) = 130.5: bfloat16 has no fraction at 130
+        adaptor.offset_up.zero_()
+    u = torch.randn(1, adaptor.channels, 262, dtype=torch.bfloat16)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            index, mix = adaptor.probes(u, 0)
+        k = adaptor.locations
+        assert (index[..., :k] == 130).all() and (index[..., k:] == 131).all()
+        assert torch.equal(mix[..., :k], mix[..., k:])  # half the weight on each neighbour
+
+
+def test_vim_delta_bias_reaches_the_scan_in_float32_under_autocast(monkeypatch):
+    """As the official code: Δ = dt_proj.weight @ dt in the autocast dtype, dt_proj.bias.float() as delta_bias."""
+    model = tiny("vim")
+    calls = []
+    scan = adaptor_peft.models.layers.selective_scan
+
+    def recording(u, delta, *args, **kwargs):
+        calls.append((delta.dtype, kwargs.get("delta_bias")))
+        return scan(u, delta, *args, **kwargs)
+
+    monkeypatch.setattr(adaptor_peft.models.layers, "selective_scan", recording)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 32, 32))
+    mixers = [layer.mixer for layer in model.layers]
+    biases = [p.bias for m in mixers for p in (m.dt_proj, m.dt_proj_b)]
+    assert [dtype for dtype, _ in calls] == [torch.bfloat16] * len(biases)
+    assert all(
+        b is not None and b.dtype == torch.float32 and torch.equal(b, e)
+        for (_, b), e in zip(calls, biases, strict=True)
+    )
+
+
+def test_vim_under_bfloat16_autocast_is_close_to_float32():
+    model = tiny("vim")
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        full = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(images)
+    assert (half.float() - full).abs().max() < 0.01 * full.abs().max()  # measured: 0.005
