@@ -107,9 +107,9 @@ def test_params_rejects_a_bad_json_file(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("method_options.t_groups=5", r"method_options=\{'t_groups': 5\} of method 'adaptor': .*t_groups"),
-        ("method_options.rank=4", r"method_options=\{'rank': 4\} of method 'adaptor': .*rank"),
-        ("model_options.dpeth=2", r"model_options=\{'dpeth': 2\} of model 'vim_nano_patch4_32': .*'dpeth'"),
+        ("method_options.t_groups=5", r"method='adaptor' with method_options=\{'t_groups': 5\}: .*t_groups"),
+        ("method_options.rank=4", r"method='adaptor' with method_options=\{'rank': 4\}: .*rank"),
+        ("model_options.dpeth=2", r"model='vim_nano_patch4_32' with model_options=\{'dpeth': 2\}: .*'dpeth'"),
     ],
 )
 def test_train_reports_a_model_that_cannot_be_built_in_one_line(tmp_path, override, message):

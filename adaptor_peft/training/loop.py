@@ -61,14 +61,14 @@ class TrainingError(RuntimeError):
 
 @contextmanager
 def _blamed_on(recipe: dict[str, Any], options: str, of: str) -> Iterator[None]:
-    """Turns a TypeError or ValueError into a RecipeError naming the recipe's ``options`` key, its value and
-    the ``of`` key it belongs to (a CheckpointError keeps its own message): what the user wrote is at fault."""
+    """Turns a TypeError or ValueError into a RecipeError naming the recipe's keys ``of`` and ``options`` with
+    their values (a CheckpointError keeps its own message): what the user wrote is at fault."""
     try:
         yield
     except CheckpointError:
         raise
     except (TypeError, ValueError) as error:
-        raise RecipeError(f"{options}={recipe[options]!r} of {of} {recipe[of]!r}: {error}") from error
+        raise RecipeError(f"{of}={recipe[of]!r} with {options}={recipe[options]!r}: {error}") from error
 
 
 def build_backbone(recipe: dict[str, Any]) -> nn.Module:
@@ -290,7 +290,7 @@ def train(
     model = build_model(recipe)
     report = parameter_report(model)
     source, entry, _ = data_source(recipe, data_root)
-    if source == "hub" and recipe.get("benchmark") == "vtab1k":
+    if source == "hub" and recipe.get("benchmark") == "vtab1k" and accelerator.is_main_process:
         warnings.warn(
             f"{recipe['task']}: no --data-root, so this run uses the hub approximation {entry['id']} (random "
             "images of the source data set, not VTAB-1k's train800val200 split): its numbers are not comparable "
