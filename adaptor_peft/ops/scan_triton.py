@@ -9,7 +9,8 @@ registers. Kernels:
 - ``_scan_kernel``: the forward recurrence; writes ``y = C·h + D u`` (gated unless probes follow) and,
   when asked, the float32 state history (batch, dim, len, nstate) and the last state.
 - ``_readout_kernel``: probe readout ``r_i = Σ_k w_ik C_i·h(p_ik)`` off the history, in parallel over
-  positions, then ``out = (y + scale r) silu(z)``.
+  positions, then ``out = (y + scale r) silu(z)``. Programs of neighbouring positions of one channel
+  block run together, so the history rows they probe are read from cache, not memory, after the first.
 - ``_probe_grad_kernel``: probe backward: weights' and C's gradients by gathering from the history, and
   the states' gradient ``w_ik dr_i C_i`` scattered (atomically) onto positions ``p_ik``.
 - ``_adjoint_kernel``: the reverse recurrence ``g_t = a_{t+1} g_{t+1} + dy_t C_t (+ scattered)`` with
@@ -116,9 +117,9 @@ def _readout_kernel(
     BLOCK: tl.constexpr, TIME: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr, HAS_SCALE: tl.constexpr,
     GATE: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(0) * TIME + tl.arange(0, TIME)  # positions vary fastest: neighbours share history rows
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    t = tl.program_id(2) * TIME + tl.arange(0, TIME)
+    b = tl.program_id(2).to(tl.int64)
     n = tl.arange(0, NP)
     dmask, tmask, nmask = d < dim, t < length, n < nstate
     group, pgroup = (tl.program_id(1) * BLOCK) // cpg, (tl.program_id(1) * BLOCK) // ppg
@@ -153,10 +154,10 @@ def _probe_grad_kernel(
     sC_b, sC_g, sC_n, sC_t,
     BLOCK: tl.constexpr, TIME: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    b = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(0) * TIME + tl.arange(0, TIME)
     blk = tl.program_id(1)
     d = blk * BLOCK + tl.arange(0, BLOCK)
-    t = tl.program_id(2) * TIME + tl.arange(0, TIME)
+    b = tl.program_id(2).to(tl.int64)
     n = tl.arange(0, NP)
     dmask, tmask, nmask = d < dim, t < length, n < nstate
     group, pgroup = (blk * BLOCK) // cpg, (blk * BLOCK) // ppg
@@ -284,7 +285,7 @@ def _readout(hidden, C, probe, weight, scale, y, z, gate):
     block, np2 = block_size(dim, cpg, ppg), triton.next_power_of_2(nstate)
     out, readout = torch.empty_like(y), torch.empty_like(y)
     zs = z.stride() if z is not None else (0, 0, 0)
-    grid = (batch, triton.cdiv(dim, block), triton.cdiv(length, TIME_BLOCK))
+    grid = (triton.cdiv(length, TIME_BLOCK), triton.cdiv(dim, block), batch)
     _readout_kernel[grid](
         hidden, C, probe, weight, scale, y, z, out, readout, dim, length, nstate, cpg, ppg, probe.shape[1],
         probe.shape[3], *C.stride(), *zs,
@@ -344,7 +345,7 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
     if probe is not None and dr is not None:
         scatter = torch.zeros_like(hidden)
         dweight_partial = torch.empty(batch, blocks, length, probe.shape[3], device=u.device, dtype=acc)
-        _probe_grad_kernel[(batch, blocks, triton.cdiv(length, TIME_BLOCK))](
+        _probe_grad_kernel[(triton.cdiv(length, TIME_BLOCK), blocks, batch)](
             hidden, C, probe, weight, dr.contiguous(), scatter, dweight_partial, dC_partial,
             dim, length, nstate, cpg, ppg, probe.shape[1], probe.shape[3], blocks, *C.stride(),
             BLOCK=block, TIME=TIME_BLOCK, NP=np2, ACC=ACC, num_warps=warps(block * TIME_BLOCK * np2),
