@@ -1,4 +1,4 @@
-"""Recipes: all benchmark tasks against DESIGN.md section 4, defaults merging, overrides and their errors."""
+"""Recipes: every benchmark task against docs/method.md#transfer-protocols, defaults, overrides, errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 from adaptor_peft.data import load_split
 from adaptor_peft.training import RecipeError, list_recipes, load_recipe, recipes_dir
 
-VTAB = {  # DESIGN.md section 4: task -> (group, classes)
+VTAB = {  # docs/method.md#vtab-1k: task -> (group, classes)
     "caltech101": ("natural", 102),
     "cifar": ("natural", 100),
     "dtd": ("natural", 47),

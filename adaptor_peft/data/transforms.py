@@ -1,6 +1,6 @@
 """Image transforms of the two transfer protocols, and the backbone's own input statistics.
 
-``build_transform`` knows the presets the benchmarks use (DESIGN.md section 4); ``data_config`` reads the
+``build_transform`` knows the presets the benchmarks use (docs/method.md#transfer-protocols); ``data_config`` reads the
 size, mean, std and interpolation from the backbone's timm ``pretrained_cfg`` so that a recipe never
 repeats numbers the checkpoint already fixes.
 """

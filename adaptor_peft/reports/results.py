@@ -22,7 +22,7 @@ VTAB1K_GROUPS = {
     "structured": ("clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi",
                    "smallnorb_ele"),
 }  # fmt: skip
-"""The 19 tasks by group, in the order of the usual VTAB-1k tables (DESIGN.md section 4)."""
+"""The 19 tasks by group, in the order of the usual VTAB-1k tables (docs/method.md#vtab-1k)."""
 VTAB1K_TASKS = tuple(task for tasks in VTAB1K_GROUPS.values() for task in tasks)
 
 
