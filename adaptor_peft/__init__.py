@@ -1,16 +1,43 @@
-"""adaptor_peft: parameter-efficient transfer of pretrained vision state-space models (Vim, VMamba)."""
+"""adaptor_peft: parameter-efficient transfer of pretrained vision state-space models (Vim, VMamba).
 
+The whole workflow is here at the top level, as in HF ``peft``: ``create_model``, then ``inject_adaptor``
+(or ``prepare_model`` for any method), ``parameter_report``, ``save_adaptor`` / ``load_adaptor``, and
+``merge_adaptor`` / ``unload_adaptor``.
+"""
+
+from .adaptors import (
+    AdapterFileError,
+    AdaptorConfig,
+    MethodOptionError,
+    inject_adaptor,
+    load_adaptor,
+    merge_adaptor,
+    prepare_model,
+    save_adaptor,
+    unload_adaptor,
+)
 from .models import CheckpointError, create_model, list_models, load_checkpoint, read_state_dict
 from .ops import selective_scan, selective_scan_fn
+from .reports import parameter_report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterFileError",
+    "AdaptorConfig",
     "CheckpointError",
+    "MethodOptionError",
     "create_model",
+    "inject_adaptor",
     "list_models",
+    "load_adaptor",
     "load_checkpoint",
+    "merge_adaptor",
+    "parameter_report",
+    "prepare_model",
     "read_state_dict",
+    "save_adaptor",
     "selective_scan",
     "selective_scan_fn",
+    "unload_adaptor",
 ]

@@ -19,6 +19,7 @@ from adaptor_peft.adaptors import (
     AdaptorConfig,
     AdaptorS,
     AdaptorT,
+    MethodOptionError,
     find_mixers,
     inject_adaptor,
     load_adaptor,
@@ -581,11 +582,11 @@ def test_prepare_model_rejects_unknown_methods_and_options():
     with pytest.raises(ValueError, match=r"unknown method 'lorra'.*'adaptor\+lora'.*'linear_probe'"):
         prepare_model(tiny("vim"), "lorra")
     for method, option in [("bias", "r"), ("lora", "rank"), ("adaptor", "t_rnak"), ("parallel_adapter", "r")]:
-        with pytest.raises(TypeError, match=f"does not take option.*'{option}'"):
+        with pytest.raises(MethodOptionError, match=f"'{re.escape(method)}' has no option {option}"):
             prepare_model(tiny("vim"), method, **{option: 4})
     model = tiny("vim")
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    with pytest.raises(TypeError, match="t_rnak"):
+    with pytest.raises(MethodOptionError, match=r"t_rnak \(did you mean t_rank\?\)"):
         prepare_model(model, "adaptor", t_rnak=2)
     assert model.state_dict().keys() == before.keys()  # refused before anything was added
     prepare_model(model, "adaptor", t_rank=2)  # so the corrected call works on the same model
@@ -606,7 +607,7 @@ def test_prepare_model_passes_adaptor_options():
 def test_adaptor_methods_accept_agreeing_and_reject_conflicting_switches():
     model = prepare_model(tiny("vim"), "adaptor_t", spatial=False, temporal=True)
     assert model.layers[0].mixer.adaptor_s is None and model.layers[0].mixer.adaptor_t is not None
-    with pytest.raises(TypeError, match=r"AdaptorConfig\.spatial=True: this method sets spatial=False"):
+    with pytest.raises(MethodOptionError, match=r"'adaptor_t': option spatial=True, but the method sets False"):
         prepare_model(tiny("vim"), "adaptor_t", spatial=True)
     # a full config passed to a one-adaptor method: the method decides which adaptors, the config their shapes
     model = prepare_model(tiny("vim"), "adaptor_s", config=AdaptorConfig(s_kernel_size=5))
@@ -650,6 +651,51 @@ def test_adapter_file_round_trip(tmp_path, method):
         other.layers[0].mixer.in_proj.weight.add_(1.0)
     with pytest.raises(AdapterFileError, match="other backbone weights"):
         load_adaptor(other, tmp_path / "adapter")
+
+
+def adapter_weights_on(model: torch.nn.Module, folder: Path) -> None:
+    """Asserts that ``model`` holds the adapter in ``folder`` (cast to each parameter's dtype)."""
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    assert all(torch.equal(own[n], t.to(own[n].dtype)) for n, t in load_file(folder / "adaptor.safetensors").items())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_adapter_loads_onto_its_backbone_cast_to_half_precision(tmp_path, dtype):
+    model = tiny("vim")
+    model.reset_classifier(5)
+    prepare_model(model, "adaptor+lora")
+    torch.manual_seed(8)
+    perturb(model, ".adaptor_")
+    perturb(model, ".lora_")
+    folder = save_adaptor(model, tmp_path / "float32")
+    half = load_adaptor(tiny("vim").to(dtype), folder)
+    adapter_weights_on(half, folder)
+    assert half.head.weight.shape == (5, 32) and half.head.weight.dtype == dtype
+    other = tiny("vim")
+    with torch.no_grad():
+        other.layers[1].mixer.x_proj.weight[0, 0] += 0.05  # one weight, well beyond half-precision rounding
+    with pytest.raises(AdapterFileError, match=f"other backbone weights: .* with {str(dtype)[6:]} fingerprint"):
+        load_adaptor(other.to(dtype), folder)
+
+
+def test_fingerprints_compare_at_the_finest_precision_both_sides_have(tmp_path):
+    model = prepare_model(tiny("vim"), "adaptor")
+    exact = save_adaptor(model, tmp_path / "float32")
+    fingerprints = json.loads((exact / "adaptor_config.json").read_text())["backbone_fingerprints"]
+    assert list(fingerprints) == ["float32", "bfloat16", "float16"]
+    nudged = tiny("vim")
+    weight = nudged.layers[0].mixer.in_proj.weight
+    with torch.no_grad():  # below bfloat16's rounding, so only the float32 comparison sees it
+        weight[0, 0] *= 1 + 2**-20
+    assert torch.equal(weight.bfloat16(), tiny("vim").layers[0].mixer.in_proj.weight.bfloat16())
+    with pytest.raises(AdapterFileError, match="with float32 fingerprint"):
+        load_adaptor(nudged, exact)
+    half = save_adaptor(prepare_model(tiny("vim").to(torch.bfloat16), "adaptor"), tmp_path / "bfloat16")
+    adapter_weights_on(load_adaptor(tiny("vim"), half), half)  # a bfloat16 copy's adapter on the float32 original
+    with pytest.raises(AdapterFileError, match=r"saved on a bfloat16 backbone and this model is float16: .* cannot be"):
+        load_adaptor(tiny("vim").to(torch.float16), half)
 
 
 @pytest.fixture
@@ -730,7 +776,7 @@ def test_a_different_head_is_restored_on_load(tmp_path):
 def test_save_leaves_no_temporary_files(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["adaptor.safetensors", "adaptor_config.json"]
     data = json.loads((saved / "adaptor_config.json").read_text())
-    assert data["method"] == "adaptor" and data["format"] == "adaptor_peft.adapter/1"
+    assert data["method"] == "adaptor" and data["format"] == "adaptor_peft.adapter/2"
     from safetensors.torch import load_file
 
     weights = load_file(saved / "adaptor.safetensors")

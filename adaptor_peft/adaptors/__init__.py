@@ -3,7 +3,7 @@
 from .config import AdaptorConfig
 from .files import AdapterFileError, load_adaptor, merge_adaptor, save_adaptor, unload_adaptor
 from .inject import find_mixers, inject_adaptor
-from .methods import METHODS, ParallelAdapter, is_peft_parameter, prepare_model
+from .methods import METHODS, MethodOptionError, ParallelAdapter, is_peft_parameter, prepare_model
 from .spatial import AdaptorS
 from .temporal import AdaptorT
 
@@ -13,6 +13,7 @@ __all__ = [
     "AdaptorConfig",
     "AdaptorS",
     "AdaptorT",
+    "MethodOptionError",
     "ParallelAdapter",
     "find_mixers",
     "inject_adaptor",

@@ -1,34 +1,53 @@
 """Adapter files: only what was trained, plus what it takes to put it back on the right backbone.
 
 ``save_adaptor(model, dir)`` writes ``adaptor.safetensors`` (the trainable parameters and the adaptors'
-buffers) and ``adaptor_config.json`` (method, options, base model, and a fingerprint of the frozen
+buffers) and ``adaptor_config.json`` (method, options, base model, and fingerprints of the frozen
 backbone weights), each to a temporary file first and then renamed, so an interrupted save never
-leaves a half-written adapter behind. ``load_adaptor(model, dir)`` checks the fingerprint on a fresh
-backbone, applies the same method and loads the weights.
+leaves a half-written adapter behind; ``push_to_hub="user/name"`` also uploads both to the Hugging Face
+hub with a model card. ``load_adaptor(model, source)`` reads a local folder or, where no such folder
+exists, a hub repo; checks the fingerprint; applies the method unless the model already carries the
+same one; and loads the weights.
+
+The fingerprint identifies the backbone's values, not the precision they are held in. It is a SHA-256
+over the parameters' names, shapes and values cast to one dtype, recorded for the model's own dtype and
+every one a cast from it rounds to (float32: float32, bfloat16 and float16), and a load compares at the
+finest dtype both sides have. So an adapter saved on a float32 backbone loads onto that backbone cast to
+bfloat16 or float16 (the weights rounded as ``model.to(dtype)`` rounds them), and one saved on a
+bfloat16 copy loads onto the float32 original. "The same backbone" thus means the same weights up to the
+rounding of the coarser side; weights that differ beyond it are refused. A bfloat16 copy and a float16
+copy of one backbone cannot be matched: no exact hash survives both roundings (a value just below a
+bfloat16 rounding boundary rounds to it in float16), so that pair is refused with a message saying so.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save
 from torch import nn
 
 from ..atomic import write_atomically
 from ..models import classifier_name
+from .config import AdaptorConfig
 from .inject import ADAPTOR_MARKERS, find_mixers
-from .methods import BLOCK_TYPES, LORA_OPTIONS, is_peft_parameter, prepare_model
+from .methods import BLOCK_TYPES, METHODS, is_peft_parameter, prepare_model, resolve_options
 
-WEIGHTS, CONFIG = "adaptor.safetensors", "adaptor_config.json"
-FORMAT = "adaptor_peft.adapter/1"
+WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"
+FORMAT = "adaptor_peft.adapter/2"
+PRECISIONS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+"""Finest first; a cast from float64 or float32 rounds to every later one, bfloat16 and float16 to none."""
+REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
+HUB_URL = re.compile(r"https://huggingface\.co/([\w.-]+/[\w.-]+)/")
 
 
 class AdapterFileError(ValueError):
-    """An adapter directory that is missing, corrupt, or made for another backbone."""
+    """An adapter directory or hub repo that is missing, corrupt, or made for another backbone."""
 
 
 def _canonical(name: str) -> str:
@@ -49,27 +68,102 @@ def adapter_bytes(model: nn.Module) -> bytes:
     return save(state, metadata={"format": FORMAT})
 
 
-def backbone_fingerprint(model: nn.Module, exclude: set[str] = frozenset()) -> str:
-    """SHA-256 over the names, shapes and bytes of the backbone's parameters, leaving out the head,
-    anything a transfer method added, and the ``exclude`` names (those an adapter file carries)."""
+def _roundings(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes a fingerprint of ``dtype`` values can be taken at: itself and those a cast rounds it to."""
+    return PRECISIONS[PRECISIONS.index(dtype) :] if dtype in PRECISIONS[:2] else (dtype,)
+
+
+def backbone_fingerprints(model: nn.Module, exclude: set[str] = frozenset()) -> dict[str, str]:
+    """SHA-256 per dtype (finest first) over the names, shapes and values cast to that dtype of the
+    backbone's parameters, leaving out the head, anything a transfer method added, and the ``exclude``
+    names (those an adapter file carries). Taken at every dtype all parameters round to exactly."""
     head = classifier_name(model)
-    digest = hashlib.sha256()
     named = sorted((_canonical(n), p) for n, p in model.named_parameters() if not is_peft_parameter(n))
+    named = [(n, p) for n, p in named if n not in exclude and not (head is not None and n.startswith(head + "."))]
+    common = set(PRECISIONS).intersection(*(_roundings(p.dtype) for _, p in named))
+    digests = {dtype: hashlib.sha256() for dtype in PRECISIONS if dtype in common}
     for name, p in named:
-        if name in exclude or (head is not None and name.startswith(head + ".")):
-            continue
-        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+        for dtype, digest in digests.items():
+            digest.update(f"{name}:{tuple(p.shape)}".encode())
+            digest.update(p.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return {str(dtype).removeprefix("torch."): digest.hexdigest() for dtype, digest in digests.items()}
 
 
-def save_adaptor(model: nn.Module, directory: str | Path) -> Path:
-    """Writes the adapter of a model prepared with :func:`prepare_model` (or :func:`inject_adaptor`)."""
-    method = getattr(model, "peft_method", None)
-    if method is None and getattr(model, "adaptor_config", None) is not None:
-        config = model.adaptor_config  # the method that rebuilds it: "adaptor" would add both adaptors
-        name = "adaptor" if config.temporal and config.spatial else "adaptor_t" if config.temporal else "adaptor_s"
-        method = {"method": name, "options": {"config": config.to_dict()}}
+def _base_model(model: nn.Module) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+
+
+def _method_of(model: nn.Module) -> dict[str, Any] | None:
+    """The transfer method on ``model`` as ``{"method", "options"}``: what :func:`prepare_model` recorded,
+    or, for :func:`inject_adaptor`, the adaptor method that rebuilds its config; None for a plain model."""
+    if getattr(model, "peft_method", None) is not None:
+        return model.peft_method
+    config = getattr(model, "adaptor_config", None)
+    if config is None:
+        return None
+    name = "adaptor" if config.temporal and config.spatial else "adaptor_t" if config.temporal else "adaptor_s"
+    return {"method": name, "options": {"config": config.to_dict()}}
+
+
+def _settings(method: dict[str, Any]) -> dict[str, Any]:
+    """Everything a method record adds, flat (``config.t_rank``, ``lora.r``, ``rank``) and comparable;
+    an AdaptorConfig's free-form ``extra`` notes do not count."""
+    flat = {"method": method["method"]}
+    for key, value in resolve_options(method["method"], method["options"]).items():
+        value = value.to_dict() if isinstance(value, AdaptorConfig) else value
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items() if (key, k) != ("config", "extra")})
+        else:
+            flat[key] = value
+    return flat
+
+
+def model_card(model: nn.Module, config: dict[str, Any], repo_id: str) -> str:
+    """The hub README of the adapter ``config`` of ``model`` in ``repo_id``: HF model-card front matter
+    (library, base model where it is on the hub, tags), how to load it, its fingerprints and the
+    parameter report."""
+    from ..reports import parameter_report  # reports reads this module: imported when needed
+
+    hub = HUB_URL.match(getattr(model, "pretrained_cfg", {}).get("url", ""))
+    front = {
+        "library_name": "adaptor-peft",
+        **({"base_model": hub.group(1), "base_model_relation": "adapter"} if hub else {}),
+        "tags": ["adaptor-peft", "mamba-adaptor", "image-classification", config["method"]],
+    }
+    fingerprints = "\n".join(f"- {dtype}: `{digest}`" for dtype, digest in config["backbone_fingerprints"].items())
+    return (
+        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
+        f"# {config['method']} adapter for {config['base_model']}\n\n"
+        f"An adaptor_peft adapter: method `{config['method']}` with "
+        f"options `{json.dumps(config['options'])}`, {config['num_classes']} classes, on the backbone "
+        f"`{config['base_model']}`{f' ({hub.group(1)})' if hub else ''}. It holds only the trained weights "
+        f"({config['parameters']:,} values).\n\n"
+        "```python\nimport adaptor_peft\n\n"
+        f'model = adaptor_peft.create_model("{config["base_model"]}", checkpoint=...)  # its backbone\n'
+        f'adaptor_peft.load_adaptor(model, "{repo_id}")\n```\n\n'
+        "`load_adaptor` refuses other backbone weights: the frozen weights must have these fingerprints "
+        f"(SHA-256 per dtype; a copy cast to bfloat16 or float16 matches too):\n\n{fingerprints}\n\n"
+        f"## Parameters\n\n{parameter_report(model).to_markdown()}"
+    )
+
+
+def _push(directory: Path, repo_id: str, card: str, method: str) -> None:
+    """Uploads the adapter files and ``card`` (as README.md) to the hub model repo ``repo_id`` in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    files = [CommitOperationAdd(name, str(directory / name)) for name in (WEIGHTS, CONFIG)]
+    api.create_commit(
+        repo_id, [*files, CommitOperationAdd(CARD, card.encode())], commit_message=f"adaptor-peft {method} adapter"
+    )
+
+
+def save_adaptor(model: nn.Module, directory: str | Path, push_to_hub: str | None = None) -> Path:
+    """Writes the adapter of a model prepared with :func:`prepare_model` (or :func:`inject_adaptor`) to
+    ``directory`` and returns it. ``push_to_hub="user/name"`` then uploads it to that hub model repo
+    (created if needed) with a model card as its README.md, replacing the repo's files of those names."""
+    method = _method_of(model)
     if method is None:
         raise AdapterFileError("save_adaptor: the model has no transfer method; call prepare_model or inject_adaptor")
     directory = Path(directory)
@@ -78,8 +172,8 @@ def save_adaptor(model: nn.Module, directory: str | Path) -> Path:
     config = {
         "format": FORMAT,
         **method,
-        "base_model": getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
-        "backbone_fingerprint": backbone_fingerprint(model, {_canonical(n) for n in state}),
+        "base_model": _base_model(model),
+        "backbone_fingerprints": backbone_fingerprints(model, {_canonical(n) for n in state}),
         "num_classes": getattr(model, "num_classes", None),
         "tensors": len(state),
         "parameters": sum(t.numel() for t in state.values()),
@@ -87,6 +181,8 @@ def save_adaptor(model: nn.Module, directory: str | Path) -> Path:
     weights, text = adapter_bytes(model), json.dumps(config, indent=2) + "\n"  # both before either file is replaced
     write_atomically(directory / WEIGHTS, weights)
     write_atomically(directory / CONFIG, text)
+    if push_to_hub is not None:
+        _push(directory, push_to_hub, model_card(model, config, push_to_hub), method["method"])
     return directory
 
 
@@ -98,15 +194,50 @@ def read_adaptor_config(directory: str | Path) -> dict[str, Any]:
         raise AdapterFileError(f"no adapter at {directory}: {path.name} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"adapter config {path} is corrupt: {err}") from err
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise AdapterFileError(f"{path} is not an adaptor_peft adapter config (format {FORMAT})")
+    found = config.get("format") if isinstance(config, dict) else type(config).__name__
+    if found != FORMAT:
+        raise AdapterFileError(f"{path} is not an adaptor_peft adapter config of format {FORMAT} (found {found!r})")
     return config
 
 
-def load_adaptor(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Puts the adapter in ``directory`` on ``model``, a fresh backbone (as created for training, with the
-    same pretrained weights), and returns it. Refuses an adapter made for other backbone weights."""
-    directory = Path(directory)
+def _adapter_folder(source: str | Path) -> Path:
+    """The local folder ``source``; if there is none and ``source`` reads as a hub repo id (``user/name``),
+    the adapter files of that repo, downloaded once into the hub cache."""
+    if Path(source).is_dir() or not REPO_ID.fullmatch(str(source)):
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=[WEIGHTS, CONFIG]))
+    except (OSError, ValueError) as err:  # hub errors: not found, offline and not cached, invalid id
+        raise AdapterFileError(f"no adapter at {source}: no such folder, nor a readable hub repo ({err})") from err
+
+
+def _check_backbone(model: nn.Module, directory: Path, config: dict[str, Any], exclude: set[str]) -> None:
+    """Refuses an adapter whose backbone fingerprint, at the finest dtype both sides have, is not the model's."""
+    saved, ours = config["backbone_fingerprints"], backbone_fingerprints(model, exclude)
+    common = [dtype for dtype in ours if dtype in saved]
+    if not common:
+        raise AdapterFileError(
+            f"adapter {directory} was saved on a {next(iter(saved), '?')} backbone and this model is "
+            f"{next(iter(ours), '?')}: the two roundings of the weights cannot be compared; load it onto the "
+            "float32 backbone or a copy in the adapter's dtype"
+        )
+    dtype = common[0]
+    if ours[dtype] != saved[dtype]:
+        raise AdapterFileError(
+            f"adapter {directory} was trained on other backbone weights: {config['base_model']} with {dtype} "
+            f"fingerprint {saved[dtype][:12]}, this model is {_base_model(model)} with {ours[dtype][:12]}"
+        )
+
+
+def load_adaptor(model: nn.Module, source: str | Path) -> nn.Module:
+    """Puts the adapter in ``source`` (a local folder, else a hub repo id ``user/name``) on ``model`` and
+    returns it. ``model`` is the backbone the adapter was trained on (in any dtype it casts to, see the
+    module docstring): a fresh one, which gets the adapter's method, or one that already carries exactly
+    that method (as after ``inject_adaptor``), whose weights are then replaced. Refuses an adapter made
+    for other backbone weights and a model prepared with another method or other options."""
+    directory = _adapter_folder(source)
     config = read_adaptor_config(directory)
     try:
         state = load_file(str(directory / WEIGHTS))
@@ -114,18 +245,27 @@ def load_adaptor(model: nn.Module, directory: str | Path) -> nn.Module:
         raise AdapterFileError(f"no adapter weights at {directory / WEIGHTS}") from None
     except Exception as err:
         raise AdapterFileError(f"adapter weights {directory / WEIGHTS} are corrupt: {err}") from err
-    fingerprint = backbone_fingerprint(model, {_canonical(n) for n in state})
-    if fingerprint != config["backbone_fingerprint"]:
-        base = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-        raise AdapterFileError(
-            f"adapter {directory} was trained on other backbone weights: {config['base_model']} with fingerprint "
-            f"{config['backbone_fingerprint'][:12]}, this model is {base} with {fingerprint[:12]}"
-        )
+    _check_backbone(model, directory, config, {_canonical(n) for n in state})
+    current = _method_of(model)
+    if current is not None:
+        ours, theirs = _settings(current), _settings(config)
+        keys = dict.fromkeys([*theirs, *ours])  # the method first
+        differences = [
+            f"{k}: model {ours.get(k)!r}, adapter {theirs.get(k)!r}" for k in keys if ours.get(k) != theirs.get(k)
+        ]
+        if differences:
+            raise AdapterFileError(
+                f"adapter {directory} does not match the transfer method already on the model "
+                f"({'; '.join(differences)}); load it onto a fresh backbone"
+            )
     head = classifier_name(model)
     saved_classes = state.get(f"{head}.weight")
     if saved_classes is not None and saved_classes.shape[0] != getattr(model, "num_classes", None):
+        weight = model.get_classifier().weight
         model.reset_classifier(saved_classes.shape[0])
-    prepare_model(model, config["method"], **config["options"])
+        model.get_classifier().to(weight.device, weight.dtype)
+    if current is None:
+        prepare_model(model, config["method"], **config["options"])
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{n}: file {tuple(t.shape)} vs model {tuple(own[n].shape)}" for n, t in state.items()
@@ -159,8 +299,9 @@ def merge_adaptor(model: nn.Module) -> nn.Module:
     if method is not None and method["method"] in ("lora", "adaptor+lora"):
         # The merged weights are now the backbone: what is left to save is the rest of the method, and its
         # adapter file belongs to the merged backbone (whose fingerprint it records).
-        rest = {k: v for k, v in method["options"].items() if k not in LORA_OPTIONS}
-        model.peft_method = {"method": "linear_probe" if method["method"] == "lora" else "adaptor", "options": rest}
+        rest = "linear_probe" if method["method"] == "lora" else "adaptor"
+        options = {k: v for k, v in method["options"].items() if k in METHODS[rest].options}
+        model.peft_method = {"method": rest, "options": options}
     return model
 
 

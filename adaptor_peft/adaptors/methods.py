@@ -11,16 +11,23 @@
 | ``adaptor_t`` / ``adaptor_s`` / ``adaptor`` | Adaptor-T, Adaptor-S, both (options: :class:`AdaptorConfig` fields) |
 | ``adaptor+lora`` | both adaptors and LoRA (options of both) |
 
-The method and its options are recorded on the model (``model.peft_method``), which is what
-:func:`~adaptor_peft.save_adaptor` writes next to the weights.
+Options are checked before the model changes: an unknown option, a value of the wrong type or range, or
+one that contradicts the method raises :class:`MethodOptionError`, one line naming the option and what
+is allowed (a recipe's ``method_options`` arrive here unchanged). The method and its options are recorded
+on the model (``model.peft_method``), which is what :func:`adaptor_peft.save_adaptor` writes next to
+the weights; :func:`resolve_options` fills in every default, so that two records can be compared.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import re
+import types
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -36,12 +43,26 @@ PARTIAL = re.compile(
 )
 PEFT_MARKERS = (*ADAPTOR_MARKERS, ".parallel_adapter.", ".lora_")
 LORA_DEFAULTS = dict(r=8, alpha=16, dropout=0.0, targets=("in_proj",))
+PARALLEL_RANK = 32
+OPTION_TYPES: dict[str, Any] = {
+    **typing.get_type_hints(AdaptorConfig),
+    "config": AdaptorConfig | dict[str, Any],
+    "r": int,
+    "alpha": float,
+    "targets": list[str],
+    "rank": int,
+}
+"""The type of every method option (LoRA's ``dropout`` shares AdaptorConfig's, a float)."""
+
+
+class MethodOptionError(ValueError):
+    """An unknown transfer method, or an option it does not take, of the wrong type or out of range."""
 
 
 class ParallelAdapter(nn.Module):
     """Bottleneck MLP on the mixer's input whose output is added to the mixer's (zero at init)."""
 
-    def __init__(self, dim: int, rank: int = 32):
+    def __init__(self, dim: int, rank: int = PARALLEL_RANK):
         super().__init__()
         self.down = nn.Linear(dim, rank)
         self.act = nn.GELU()
@@ -58,33 +79,61 @@ def is_peft_parameter(name: str) -> bool:
     return any(marker in f".{name}" for marker in PEFT_MARKERS)
 
 
-def _adaptor_config(options: dict[str, Any], **fixed: Any) -> AdaptorConfig:
+def _fits(value: Any, hint: Any) -> bool:
+    """Is ``value`` of type ``hint``? Lists and tuples stand for each other (JSON and YAML have only lists),
+    an int is a float, and a bool is not a number."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_fits(value, arg) for arg in args)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_fits(item, args[0]) for item in value)
+    if hint is Any:
+        return True
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _check(method: str, options: dict[str, Any], allowed: frozenset[str], prefix: str = "") -> None:
+    """Raises :class:`MethodOptionError` for an option not in ``allowed`` or of the wrong type; ``prefix``
+    names the option the ones checked sit in (``config.``)."""
+    for name in sorted(set(options) - allowed):
+        close = difflib.get_close_matches(name, allowed, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        takes = ", ".join(sorted(allowed)) or "none"
+        raise MethodOptionError(f"method {method!r} has no option {prefix}{name}{hint}; it takes: {takes}")
+    for name, value in options.items():
+        if not _fits(value, OPTION_TYPES[name]):
+            expected = re.sub(r"\b(\w+\.)+(?=\w)", "", inspect.formatannotation(OPTION_TYPES[name]))  # no modules
+            raise MethodOptionError(f"method {method!r}: option {prefix}{name}={value!r} must be of type {expected}")
+
+
+def _adaptor_config(method: str, options: dict[str, Any], temporal: bool, spatial: bool) -> AdaptorConfig:
+    """The AdaptorConfig of ``options`` (a ``config`` and field overrides, taken out of ``options``) with
+    the method's switches, which an option may only repeat."""
     config = options.pop("config", None) or AdaptorConfig()
     if isinstance(config, dict):
-        config = AdaptorConfig.from_dict(config)
-    fields = {f.name for f in dataclasses.fields(AdaptorConfig)}
-    chosen = {k: options.pop(k) for k in list(options) if k in fields}
-    for name, value in fixed.items():  # the method sets these; an option may only agree with it
-        if name in chosen and chosen[name] != value:
-            raise TypeError(f"AdaptorConfig.{name}={chosen[name]!r}: this method sets {name}={value!r}")
-    return dataclasses.replace(config, **{**chosen, **fixed})
+        _check(method, config, ADAPTOR_FIELDS, "config.")
+    chosen = {k: options.pop(k) for k in list(options) if k in ADAPTOR_FIELDS}
+    for name, value in dict(temporal=temporal, spatial=spatial).items():
+        if chosen.get(name, value) != value:
+            raise MethodOptionError(f"method {method!r}: option {name}={chosen[name]!r}, but the method sets {value!r}")
+    try:
+        config = AdaptorConfig.from_dict(config) if isinstance(config, dict) else config
+        return dataclasses.replace(config, **{**chosen, "temporal": temporal, "spatial": spatial})
+    except ValueError as err:  # AdaptorConfig's own checks of values, naming the field
+        raise MethodOptionError(f"method {method!r}: {err}") from None
 
 
-def _lora(model: nn.Module, options: dict[str, Any]) -> None:
+def _lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str]) -> None:
     from peft import LoraConfig, inject_adapter_in_model
 
-    settings = {k: options.pop(k, default) for k, default in LORA_DEFAULTS.items()}
-    config = LoraConfig(
-        r=settings["r"],
-        lora_alpha=settings["alpha"],
-        lora_dropout=settings["dropout"],
-        target_modules=list(settings["targets"]),
-    )
-    inject_adapter_in_model(config, model)
+    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets), model)
 
 
-def _parallel_adapter(model: nn.Module, options: dict[str, Any]) -> None:
-    rank = options.pop("rank", 32)
+def _parallel_adapter(model: nn.Module, rank: int) -> None:
     blocks = [m for m in model.modules() if isinstance(m, BLOCK_TYPES)]
     if not blocks:
         raise TypeError(f"parallel_adapter: {type(model).__name__} has no Vim or VMamba blocks")
@@ -93,55 +142,81 @@ def _parallel_adapter(model: nn.Module, options: dict[str, Any]) -> None:
         block.parallel_adapter = ParallelAdapter(dim, rank).to(block.norm.weight.device, block.norm.weight.dtype)
 
 
-def _adaptors(temporal: bool, spatial: bool, lora: bool = False) -> Callable[[nn.Module, dict[str, Any]], None]:
-    def apply(model: nn.Module, options: dict[str, Any]) -> None:
-        inject_adaptor(model, _adaptor_config(options, temporal=temporal, spatial=spatial), freeze_backbone=False)
-        if lora:
-            _lora(model, options)
+class Method(NamedTuple):
+    """A transfer method: the options it takes, which backbone parameters it trains besides what it adds,
+    and, for the adaptor methods, which adaptors (Adaptor-T, Adaptor-S) it adds."""
 
-    return apply
-
-
-def _nothing(model: nn.Module, options: dict[str, Any]) -> None:
-    return None
+    options: frozenset[str]
+    trains: Callable[[str], bool]
+    adaptors: tuple[bool, bool] | None = None
 
 
-ADAPTOR_OPTIONS = frozenset({"config", *(f.name for f in dataclasses.fields(AdaptorConfig))})
+ADAPTOR_FIELDS = frozenset(f.name for f in dataclasses.fields(AdaptorConfig))
+ADAPTOR_OPTIONS = ADAPTOR_FIELDS | {"config"}
 LORA_OPTIONS = frozenset(LORA_DEFAULTS)
 NO_OPTIONS: frozenset[str] = frozenset()
 
-# method -> (what it adds to the model, which backbone parameters it trains besides the added ones,
-#            the options it takes)
-METHODS: dict[str, tuple[Callable[[nn.Module, dict[str, Any]], None], Callable[[str], bool], frozenset[str]]] = {
-    "linear_probe": (_nothing, lambda name: False, NO_OPTIONS),
-    "full": (_nothing, lambda name: True, NO_OPTIONS),
-    "bias": (_nothing, lambda name: name.endswith((".bias", ".dt_projs_bias")), NO_OPTIONS),  # VMamba's Δ bias too
-    "partial": (_nothing, lambda name: PARTIAL.search(name) is not None, NO_OPTIONS),
-    "lora": (_lora, lambda name: False, LORA_OPTIONS),
-    "parallel_adapter": (_parallel_adapter, lambda name: False, frozenset({"rank"})),
-    "adaptor_t": (_adaptors(True, False), lambda name: False, ADAPTOR_OPTIONS),
-    "adaptor_s": (_adaptors(False, True), lambda name: False, ADAPTOR_OPTIONS),
-    "adaptor": (_adaptors(True, True), lambda name: False, ADAPTOR_OPTIONS),
-    "adaptor+lora": (_adaptors(True, True, lora=True), lambda name: False, ADAPTOR_OPTIONS | LORA_OPTIONS),
+
+def _nothing(name: str) -> bool:
+    return False
+
+
+METHODS: dict[str, Method] = {
+    "linear_probe": Method(NO_OPTIONS, _nothing),
+    "full": Method(NO_OPTIONS, lambda name: True),
+    "bias": Method(NO_OPTIONS, lambda name: name.endswith((".bias", ".dt_projs_bias"))),  # VMamba's Δ bias too
+    "partial": Method(NO_OPTIONS, lambda name: PARTIAL.search(name) is not None),
+    "lora": Method(LORA_OPTIONS, _nothing),
+    "parallel_adapter": Method(frozenset({"rank"}), _nothing),
+    "adaptor_t": Method(ADAPTOR_OPTIONS, _nothing, (True, False)),
+    "adaptor_s": Method(ADAPTOR_OPTIONS, _nothing, (False, True)),
+    "adaptor": Method(ADAPTOR_OPTIONS, _nothing, (True, True)),
+    "adaptor+lora": Method(ADAPTOR_OPTIONS | LORA_OPTIONS, _nothing, (True, True)),
 }
+
+
+def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Everything ``prepare_model(model, method, **options)`` adds, with every default filled in:
+    ``config`` (an :class:`AdaptorConfig`), ``lora`` (r, alpha, dropout, targets) and ``rank`` (parallel
+    adapter), as the method takes them. Two calls that resolve equal add the same modules. In
+    ``adaptor+lora``, ``dropout`` is the adaptors' (LoRA keeps none). Raises :class:`MethodOptionError`."""
+    if method not in METHODS:
+        raise MethodOptionError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    spec = METHODS[method]
+    _check(method, options, spec.options)
+    rest = dict(options)
+    settings: dict[str, Any] = {}
+    if spec.adaptors is not None:
+        settings["config"] = _adaptor_config(method, rest, *spec.adaptors)
+    if spec.options >= LORA_OPTIONS:
+        settings["lora"] = {k: rest.pop(k, default) for k, default in LORA_DEFAULTS.items()}
+        settings["lora"]["targets"] = list(settings["lora"]["targets"])
+    if "rank" in spec.options:
+        settings["rank"] = rest.pop("rank", PARALLEL_RANK)
+    return settings
 
 
 def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:
     """Applies transfer ``method`` to ``model`` (see the module docstring) and returns it, with exactly the
-    method's parameters and the classification head trainable."""
-    if method not in METHODS:
-        raise ValueError(f"prepare_model: unknown method {method!r}; choose from {sorted(METHODS)}")
+    method's parameters and the classification head trainable. Raises :class:`MethodOptionError` for
+    options the method does not take, before the model changes (a corrected call can follow on it)."""
+    settings = resolve_options(method, options)
     if getattr(model, "peft_method", None) is not None:
         raise RuntimeError(f"prepare_model: the model was already prepared with {model.peft_method['method']!r}")
-    add, trains, accepted = METHODS[method]
-    unknown = sorted(set(options) - accepted)
-    if unknown:  # checked before the model changes, so that a corrected call can follow on the same model
-        raise TypeError(
-            f"prepare_model: method {method!r} does not take option(s) {unknown}; it takes {sorted(accepted)}"
-        )
-    recorded = {k: (v.to_dict() if isinstance(v, AdaptorConfig) else v) for k, v in options.items()}
-    add(model, dict(options))
+    try:
+        if "config" in settings:
+            inject_adaptor(model, settings["config"], freeze_backbone=False)
+        if "lora" in settings:
+            _lora(model, **settings["lora"])
+        if "rank" in settings:
+            _parallel_adapter(model, settings["rank"])
+    except ValueError as err:  # an option that does not fit this model: blocks, t_groups, LoRA targets
+        raise MethodOptionError(f"method {method!r}: {err}") from err
     head = is_head(model)
+    trains = METHODS[method].trains
     set_trainable(model, lambda n: is_peft_parameter(n) or head(n) or trains(n))
-    model.peft_method = {"method": method, "options": recorded}
+    model.peft_method = {
+        "method": method,
+        "options": {k: (v.to_dict() if isinstance(v, AdaptorConfig) else v) for k, v in options.items()},
+    }
     return model
