@@ -67,6 +67,7 @@ CASES = [
     (2, 96, 20, 1, 3, "grouped", True, 2),  # d_state 1, three groups (VMamba-like)
     (2, 96, 12, 4, 3, "grouped", True, 1),  # more B/C groups than probe groups
     (2, 16, 9, 5, 1, "fixed", True, 2),  # time-invariant B, C of shape (dim, nstate)
+    (2, 48, 9, 4, 2, "grouped", True, 2),  # 24 channels a group: lane blocks of 16 and 8 (VMamba v2 s1 stage 1)
 ]
 
 
@@ -75,8 +76,6 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
 def test_matches_reference_outputs_and_gradients(backend, dtype, case):
     batch, dim, length, nstate, groups, bc, extras, pgroups = case
-    if backend == "native" and not native.supports(dim, dim if bc == "fixed" else groups, pgroups):
-        pytest.skip("channel layout the compiled kernel leaves to the PyTorch scan")
     inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=dim + length)
     g = torch.Generator().manual_seed(length)
     probe = torch.randint(0, length, (batch, pgroups, length, 3), generator=g)
@@ -199,24 +198,24 @@ def test_backend_selection(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(scan_module, "triton_backend", lambda: None)
     monkeypatch.setattr(scan_module, "mamba_ssm_kernel", lambda: object())
-    assert select_backend(cuda, torch.float16, 768) == "mamba_ssm"
-    assert select_backend(cuda, torch.float32, 768, needs_states=True) == "torch"  # probes need our scan
-    assert select_backend(cuda, torch.float32, 768, requested="torch") == "torch"
+    assert select_backend(cuda, torch.float16) == "mamba_ssm"
+    assert select_backend(cuda, torch.float32, needs_states=True) == "torch"  # probes need our scan
+    assert select_backend(cuda, torch.float32, requested="torch") == "torch"
     monkeypatch.setattr(scan_module, "mamba_ssm_kernel", lambda: None)
-    assert select_backend(cuda, torch.float32, 768) == "torch"
+    assert select_backend(cuda, torch.float32) == "torch"
     with pytest.raises(RuntimeError, match="mamba_ssm"):
-        select_backend(cuda, torch.float32, 768, requested="mamba_ssm")
+        select_backend(cuda, torch.float32, requested="mamba_ssm")
     with pytest.raises(RuntimeError, match="mamba_ssm"):
-        select_backend(cpu, torch.float32, 768, requested="mamba_ssm")
+        select_backend(cpu, torch.float32, requested="mamba_ssm")
     expected_cpu = "native" if native.available() else "torch"
-    assert select_backend(cpu, torch.float32, 768) == expected_cpu
-    assert select_backend(cpu, torch.float32, 40) == "torch"  # channels not a multiple of the lane width
-    with pytest.raises(RuntimeError, match="native"):
-        select_backend(cpu, torch.float32, 40, requested="native")
+    assert select_backend(cpu, torch.float32) == expected_cpu
+    assert select_backend(cpu, torch.bfloat16, needs_states=True) == expected_cpu  # computed in float32
     with pytest.raises(ValueError, match="expected one of"):
-        select_backend(cpu, torch.float32, 768, requested="cuda-please")
+        select_backend(cpu, torch.float32, requested="cuda-please")
+    with pytest.raises(RuntimeError, match="'native' needs CPU tensors"):
+        select_backend(cuda, torch.float32, requested="native")
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BACKEND", "torch")
-    assert select_backend(cpu, torch.float32, 768) == "torch"
+    assert select_backend(cpu, torch.float32) == "torch"
 
 
 def test_damaged_kernel_cache_is_rebuilt(monkeypatch, tmp_path):
@@ -247,6 +246,6 @@ def test_native_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
     try:
         with pytest.warns(RuntimeWarning, match="using the PyTorch scan"):
             assert not native.available()
-        assert select_backend(torch.device("cpu"), torch.float32, 768) == "torch"
+        assert select_backend(torch.device("cpu"), torch.float32) == "torch"
     finally:
         native._library.cache_clear()

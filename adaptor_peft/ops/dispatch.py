@@ -15,8 +15,7 @@ Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACK
 - ``native``: the compiled CPU kernel (:mod:`adaptor_peft.ops.native`), float32 / float64.
 - ``torch``: plain PyTorch (:mod:`adaptor_peft.ops.scan_torch`), any device.
 - ``auto`` (default): on CUDA, ``mamba_ssm`` for plain scans when it imports, else ``triton`` where
-  Triton imports, else ``torch``; on CPU, ``native`` where it builds and the channel layout fits, else
-  ``torch``.
+  Triton imports, else ``torch``; on CPU, ``native`` where it builds, else ``torch``.
 
 Probe positions are range-checked on CPU tensors. On other devices that check would stall the GPU
 (it reads the positions back to the host), so it runs only with ``ADAPTOR_PEFT_CHECK_PROBES=1``; the
@@ -147,17 +146,11 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight
 
 
 def select_backend(
-    device: torch.device,
-    dtype: torch.dtype,
-    dim: int,
-    groups: int = 1,
-    probe_groups: int = 1,
-    needs_states: bool = False,
-    requested: str | None = None,
+    device: torch.device, dtype: torch.dtype, needs_states: bool = False, requested: str | None = None
 ) -> str:
-    """The backend that runs a scan of ``dim`` channels in ``groups`` B/C groups (and ``probe_groups``
-    probe groups) on ``device``; see the module docstring for the rules. Raises if ``requested``
-    (or ``$ADAPTOR_PEFT_SCAN_BACKEND``) names a backend that cannot run this scan."""
+    """The backend that runs a scan on ``device`` (``needs_states``: with probes or hidden states); see the
+    module docstring for the rules. Raises if ``requested`` (or ``$ADAPTOR_PEFT_SCAN_BACKEND``) names a
+    backend that cannot run this scan."""
     requested = requested or os.environ.get(BACKEND_ENV) or "auto"
     if requested not in BACKENDS:
         raise ValueError(
@@ -169,7 +162,7 @@ def select_backend(
     triton_ok = (device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())) and (
         triton_backend() is not None
     )
-    native_ok = device.type == "cpu" and native.supports(dim, groups, probe_groups) and native.available(compute)
+    native_ok = device.type == "cpu" and native.available(compute)
     if requested == "auto":
         if device.type == "cuda":
             return "mamba_ssm" if mamba_ok else "triton" if triton_ok else "torch"
@@ -186,9 +179,8 @@ def select_backend(
         )
     if requested == "native" and not native_ok:
         raise RuntimeError(
-            f"selective_scan backend 'native' needs CPU tensors, a working C compiler, and a multiple of "
-            f"{native.LANES} channels in every B/C group and probe group (so never a (dim, nstate) B or C); got "
-            f"device {device}, dim {dim}, {groups} B/C groups, {probe_groups} probe groups"
+            f"selective_scan backend 'native' needs CPU tensors, float32 or float64, and a working C compiler; got "
+            f"device {device}, dtype {dtype}"
         )
     return requested
 
@@ -250,9 +242,8 @@ def selective_scan(
     batch, dim, length = u.shape
     groups = math.lcm(*(dim if X.dim() == 2 else 1 if X.dim() == 3 else X.shape[1] for X in (B, C)))
     Bg, Cg = as_grouped(B, batch, length, groups), as_grouped(C, batch, length, groups)
-    probe_groups = probe_index.shape[1] if probe_index is not None else 1
     needs_states = probe_index is not None or return_hidden_states
-    name = select_backend(u.device, u.dtype, dim, groups, probe_groups, needs_states, backend)
+    name = select_backend(u.device, u.dtype, needs_states, backend)
     if name == "mamba_ssm":
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return ScanOutput(*result) if return_last_state else ScanOutput(result)

@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("selective_scan_cpu.c")
-LANES = 16  # channels per SIMD work item; VL in the C source
 # -ffp-contract=fast: ISO C mode would otherwise forbid fused multiply-adds (a quarter of the scan's time)
 FLAGS = (
     *("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd"),
@@ -114,11 +113,6 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
 def available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the compiled scan can run for ``dtype`` (float32 or float64) on this machine."""
     return dtype in (torch.float32, torch.float64) and _library(dtype == torch.float64) is not None
-
-
-def supports(dim: int, groups: int, probe_groups: int) -> bool:
-    """Whether a channel layout fits the kernel: lane blocks never straddle a B/C or probe group."""
-    return all(dim % g == 0 and (dim // g) % LANES == 0 for g in (groups, probe_groups))
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -1,7 +1,7 @@
 /*
  * Selective scan for the CPU: forward and hand-written backward.
  *
- * Work is split into items of one batch row and VL consecutive channels; the VL channels are the SIMD
+ * Work is split into items of one batch row and up to VL consecutive channels; the VL channels are the SIMD
  * lanes, so every inner loop runs over lanes and vectorises without reassociation. An item keeps its
  * own hidden-state history (len x nstate x VL) in a per-thread buffer, so the full
  * (batch, dim, len, nstate) state tensor never exists unless the caller asks for it.
@@ -15,8 +15,10 @@
  * Compiled at first use by adaptor_peft/ops/native.py, once with SCAN_DOUBLE and once without, with
  * OpenMP where the compiler has it: linked against libgomp.so.1, it shares PyTorch's OpenMP runtime and
  * threads (same soname, already loaded), so the two never oversubscribe the cores.
- * The caller guarantees: dim divisible by VL, and every lane block inside one B/C group and one
- * probe group; probe positions in [0, len).
+ * A lane block never straddles a B/C group or a probe group: the channels are cut into segments of
+ * gcd(channels per B/C group, channels per probe group), and each segment into blocks of VL lanes, the
+ * last one partly filled. Idle lanes see zero inputs, add nothing to any sum, and are never stored, so
+ * any channel count works; the caller guarantees probe positions in [0, len).
  */
 #include <math.h>
 #include <stdint.h>
@@ -119,7 +121,37 @@ typedef struct {
 typedef struct {
     real *u, *x, *dt, *z, *y, *r, *hist, *decay, *extra, *dy, *du, *ddt;
     real *h, *a, *g, *A, *cum_dA;
+    real Dv[VL];    /* the block's D skip weights, zero where there is no D or no channel */
+    int64_t b, d0, nv; /* the item: batch row, first channel, active lanes */
 } Work;
+
+static int64_t gcd(int64_t a, int64_t b) {
+    while (b) {
+        const int64_t r = a % b;
+        a = b;
+        b = r;
+    }
+    return a;
+}
+
+/* Channels per segment, and lane blocks per segment. */
+static int64_t segment(const ScanArgs *s) {
+    return gcd(s->dim / s->groups, s->dim / s->probe_groups);
+}
+
+static int64_t item_count(const ScanArgs *s) {
+    const int64_t seg = segment(s);
+    return s->batch * (s->dim / seg) * ((seg + VL - 1) / VL);
+}
+
+/* Sets the work's batch row, first channel and active lanes for one item. */
+static void locate(const ScanArgs *s, Work *w, int64_t item) {
+    const int64_t seg = segment(s), per_segment = (seg + VL - 1) / VL, per_row = (s->dim / seg) * per_segment;
+    const int64_t r = item % per_row, j = r % per_segment;
+    w->b = item / per_row;
+    w->d0 = (r / per_segment) * seg + j * VL;
+    w->nv = seg - j * VL < VL ? seg - j * VL : VL;
+}
 
 static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     const int64_t L = s->len, N = s->nstate;
@@ -159,7 +191,7 @@ static inline real silu_gate(real z, real *dgate) {
  * every decay exp(dt A) to w->decay as well. Always inlined so that
  * each (nstate, keep) pair used below compiles to its own loop with constant trip counts. */
 static inline __attribute__((always_inline)) void recurrence(
-    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, int64_t d0, const int64_t N, const int keep) {
+    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, const int64_t N, const int keep) {
     for (int64_t t = 0; t < s->len; t++) {
         const real *dt = w->dt + t * VL, *u = w->u + t * VL;
         real dtu[VL], acc[VL];
@@ -182,16 +214,22 @@ static inline __attribute__((always_inline)) void recurrence(
             }
         }
         for (int v = 0; v < VL; v++)
-            w->y[t * VL + v] = acc[v] + (s->Dskip ? s->Dskip[d0 + v] * u[v] : 0);
+            w->y[t * VL + v] = acc[v] + w->Dv[v] * u[v];
     }
 }
 
 /* Loads the lane block's inputs into lane-major buffers (w->x holds delta + bias before softplus) and
  * runs the recurrence, leaving the pre-gate output y in w->y. */
-static void block_forward(const ScanArgs *s, Work *w, int64_t b, int64_t d0, int keep) {
-    const int64_t L = s->len, N = s->nstate;
+static void block_forward(const ScanArgs *s, Work *w, int keep) {
+    const int64_t L = s->len, N = s->nstate, b = w->b, d0 = w->d0;
     const int64_t g = d0 / (s->dim / s->groups);
     for (int64_t v = 0; v < VL; v++) {
+        w->Dv[v] = s->Dskip && v < w->nv ? s->Dskip[d0 + v] : 0;
+        if (v >= w->nv) { /* an idle lane: zero input, zero state */
+            for (int64_t t = 0; t < L; t++) w->u[t * VL + v] = w->x[t * VL + v] = w->z[t * VL + v] = 0;
+            for (int64_t n = 0; n < N; n++) w->A[n * VL + v] = w->h[n * VL + v] = 0;
+            continue;
+        }
         const real *u = s->u + b * s->u_s[0] + (d0 + v) * s->u_s[1];
         const real *delta = s->delta + b * s->delta_s[0] + (d0 + v) * s->delta_s[1];
         for (int64_t t = 0; t < L; t++) {
@@ -209,7 +247,7 @@ static void block_forward(const ScanArgs *s, Work *w, int64_t b, int64_t d0, int
     }
     real bias[VL] = {0};
     if (s->delta_bias)
-        for (int v = 0; v < VL; v++) bias[v] = s->delta_bias[d0 + v];
+        for (int v = 0; v < w->nv; v++) bias[v] = s->delta_bias[d0 + v];
     for (int64_t t = 0; t < L; t++)
         for (int v = 0; v < VL; v++) w->x[t * VL + v] += bias[v];
     if (s->softplus)
@@ -218,26 +256,26 @@ static void block_forward(const ScanArgs *s, Work *w, int64_t b, int64_t d0, int
         memcpy(w->dt, w->x, (size_t)(L * VL) * sizeof(real));
     const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
     const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
-    if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, d0, 16, 2);
-    else if (N == 16 && keep) recurrence(s, w, Bg, Cg, d0, 16, 1);
-    else if (N == 16) recurrence(s, w, Bg, Cg, d0, 16, 0);
-    else if (keep == 2) recurrence(s, w, Bg, Cg, d0, N, 2);
-    else if (keep) recurrence(s, w, Bg, Cg, d0, N, 1);
-    else recurrence(s, w, Bg, Cg, d0, N, 0);
+    if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, 16, 2);
+    else if (N == 16 && keep) recurrence(s, w, Bg, Cg, 16, 1);
+    else if (N == 16) recurrence(s, w, Bg, Cg, 16, 0);
+    else if (keep == 2) recurrence(s, w, Bg, Cg, N, 2);
+    else if (keep) recurrence(s, w, Bg, Cg, N, 1);
+    else recurrence(s, w, Bg, Cg, N, 0);
 }
 
 /* The probe readout of a lane block into w->r (needs w->hist), and, with probe_scale, its scaled
  * addition to the pre-gate output w->y. Inlined per nstate so that the state loop unrolls. */
 static inline __attribute__((always_inline)) void readout_rows(
-    const ScanArgs *s, Work *w, int64_t b, int64_t d0, const int64_t N) {
-    const int64_t L = s->len, K = s->nprobe;
+    const ScanArgs *s, Work *w, const int64_t N) {
+    const int64_t L = s->len, K = s->nprobe, b = w->b, d0 = w->d0;
     const int64_t g = d0 / (s->dim / s->groups), pg = d0 / (s->dim / s->probe_groups);
     const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
     const int64_t *probe = s->probe + (b * s->probe_groups + pg) * L * K;
     const real *weight = s->probe_weight + (b * s->probe_groups + pg) * L * K;
     real scale[VL] = {0};
     if (s->probe_scale)
-        for (int v = 0; v < VL; v++) scale[v] = s->probe_scale[d0 + v];
+        for (int v = 0; v < w->nv; v++) scale[v] = s->probe_scale[d0 + v];
     for (int64_t i = 0; i < L; i++) {
         /* Mix the probed states first (one vector FMA per state element), then contract once with C_i. */
         real mixed[N][VL];
@@ -264,9 +302,9 @@ static inline __attribute__((always_inline)) void readout_rows(
     }
 }
 
-static void block_readout(const ScanArgs *s, Work *w, int64_t b, int64_t d0) {
-    if (s->nstate == 16) readout_rows(s, w, b, d0, 16);
-    else readout_rows(s, w, b, d0, s->nstate);
+static void block_readout(const ScanArgs *s, Work *w) {
+    if (s->nstate == 16) readout_rows(s, w, 16);
+    else readout_rows(s, w, s->nstate);
 }
 
 int SCAN_FORWARD(const ScanArgs *s) {
@@ -275,17 +313,17 @@ int SCAN_FORWARD(const ScanArgs *s) {
     {
     Work w = {0};
     failed = work_alloc(&w, s, 0);
-    const int64_t L = s->len, N = s->nstate;
-    const int64_t blocks = s->dim / VL, items = s->batch * blocks;
+    const int64_t L = s->len, N = s->nstate, items = item_count(s);
     #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; item++) {
         if (failed) continue;
-        const int64_t b = item / blocks, d0 = (item % blocks) * VL;
-        block_forward(s, &w, b, d0, s->probe || s->hidden);
-        if (s->probe) block_readout(s, &w, b, d0);
+        locate(s, &w, item);
+        const int64_t b = w.b, d0 = w.d0;
+        block_forward(s, &w, s->probe || s->hidden);
+        if (s->probe) block_readout(s, &w);
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
-        for (int64_t v = 0; v < VL; v++) {
+        for (int64_t v = 0; v < w.nv; v++) {
             real *out = s->out + (b * s->dim + d0 + v) * L;
             for (int64_t t = 0; t < L; t++) out[t] = w.y[t * VL + v];
             if (s->probe) {
@@ -369,19 +407,20 @@ int SCAN_BACKWARD(const ScanArgs *s) {
     failed = work_alloc(&w, s, 1) || !dA;
     real *dD = dA + Dm * N, *dbias_acc = dD + Dm, *dscale = dbias_acc + Dm;
     real *dB = dscale + Dm, *dC = dB + bc_size, *dW = dC + bc_size;
-    const int64_t blocks = Dm / VL, items = s->batch * blocks;
+    const int64_t items = item_count(s);
     #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; item++) {
         if (failed) continue;
-        const int64_t b = item / blocks, d0 = (item % blocks) * VL;
+        locate(s, &w, item);
+        const int64_t b = w.b, d0 = w.d0, nv = w.nv;
         const int64_t g = d0 / (Dm / s->groups);
-        block_forward(s, &w, b, d0, 2);
-        if (s->probe) block_readout(s, &w, b, d0);
+        block_forward(s, &w, 2);
+        if (s->probe) block_readout(s, &w);
 
         /* Output gate and skip: gradient reaching y, z and (through D) u. */
         for (int64_t v = 0; v < VL; v++) {
             const real *dout = s->dout + (b * Dm + d0 + v) * L;
-            for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = dout[t];
+            for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = v < nv ? dout[t] : 0;
         }
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) {
@@ -390,15 +429,13 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 w.ddt[i] = w.dy[i] * w.y[i] * dgate; /* dz, parked in ddt until the reverse pass */
                 w.dy[i] *= gate;
             }
-        real Dv[VL] = {0}, dDv[VL] = {0};
-        if (s->Dskip)
-            for (int v = 0; v < VL; v++) Dv[v] = s->Dskip[d0 + v];
+        real dDv[VL] = {0};
         for (int64_t t = 0; t < L; t++)
             for (int v = 0; v < VL; v++) {
-                w.du[t * VL + v] = Dv[v] * w.dy[t * VL + v];
+                w.du[t * VL + v] = w.Dv[v] * w.dy[t * VL + v];
                 dDv[v] += w.dy[t * VL + v] * w.u[t * VL + v];
             }
-        for (int64_t v = 0; v < VL; v++) {
+        for (int64_t v = 0; v < nv; v++) {
             if (s->z) {
                 real *dz = s->dz + (b * Dm + d0 + v) * L;
                 for (int64_t t = 0; t < L; t++) dz[t] = w.ddt[t * VL + v];
@@ -419,17 +456,17 @@ int SCAN_BACKWARD(const ScanArgs *s) {
             real *dWg = dW + offset;
             for (int64_t v = 0; v < VL; v++) {
                 const real *dreadout = s->dreadout + (b * Dm + d0 + v) * L;
-                for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = dreadout[t]; /* parked until reverse */
+                for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = v < nv ? dreadout[t] : 0; /* parked */
             }
             if (s->probe_scale) { /* the readout also reached the output, scaled */
-                real scale[VL], ds[VL] = {0};
-                for (int v = 0; v < VL; v++) scale[v] = s->probe_scale[d0 + v];
+                real scale[VL] = {0}, ds[VL] = {0};
+                for (int v = 0; v < nv; v++) scale[v] = s->probe_scale[d0 + v];
                 for (int64_t t = 0; t < L; t++)
                     for (int v = 0; v < VL; v++) {
                         w.ddt[t * VL + v] += scale[v] * w.dy[t * VL + v];
                         ds[v] += w.dy[t * VL + v] * w.r[t * VL + v];
                     }
-                for (int v = 0; v < VL; v++) dscale[d0 + v] += ds[v];
+                for (int v = 0; v < nv; v++) dscale[d0 + v] += ds[v];
             }
             for (int64_t i = 0; i < L; i++) {
                 /* Reductions over lanes happen once per (i, state) for dC and once per (i, probe) for the
@@ -476,7 +513,7 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         real dbias[VL] = {0};
         for (int64_t t = 0; t < L; t++)
             for (int v = 0; v < VL; v++) dbias[v] += w.ddt[t * VL + v];
-        for (int64_t v = 0; v < VL; v++) {
+        for (int64_t v = 0; v < nv; v++) {
             real *du = s->du + (b * Dm + d0 + v) * L, *ddelta = s->ddelta + (b * Dm + d0 + v) * L;
             for (int64_t t = 0; t < L; t++) {
                 du[t] = w.du[t * VL + v];
