@@ -811,6 +811,23 @@ def test_a_failed_save_leaves_the_existing_adapter_intact(saved, monkeypatch, fa
     load_adaptor(tiny("vim"), saved)
 
 
+def test_a_model_sharded_by_fsdp_is_refused_not_read_shard_by_shard(saved, tmp_path):
+    from torch import distributed
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = fully_shard(prepare_model(tiny("vim"), "adaptor"), mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(AdapterFileError, match=r"save_adaptor: \S+ is sharded by FSDP; .* whole parameters"):
+            save_adaptor(model, tmp_path / "sharded")
+        with pytest.raises(AdapterFileError, match=r"load_adaptor: \S+ is sharded by FSDP"):
+            load_adaptor(model, saved)
+    finally:
+        distributed.destroy_process_group()
+    assert not (tmp_path / "sharded").exists()
+
+
 def test_save_refuses_a_plain_model(tmp_path):
     with pytest.raises(AdapterFileError, match="no transfer method"):
         save_adaptor(tiny("vim"), tmp_path)

@@ -74,9 +74,10 @@ def _roundings(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
 
 
 def backbone_fingerprints(model: nn.Module, exclude: set[str] = frozenset()) -> dict[str, str]:
-    """SHA-256 per dtype (finest first) over the names, shapes and values cast to that dtype of the
+    """SHA-256 per dtype, finest first, over the names, shapes and values cast to that dtype of the
     backbone's parameters, leaving out the head, anything a transfer method added, and the ``exclude``
-    names (those an adapter file carries). Taken at every dtype all parameters round to exactly."""
+    names (those an adapter file carries); taken at each dtype that a cast from every parameter's own
+    dtype reaches (module docstring)."""
     head = classifier_name(model)
     named = sorted((_canonical(n), p) for n, p in model.named_parameters() if not is_peft_parameter(n))
     named = [(n, p) for n, p in named if n not in exclude and not (head is not None and n.startswith(head + "."))]
@@ -87,6 +88,21 @@ def backbone_fingerprints(model: nn.Module, exclude: set[str] = frozenset()) -> 
             digest.update(f"{name}:{tuple(p.shape)}".encode())
             digest.update(p.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return {str(dtype).removeprefix("torch."): digest.hexdigest() for dtype, digest in digests.items()}
+
+
+def _refuse_sharded(model: nn.Module, action: str) -> None:
+    """Adapter files and fingerprints need whole parameters: a model sharded by FSDP (DTensors, FSDP1's flat
+    parameters) is refused rather than read shard by shard."""
+    if not torch.distributed.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor) or "_flat_param" in n]
+    if sharded:
+        raise AdapterFileError(
+            f"{action}: {sharded[0]} is sharded by FSDP; adapter files need whole parameters: use the model "
+            "before sharding, with the gathered weights (FSDP training is not supported; DDP is)"
+        )
 
 
 def _base_model(model: nn.Module) -> str:
@@ -124,7 +140,7 @@ def model_card(model: nn.Module, config: dict[str, Any], repo_id: str) -> str:
     parameter report."""
     from ..reports import parameter_report  # reports reads this module: imported when needed
 
-    hub = HUB_URL.match(getattr(model, "pretrained_cfg", {}).get("url", ""))
+    hub = HUB_URL.match(getattr(model, "pretrained_cfg", {}).get("url") or "")
     front = {
         "library_name": "adaptor-peft",
         **({"base_model": hub.group(1), "base_model_relation": "adapter"} if hub else {}),
@@ -163,6 +179,7 @@ def save_adaptor(model: nn.Module, directory: str | Path, push_to_hub: str | Non
     """Writes the adapter of a model prepared with :func:`prepare_model` (or :func:`inject_adaptor`) to
     ``directory`` and returns it. ``push_to_hub="user/name"`` then uploads it to that hub model repo
     (created if needed) with a model card as its README.md, replacing the repo's files of those names."""
+    _refuse_sharded(model, "save_adaptor")
     method = _method_of(model)
     if method is None:
         raise AdapterFileError("save_adaptor: the model has no transfer method; call prepare_model or inject_adaptor")
@@ -237,6 +254,7 @@ def load_adaptor(model: nn.Module, source: str | Path) -> nn.Module:
     module docstring): a fresh one, which gets the adapter's method, or one that already carries exactly
     that method (as after ``inject_adaptor``), whose weights are then replaced. Refuses an adapter made
     for other backbone weights and a model prepared with another method or other options."""
+    _refuse_sharded(model, "load_adaptor")
     directory = _adapter_folder(source)
     config = read_adaptor_config(directory)
     try:
@@ -261,9 +279,9 @@ def load_adaptor(model: nn.Module, source: str | Path) -> nn.Module:
     head = classifier_name(model)
     saved_classes = state.get(f"{head}.weight")
     if saved_classes is not None and saved_classes.shape[0] != getattr(model, "num_classes", None):
-        weight = model.get_classifier().weight
+        backbone = next(model.parameters())  # a new head goes where the backbone is, in its dtype
         model.reset_classifier(saved_classes.shape[0])
-        model.get_classifier().to(weight.device, weight.dtype)
+        model.get_classifier().to(backbone.device, backbone.dtype)
     if current is None:
         prepare_model(model, config["method"], **config["options"])
     own = model.state_dict()
