@@ -204,6 +204,7 @@ static inline __attribute__((always_inline)) void recurrence(
             const real bn = Bg[n * s->B_s[2] + t * s->B_s[3]];
             const real cn = Cg[n * s->C_s[2] + t * s->C_s[3]];
             real *h = w->h + n * VL, *A = w->A + n * VL;
+            #pragma omp simd
             for (int v = 0; v < VL; v++) {
                 const real a = EXP(dt[v] * A[v]);
                 const real hn = a * h[v] + dtu[v] * bn;
