@@ -227,7 +227,7 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
     written = run / CONFIG
     if not written.is_file():
         return False
-    previous = yaml.safe_load(written.read_text())
+    previous = _as_recorded(yaml.safe_load(written.read_text()))  # older runs recorded a path as given
     if previous != recipe and (_checkpoints(run) or (run / RESULTS).is_file()):
         changed = sorted(k for k in {*previous, *recipe} if previous.get(k) != recipe.get(k))
         raise TrainingError(
