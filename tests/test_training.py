@@ -354,10 +354,12 @@ def test_a_run_records_its_checkpoint_as_an_absolute_path_and_evaluates_anywhere
     assert recorded.is_absolute() and recorded.resolve() == (work / "weights" / "tiny.pth").resolve()
     main(command)  # the same relative path from the same folder: the same recipe
     assert "cifar: finished before, skipped" in capsys.readouterr().out
-    config = yaml.safe_load((run / "config.yaml").read_text())
+    recorded_config = (run / "config.yaml").read_text()
+    config = yaml.safe_load(recorded_config)
     (run / "config.yaml").write_text(yaml.safe_dump({**config, "checkpoint": "weights/tiny.pth"}))  # older runs
     main(command)
     assert "cifar: finished before, skipped" in capsys.readouterr().out
+    (run / "config.yaml").write_text(recorded_config)
     trained = json.loads((run / "results.json").read_text())
 
     monkeypatch.chdir(tmp_path)
