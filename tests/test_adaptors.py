@@ -680,6 +680,43 @@ def test_an_adapter_loads_onto_its_backbone_cast_to_half_precision(tmp_path, dty
         load_adaptor(other.to(dtype), folder)
 
 
+def format_1_fingerprint(model: torch.nn.Module, exclude: set[str]) -> str:
+    """The fingerprint adapter files of format 1 carry, as that format defined it: names, shapes, dtypes
+    and raw bytes of the backbone's parameters in their own dtype (head and method parameters left out)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, p in sorted((n.replace(".base_layer.", "."), p) for n, p in model.named_parameters()):
+        if name in exclude or name.startswith("head.") or any(m in name for m in (".adaptor_", "lora_")):
+            continue
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        digest.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapters_of_format_1_still_load(tmp_path, dtype):
+    """Adapters saved before fingerprints were taken per dtype load onto the same weights, in the dtype
+    they were saved in or the float32 original of a half-precision copy; other weights are still refused."""
+    from safetensors.torch import load_file
+
+    model = prepare_model(tiny("vim").to(dtype), "adaptor")
+    perturb(model, ".adaptor_")
+    folder = save_adaptor(model, tmp_path / "adapter")
+    config = json.loads((folder / "adaptor_config.json").read_text())
+    del config["backbone_fingerprints"]
+    exclude = set(load_file(folder / "adaptor.safetensors"))
+    config.update(format="adaptor_peft.adapter/1", backbone_fingerprint=format_1_fingerprint(model, exclude))
+    (folder / "adaptor_config.json").write_text(json.dumps(config))
+    adapter_weights_on(load_adaptor(tiny("vim").to(dtype), folder), folder)
+    adapter_weights_on(load_adaptor(tiny("vim"), folder), folder)
+    other = tiny("vim")
+    with torch.no_grad():
+        other.layers[1].mixer.x_proj.weight[0, 0] += 0.05
+    with pytest.raises(AdapterFileError, match="other backbone weights"):
+        load_adaptor(other.to(dtype), folder)
+
+
 def test_fingerprints_compare_at_the_finest_precision_both_sides_have(tmp_path):
     model = prepare_model(tiny("vim"), "adaptor")
     exact = save_adaptor(model, tmp_path / "float32")

@@ -40,6 +40,7 @@ from .methods import BLOCK_TYPES, METHODS, is_peft_parameter, prepare_model, res
 
 WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"
 FORMAT = "adaptor_peft.adapter/2"
+LEGACY_FORMAT = "adaptor_peft.adapter/1"  # one fingerprint, taken at the dtype the adapter was saved in
 PRECISIONS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 """Finest first; a cast from float64 or float32 rounds to every later one, bfloat16 and float16 to none."""
 REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
@@ -85,7 +86,7 @@ def backbone_fingerprints(model: nn.Module, exclude: set[str] = frozenset()) -> 
     digests = {dtype: hashlib.sha256() for dtype in PRECISIONS if dtype in common}
     for name, p in named:
         for dtype, digest in digests.items():
-            digest.update(f"{name}:{tuple(p.shape)}".encode())
+            digest.update(f"{name}:{tuple(p.shape)}:{dtype}".encode())  # as format 1 hashed its own dtype
             digest.update(p.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return {str(dtype).removeprefix("torch."): digest.hexdigest() for dtype, digest in digests.items()}
 
@@ -212,7 +213,7 @@ def read_adaptor_config(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"adapter config {path} is corrupt: {err}") from err
     found = config.get("format") if isinstance(config, dict) else type(config).__name__
-    if found != FORMAT:
+    if found not in (FORMAT, LEGACY_FORMAT):
         raise AdapterFileError(f"{path} is not an adaptor_peft adapter config of format {FORMAT} (found {found!r})")
     return config
 
@@ -232,7 +233,11 @@ def _adapter_folder(source: str | Path) -> Path:
 
 def _check_backbone(model: nn.Module, directory: Path, config: dict[str, Any], exclude: set[str]) -> None:
     """Refuses an adapter whose backbone fingerprint, at the finest dtype both sides have, is not the model's."""
-    saved, ours = config["backbone_fingerprints"], backbone_fingerprints(model, exclude)
+    ours = backbone_fingerprints(model, exclude)
+    saved = config.get("backbone_fingerprints")
+    if config["format"] == LEGACY_FORMAT:  # one fingerprint, at its own dtype: one of ours if the weights match
+        legacy = config["backbone_fingerprint"]
+        saved = {dtype: legacy for dtype, digest in ours.items() if digest == legacy} or {next(iter(ours)): legacy}
     common = [dtype for dtype in ours if dtype in saved]
     if not common:
         raise AdapterFileError(
