@@ -285,8 +285,8 @@ def test_adaptor_s_equals_the_sum_of_dilated_depthwise_convolutions(share, kerne
     for name in want:
         assert want[name].abs().max() > 0
         torch.testing.assert_close(have[name], want[name], rtol=1e-12, atol=1e-12)
-    span = (kernel_size - 1) * max(dilations) + 1
-    assert s.effective_kernel().shape == (channels, 1, span, span)
+    weights, offsets = s.taps()
+    assert weights.shape == (kernel_size**2 * len(dilations), channels) and len(offsets) == len(weights)
 
 
 # --- injection ---------------------------------------------------------------------------------------------
@@ -516,6 +516,7 @@ def expected_vim_trainable(method: str, names: set[str]) -> set[str]:
     mixer = {
         "linear_probe": [],
         "full": None,
+        "adaptor_booster": None,
         "bias": VIM_BLOCK["bias"],
         "partial": VIM_BLOCK["partial"],
         "lora": VIM_BLOCK["lora"],
@@ -554,7 +555,7 @@ def test_prepare_model_trains_exactly_the_methods_parameters(method):
 
 def test_every_method_has_an_expected_trainable_set():
     assert set(METHODS) == {"linear_probe", "full", "bias", "partial", "lora", "parallel_adapter", "adaptor_t",
-                            "adaptor_s", "adaptor", "adaptor+lora"}  # fmt: skip
+                            "adaptor_s", "adaptor", "adaptor+lora", "adaptor_booster"}  # fmt: skip
 
 
 @pytest.mark.parametrize("kind, blocks, conv_bias", [("vmamba_v2", 5, False), ("vmamba_v0", 5, True)])
@@ -651,6 +652,31 @@ def test_adapter_file_round_trip(tmp_path, method):
         other.layers[0].mixer.in_proj.weight.add_(1.0)
     with pytest.raises(AdapterFileError, match="other backbone weights"):
         load_adaptor(other, tmp_path / "adapter")
+
+
+def test_a_booster_adapter_holds_the_whole_backbone_and_reloads_it_trainable(tmp_path):
+    torch.manual_seed(0)
+    model = prepare_model(tiny("vim"), "adaptor_booster")
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        for p in model.parameters():  # fine-tuned: the backbone moved as well as the adaptors
+            p.add_(torch.randn_like(p) * 0.1)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+    save_adaptor(model, tmp_path / "booster")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "booster" / "adaptor.safetensors")
+    assert {n for n, _ in model.named_parameters()} <= set(saved)  # every backbone weight, adaptors and head
+    other = tiny("vim")  # the file restores the weights, so the backbone's own values do not matter
+    with torch.no_grad():
+        other.layers[0].mixer.in_proj.weight.add_(1.0)
+    fresh = load_adaptor(other, tmp_path / "booster")
+    assert fresh.peft_method["method"] == "adaptor_booster"
+    assert all(p.requires_grad for p in fresh.parameters())  # fine-tuning can go on
+    with torch.no_grad():
+        assert torch.allclose(fresh(images), expected, atol=1e-6)
 
 
 def adapter_weights_on(model: torch.nn.Module, folder: Path) -> None:

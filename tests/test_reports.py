@@ -27,11 +27,12 @@ CASES = [
     ("vim", "parallel_adapter"),
     ("vim", "bias"),
     ("vim", "full"),
+    ("vim", "adaptor_booster"),
     ("vim", "linear_probe"),
     ("vmamba_v2", "adaptor+lora"),
     ("vmamba_v2", "adaptor_s"),
 ]
-ADDING = {"adaptor", "adaptor_s", "adaptor_t", "lora", "parallel_adapter", "adaptor+lora"}
+ADDING = {"adaptor", "adaptor_s", "adaptor_t", "lora", "parallel_adapter", "adaptor+lora", "adaptor_booster"}
 
 
 def expected_counts(model: torch.nn.Module) -> dict:
@@ -84,7 +85,10 @@ def test_counts_are_the_sums_of_the_parameters(tmp_path, kind, method):
         prefix = block + "."
         count = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix) and p.requires_grad)
         assert report.blocks[block] == count
-    if method in ADDING:
+    if method == "adaptor_booster":  # the whole backbone and the adaptors: more than 100 % of the backbone
+        assert report.trainable_without_head == report.backbone + report.added and report.trainable_percent > 100
+        assert report.groups["other trainable"] == report.backbone
+    elif method in ADDING:
         assert sum(report.blocks.values()) == report.trainable - report.head
     save_adaptor(model, tmp_path)
     assert report.adapter_file_bytes == (tmp_path / "adaptor.safetensors").stat().st_size

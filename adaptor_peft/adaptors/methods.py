@@ -10,6 +10,7 @@
 | ``parallel_adapter`` | a bottleneck MLP beside every mixer, zero-initialised output (``rank``, default 32) |
 | ``adaptor_t`` / ``adaptor_s`` / ``adaptor`` | Adaptor-T, Adaptor-S, both (options: :class:`AdaptorConfig` fields) |
 | ``adaptor+lora`` | both adaptors and LoRA (options of both) |
+| ``adaptor_booster`` | everything, with both adaptors added (the paper's "booster"; options: :class:`AdaptorConfig`) |
 
 Options are checked before the model changes: an unknown option, a value of the wrong type or range, or
 one that contradicts the method raises :class:`MethodOptionError`, one line naming the option and what
@@ -172,7 +173,11 @@ METHODS: dict[str, Method] = {
     "adaptor_s": Method(ADAPTOR_OPTIONS, _nothing, (False, True)),
     "adaptor": Method(ADAPTOR_OPTIONS, _nothing, (True, True)),
     "adaptor+lora": Method(ADAPTOR_OPTIONS | LORA_OPTIONS, _nothing, (True, True)),
+    "adaptor_booster": Method(ADAPTOR_OPTIONS, lambda name: True, (True, True)),
 }
+WHOLE_BACKBONE = ("full", "adaptor_booster")
+"""Methods that train every backbone parameter: they need no pretrained checkpoint, and their adapter files
+hold the whole backbone (see :func:`adaptor_peft.save_adaptor`)."""
 
 
 def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
