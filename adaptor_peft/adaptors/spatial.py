@@ -3,17 +3,18 @@
 Flattening an image into a scan loses its 2D neighbourhoods; Adaptor-S restores them on the mixer's
 output: parallel depthwise convolutions at several dilation rates, summed, scaled per channel by a
 zero-initialised scale and added back, so the shape is unchanged and an injected model starts out
-computing exactly what the pretrained one did. The branches are summed in weight space: one depthwise
-convolution with the dilated kernels laid into a single (k-1)·max(d)+1 kernel, which is the same sum
-and, on CPU, an order of magnitude faster than separate dilated convolutions.
+computing exactly what the pretrained one did. The branches are summed in weight space: every kernel
+entry times its branch's scale is one tap of a single depthwise convolution
+(:func:`adaptor_peft.ops.depthwise.depthwise_taps`), the same sum as separate dilated convolutions and,
+on CPU, an order of magnitude faster forward and backward.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..ops.depthwise import depthwise_taps
 from .config import AdaptorConfig
 
 
@@ -38,6 +39,8 @@ class AdaptorS(nn.Module):
         self.dropout = nn.Dropout(dropout)
         for k in self.kernel:
             nn.init.kaiming_uniform_(k, a=5**0.5)
+        reach = range(-(kernel_size // 2), kernel_size // 2 + 1)
+        self.offsets = tuple((dy * d, dx * d) for d in self.dilations for dy in reach for dx in reach)
 
     def extra_repr(self) -> str:
         return (
@@ -45,23 +48,15 @@ class AdaptorS(nn.Module):
             f"share_kernel={self.share_kernel}, position={self.position!r}"
         )
 
-    def effective_kernel(self) -> torch.Tensor:
-        """The single depthwise kernel (C, 1, S, S) equal to the scaled sum of the dilated branches."""
-        channels, size = self.kernel.shape[1], self.kernel.shape[-1]
-        span = (size - 1) * max(self.dilations) + 1
-        center, reach = span // 2, size // 2
-        kernel = self.kernel.new_zeros(channels, 1, span, span)
-        for i, d in enumerate(self.dilations):
-            scale = self.scale[i] if self.share_kernel else self.scale[0]
-            branch = self.kernel[0 if self.share_kernel else i] * scale[:, None, None, None]
-            taps = slice(center - d * reach, center + d * reach + 1, d)
-            kernel[:, :, taps, taps] += branch
-        return kernel
+    def taps(self) -> tuple[torch.Tensor, tuple[tuple[int, int], ...]]:
+        """The branches as taps of one depthwise convolution: weights (taps, C), each kernel entry times its
+        branch's scale, and their (dy, dx) offsets (centres repeat, one per branch, and add up)."""
+        branches = self.kernel[:, :, 0] * self.scale[:, :, None, None]  # (branches, C, size, size)
+        return branches.permute(0, 2, 3, 1).reshape(-1, self.kernel.shape[1]), self.offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` plus the branches, computed in the parameters' precision (float32 in a half-precision
         backbone, as peft's adapters) and added back in ``x``'s."""
-        kernel = self.effective_kernel()
-        maps = x.to(kernel.dtype).permute(0, 3, 1, 2)
-        mixed = F.conv2d(maps, kernel, padding=kernel.shape[-1] // 2, groups=maps.shape[1])
-        return x + self.dropout(mixed.permute(0, 2, 3, 1)).to(x.dtype)
+        weights, offsets = self.taps()
+        mixed = depthwise_taps(x.to(weights.dtype), weights, offsets)
+        return x + self.dropout(mixed).to(x.dtype)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("selective_scan_cpu.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("selective_scan_cpu.c", "depthwise_cpu.c"))
 # -ffp-contract=fast: ISO C mode would otherwise forbid fused multiply-adds (a quarter of the scan's time)
 FLAGS = (
     *("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd"),
@@ -69,7 +69,8 @@ def _library(double: bool) -> ctypes.CDLL | None:
     if sys.platform == "win32" or not compiler:
         return None
     flags = (*FLAGS, "-DSCAN_DOUBLE") if double else FLAGS
-    key = hashlib.sha256(SOURCE.read_bytes() + compiler.encode() + " ".join(flags).encode() + _machine_fingerprint())
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    key = hashlib.sha256(sources + compiler.encode() + " ".join(flags).encode() + _machine_fingerprint())
     target = cache_dir() / f"selective_scan_cpu_{'f64' if double else 'f32'}_{key.hexdigest()[:16]}.so"
     if not target.exists() and not _compile(compiler, flags, target):
         return None
@@ -83,10 +84,14 @@ def _library(double: bool) -> ctypes.CDLL | None:
         except OSError:
             warnings.warn(f"adaptor_peft: cannot load {target} ({err}), using the PyTorch scan", RuntimeWarning, 2)
             return None
+    suffix = "f64" if double else "f32"
     for name in ("forward", "backward"):
-        fn = getattr(lib, f"scan_{name}_{'f64' if double else 'f32'}")
+        fn = getattr(lib, f"scan_{name}_{suffix}")
         fn.argtypes = [ctypes.POINTER(_ScanArgs)]
         fn.restype = ctypes.c_int
+    taps = getattr(lib, f"depthwise_taps_grad_{suffix}")
+    taps.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 5, _P]
+    taps.restype = None
     return lib
 
 
@@ -96,13 +101,16 @@ def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     for extra in (("-fopenmp",), ()):
-        result = subprocess.run([compiler, *flags, *extra, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        result = subprocess.run(
+            [compiler, *flags, *extra, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True
+        )
         if result.returncode == 0:
             os.replace(tmp, target)
             return True
     os.unlink(tmp)
     warnings.warn(
-        f"adaptor_peft: compiling {SOURCE} with {compiler} failed, using the PyTorch scan (slower on CPU):\n"
+        f"adaptor_peft: compiling {', '.join(map(str, SOURCES))} with {compiler} failed, using the PyTorch scan "
+        f"(slower on CPU):\n"
         f"{result.stderr[-2000:]}",
         RuntimeWarning,
         stacklevel=4,
@@ -185,3 +193,16 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
         setattr(args, name, _ptr(t))
     _run("backward", args, u.dtype)
     return du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale
+
+
+def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``dweight[t, c] = Σ_{b,h,w} x[b, h + dy_t, w + dx_t, c] g[b, h, w, c]`` for channels-last float32 or
+    float64 maps ``x``, ``g`` (batch, height, width, channels) and integer ``offsets`` (taps, 2); the
+    compiled library must be :func:`available` for the dtype."""
+    x, g, offsets = x.contiguous(), g.to(x.dtype).contiguous(), offsets.to(torch.int64).contiguous()
+    out = x.new_empty(offsets.shape[0], x.shape[-1])
+    double = x.dtype == torch.float64
+    getattr(_library(double), f"depthwise_taps_grad_{'f64' if double else 'f32'}")(
+        _ptr(x), _ptr(g), _ptr(offsets), offsets.shape[0], *x.shape, _ptr(out)
+    )
+    return out
