@@ -24,8 +24,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft import create_model
-from adaptor_peft.adaptors import prepare_model
+from adaptor_peft.adaptors import AdaptorS, prepare_model
 from adaptor_peft.reports import parameter_report
+from benchmarks.machine import describe
 from benchmarks.memory import in_fresh_process
 
 INFERENCE = ("plain", "adaptor", "adaptor_t", "adaptor_s")
@@ -97,6 +98,24 @@ def training_peak_mb(model_name: str, method: str, size: int, img_size: int) -> 
     return in_fresh_process(code)
 
 
+def adaptor_s_alone(rounds: int) -> None:
+    """Adaptor-S's forward and forward + backward on the maps of the demo's backbone and of Vim-S."""
+    print("\n| Adaptor-S alone, (B, H, W, C) | fwd ms | fwd+bwd ms | fwd+bwd / fwd |\n|---|---:|---:|---:|")
+    for shape in ((32, 8, 8, 96), (8, 14, 14, 384)):
+        adaptor = AdaptorS(shape[-1])
+        with torch.no_grad():
+            adaptor.scale.normal_()
+        x, cotangent = torch.randn(shape, requires_grad=True), torch.randn(shape)
+
+        def forward(adaptor=adaptor, x=x):
+            with torch.no_grad():
+                adaptor(x)
+
+        times = interleaved({"fwd": forward, "both": lambda a=adaptor, x=x, c=cotangent: a(x).backward(c)}, rounds)
+        fwd, both = statistics.median(times["fwd"]) * 1e3, statistics.median(times["both"]) * 1e3
+        print(f"| {shape} | {fwd:.2f} | {both:.2f} | {both / fwd:.1f}x |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="vim_tiny_patch16_224")
@@ -106,7 +125,7 @@ def main() -> None:
     parser.add_argument("--inference-only", action="store_true")
     args = parser.parse_args()
     images, labels = batch(args.batch, args.img_size)
-    print(f"{args.model} at {args.img_size}, batch {args.batch}, {torch.get_num_threads()} threads, "
+    print(f"{describe()}; {args.model} at {args.img_size}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; medians over {args.rounds} interleaved rounds\n")  # fmt: skip
 
     base = build(args.model, "plain").eval()  # every model a copy of it, so that all sit in fresh memory alike
@@ -120,6 +139,7 @@ def main() -> None:
         ratio = statistics.median(t / p for t, p in zip(times[m], times["plain"], strict=True))
         print(f"| {m} | {statistics.median(times[m]) * 1e3:.0f} | {ratio:.3f}x |")
     del models
+    adaptor_s_alone(args.rounds)
     if args.inference_only:
         return
 

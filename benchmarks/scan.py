@@ -3,7 +3,11 @@
 Every method computes the same thing (softplus(delta + bias), the scan, the D skip and the silu(z)
 gate) and its gradients with respect to all eight inputs. Times are medians over interleaved rounds,
 so machine noise hits all methods alike; peak memory is each method's extra resident memory in a
-fresh process. Usage (Vim-S shape by default):
+fresh process. The native kernel runs twice on x86: built for this CPU (``-march=native``) and for
+AVX2 + FMA alone (``x86-64-v3``, what most laptops and older servers have); its state updates per
+second per thread are set against the arithmetic bound of one update (an exp of Δ·A, about 16 vector
+operations with the state's two FMAs and the output's one) at two vector issues per cycle.
+Usage (Vim-S shape by default):
 
     python benchmarks/scan.py [--batch 4 --dim 768 --length 197 --nstate 16 --rounds 7]
 """
@@ -11,6 +15,8 @@ fresh process. Usage (Vim-S shape by default):
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import statistics
 import sys
 import time
@@ -21,6 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.ops import native, selective_scan, selective_scan_reference
+from benchmarks.machine import FLOAT_LANES, cpu_fields, cpu_ghz, describe, vector_isa
 from benchmarks.memory import in_fresh_process
 from tests.official import scan_ref
 
@@ -43,6 +50,11 @@ METHODS = {
     "adaptor_peft torch backend": lambda *a: selective_scan(*a, delta_softplus=True, backend="torch").out,
     "adaptor_peft native backend": lambda *a: selective_scan(*a, delta_softplus=True, backend="native").out,
 }
+NATIVE = "adaptor_peft native backend"
+AVX2 = "adaptor_peft native backend, x86-64-v3 build"
+if platform.machine() in ("x86_64", "AMD64"):
+    METHODS[AVX2] = METHODS[NATIVE]  # the same call, run with $ADAPTOR_PEFT_CPU_TARGET set (see step)
+OPS_PER_UPDATE = 19  # exp(Δ·A) ~16 vector operations, the state's two FMAs, the output's one
 SLOW = {"sequential: mamba-ssm selective_scan_ref algorithm"}  # seconds per call: fewer rounds
 
 
@@ -64,11 +76,17 @@ def make_inputs(batch, dim, length, nstate, seed=0):
 def step(method, inputs, cotangent, backward=True):
     for t in inputs:
         t.grad = None
-    if not backward:
-        with torch.no_grad():
-            METHODS[method](*inputs)
-        return
-    (METHODS[method](*inputs) * cotangent).sum().backward()
+    if method == AVX2:
+        os.environ[native.TARGET_ENV] = "x86-64-v3"
+    try:
+        if not backward:
+            with torch.no_grad():
+                METHODS[method](*inputs)
+            return
+        (METHODS[method](*inputs) * cotangent).sum().backward()
+    finally:
+        if method == AVX2:
+            del os.environ[native.TARGET_ENV]
 
 
 def peak_memory_mb(method: str, shape: list[int]) -> float | None:
@@ -94,7 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = [args.batch, args.dim, args.length, args.nstate]
     inputs, cotangent = make_inputs(*shape)
-    methods = [m for m in METHODS if m != "adaptor_peft native backend" or native.available()]
+    methods = [m for m in METHODS if m not in (NATIVE, AVX2) or native.available()]
     try:
         import mambapy
     except ImportError:
@@ -112,8 +130,9 @@ def main() -> None:
                 times[m][kind].append(time.perf_counter() - start)
     median = {m: {k: statistics.median(v) * 1e3 for k, v in times[m].items()} for m in methods}
     seq, lean, mambapy = methods[0], methods[1], "mambapy pscan"
-    print(f"selective scan, batch {args.batch}, dim {args.dim}, len {args.length}, nstate {args.nstate}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; medians of interleaved rounds\n")  # fmt: skip
+    threads = torch.get_num_threads()
+    print(f"{describe()}; selective scan, batch {args.batch}, dim {args.dim}, len {args.length}, nstate "
+          f"{args.nstate}, {threads} threads, torch {torch.__version__}; medians of interleaved rounds\n")  # fmt: skip
     print("| method | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs mamba ref / step loop / mambapy | peak extra MB |")
     print("|---|---:|---:|---|---:|")
     for m in methods:
@@ -122,6 +141,20 @@ def main() -> None:
         memory = peak_memory_mb(m, shape)
         mem = f"{memory:.0f}" if memory is not None else "n/a"
         print(f"| {m} | {median[m]['fwd']:.1f} | {t:.1f} | {' / '.join(f'{x:.1f}x' for x in ratios)} | {mem} |")
+
+    updates = args.batch * args.dim * args.length * args.nstate
+    ghz, isa = cpu_ghz(), vector_isa(cpu_fields().get("flags", ""))
+    print(f"\nState updates per second per thread (forward) against the arithmetic bound: {OPS_PER_UPDATE} vector "
+          f"operations per update at two issues per cycle, {ghz or float('nan'):.2f} GHz nominal\n")  # fmt: skip
+    print("| native build | lanes | G updates / s / thread | bound | share of bound | fwd+bwd vs -march=native |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for m, lanes in ((NATIVE, FLOAT_LANES[isa]), (AVX2, 8)):
+        if m in median:
+            rate = updates / (median[m]["fwd"] / 1e3) / threads / 1e9
+            bound = lanes * 2 * (ghz or float("nan")) / OPS_PER_UPDATE
+            ratio = median[m]["fwd+bwd"] / median[NATIVE]["fwd+bwd"]
+            name = "-march=native" if m == NATIVE else "-march=x86-64-v3"
+            print(f"| {name} | {lanes} | {rate:.2f} | {bound:.2f} | {rate / bound:.0%} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":

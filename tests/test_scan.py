@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import pytest
 import torch
 
@@ -222,30 +224,47 @@ def test_damaged_kernel_cache_is_rebuilt(monkeypatch, tmp_path):
     if not native.available():
         pytest.skip("no C compiler")
     monkeypatch.setenv("ADAPTOR_PEFT_CACHE", str(tmp_path))
-    native._library.cache_clear()
+    native._build.cache_clear()
     try:
         assert native.available()
         for built in tmp_path.glob("*.so"):  # replaced, not overwritten: this process has the old one mapped
             damaged = built.with_suffix(".tmp")
             damaged.write_bytes(b"not a shared library")
             damaged.replace(built)
-        native._library.cache_clear()
+        native._build.cache_clear()
         assert native.available()
         inputs = make_inputs(1, 16, 5, 2, 1, bc="variable")
         expected = selective_scan_reference(**inputs, delta_softplus=True).out
         assert torch.allclose(selective_scan(**inputs, delta_softplus=True, backend="native").out, expected)
     finally:
-        native._library.cache_clear()
+        native._build.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not native.available(), reason="x86 compiler")
+def test_kernel_built_for_another_cpu_target(monkeypatch, tmp_path):
+    """$ADAPTOR_PEFT_CPU_TARGET builds (and caches) the kernels for that -march target, here AVX2 + FMA,
+    with the same results; a target the compiler does not know warns and falls back to PyTorch."""
+    monkeypatch.setenv("ADAPTOR_PEFT_CACHE", str(tmp_path))
+    inputs = make_inputs(2, 48, 9, 4, 2, seed=3)
+    expected = selective_scan_reference(**inputs, delta_softplus=True).out
+    monkeypatch.setenv(native.TARGET_ENV, "x86-64-v3")
+    assert native.cpu_target() == "x86-64-v3" and native.available()
+    assert_close(selective_scan(**inputs, delta_softplus=True, backend="native").out, expected, 1e-10, "out")
+    monkeypatch.setenv(native.TARGET_ENV, "no-such-cpu")
+    with pytest.warns(RuntimeWarning, match="using the PyTorch scan"):
+        assert not native.available()
+    assert select_backend(torch.device("cpu"), torch.float32) == "torch"
+    assert len(list(tmp_path.glob("*.so"))) == 2  # x86-64-v3 in float32 and float64; the failed builds left none
 
 
 def test_native_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
     """A compiler that fails gives a warning and the PyTorch scan, never an error."""
     monkeypatch.setenv("CC", "false")
     monkeypatch.setenv("ADAPTOR_PEFT_CACHE", str(tmp_path))
-    native._library.cache_clear()
+    native._build.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="using the PyTorch scan"):
             assert not native.available()
         assert select_backend(torch.device("cpu"), torch.float32) == "torch"
     finally:
-        native._library.cache_clear()
+        native._build.cache_clear()

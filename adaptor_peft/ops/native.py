@@ -1,4 +1,5 @@
-"""The compiled CPU selective scan: builds ``selective_scan_cpu.c`` once per machine and calls it.
+"""The compiled CPU kernels: builds ``selective_scan_cpu.c`` and ``depthwise_cpu.c`` once per machine and
+calls them.
 
 The C source is compiled with the system C compiler at first use and cached (``ADAPTOR_PEFT_CACHE``,
 default ``~/.cache/adaptor_peft``); no Python headers, torch headers or build tools beyond ``cc`` are
@@ -6,6 +7,11 @@ needed. It is called through ``ctypes`` and threads with OpenMP: linked against 
 PyTorch has already loaded, it runs on PyTorch's own OpenMP threads and follows
 ``torch.set_num_threads``; a compiler without OpenMP gives a single-threaded build. Where no compiler
 works, :func:`available` is False and the dispatcher uses the PyTorch implementation instead.
+
+Code is generated for this machine's CPU (``-march=native``); ``ADAPTOR_PEFT_CPU_TARGET`` names another
+GCC/Clang ``-march`` target, e.g. ``x86-64-v3`` (AVX2 + FMA, any x86 machine of the last decade) for a
+cache shared by machines that differ, or to measure what a machine without AVX-512 gets. Each target
+is built and cached on its own.
 """
 
 from __future__ import annotations
@@ -26,10 +32,8 @@ import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("selective_scan_cpu.c", "depthwise_cpu.c"))
 # -ffp-contract=fast: ISO C mode would otherwise forbid fused multiply-adds (a quarter of the scan's time)
-FLAGS = (
-    *("-O3", "-march=native", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd"),
-    *("-fPIC", "-shared", "-std=c11"),
-)
+FLAGS = ("-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+TARGET_ENV = "ADAPTOR_PEFT_CPU_TARGET"
 
 _I64x3 = ctypes.c_int64 * 3
 _I64x4 = ctypes.c_int64 * 4
@@ -63,26 +67,35 @@ def _machine_fingerprint() -> bytes:
     return f"{platform.machine()}|{platform.processor()}|{flags}".encode()
 
 
-@cache
+def cpu_target() -> str:
+    """The ``-march`` target compiled code is generated for: ``$ADAPTOR_PEFT_CPU_TARGET``, else ``native``."""
+    return os.environ.get(TARGET_ENV) or "native"
+
+
 def _library(double: bool) -> ctypes.CDLL | None:
+    return _build(double, cpu_target())
+
+
+@cache
+def _build(double: bool, target: str) -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if sys.platform == "win32" or not compiler:
         return None
-    flags = (*FLAGS, "-DSCAN_DOUBLE") if double else FLAGS
+    flags = (*FLAGS, f"-march={target}", *(("-DSCAN_DOUBLE",) if double else ()))
     sources = b"".join(source.read_bytes() for source in SOURCES)
     key = hashlib.sha256(sources + compiler.encode() + " ".join(flags).encode() + _machine_fingerprint())
-    target = cache_dir() / f"selective_scan_cpu_{'f64' if double else 'f32'}_{key.hexdigest()[:16]}.so"
-    if not target.exists() and not _compile(compiler, flags, target):
+    path = cache_dir() / f"adaptor_peft_cpu_{'f64' if double else 'f32'}_{key.hexdigest()[:16]}.so"
+    if not path.exists() and not _compile(compiler, flags, path):
         return None
     try:
-        lib = ctypes.CDLL(str(target))
+        lib = ctypes.CDLL(str(path))
     except OSError as err:  # a damaged cache entry, or one built against another C library: rebuild once
-        if not _compile(compiler, flags, target):
+        if not _compile(compiler, flags, path):
             return None
         try:
-            lib = ctypes.CDLL(str(target))
+            lib = ctypes.CDLL(str(path))
         except OSError:
-            warnings.warn(f"adaptor_peft: cannot load {target} ({err}), using the PyTorch scan", RuntimeWarning, 2)
+            warnings.warn(f"adaptor_peft: cannot load {path} ({err}), using the PyTorch scan", RuntimeWarning, 2)
             return None
     suffix = "f64" if double else "f32"
     for name in ("forward", "backward"):
