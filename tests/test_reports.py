@@ -10,7 +10,7 @@ from rich.console import Console
 
 from adaptor_peft.adaptors import inject_adaptor, prepare_model, save_adaptor
 from adaptor_peft.reports import ParameterReport, parameter_report
-from adaptor_peft.reports.results import VTAB1K_GROUPS, VTAB1K_TASKS, summarize
+from adaptor_peft.reports.results import VTAB1K_GROUPS, VTAB1K_TASKS, combine, summarize
 
 from .test_models import tiny
 
@@ -188,3 +188,27 @@ def test_summary_gives_both_vtab_averages_only_when_complete():
 def test_summary_refuses_two_runs_for_one_cell():
     with pytest.raises(ValueError, match="two runs of m / adaptor on cifar"):
         summarize([run_result("cifar", 50.0), run_result("cifar", 60.0)])
+
+
+def test_summary_over_other_groups_and_the_mean_and_sd_of_seeds():
+    groups = {"natural": ("a", "b"), "structured": ("c",)}
+    seeds = [
+        summarize(
+            [run_result(t, s + k, benchmark="offline_vtab") for t, s in {"c": 60, "a": 10, "b": 20}.items()], groups
+        )
+        for k in (0, 2)
+    ]
+    assert seeds[0].tasks == ["a", "b", "c"]  # in the groups' order
+    assert seeds[0].averages["m / adaptor"] == pytest.approx(
+        {"natural mean": 15, "structured mean": 60, "mean of 3 tasks": 30, "mean of 2 group means": 37.5}
+    )
+    both = combine(seeds)
+    assert both.top1["m / adaptor"] == pytest.approx({"a": 11, "b": 21, "c": 61})
+    assert both.spread["m / adaptor"]["a"] == pytest.approx(2**0.5)
+    assert both.averages["m / adaptor"]["mean of 2 group means"] == pytest.approx(38.5)
+    assert both.spread["m / adaptor"]["mean of 3 tasks"] == pytest.approx(2**0.5)
+    assert "| a | 11.00 ± 1.41 |" in both.to_markdown() and both.to_dict()["spread"] == both.spread
+    assert combine(seeds[:1]).spread["m / adaptor"]["b"] == 0.0  # one seed: no spread
+    partial = summarize([run_result("a", 10.0, benchmark="offline_vtab")], groups)
+    assert combine([seeds[0], partial]).averages["m / adaptor"]["mean of 3 tasks"] is None
+    assert "b" not in combine([seeds[0], partial]).top1["m / adaptor"]  # missing in one seed: missing

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,9 @@ def _mean(values: list[float | None]) -> float | None:
 
 @dataclass
 class Summary:
-    """Top-1 per (model, method) and task, with averages; ``str()`` is Markdown."""
+    """Top-1 per (model, method) and task, with averages; ``str()`` is Markdown. A summary of several seeds
+    (:func:`combine`) holds their means and, in ``spread``, their standard deviations (same keys as ``top1``
+    and ``averages``), shown as ``mean ± sd``."""
 
     columns: list[str] = field(default_factory=list)
     tasks: list[str] = field(default_factory=list)
@@ -40,19 +44,22 @@ class Summary:
     trainable: dict[str, int] = field(default_factory=dict)
     trainable_percent: dict[str, float] = field(default_factory=dict)
     averages: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    spread: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("columns", "tasks", "top1", "trainable", "trainable_percent", "averages")}
+        keys = ("columns", "tasks", "top1", "trainable", "trainable_percent", "averages", "spread")
+        return {k: getattr(self, k) for k in keys}
 
     def to_markdown(self) -> str:
-        def cell(value: float | None) -> str:
-            return "–" if value is None else f"{value:.2f}"
+        def cell(column: str, key: str, values: dict[str, dict[str, float | None]]) -> str:
+            value, sd = values[column].get(key), self.spread.get(column, {}).get(key)
+            return "–" if value is None else f"{value:.2f}" + ("" if sd is None else f" ± {sd:.2f}")
 
         lines = ["| task | " + " | ".join(self.columns) + " |", "|---|" + "---:|" * len(self.columns)]
-        lines += [f"| {t} | " + " | ".join(cell(self.top1[c].get(t)) for c in self.columns) + " |" for t in self.tasks]
+        lines += [f"| {t} | " + " | ".join(cell(c, t, self.top1) for c in self.columns) + " |" for t in self.tasks]
         labels = next(iter(self.averages.values()), {})
         for label in labels:
-            lines.append(f"| **{label}** | " + " | ".join(cell(self.averages[c][label]) for c in self.columns) + " |")
+            lines.append(f"| **{label}** | " + " | ".join(cell(c, label, self.averages) for c in self.columns) + " |")
         trainable = (f"{self.trainable[c] / 1e6:.3f} M ({self.trainable_percent[c]:.2f} %)" for c in self.columns)
         lines.append("| trainable w/o head | " + " | ".join(trainable) + " |")
         return "\n".join(lines) + "\n"
@@ -92,9 +99,10 @@ class Summary:
         return write_atomically(path, image.getvalue())
 
 
-def summarize(results: list[dict[str, Any]]) -> Summary:
+def summarize(results: list[dict[str, Any]], groups: Mapping[str, Sequence[str]] | None = None) -> Summary:
     """Builds the table from ``results.json`` contents (one per run): a column per (model, method), a row
-    per task, VTAB-1k group means and both VTAB-1k averages, or the plain mean for other benchmarks."""
+    per task, group means and both VTAB-1k averages (mean of the tasks, mean of the group means) over
+    ``groups`` (task names by group; VTAB-1k's for its runs), or the plain mean for other benchmarks."""
     summary = Summary()
     seen_tasks: dict[str, str] = {}
     for result in results:
@@ -113,21 +121,45 @@ def summarize(results: list[dict[str, Any]]) -> Summary:
             )
         summary.top1[column][result["task"]] = result["top1"]
         seen_tasks[result["task"]] = result.get("benchmark") or ""
-    order = {task: i for i, task in enumerate(VTAB1K_TASKS)}
+    if groups is None and any(b == "vtab1k" for b in seen_tasks.values()):
+        groups = VTAB1K_GROUPS
+    grouped = [task for tasks in (groups or {}).values() for task in tasks]
+    order = {task: i for i, task in enumerate(grouped or VTAB1K_TASKS)}
     summary.tasks = sorted(seen_tasks, key=lambda t: (order.get(t, len(order)), t))
-    vtab = any(b == "vtab1k" for b in seen_tasks.values())
     for column in summary.columns:
         scores = summary.top1[column]
-        if vtab:
-            groups = {g: _mean([scores.get(t) for t in tasks]) for g, tasks in VTAB1K_GROUPS.items()}
+        if groups:
+            means = {g: _mean([scores.get(t) for t in tasks]) for g, tasks in groups.items()}
             summary.averages[column] = {
-                **{f"{g} mean": v for g, v in groups.items()},
-                "mean of 19 tasks": _mean([scores.get(t) for t in VTAB1K_TASKS]),
-                "mean of 3 group means": _mean(list(groups.values())),
+                **{f"{g} mean": v for g, v in means.items()},
+                f"mean of {len(grouped)} tasks": _mean([scores.get(t) for t in grouped]),
+                f"mean of {len(means)} group means": _mean(list(means.values())),
             }
         else:
             summary.averages[column] = {"mean": _mean([scores.get(t) for t in summary.tasks])}
     return summary
+
+
+def combine(summaries: Sequence[Summary]) -> Summary:
+    """One summary of several runs of the same table (seeds): every cell and average is the mean over
+    ``summaries``, with the sample standard deviation in ``spread`` (0 for one summary); a cell missing
+    from any of them is missing (None)."""
+    first = summaries[0]
+
+    def spread(cells: Sequence[float | None]) -> tuple[float | None, float | None]:
+        if any(v is None for v in cells):
+            return None, None
+        return statistics.fmean(cells), statistics.stdev(cells) if len(cells) > 1 else 0.0
+
+    combined = Summary(list(first.columns), list(first.tasks), trainable=dict(first.trainable),
+                       trainable_percent=dict(first.trainable_percent))  # fmt: skip
+    for column in first.columns:
+        cells = {t: spread([s.top1[column].get(t) for s in summaries]) for t in first.tasks}
+        labels = {k: spread([s.averages[column][k] for s in summaries]) for k in first.averages[column]}
+        combined.top1[column] = {t: mean for t, (mean, _) in cells.items() if mean is not None}
+        combined.averages[column] = {k: mean for k, (mean, _) in labels.items()}
+        combined.spread[column] = {k: sd for k, (_, sd) in {**cells, **labels}.items()}
+    return combined
 
 
 def collect_results(runs_dir: str | Path) -> list[dict[str, Any]]:
