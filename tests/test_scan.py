@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -143,7 +144,7 @@ def test_torch_path_bounds_its_blocks(monkeypatch):
     probes = dict(probe_index=probe, probe_weight=torch.rand(2, 3, 9, 2, dtype=torch.float64))
     whole = selective_scan(**inputs, delta_softplus=True, **probes, backend="torch")
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BLOCK", "1")
-    assert len(scan_torch._blocks(2, 24, 9, 3, 2, torch.device("cpu"))) == 24
+    assert len(scan_torch._blocks(2, 24, 9, 3, 2, torch.zeros(1))) == 24
     blocked = selective_scan(**inputs, delta_softplus=True, **probes, backend="torch")
     assert torch.allclose(whole.out, blocked.out, atol=1e-12)
     assert torch.allclose(whole.readout, blocked.readout, atol=1e-12)
@@ -152,11 +153,16 @@ def test_torch_path_bounds_its_blocks(monkeypatch):
 def test_torch_path_sizes_blocks_for_the_device(monkeypatch):
     """On a GPU the blocks follow free memory (few large ones); on the CPU a cache-sized budget."""
     monkeypatch.delenv("ADAPTOR_PEFT_SCAN_BLOCK", raising=False)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (64 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * 2**30)  # 4 GiB cached, unused
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**30)
+    cuda = torch.device("cuda")
     shape = (64, 768, 197, 16, 4)  # Vim-S at batch 64 with Adaptor-T's probes
-    cpu, cuda = scan_torch._blocks(*shape, torch.device("cpu")), scan_torch._blocks(*shape, torch.device("cuda"))
-    assert len(cpu) == 384 and len(cuda) == 2
-    assert scan_torch.element_budget(torch.device("cuda")) * 4 * scan_torch.LIVE_BLOCKS <= 64 * 2**30
+    assert len(scan_torch._blocks(*shape, torch.zeros(1))) == 384
+    assert scan_torch.element_budget(cuda) == 64 * 2**30 // (4 * scan_torch.LIVE_BLOCKS)
+    assert scan_torch.element_budget(cuda, 8) == scan_torch.element_budget(cuda) // 2  # float64
+    on_gpu = SimpleNamespace(device=cuda, element_size=lambda: 4)  # a CUDA float32 tensor, as _blocks sees it
+    assert len(scan_torch._blocks(*shape, on_gpu)) == 2
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BLOCK", "4096")
     assert scan_torch.element_budget(torch.device("cuda")) == 4096
 

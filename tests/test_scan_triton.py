@@ -19,7 +19,7 @@ from .test_scan import CASES, assert_close, make_inputs, run_with_grads
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(
-    dispatch.triton_backend() is None or not dispatch._triton_interpreting(),
+    dispatch.triton_backend() is None or not dispatch.triton_backend().INTERPRETED,
     reason="needs triton and TRITON_INTERPRET=1 (set by tests/conftest.py)",
 )
 
@@ -135,6 +135,8 @@ def test_bfloat16_inputs_accumulate_in_float32():
 
 def test_backend_selection_on_cuda(monkeypatch):
     cuda = torch.device("cuda")
+    monkeypatch.setattr(dispatch.triton_backend(), "INTERPRETED", False)  # kernels built for GPUs
+    assert not dispatch._triton_runs_on(torch.device("cpu"))
     monkeypatch.setattr(dispatch, "mamba_ssm_kernel", lambda: object())
     assert select_backend(cuda, torch.bfloat16) == "mamba_ssm"  # plain scans: mamba-ssm where it imports
     assert select_backend(cuda, torch.float32, needs_states=True) == "triton"  # probes: always ours
@@ -150,22 +152,44 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     cpu = torch.device("cpu")
     assert select_backend(cpu, torch.float32, requested="triton") == "triton"
     assert select_backend(cpu, torch.float32, needs_states=True) != "triton"  # never chosen on CPU by itself
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(dispatch.triton_backend(), "INTERPRETED", False)  # kernels built for GPUs
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         select_backend(cpu, torch.float32, requested="triton")
 
 
-def test_probe_range_check_does_not_read_device_tensors_back(monkeypatch):
-    """On a device other than the CPU the check would stall the GPU; it is opt-in there. (Meta tensors stand
-    in for a GPU's: reading one back to the host fails, so any read shows.)"""
-    inputs = {k: v.to("meta") if v is not None else v for k, v in make_inputs(1, 16, 5, 2, 1, bc="variable").items()}
+def test_probe_range_check_does_not_stall_the_triton_backend(monkeypatch):
+    """The check reads positions back to the host, which would stall a GPU: the Triton kernels clamp them
+    instead, and every other backend (which would crash on a bad position) is checked. Meta tensors stand in
+    for a GPU's: reading one back fails, so any read shows."""
     probe = torch.full((1, 1, 5, 1), 7, device="meta", dtype=torch.long)
-    weight = torch.ones(1, 1, 5, 1, device="meta")
-    args = (*inputs.values(), probe, weight, None)
-    dispatch._check_shapes(*args)
+    dispatch._check_probe_range(probe, 5, "triton")
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        dispatch._check_probe_range(probe, 5, "torch")
     monkeypatch.setenv(dispatch.CHECK_PROBES_ENV, "1")
     with pytest.raises((RuntimeError, NotImplementedError)):
-        dispatch._check_shapes(*args)
+        dispatch._check_probe_range(probe, 5, "triton")
+    with pytest.raises(ValueError, match=r"lie in \[0, 5\), got \[7, 7\]"):
+        dispatch._check_probe_range(torch.full((1, 1, 5, 1), 7), 5, "triton")
+
+
+def test_clamped_positions_read_the_sequence_ends():
+    """Without the check, positions past either end read the first or the last state."""
+    inputs = make_inputs(1, 32, 6, 4, 1, bc="variable", seed=6)
+    weight = torch.rand(1, 1, 6, 2, dtype=torch.float64)
+    outside, clamped = (torch.tensor(p).expand(1, 1, 6, 2).contiguous() for p in ([-3, 9], [0, 5]))
+    got = selective_scan(**inputs, probe_index=outside, probe_weight=weight, backend="triton").readout
+    expected = selective_scan_reference(**inputs, probe_index=clamped, probe_weight=weight).readout
+    assert_close(got, expected, 1e-10, "readout")
+
+
+def test_non_contiguous_parameters():
+    """A, D and the Δ bias as strided or expanded views give the same numbers as contiguous ones."""
+    inputs = make_inputs(2, 32, 7, 4, 1, bc="variable", seed=7)
+    strided = dict(inputs, A=inputs["A"].t().contiguous().t(), D=inputs["D"][0].expand(32),
+                   delta_bias=torch.stack([inputs["delta_bias"]] * 2, 1)[:, 0])  # fmt: skip
+    assert not strided["A"].is_contiguous() and strided["D"].stride() == (0,)
+    expected = selective_scan_reference(**strided, delta_softplus=True).out
+    assert_close(selective_scan(**strided, delta_softplus=True, backend="triton").out, expected, 1e-10, "out")
 
 
 # --- compiled for real GPUs ---------------------------------------------------------------------------------

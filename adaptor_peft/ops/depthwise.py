@@ -11,6 +11,8 @@ Everything runs in the inputs' dtype with autocast off.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -24,11 +26,18 @@ def _reach(offsets: Offsets) -> int:
     return max(abs(v) for offset in offsets for v in offset)
 
 
-def dense_kernel(weight: torch.Tensor, offsets: Offsets) -> torch.Tensor:
-    """The (channels, 1, S, S) depthwise kernel equal to the taps (repeated offsets add up)."""
+@cache
+def _kernel_positions(offsets: Offsets, device: torch.device) -> torch.Tensor:
+    """Where each tap sits in the flattened square kernel; made once per device, not per call."""
     reach = _reach(offsets)
     size = 2 * reach + 1
-    index = torch.tensor([(dy + reach) * size + dx + reach for dy, dx in offsets], device=weight.device)
+    return torch.tensor([(dy + reach) * size + dx + reach for dy, dx in offsets], device=device)
+
+
+def dense_kernel(weight: torch.Tensor, offsets: Offsets) -> torch.Tensor:
+    """The (channels, 1, S, S) depthwise kernel equal to the taps (repeated offsets add up)."""
+    size = 2 * _reach(offsets) + 1
+    index = _kernel_positions(offsets, weight.device)
     kernel = weight.new_zeros(size * size, weight.shape[1]).index_add(0, index, weight)
     return kernel.t().reshape(weight.shape[1], 1, size, size)
 

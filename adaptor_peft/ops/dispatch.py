@@ -17,9 +17,9 @@ Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACK
 - ``auto`` (default): on CUDA, ``mamba_ssm`` for plain scans when it imports, else ``triton`` where
   Triton imports, else ``torch``; on CPU, ``native`` where it builds, else ``torch``.
 
-Probe positions are range-checked on CPU tensors. On other devices that check would stall the GPU
-(it reads the positions back to the host), so it runs only with ``ADAPTOR_PEFT_CHECK_PROBES=1``; the
-Triton kernels clamp positions into the sequence, so a bad one cannot read outside it.
+Probe positions are range-checked before every backend but ``triton``, whose kernels clamp them into
+the sequence instead: on a GPU the check would stall it (it reads the positions back to the host).
+``ADAPTOR_PEFT_CHECK_PROBES=1`` checks them before ``triton`` too.
 """
 
 from __future__ import annotations
@@ -73,12 +73,21 @@ def triton_backend() -> ModuleType | None:
         return None
 
 
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+def _triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels run tensors on ``device``: CUDA ones, or CPU ones when the kernels were
+    built for Triton's interpreter (``TRITON_INTERPRET=1`` when :mod:`adaptor_peft.ops.scan_triton` was
+    first imported: Triton decides then, not per call). A plain CPU scan never imports Triton."""
+    if device.type != "cuda" and not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET")):
+        return False
+    module = triton_backend()
+    return module is not None and (device.type == "cpu") == module.INTERPRETED
+
+
+_BUILT_IN = {"native": native, "torch": scan_torch}
 
 
 def _implementation(name: str) -> ModuleType:
-    return {"native": native, "torch": scan_torch}.get(name) or triton_backend()
+    return _BUILT_IN.get(name) or triton_backend()
 
 
 def as_grouped(X: torch.Tensor, batch: int, length: int, groups: int | None = None) -> torch.Tensor:
@@ -139,10 +148,15 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight
             )
         if p.dtype.is_floating_point or p.dtype == torch.bool:
             raise TypeError(f"selective_scan: probe_index must hold integer positions, got {p.dtype}")
-        checked = p.device.type == "cpu" or os.environ.get(CHECK_PROBES_ENV) == "1"
-        if checked and p.numel() and (int(p.min()) < 0 or int(p.max()) >= length):
-            raise ValueError(f"selective_scan: probe_index values must lie in [0, {length}), got "
-                             f"[{int(p.min())}, {int(p.max())}]")  # fmt: skip
+
+
+def _check_probe_range(probe_index: torch.Tensor, length: int, backend: str) -> None:
+    """Positions outside [0, length) are an error, checked unless ``backend`` clamps them (module docstring)."""
+    p = probe_index
+    if (backend != "triton" or os.environ.get(CHECK_PROBES_ENV) == "1") and p.numel():
+        low, high = int(p.min()), int(p.max())
+        if low < 0 or high >= length:
+            raise ValueError(f"selective_scan: probe_index values must lie in [0, {length}), got [{low}, {high}]")
 
 
 def select_backend(
@@ -159,28 +173,25 @@ def select_backend(
     device = torch.device(device)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
     mamba_ok = device.type == "cuda" and not needs_states and mamba_ssm_kernel() is not None
-    triton_ok = (device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())) and (
-        triton_backend() is not None
-    )
     native_ok = device.type == "cpu" and native.available(compute)
     if requested == "auto":
         if device.type == "cuda":
-            return "mamba_ssm" if mamba_ok else "triton" if triton_ok else "torch"
+            return "mamba_ssm" if mamba_ok else "triton" if _triton_runs_on(device) else "torch"
         return "native" if native_ok else "torch"
     if requested == "mamba_ssm" and not mamba_ok:
         raise RuntimeError(
             "selective_scan backend 'mamba_ssm' needs CUDA tensors, an importable mamba-ssm "
             f"(importable: {mamba_ssm_kernel() is not None}) and no probes or hidden states; got device {device}"
         )
-    if requested == "triton" and not triton_ok:
+    if requested == "triton" and not _triton_runs_on(device):
         raise RuntimeError(
             f"selective_scan backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1) and an "
             f"importable triton (importable: {triton_backend() is not None}); got device {device}"
         )
     if requested == "native" and not native_ok:
         raise RuntimeError(
-            f"selective_scan backend 'native' needs CPU tensors, float32 or float64, and a working C compiler; got "
-            f"device {device}, dtype {dtype}"
+            f"selective_scan backend 'native' needs CPU tensors and a working C compiler (other float dtypes than "
+            f"float32 / float64 are computed in float32); got device {device}, dtype {dtype}"
         )
     return requested
 
@@ -244,6 +255,8 @@ def selective_scan(
     Bg, Cg = as_grouped(B, batch, length, groups), as_grouped(C, batch, length, groups)
     needs_states = probe_index is not None or return_hidden_states
     name = select_backend(u.device, u.dtype, needs_states, backend)
+    if probe_index is not None:
+        _check_probe_range(probe_index, length, name)
     if name == "mamba_ssm":
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return ScanOutput(*result) if return_last_state else ScanOutput(result)
@@ -252,6 +265,7 @@ def selective_scan(
     if name != "triton":  # the Triton kernels read each input in its own dtype and accumulate in float32
         floats = (None if t is None else t.to(compute) for t in floats)
     u, delta, delta_bias, A, Bg, Cg, D, z, weight, scale = floats
+    A, D, delta_bias, scale = (None if t is None else t.contiguous() for t in (A, D, delta_bias, scale))
     probe = None if probe_index is None else probe_index.long()
     out, readout, last, hidden = _ScanFunction.apply(
         name, u, delta, delta_bias, delta_softplus, A, Bg, Cg, D, z, probe, weight, scale, return_last_state,

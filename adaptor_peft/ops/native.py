@@ -83,7 +83,8 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
         return None
     flags = (*FLAGS, f"-march={target}", *(("-DSCAN_DOUBLE",) if double else ()))
     sources = b"".join(source.read_bytes() for source in SOURCES)
-    key = hashlib.sha256(sources + compiler.encode() + " ".join(flags).encode() + _machine_fingerprint())
+    machine = _machine_fingerprint() if target == "native" else b""  # a named target runs on every machine it names
+    key = hashlib.sha256(sources + compiler.encode() + " ".join(flags).encode() + machine)
     path = cache_dir() / f"adaptor_peft_cpu_{'f64' if double else 'f32'}_{key.hexdigest()[:16]}.so"
     if not path.exists() and not _compile(compiler, flags, path):
         return None

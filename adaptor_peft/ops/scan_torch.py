@@ -39,19 +39,21 @@ CPU_BUDGET = 2**21
 LIVE_BLOCKS = 32  # block-sized float tensors alive at once in the backward, with room to spare
 
 
-def element_budget(device: torch.device) -> int:
-    """Elements of one channel block's state tensor: the environment's setting, else sized for ``device``."""
+def element_budget(device: torch.device, element_size: int = 4) -> int:
+    """Elements of one channel block's state tensor: the environment's setting, else sized for ``device``
+    (on a GPU, from its free memory, PyTorch's cached but unused blocks included)."""
     if os.environ.get("ADAPTOR_PEFT_SCAN_BLOCK"):
         return int(os.environ["ADAPTOR_PEFT_SCAN_BLOCK"])
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return max(CPU_BUDGET, free // (4 * LIVE_BLOCKS))
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return max(CPU_BUDGET, free // (element_size * LIVE_BLOCKS))
     return CPU_BUDGET
 
 
-def _blocks(batch: int, dim: int, length: int, nstate: int, nprobe: int, device: torch.device):
-    """Channel ranges whose working set fits the element budget."""
-    budget = element_budget(device)
+def _blocks(batch: int, dim: int, length: int, nstate: int, nprobe: int, like: torch.Tensor):
+    """Channel ranges whose working set fits the element budget of ``like``'s device and dtype."""
+    budget = element_budget(like.device, like.element_size())
     size = max(1, min(dim, budget // max(1, batch * length * nstate * max(1, nprobe))))
     return [(d0, min(dim, d0 + size)) for d0 in range(0, dim, size)]
 
@@ -94,7 +96,7 @@ def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale,
     readout = u.new_empty(batch, dim, length) if probe is not None else None
     last = u.new_empty(batch, dim, nstate) if want_last else None
     hidden = u.new_empty(batch, dim, length, nstate) if want_hidden else None
-    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u.device):
+    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u):
         _, _, h = _states(u, dt, A, B, d0, d1, dim)
         Cc = _per_channel(C, d0, d1, dim)
         out[:, d0:d1] = (h * Cc).sum(-1)
@@ -137,7 +139,7 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
     ddt, dA = torch.zeros_like(dt), torch.zeros_like(A)
     dB, dC = B.new_zeros(B.shape), C.new_zeros(C.shape)
     dweight = torch.zeros_like(weight) if weight is not None else None
-    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u.device):
+    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u):
         group = torch.arange(d0, d1, device=u.device) // (dim // B.shape[1])
         a, Bc, h = _states(u, dt, A, B, d0, d1, dim)
         Cc = _per_channel(C, d0, d1, dim)

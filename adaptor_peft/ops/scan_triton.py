@@ -49,11 +49,17 @@ def _softplus(x):
 
 
 @triton.jit
-def _step(delta_ptr, bias_ptr, offset, d, mask, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """(x, dt) for one position of a channel block: x = delta + bias, dt = softplus(x) or x."""
-    x = tl.load(delta_ptr + offset, mask=mask, other=0.0).to(ACC)
+def _bias(bias_ptr, d, mask, BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The channel block's Δ bias, read once before a sequential loop (zeros without one)."""
     if HAS_BIAS:
-        x += tl.load(bias_ptr + d, mask=mask, other=0.0).to(ACC)
+        return tl.load(bias_ptr + d, mask=mask, other=0.0).to(ACC)
+    return tl.zeros((BLOCK,), dtype=ACC)
+
+
+@triton.jit
+def _step(delta_ptr, offset, bias, mask, ACC: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """(x, dt) for one position of a channel block: x = delta + bias, dt = softplus(x) or x."""
+    x = tl.load(delta_ptr + offset, mask=mask, other=0.0).to(ACC) + bias
     if SOFTPLUS:
         return x, _softplus(x)
     return x, x
@@ -80,9 +86,10 @@ def _scan_kernel(
     B_row = B_ptr + b * sB_b + group * sB_g + n * sB_n
     C_row = C_ptr + b * sC_b + group * sC_g + n * sC_n
     row = b * dim * length + d * length  # contiguous (batch, dim, len) outputs
+    bias = _bias(bias_ptr, d, dmask, BLOCK, ACC, HAS_BIAS)
     h = tl.zeros((BLOCK, NP), dtype=ACC)
     for t in range(0, length):
-        _, dt = _step(delta_ptr, bias_ptr, b * sd_b + d * sd_d + t * sd_t, d, dmask, ACC, HAS_BIAS, SOFTPLUS)
+        _, dt = _step(delta_ptr, b * sd_b + d * sd_d + t * sd_t, bias, dmask, ACC, SOFTPLUS)
         u = tl.load(u_ptr + b * su_b + d * su_d + t * su_t, mask=dmask, other=0.0).to(ACC)
         Bt = tl.load(B_row + t * sB_t, mask=nmask, other=0.0).to(ACC)
         Ct = tl.load(C_row + t * sC_t, mask=nmask, other=0.0).to(ACC)
@@ -204,12 +211,13 @@ def _adjoint_kernel(
     C_row = C_ptr + b * sC_b + group * sC_g + n * sC_n
     row = b * dim * length + d * length
     partial = (b * blocks + blk) * nstate * length + n * length  # (NP,) offsets of the per-block partial sums
+    bias = _bias(bias_ptr, d, dmask, BLOCK, ACC, HAS_BIAS)
     g = tl.zeros((BLOCK, NP), dtype=ACC)
     a_next = tl.zeros((BLOCK, NP), dtype=ACC)
     dA = tl.zeros((BLOCK, NP), dtype=ACC)
     for step in range(0, length):
         t = length - 1 - step
-        x, dt = _step(delta_ptr, bias_ptr, b * sd_b + d * sd_d + t * sd_t, d, dmask, ACC, HAS_BIAS, SOFTPLUS)
+        x, dt = _step(delta_ptr, b * sd_b + d * sd_d + t * sd_t, bias, dmask, ACC, SOFTPLUS)
         u = tl.load(u_ptr + b * su_b + d * su_d + t * su_t, mask=dmask, other=0.0).to(ACC)
         Bt = tl.load(B_row + t * sB_t, mask=nmask, other=0.0).to(ACC)
         Ct = tl.load(C_row + t * sC_t, mask=nmask, other=0.0).to(ACC)
@@ -237,19 +245,22 @@ def _adjoint_kernel(
     tl.store(dA_ptr + (b * dim + d)[:, None] * nstate + n[None, :], dA, mask=mask2)
 
 
-def block_size(dim: int, cpg: int, ppg: int) -> int:
+INTERPRETED = not isinstance(_scan_kernel, triton.runtime.JITFunction)  # built for Triton's CPU interpreter
+
+
+def block_size(cpg: int, ppg: int) -> int:
     """Channels per program: a power of two dividing the channels of every B/C and probe group."""
     common = math.gcd(cpg, ppg)
     return min(MAX_BLOCK, common & -common)
 
 
-def _layout(u, A, B, probe):
+def _layout(u, nstate, groups, probe):
+    """Sizes of a scan of ``u``'s shape: batch, dim, len, nstate, channels per B/C group and per probe
+    group, channels per program, nstate padded to a power of two."""
     batch, dim, length = u.shape
-    nstate = A.shape[1]
-    cpg = dim // B.shape[1]
+    cpg = dim // groups
     ppg = dim // probe.shape[1] if probe is not None else cpg
-    block = block_size(dim, cpg, ppg)
-    return batch, dim, length, nstate, cpg, ppg, block, triton.next_power_of_2(nstate)
+    return batch, dim, length, nstate, cpg, ppg, block_size(cpg, ppg), triton.next_power_of_2(nstate)
 
 
 def _accumulator(u: torch.Tensor) -> tuple[torch.dtype, object]:
@@ -262,7 +273,7 @@ def warps(elements: int) -> int:
 
 def _scan(u, delta, delta_bias, softplus, A, B, C, D, z, gate, want_hidden, want_last):
     """Runs ``_scan_kernel``: (y or gated out, history or None, last state or None)."""
-    batch, dim, length, nstate, cpg, _, block, np2 = _layout(u, A, B, None)
+    batch, dim, length, nstate, cpg, _, block, np2 = _layout(u, A.shape[1], B.shape[1], None)
     acc, ACC = _accumulator(u)
     y = torch.empty(batch, dim, length, device=u.device, dtype=acc)
     hidden = torch.empty(batch, dim, length, nstate, device=u.device, dtype=acc) if want_hidden else None
@@ -280,9 +291,7 @@ def _scan(u, delta, delta_bias, softplus, A, B, C, D, z, gate, want_hidden, want
 
 def _readout(hidden, C, probe, weight, scale, y, z, gate):
     """Runs ``_readout_kernel``: (out, readout)."""
-    batch, dim, length, nstate = hidden.shape
-    cpg, ppg = dim // C.shape[1], dim // probe.shape[1]
-    block, np2 = block_size(dim, cpg, ppg), triton.next_power_of_2(nstate)
+    batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(y, hidden.shape[-1], C.shape[1], probe)
     out, readout = torch.empty_like(y), torch.empty_like(y)
     zs = z.stride() if z is not None else (0, 0, 0)
     grid = (triton.cdiv(length, TIME_BLOCK), triton.cdiv(dim, block), batch)
@@ -320,7 +329,7 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
     """Gradients ``(du, ddelta, ddelta_bias, dA, dB, dC, dD, dz, dweight, dscale)``, each in its input's
     dtype, given ``dout`` and ``dreadout``."""
     probe, weight = _probes(probe, weight)
-    batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(u, A, B, probe)
+    batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(u, A.shape[1], B.shape[1], probe)
     acc, ACC = _accumulator(u)
     blocks = triton.cdiv(dim, block)
     y, hidden, _ = _scan(u, delta, delta_bias, softplus, A, B, C, D, z, False, True, False)
