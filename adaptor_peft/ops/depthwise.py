@@ -5,7 +5,8 @@ A tap is an offset ``(dy, dx)`` with one weight per channel, on channels-last ma
 the input gradient run as one dense depthwise convolution (the taps laid into a square kernel), PyTorch's
 fastest path on every device. The weight gradient does not: PyTorch's CPU depthwise backward computes it
 about fifteen times slower than the forward, so on CPUs it comes from the compiled kernel
-(:func:`adaptor_peft.ops.native.depthwise_taps_grad`, float32 / float64), elsewhere from one sum per tap.
+(:func:`adaptor_peft.ops.native.depthwise_taps_grad`, float32 / float64); elsewhere PyTorch's dense
+kernel gradient is read at the taps.
 Everything runs in the inputs' dtype with autocast off.
 """
 
@@ -51,11 +52,13 @@ def taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: Offsets) -> torch.Tenso
     """``dweight[t, c] = Σ_{b,h,w} x[b, h + dy_t, w + dx_t, c] g[b, h, w, c]``: (taps, channels)."""
     if x.device.type == "cpu" and native.available(x.dtype):
         return native.depthwise_taps_grad(x, g, torch.tensor(offsets, dtype=torch.int64))
-    reach = _reach(offsets)
-    height, width = x.shape[1:3]
-    padded = F.pad(x, (0, 0, reach, reach, reach, reach))
-    rows = [padded[:, reach + dy : reach + dy + height, reach + dx : reach + dx + width] for dy, dx in offsets]
-    return torch.stack([(row * g).sum((0, 1, 2)) for row in rows])
+    size, channels = 2 * _reach(offsets) + 1, x.shape[-1]  # elsewhere: PyTorch's dense gradient, read at the taps
+    kernel = x.new_empty(channels, 1, size, size)
+    maps, grads = x.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
+    dense = torch.ops.aten.convolution_backward(
+        grads, maps, kernel, None, [1, 1], [size // 2] * 2, [1, 1], False, [0, 0], channels, [False, True, False]
+    )[1]
+    return dense.reshape(channels, size * size).t()[_kernel_positions(offsets, x.device)]
 
 
 class _DepthwiseTaps(torch.autograd.Function):
