@@ -24,6 +24,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from . import synthetic
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FGVC_SPLITS = ("train", "val", "test", "trainval")
 # What Pillow raises on unreadable files: truncated or unidentified data (OSError), broken headers
@@ -176,6 +178,9 @@ def load_split(
     - ``"sklearn_digits"`` (``train_per_class``, default 50; ``seed``, default 0): scikit-learn's 1,797
       8x8 handwritten digits, which ship inside the package (no download); per class, the first
       ``train_per_class`` images of a seeded shuffle are ``train``, the rest ``test``.
+    - ``"synthetic"`` (``task``, ``sizes: {train800, val200, test}``, ``seed``, default 0): a task of the
+      offline transfer suite (:mod:`adaptor_peft.data.synthetic`), generated in memory; ``train800val200``
+      joins the first two splits.
 
     A relative ``dir``, ``id`` folder or glob is resolved against ``root`` (the ``--data-root``). Missing
     image files are found here by a stat of each file; with ``skip_bad_images`` they, and images that fail
@@ -370,13 +375,14 @@ def _parquet(source: Mapping[str, Any], split: str, root: Path, skip_bad_images:
 
 
 class _ArrayOpener:
-    """Opens image ``i`` of an (n, h, w) uint8 array as a grayscale PIL image (picklable, like _FileOpener)."""
+    """Opens image ``i`` of an (n, h, w) grayscale or (n, h, w, 3) RGB uint8 array as a PIL image (picklable,
+    like _FileOpener)."""
 
     def __init__(self, pixels: np.ndarray) -> None:
         self.pixels = pixels
 
     def __call__(self, key: int) -> Image.Image:
-        return Image.fromarray(self.pixels[key], mode="L")
+        return Image.fromarray(self.pixels[key])
 
 
 def _sklearn_digits(source: Mapping[str, Any], split: str, root: Path, skip_bad_images: bool) -> LabelledImages:
@@ -400,6 +406,22 @@ def _sklearn_digits(source: Mapping[str, Any], split: str, root: Path, skip_bad_
     return LabelledImages(name, refs, labels, _ArrayOpener(pixels), num_classes=10)
 
 
+def _synthetic(source: Mapping[str, Any], split: str, root: Path, skip_bad_images: bool) -> LabelledImages:
+    task, sizes = _option(source, "task"), _option(source, "sizes")
+    parts = ("train800", "val200") if split == "train800val200" else (split,)
+    for part in parts:
+        if part not in sizes:
+            raise DataError(f"synthetic task {task!r} has no size for split {part!r} in its 'sizes' option: {sizes}")
+    try:
+        drawn = [synthetic.generate(task, part, int(sizes[part]), int(source.get("seed", 0))) for part in parts]
+    except ValueError as error:
+        raise DataError(f"synthetic data entry {dict(source)}: {error}") from None
+    pixels, labels = (np.concatenate(arrays) for arrays in zip(*drawn, strict=True))
+    name = f"synthetic {task}/{split}"
+    refs = [f"{name} image {i}" for i in range(len(labels))]
+    return LabelledImages(name, refs, labels, _ArrayOpener(pixels), num_classes=synthetic.TASKS[task].num_classes)
+
+
 _BUILDERS: dict[str, Callable[[Mapping[str, Any], str, Path, bool], LabelledImages]] = {
     "hub": _hub,
     "vtab1k": _vtab1k,
@@ -407,4 +429,5 @@ _BUILDERS: dict[str, Callable[[Mapping[str, Any], str, Path, bool], LabelledImag
     "folder": _image_folder,
     "parquet": _parquet,
     "sklearn_digits": _sklearn_digits,
+    "synthetic": _synthetic,
 }
