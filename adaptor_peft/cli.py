@@ -16,6 +16,7 @@ from rich.table import Table
 
 from .adaptors import METHODS, AdapterFileError, prepare_model
 from .data import DataError
+from .data.synthetic import TASKS
 from .demo import METHODS as METHODS_OF_DEMO
 from .demo import run_demo
 from .models import CheckpointError, create_model, list_models
@@ -23,8 +24,11 @@ from .ops import BACKENDS, native
 from .ops.dispatch import BACKEND_ENV
 from .reports import parameter_report, write_summary
 from .reports.results import VTAB1K_TASKS
+from .suite import DEFAULT_METHODS as DEFAULT_SUITE_METHODS
+from .suite import LEARNING_RATES, calibrate, run_suite
+from .suite import METHODS as SUITE_METHODS
 from .training import RecipeError, TrainingError, evaluate_run, load_recipe, train
-from .training.loop import same_recipe
+from .training.loop import train_once
 from .training.recipe import list_recipes
 
 USER_ERRORS = (RecipeError, DataError, TrainingError, AdapterFileError, CheckpointError, FileNotFoundError)
@@ -132,13 +136,11 @@ def vtab_command(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"adaptor-peft vtab: unknown task(s) {unknown}; VTAB-1k has {', '.join(VTAB1K_TASKS)}")
     for task in tasks:
-        run = Path(args.output_dir) / task
         try:
             recipe = _recipe(args, f"vtab1k/{task}")
-            if (run / "results.json").is_file() and same_recipe(run, recipe):
+            _, minutes = train_once(recipe, Path(args.output_dir) / task, args.data_root, progress=not args.no_progress)
+            if minutes is None:
                 print(f"{task}: finished before, skipped")
-                continue
-            train(recipe, run, args.data_root, progress=not args.no_progress)
         except USER_ERRORS as error:
             print(f"{task}: failed: {error}")
             failed.append(task)
@@ -164,6 +166,24 @@ def demo_command(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"adaptor-peft demo: unknown method(s) {unknown}; choose from {sorted(METHODS)}")
     run_demo(args.output_dir, methods, args.overrides, progress=not args.no_progress)
+
+
+def suite_command(args: argparse.Namespace) -> None:
+    """Runs the offline transfer suite's protocol (or its calibration), resuming what is there."""
+    split = {key: getattr(args, key).split(",") for key in ("methods", "tasks") if getattr(args, key)}
+    if args.methods == "all":
+        split["methods"] = SUITE_METHODS
+    try:
+        if args.calibrate:
+            calibrate(args.output_dir, overrides=args.overrides, quick=args.quick, **split)
+            return
+        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else LEARNING_RATES
+        run_suite(args.output_dir, seeds=args.seeds, learning_rates=lrs, overrides=args.overrides, quick=args.quick,
+                  progress=not args.no_progress, **split)  # fmt: skip
+    except ValueError as error:
+        if isinstance(error, USER_ERRORS):
+            raise
+        raise SystemExit(f"adaptor-peft suite: {error}") from None
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -215,6 +235,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. epochs=5")
     p.set_defaults(run=demo_command)
+    p = commands.add_parser("suite", help="offline VTAB-1k-style suite: lr chosen on val200, 3 seeds on test, report")
+    p.add_argument("--output-dir", default="runs/suite")
+    p.add_argument("--methods", help=f"comma-separated methods or 'all' (default: {','.join(DEFAULT_SUITE_METHODS)})")
+    p.add_argument("--tasks", help=f"comma-separated tasks (default: {','.join(TASKS)})")
+    p.add_argument("--seeds", type=int, default=3, help="seeds of the test runs (default: 3)")
+    p.add_argument("--lrs", help=f"learning-rate grid (default: {','.join(f'{lr:g}' for lr in LEARNING_RATES)})")
+    p.add_argument("--quick", action="store_true", help="tiny splits and one epoch: a smoke test of the protocol")
+    p.add_argument("--calibrate", action="store_true", help="only linear_probe and full at the recipe lr, on val200")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
+    p.set_defaults(run=suite_command)
     p = commands.add_parser("summarize", help="results table (Markdown, JSON, PNG) of every run under a folder")
     p.add_argument("runs_dir", metavar="RUNS_DIR")
     p.set_defaults(run=summarize_command)

@@ -9,8 +9,6 @@ parameters). Finished methods are skipped when the command is run again in the s
 
 from __future__ import annotations
 
-import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,8 +18,8 @@ from rich.table import Table
 
 from .atomic import write_atomically
 from .reports import parameter_report, summarize
-from .training import build_model, load_recipe, train
-from .training.loop import same_recipe
+from .training import build_model, load_recipe
+from .training.loop import train_once
 
 RECIPE = "demo/digits"
 METHODS = ("linear_probe", "adaptor_t", "adaptor_s", "adaptor", "lora", "full")
@@ -51,17 +49,10 @@ def run_demo(
     console.print(parameter_report(build_model(recipes.get("adaptor") or next(iter(recipes.values())))))
     rows, results = [], []
     for method, recipe in recipes.items():
-        run = output / method
-        finished = run / "results.json"
-        started = time.perf_counter()
-        if finished.is_file() and same_recipe(run, recipe):
-            result = json.loads(finished.read_text())
-            console.print(f"{method}: finished before in {run}, not retrained")
-        else:
-            console.rule(f"{method}")
-            result = train(recipe, run, progress=progress)
-            result["minutes"] = round((time.perf_counter() - started) / 60, 2)
-            write_atomically(finished, json.dumps(result, indent=2) + "\n")
+        console.rule(f"{method}")
+        result, minutes = train_once(recipe, output / method, progress=progress)
+        if minutes is None:
+            console.print(f"{method}: finished before in {output / method}, not retrained")
         results.append(result)
         parameters = result["parameters"]
         rows.append(

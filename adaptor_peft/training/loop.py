@@ -381,6 +381,7 @@ def train(
         **{key: recipe.get(key) for key in ("task", "benchmark", "group", "model", "method", "num_classes")},
         "eval_split": recipe["eval_split"],
         "data_source": source,
+        "data_root": str(Path(data_root).expanduser().resolve()) if data_root is not None else None,
         **metrics,
         "train_images": len(train_set),
         "skipped_images": {"train": train_set.skipped, "eval": eval_set.skipped},
@@ -395,6 +396,22 @@ def train(
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def train_once(
+    recipe: dict[str, Any], output_dir: str | Path, data_root: str | Path | None = None, *, progress: bool = False
+) -> tuple[dict[str, Any], float | None]:
+    """The results of ``recipe`` in the run folder ``output_dir`` and the minutes it took to train: read back
+    (minutes None) when the folder holds this recipe's results, else trained (resuming what is there), with
+    ``minutes`` added to ``results.json``. What the suites and the demo run, so a rerun skips finished runs."""
+    run = Path(output_dir)
+    if (run / RESULTS).is_file() and same_recipe(run, recipe):
+        return json.loads((run / RESULTS).read_text()), None
+    started = time.perf_counter()
+    results = train(recipe, run, data_root, progress=progress)
+    results["minutes"] = round((time.perf_counter() - started) / 60, 3)
+    write_atomically(run / RESULTS, json.dumps(results, indent=2) + "\n")
+    return results, results["minutes"]
 
 
 def _save_checkpoint(accelerator: Accelerator, run: Path, epoch: int) -> None:
@@ -419,10 +436,13 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Evaluates a finished run's adapter on a fresh backbone, on its eval split or ``split``; writes and
     returns ``eval_<split>.json`` in the run folder. ``checkpoint`` points at the backbone weights where the
-    run's recorded file has moved to (the adapter checks that they are the same weights)."""
+    run's recorded file has moved to (the adapter checks that they are the same weights). Without
+    ``data_root``, the images come from where the run was trained (its ``results.json`` records the root)."""
     run = Path(output_dir)
     if not (run / CONFIG).is_file() or not (run / ADAPTER).is_dir():
         raise TrainingError(f"{run} is not a finished run folder (it needs {CONFIG} and {ADAPTER}/)")
+    if data_root is None and (run / RESULTS).is_file():
+        data_root = json.loads((run / RESULTS).read_text()).get("data_root")
     recipe = yaml.safe_load((run / CONFIG).read_text())
     if split is not None:
         recipe["eval_split"] = split

@@ -1,0 +1,200 @@
+"""``adaptor-peft suite``: the offline transfer suite's protocol, in one resumable command.
+
+For each task of ``recipes/offline_vtab/`` and each method: the learning rate is picked from a small grid
+by training on ``train800`` and reading ``val200`` (one seed), then the method is trained on
+``train800val200`` with that learning rate and read on ``test``, once per seed. The test split chooses
+nothing. Run folders::
+
+    OUT/select/<task>/<method>/lr_<lr>/      model selection (train800 -> val200)
+    OUT/test/seed_<i>/<task>/<method>/       the reported runs (train800val200 -> test)
+
+A finished run is skipped when the command runs again, so an interrupted suite resumes (an interrupted run
+resumes after its last epoch). The report, ``suite.md`` / ``suite.json`` / ``suite.png``, gives mean ± sd
+over seeds per task, per group and both VTAB-1k averages, the chosen learning rates and the trainable
+parameters; ``adaptor-peft summarize OUT/test/seed_0`` gives one seed's table.
+
+``--calibrate`` runs only the selection stage at each recipe's own learning rate (by default for
+``linear_probe`` and ``full``) and writes ``calibration.md``: the check that the tasks discriminate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from .atomic import write_atomically
+from .data.synthetic import TASKS, suite_groups
+from .reports import combine, summarize
+from .training import load_recipe
+from .training.loop import train_once
+
+SUITE = "offline_vtab"
+METHODS = ("linear_probe", "bias", "lora", "parallel_adapter", "adaptor_t", "adaptor_s", "adaptor", "adaptor+lora",
+           "full", "adaptor_booster")  # fmt: skip
+"""Every method of the suite's table (``--methods all``)."""
+DEFAULT_METHODS = ("linear_probe", "lora", "adaptor", "full")
+"""The default run: the adaptor against its references, as many methods as fit in 90 minutes on 2 CPU cores."""
+LEARNING_RATES = (3e-3, 1e-2)
+"""The grid every method's learning rate is chosen from on val200; it holds the recipes' own (3e-3), so the
+calibration runs count as selection runs."""
+QUICK = ("data.builtin.sizes.train800=8", "data.builtin.sizes.val200=4", "data.builtin.sizes.test=8", "epochs=1",
+         "batch_size=4", "eval_batch_size=8")  # fmt: skip
+"""``--quick``: tiny splits and one epoch, a smoke test of the whole protocol in seconds per run."""
+SELECT = ("train_split=train800", "eval_split=val200")
+
+
+def _recipe(task: str, method: str, lr: float | None, seed: int | None, overrides: Sequence[str]) -> dict[str, Any]:
+    """The task's recipe with ``method``, and ``lr`` and ``seed`` where given (None: the recipe's)."""
+    chosen = [f"{k}={v}" for k, v in (("lr", lr), ("seed", seed)) if v is not None]
+    return load_recipe(f"{SUITE}/{task}", [f"method={method}", *chosen, *overrides])
+
+
+def _progress(enabled: bool, console: Console) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, TextColumn("{task.fields[run]}"), console=console, disable=not enabled)
+
+
+def run_suite(
+    output_dir: str | Path = "runs/suite",
+    methods: Sequence[str] = DEFAULT_METHODS,
+    tasks: Sequence[str] = tuple(TASKS),
+    seeds: int = 3,
+    learning_rates: Sequence[float] = LEARNING_RATES,
+    overrides: Sequence[str] = (),
+    *,
+    quick: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Runs the protocol (module docstring) under ``output_dir`` and writes its report there; returns the
+    report's JSON content. ``overrides`` (``key=value``) apply to every run, after ``--quick``'s."""
+    console = console or Console()
+    output, overrides = Path(output_dir), [*(QUICK if quick else ()), *overrides]
+    _check(methods, tasks)
+    if seeds < 1 or not learning_rates:
+        raise ValueError(
+            f"the suite needs at least one seed (got {seeds}) and one learning rate (got {learning_rates})"
+        )
+    total = len(tasks) * len(methods) * (len(learning_rates) + seeds)
+    chosen: dict[str, dict[str, float]] = {task: {} for task in tasks}
+    results: list[list[dict[str, Any]]] = [[] for _ in range(seeds)]
+    minutes: list[float] = []
+    with _progress(progress, console) as bar:
+        job = bar.add_task("offline_vtab suite", total=total, run="")
+        for task in tasks:
+            for method in methods:
+                val = {}
+                for lr in learning_rates:
+                    run = output / "select" / task / method / f"lr_{lr:g}"
+                    bar.update(job, run=str(run.relative_to(output)))
+                    result, took = train_once(_recipe(task, method, lr, None, [*overrides, *SELECT]), run)
+                    val[lr] = result["top1"]
+                    minutes += [took] if took is not None else []
+                    bar.advance(job)
+                best = max(learning_rates, key=lambda lr: val[lr])  # the first of equals: the grid's order
+                chosen[task][method] = best
+                for index in range(seeds):
+                    run = output / "test" / f"seed_{index}" / task / method
+                    bar.update(job, run=str(run.relative_to(output)))
+                    seed = _recipe(task, method, None, None, overrides)["seed"] + index
+                    result, took = train_once(_recipe(task, method, best, seed, overrides), run)
+                    results[index].append(result)
+                    minutes += [took] if took is not None else []
+                    bar.advance(job)
+    summary = combine([summarize(per_seed, suite_groups()) for per_seed in results])
+    report = {
+        "protocol": {
+            "methods": list(methods),
+            "tasks": list(tasks),
+            "seeds": seeds,
+            "quick": quick,
+            "learning_rates": list(learning_rates),
+            "overrides": list(overrides),
+        },
+        "learning_rate": chosen,
+        "minutes_per_run": round(sum(minutes) / len(minutes), 3) if minutes else None,
+        "runs_trained_now": len(minutes),
+        **summary.to_dict(),
+    }
+    write_atomically(output / "suite.json", json.dumps(report, indent=2) + "\n")
+    write_atomically(output / "suite.md", _markdown(report, summary.to_markdown()))
+    summary.plot(output / "suite.png", f"mean of {len(tasks)} tasks" if set(tasks) == set(TASKS) else None)
+    console.print(summary.to_markdown())
+    console.print(f"written: {output / 'suite.md'}, {output / 'suite.json'}, {output / 'suite.png'}")
+    return report
+
+
+def _check(methods: Sequence[str], tasks: Sequence[str]) -> None:
+    from .adaptors import METHODS as KNOWN
+
+    unknown = [m for m in methods if m not in KNOWN] + [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(
+            f"unknown method(s) or task(s) {unknown}; methods: {', '.join(KNOWN)}; tasks: {', '.join(TASKS)}"
+        )
+
+
+def _markdown(report: dict[str, Any], table: str) -> str:
+    protocol = report["protocol"]
+    lrs = ", ".join(f"{lr:g}" for lr in protocol["learning_rates"])
+    lines = [
+        f"# Offline VTAB-1k-style suite: top-1 % on test, mean ± sd over {protocol['seeds']} seed(s)",
+        "",
+        f"Learning rate chosen per task and method from {{{lrs}}} on val200 after training on train800; then "
+        "trained on train800val200 and read on test. Quick mode (tiny splits, one epoch): "
+        f"{'yes' if protocol['quick'] else 'no'}. Overrides: {' '.join(protocol['overrides']) or 'none'}.",
+        "",
+        table,
+        "Learning rate chosen on val200:",
+        "",
+        "| task | " + " | ".join(protocol["methods"]) + " |",
+        "|---|" + "---:|" * len(protocol["methods"]),
+        *(
+            f"| {t} | " + " | ".join(f"{lr:g}" for lr in row.values()) + " |"
+            for t, row in report["learning_rate"].items()
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def calibrate(
+    output_dir: str | Path = "runs/suite",
+    methods: Sequence[str] = ("linear_probe", "full"),
+    tasks: Sequence[str] = tuple(TASKS),
+    overrides: Sequence[str] = (),
+    *,
+    quick: bool = False,
+    console: Console | None = None,
+) -> str:
+    """Trains each method on each task's train800 at the recipe's own learning rate and seed, reads val200
+    (never test), and writes ``calibration.md`` under ``output_dir``; returns its table. Its runs are the
+    selection runs of :func:`run_suite` at that learning rate, so a suite run later reuses them."""
+    console = console or Console()
+    output, overrides = Path(output_dir), [*(QUICK if quick else ()), *overrides]
+    _check(methods, tasks)
+    header = "| task | group | stands in for | " + " | ".join(methods) + " | gap (last − first) | minutes |"
+    lines = [header, "|---|---|---|" + "---:|" * (len(methods) + 2)]
+    for task in tasks:
+        scores, started = [], time.perf_counter()
+        for method in methods:
+            recipe = _recipe(task, method, None, None, [*overrides, *SELECT])
+            run = output / "select" / task / method / f"lr_{recipe['lr']:g}"
+            scores.append(train_once(recipe, run)[0]["top1"])
+            console.print(f"{task} {method}: val200 top-1 {scores[-1]:.2f} %")
+        cells = " | ".join(f"{s:.2f}" for s in scores)
+        took = (time.perf_counter() - started) / 60
+        entry = TASKS[task]
+        lines.append(
+            f"| {task} | {entry.group} | {entry.stands_in_for} | {cells} | {scores[-1] - scores[0]:.2f} | {took:.1f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    write_atomically(output / "calibration.md", table)
+    console.print(table)
+    return table

@@ -1,0 +1,185 @@
+"""The offline transfer suite: generated tasks, their recipes, the protocol command and a NOAH-layout task."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from adaptor_peft.cli import main
+from adaptor_peft.data import DataError, load_split
+from adaptor_peft.data.synthetic import TASKS, generate, suite_groups
+from adaptor_peft.training import load_recipe
+
+QUICK_CLI = ["--quick", "--no-progress", "--methods", "linear_probe,adaptor", "--tasks", "digits,count", "--seeds", "2",
+             "--lrs", "1e-3,5e-2"]  # fmt: skip
+
+
+def test_tasks_cover_the_three_vtab_groups():
+    groups = suite_groups()
+    assert list(groups) == ["natural", "specialized", "structured"]
+    assert len(groups["natural"]) >= 2 and len(groups["specialized"]) >= 2 and len(groups["structured"]) >= 4
+    assert "digits" in groups["natural"] and len(TASKS) >= 8
+    assert [t for ts in groups.values() for t in ts] == list(TASKS)  # table order
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_every_task_is_an_ordinary_vtab1k_sized_recipe(task):
+    recipe = load_recipe(f"offline_vtab/{task}")
+    entry = TASKS[task]
+    assert (recipe["task"], recipe["group"], recipe["num_classes"]) == (task, entry.group, entry.num_classes)
+    assert (recipe["train_split"], recipe["eval_split"], recipe["model"]) == (
+        "train800val200",
+        "test",
+        "vim_nano_patch4_32",
+    )
+    sizes = recipe["data"]["builtin"]["sizes"]
+    assert sizes["train800"] == 800 and sizes["val200"] == 200
+    assert sizes["test"] >= 1000 or (task == "digits" and sizes["test"] == 797)
+    assert entry.stands_in_for.split()[0] in Path(f"recipes/offline_vtab/{task}.yaml").read_text()
+
+
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "digits"])
+def test_generated_images_are_32px_rgb_seeded_and_split_apart(task):
+    images, labels = generate(task, "train800", 24)
+    assert images.shape == (24, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+    assert labels.min() >= 0 and labels.max() < TASKS[task].num_classes and images.std() > 5
+    generate.cache_clear()
+    again, same = generate(task, "train800", 24)
+    assert np.array_equal(again, images) and np.array_equal(same, labels)  # the seed fixes the pixels
+    assert not np.array_equal(generate(task, "val200", 24)[0], images)
+    assert not np.array_equal(generate(task, "train800", 24, seed=1)[0], images)
+
+
+def test_digits_are_dealt_out_once_800_200_797():
+    from sklearn.datasets import load_digits
+
+    sizes = {"train800": 800, "val200": 200, "test": 797}
+    parts = [generate("digits", split, size) for split, size in sizes.items()]
+    dealt = np.concatenate([np.c_[pixels.reshape(len(pixels), -1), labels] for pixels, labels in parts])
+    digits = load_digits()
+    every = np.c_[np.rint(digits.images * (255 / 16)).reshape(1797, -1), digits.target]
+    assert np.array_equal(dealt[np.lexsort(dealt.T)], every[np.lexsort(every.T)])  # each image exactly once
+    with pytest.raises(ValueError, match="'test' has 797 images, not 1000"):
+        generate("digits", "test", 1000)
+
+
+def test_labels_follow_the_pictures():
+    """Position: the bright sprite moves right with the label; cells: tumour nuclei darken the centre."""
+    images, labels = generate("position", "test", 200)
+    bright = images.max(axis=3) > 170
+    columns = np.array([np.nonzero(b)[1].mean() if b.any() else np.nan for b in bright])
+    ok = ~np.isnan(columns)
+    assert np.corrcoef(columns[ok], labels[ok])[0, 1] > 0.9
+    images, labels = generate("cells", "test", 200)
+    dark = (images[:, 8:24, 8:24].mean(axis=3) < 90).mean(axis=(1, 2))
+    assert dark[labels == 1].mean() > 2 * dark[labels == 0].mean()
+
+
+def test_load_split_builds_the_noah_splits_and_names_bad_options():
+    source = {"kind": "synthetic", "task": "count", "sizes": {"train800": 6, "val200": 3, "test": 4}}
+    both, train, val = (load_split(source, s) for s in ("train800val200", "train800", "val200"))
+    assert len(both) == 9 and both.labels == train.labels + val.labels and both.num_classes == 6
+    assert np.array_equal(both[7][0].numpy(), val[1][0].numpy()) and both[0][0].shape == (3, 32, 32)
+    with pytest.raises(DataError, match=r"no size for split 'test' in its 'sizes' option"):
+        load_split({**source, "sizes": {"train800": 2}}, "test")
+    with pytest.raises(DataError, match=r"unknown synthetic task 'cont'"):
+        load_split({**source, "task": "cont"}, "test")
+    with pytest.raises(DataError, match=r"needs option 'sizes'"):
+        load_split({"kind": "synthetic", "task": "count"}, "test")
+
+
+def test_suite_quick_chooses_lr_on_val_reports_seeds_and_resumes(tmp_path, capsys):
+    out = tmp_path / "suite"
+    main(["suite", "--output-dir", str(out), *QUICK_CLI])
+    report = json.loads((out / "suite.json").read_text())
+    assert report["protocol"]["seeds"] == 2 and report["runs_trained_now"] == 2 * 2 * (2 + 2)
+    for task in ("digits", "count"):
+        for method in ("linear_probe", "adaptor"):
+            select = {lr: json.loads((out / "select" / task / method / f"lr_{lr}" / "results.json").read_text())
+                      for lr in ("0.001", "0.05")}  # fmt: skip
+            assert all(r["eval_split"] == "val200" and r["train_images"] == 8 for r in select.values())
+            best = max(select, key=lambda lr: select[lr]["top1"])  # the first of equals
+            assert report["learning_rate"][task][method] == float(best)
+            for seed in (0, 1):
+                config = yaml.safe_load((out / "test" / f"seed_{seed}" / task / method / "config.yaml").read_text())
+                assert (config["eval_split"], config["train_split"]) == ("test", "train800val200")
+                assert config["lr"] == float(best) and config["seed"] == 42 + seed
+    column = "vim_nano_patch4_32 / adaptor"
+    seeds = [json.loads((out / "test" / f"seed_{s}" / "count" / "adaptor" / "results.json").read_text())["top1"]
+             for s in (0, 1)]  # fmt: skip
+    assert report["top1"][column]["count"] == pytest.approx(np.mean(seeds))
+    assert report["spread"][column]["count"] == pytest.approx(np.std(seeds, ddof=1))
+    assert report["averages"][column]["mean of 8 tasks"] is None  # not every task ran: no average
+    table = (out / "suite.md").read_text()
+    assert " ± " in table and "mean of 3 group means" in table and "Learning rate chosen on val200" in table
+    assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    main(["suite", "--output-dir", str(out), *QUICK_CLI])  # finished runs are skipped
+    assert json.loads((out / "suite.json").read_text())["runs_trained_now"] == 0
+    main(["summarize", str(out / "test" / "seed_0")])  # one seed's table through the ordinary summary
+    assert "| count |" in capsys.readouterr().out
+
+
+def test_calibration_reads_val_at_the_recipe_lr_and_its_runs_are_reused(tmp_path):
+    out = tmp_path / "suite"
+    main(["suite", "--calibrate", "--quick", "--tasks", "cells", "--output-dir", str(out)])
+    lr = load_recipe("offline_vtab/cells")["lr"]
+    table = (out / "calibration.md").read_text()
+    assert (
+        table.startswith("| task | group | stands in for | linear_probe | full |")
+        and "| cells | specialized |" in table
+    )
+    for method in ("linear_probe", "full"):
+        assert (
+            json.loads((out / "select" / "cells" / method / f"lr_{lr:g}" / "results.json").read_text())["eval_split"]
+            == "val200"
+        )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--methods", "adaptor,prompt"], r"unknown method\(s\) or task\(s\) \['prompt'\]"),
+     (["--tasks", "cifar"], r"\['cifar'\]"), (["--seeds", "0"], "at least one seed")],
+)  # fmt: skip
+def test_suite_rejects_unknown_methods_tasks_and_seeds(tmp_path, args, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["suite", "--quick", "--output-dir", str(tmp_path), *args])
+
+
+def test_a_noah_layout_task_is_one_short_recipe_and_eval_reports_its_test_top1(tmp_path, capsys):
+    """A new task folder (images and the four list files) on the embedded backbone: train, then
+    ``adaptor-peft eval RUN_DIR --split test`` without repeating where the data is."""
+    rng, folder = random.Random(0), tmp_path / "data" / "squares"
+    lines: dict[str, list[str]] = {}
+    for split, count in {"train800": 6, "val200": 3, "test": 5}.items():
+        lines[split] = []
+        for i in range(count):
+            label = i % 2
+            pixels = np.full((20, 20, 3), 40 + 160 * label + rng.randint(-20, 20), dtype=np.uint8)
+            (folder / "images").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(folder / "images" / f"{split}_{i}.png")
+            lines[split].append(f"images/{split}_{i}.png {label}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split, entries in lines.items():
+        (folder / f"{split}.txt").write_text("\n".join(entries) + "\n")
+    recipe = tmp_path / "squares.yaml"
+    recipe.write_text(
+        "task: squares\nnum_classes: 2\ntransform: vtab\ntrain_split: train800val200\neval_split: test\n"
+        "data: {local: {kind: vtab1k, dir: squares}}\nmodel: vim_nano_patch4_32\ncheckpoint: pretrained\n"
+        "epochs: 1\nwarmup_epochs: 0\nbatch_size: 4\nnum_workers: 0\n"
+    )
+    run = tmp_path / "run"
+    main(["train", "--recipe", str(recipe), "--data-root", str(tmp_path / "data"), "--output-dir", str(run),
+          "--method", "adaptor", "--no-progress"])  # fmt: skip
+    trained = json.loads((run / "results.json").read_text())
+    capsys.readouterr()
+    main(["eval", str(run), "--split", "test", "--no-progress"])
+    assert capsys.readouterr().out.startswith("squares test: top-1 ")
+    evaluated = json.loads((run / "eval_test.json").read_text())
+    assert evaluated["images"] == 5 and evaluated["top1"] == pytest.approx(trained["top1"])
