@@ -135,8 +135,8 @@ def _textures(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]
 
 def _cells(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """H&E-like tissue: pink stroma, many purple nuclei; label 1 when the centre 32x32 (of 64) holds
-    tumour-like nuclei (larger, darker), as PatchCamelyon labels its centre region. Both classes hold as many
-    tumour-like nuclei (the others lie outside the centre), so the amount of dark tissue tells nothing."""
+    tumour-like nuclei (larger, darker), as PatchCamelyon labels its centre region. Both classes may hold
+    tumour-like decoys outside the centre, so the amount of dark tissue tells only part of the answer."""
     labels = rng.integers(0, 2, size=n)
     canvas = np.empty((n, _HI, _HI, 3), dtype=np.float32)
     for i, label in enumerate(labels):
@@ -148,10 +148,8 @@ def _cells(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
             _paint(
                 canvas[i], _disc(cx, cy, rng.uniform(0.02, 0.035)), np.array([0.45, 0.25, 0.6]) + rng.normal(0, 0.06, 3)
             )
-        large = rng.integers(2, 6)  # as many in both classes: only where they are tells the class
-        inside = rng.integers(1, large + 1) if label else 0
-        centres = [rng.uniform(0.3, 0.7, 2) for _ in range(inside)]
-        for _ in range(large - inside):  # tumour-like decoys outside the centre
+        centres = [rng.uniform(0.3, 0.7, 2) for _ in range(rng.integers(2, 5) if label else 0)]
+        for _ in range(rng.integers(0, 3)):  # tumour-like decoys outside the centre, in both classes
             side = rng.uniform(0.0, 0.22)
             centres.append(rng.permutation([side if rng.random() < 0.5 else 1 - side, rng.uniform(0, 1)]))
         for cx, cy in centres:
