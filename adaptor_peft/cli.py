@@ -25,13 +25,13 @@ from .ops.dispatch import BACKEND_ENV
 from .reports import parameter_report, write_summary
 from .reports.results import VTAB1K_TASKS
 from .suite import DEFAULT_METHODS as DEFAULT_SUITE_METHODS
-from .suite import LEARNING_RATES, calibrate, run_suite
+from .suite import LEARNING_RATES, SuiteError, calibrate, run_suite
 from .suite import METHODS as SUITE_METHODS
 from .training import RecipeError, TrainingError, evaluate_run, load_recipe, train
 from .training.loop import train_once
 from .training.recipe import list_recipes
 
-USER_ERRORS = (RecipeError, DataError, TrainingError, AdapterFileError, CheckpointError, FileNotFoundError)
+USER_ERRORS = (RecipeError, DataError, TrainingError, AdapterFileError, CheckpointError, FileNotFoundError, SuiteError)
 """Errors caused by what the user asked for: reported as one message, without a traceback."""
 
 
@@ -173,17 +173,22 @@ def suite_command(args: argparse.Namespace) -> None:
     split = {key: getattr(args, key).split(",") for key in ("methods", "tasks") if getattr(args, key)}
     if args.methods == "all":
         split["methods"] = SUITE_METHODS
+    if args.calibrate:
+        calibrate(args.output_dir, overrides=args.overrides, quick=args.quick, **split)
+    else:
+        run_suite(args.output_dir, seeds=args.seeds, learning_rates=args.lrs, overrides=args.overrides,
+                  quick=args.quick, progress=not args.no_progress, **split)  # fmt: skip
+
+
+def _learning_rates(text: str) -> list[float]:
+    """``--lrs``: comma-separated positive numbers."""
     try:
-        if args.calibrate:
-            calibrate(args.output_dir, overrides=args.overrides, quick=args.quick, **split)
-            return
-        lrs = [float(lr) for lr in args.lrs.split(",")] if args.lrs else LEARNING_RATES
-        run_suite(args.output_dir, seeds=args.seeds, learning_rates=lrs, overrides=args.overrides, quick=args.quick,
-                  progress=not args.no_progress, **split)  # fmt: skip
-    except ValueError as error:
-        if isinstance(error, USER_ERRORS):
-            raise
-        raise SystemExit(f"adaptor-peft suite: {error}") from None
+        rates = [float(lr) for lr in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(lr > 0 for lr in rates):
+        raise argparse.ArgumentTypeError(f"{text!r}: learning rates must be positive")
+    return rates
 
 
 def _training_options(p: argparse.ArgumentParser) -> None:
@@ -240,7 +245,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--methods", help=f"comma-separated methods or 'all' (default: {','.join(DEFAULT_SUITE_METHODS)})")
     p.add_argument("--tasks", help=f"comma-separated tasks (default: {','.join(TASKS)})")
     p.add_argument("--seeds", type=int, default=3, help="seeds of the test runs (default: 3)")
-    p.add_argument("--lrs", help=f"learning-rate grid (default: {','.join(f'{lr:g}' for lr in LEARNING_RATES)})")
+    p.add_argument(
+        "--lrs",
+        type=_learning_rates,
+        default=LEARNING_RATES,
+        help=f"learning-rate grid (default: {','.join(f'{lr:g}' for lr in LEARNING_RATES)})",
+    )
     p.add_argument("--quick", action="store_true", help="tiny splits and one epoch: a smoke test of the protocol")
     p.add_argument("--calibrate", action="store_true", help="only linear_probe and full at the recipe lr, on val200")
     p.add_argument("--no-progress", action="store_true")

@@ -20,7 +20,6 @@ parameters; ``adaptor-peft summarize OUT/test/seed_0`` gives one seed's table.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -49,10 +48,13 @@ QUICK = ("data.builtin.sizes.train800=8", "data.builtin.sizes.val200=4", "data.b
 SELECT = ("train_split=train800", "eval_split=val200")
 
 
-def _recipe(task: str, method: str, lr: float | None, seed: int | None, overrides: Sequence[str]) -> dict[str, Any]:
-    """The task's recipe with ``method``, and ``lr`` and ``seed`` where given (None: the recipe's)."""
-    chosen = [f"{k}={v}" for k, v in (("lr", lr), ("seed", seed)) if v is not None]
-    return load_recipe(f"{SUITE}/{task}", [f"method={method}", *chosen, *overrides])
+class SuiteError(ValueError):
+    """A suite asked for with an unknown method or task, no seed or no learning rate."""
+
+
+def _recipe(task: str, method: str, overrides: Sequence[str]) -> dict[str, Any]:
+    """The task's recipe with ``method`` and ``overrides``."""
+    return load_recipe(f"{SUITE}/{task}", [f"method={method}", *overrides])
 
 
 def _progress(enabled: bool, console: Console) -> Progress:
@@ -78,7 +80,7 @@ def run_suite(
     output, overrides = Path(output_dir), [*(QUICK if quick else ()), *overrides]
     _check(methods, tasks)
     if seeds < 1 or not learning_rates:
-        raise ValueError(
+        raise SuiteError(
             f"the suite needs at least one seed (got {seeds}) and one learning rate (got {learning_rates})"
         )
     total = len(tasks) * len(methods) * (len(learning_rates) + seeds)
@@ -87,26 +89,26 @@ def run_suite(
     minutes: list[float] = []
     with _progress(progress, console) as bar:
         job = bar.add_task("offline_vtab suite", total=total, run="")
+
+        def step(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
+            bar.update(job, run=str(run.relative_to(output)))
+            result, took = train_once(recipe, run)
+            minutes.extend([took] if took is not None else [])
+            bar.advance(job)
+            return result
+
         for task in tasks:
             for method in methods:
-                val = {}
-                for lr in learning_rates:
-                    run = output / "select" / task / method / f"lr_{lr:g}"
-                    bar.update(job, run=str(run.relative_to(output)))
-                    result, took = train_once(_recipe(task, method, lr, None, [*overrides, *SELECT]), run)
-                    val[lr] = result["top1"]
-                    minutes += [took] if took is not None else []
-                    bar.advance(job)
-                best = max(learning_rates, key=lambda lr: val[lr])  # the first of equals: the grid's order
-                chosen[task][method] = best
+                val = {
+                    lr: step(output / "select" / task / method / f"lr_{lr:g}",
+                             _recipe(task, method, [f"lr={lr}", *overrides, *SELECT]))["top1"]
+                    for lr in learning_rates
+                }  # fmt: skip
+                chosen[task][method] = best = max(learning_rates, key=lambda lr: val[lr])  # first of equals
+                recipe = _recipe(task, method, [f"lr={best}", *overrides])
                 for index in range(seeds):
                     run = output / "test" / f"seed_{index}" / task / method
-                    bar.update(job, run=str(run.relative_to(output)))
-                    seed = _recipe(task, method, None, None, overrides)["seed"] + index
-                    result, took = train_once(_recipe(task, method, best, seed, overrides), run)
-                    results[index].append(result)
-                    minutes += [took] if took is not None else []
-                    bar.advance(job)
+                    results[index].append(step(run, {**recipe, "seed": recipe["seed"] + index}))
     summary = combine([summarize(per_seed, suite_groups()) for per_seed in results])
     report = {
         "protocol": {
@@ -124,7 +126,7 @@ def run_suite(
     }
     write_atomically(output / "suite.json", json.dumps(report, indent=2) + "\n")
     write_atomically(output / "suite.md", _markdown(report, summary.to_markdown()))
-    summary.plot(output / "suite.png", f"mean of {len(tasks)} tasks" if set(tasks) == set(TASKS) else None)
+    summary.plot(output / "suite.png", f"mean of {len(TASKS)} tasks")  # no point where a task is missing
     console.print(summary.to_markdown())
     console.print(f"written: {output / 'suite.md'}, {output / 'suite.json'}, {output / 'suite.png'}")
     return report
@@ -135,7 +137,7 @@ def _check(methods: Sequence[str], tasks: Sequence[str]) -> None:
 
     unknown = [m for m in methods if m not in KNOWN] + [t for t in tasks if t not in TASKS]
     if unknown:
-        raise ValueError(
+        raise SuiteError(
             f"unknown method(s) or task(s) {unknown}; methods: {', '.join(KNOWN)}; tasks: {', '.join(TASKS)}"
         )
 
@@ -179,21 +181,18 @@ def calibrate(
     console = console or Console()
     output, overrides = Path(output_dir), [*(QUICK if quick else ()), *overrides]
     _check(methods, tasks)
-    header = "| task | group | stands in for | " + " | ".join(methods) + " | gap (last − first) | minutes |"
+    header = "| task | group | stands in for | " + " | ".join(methods) + " | gap (last − first) | minutes training |"
     lines = [header, "|---|---|---|" + "---:|" * (len(methods) + 2)]
     for task in tasks:
-        scores, started = [], time.perf_counter()
+        scores, took = [], 0.0
         for method in methods:
-            recipe = _recipe(task, method, None, None, [*overrides, *SELECT])
-            run = output / "select" / task / method / f"lr_{recipe['lr']:g}"
-            scores.append(train_once(recipe, run)[0]["top1"])
+            recipe = _recipe(task, method, [*overrides, *SELECT])
+            result = train_once(recipe, output / "select" / task / method / f"lr_{recipe['lr']:g}")[0]
+            scores.append(result["top1"])
+            took += result["minutes"]
             console.print(f"{task} {method}: val200 top-1 {scores[-1]:.2f} %")
-        cells = " | ".join(f"{s:.2f}" for s in scores)
-        took = (time.perf_counter() - started) / 60
-        entry = TASKS[task]
-        lines.append(
-            f"| {task} | {entry.group} | {entry.stands_in_for} | {cells} | {scores[-1] - scores[0]:.2f} | {took:.1f} |"
-        )
+        cells, entry, gap = " | ".join(f"{s:.2f}" for s in scores), TASKS[task], scores[-1] - scores[0]
+        lines.append(f"| {task} | {entry.group} | {entry.stands_in_for} | {cells} | {gap:.2f} | {took:.1f} |")
     table = "\n".join(lines) + "\n"
     write_atomically(output / "calibration.md", table)
     console.print(table)

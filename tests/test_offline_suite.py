@@ -145,11 +145,18 @@ def test_calibration_reads_val_at_the_recipe_lr_and_its_runs_are_reused(tmp_path
 @pytest.mark.parametrize(
     "args, message",
     [(["--methods", "adaptor,prompt"], r"unknown method\(s\) or task\(s\) \['prompt'\]"),
-     (["--tasks", "cifar"], r"\['cifar'\]"), (["--seeds", "0"], "at least one seed")],
+     (["--tasks", "cifar"], r"SuiteError: .*\['cifar'\]"), (["--seeds", "0"], "at least one seed")],
 )  # fmt: skip
 def test_suite_rejects_unknown_methods_tasks_and_seeds(tmp_path, args, message):
     with pytest.raises(SystemExit, match=message):
         main(["suite", "--quick", "--output-dir", str(tmp_path), *args])
+
+
+def test_suite_rejects_a_bad_learning_rate_grid(tmp_path, capsys):
+    for grid in ("1e-3,fast", "0,1e-3"):
+        with pytest.raises(SystemExit):
+            main(["suite", "--quick", "--output-dir", str(tmp_path), "--lrs", grid])
+        assert "argument --lrs" in capsys.readouterr().err
 
 
 def test_a_noah_layout_task_is_one_short_recipe_and_eval_reports_its_test_top1(tmp_path, capsys):
