@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from adaptor_peft.data import load_split
+from adaptor_peft.data.synthetic import TASKS
 from adaptor_peft.training import RecipeError, list_recipes, load_recipe, recipes_dir
 
 VTAB = {  # docs/method.md#vtab-1k: task -> (group, classes)
@@ -37,6 +38,7 @@ FGVC = {"cub": 200, "nabirds": 555, "oxford_flowers": 102, "stanford_dogs": 120,
 
 def test_every_benchmark_task_has_a_recipe():
     expected = ["demo/digits"] + [f"fgvc/{name}" for name in FGVC] + [f"vtab1k/{task}" for task in VTAB]
+    expected += [f"offline_vtab/{task}" for task in TASKS]
     assert list_recipes() == sorted(expected)
 
 
