@@ -14,7 +14,7 @@ from PIL import Image
 from adaptor_peft.cli import main
 from adaptor_peft.data import DataError, load_split
 from adaptor_peft.data.synthetic import TASKS, generate, suite_groups
-from adaptor_peft.training import load_recipe
+from adaptor_peft.training import RecipeError, load_recipe, train
 
 QUICK_CLI = ["--quick", "--no-progress", "--methods", "linear_probe,adaptor", "--tasks", "digits,count", "--seeds", "2",
              "--lrs", "1e-3,5e-2"]  # fmt: skip
@@ -190,3 +190,15 @@ def test_a_noah_layout_task_is_one_short_recipe_and_eval_reports_its_test_top1(t
     assert capsys.readouterr().out.startswith("squares test: top-1 ")
     evaluated = json.loads((run / "eval_test.json").read_text())
     assert evaluated["images"] == 5 and evaluated["top1"] == pytest.approx(trained["top1"])
+
+
+def test_the_booster_trains_from_scratch_like_full_and_a_frozen_method_does_not(tmp_path):
+    """The paper's "backbone" use: adaptors trained with the whole model from random weights."""
+    tiny = ["data.builtin.sizes.train800=4", "data.builtin.sizes.val200=2", "data.builtin.sizes.test=4", "epochs=1",
+            "batch_size=2"]  # fmt: skip
+    recipe = {**load_recipe("offline_vtab/cells", ["method=adaptor_booster", *tiny]), "checkpoint": None}
+    with pytest.warns(UserWarning, match="from random weights"):
+        results = train(recipe, tmp_path / "booster", progress=False)
+    assert results["parameters"]["trainable_percent"] > 100
+    with pytest.raises(RecipeError, match="'adaptor' freezes the backbone, but the recipe has no checkpoint"):
+        train({**recipe, "method": "adaptor"}, tmp_path / "adaptor", progress=False)

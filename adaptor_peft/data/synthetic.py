@@ -6,8 +6,9 @@ drawn from ``(seed, split)``, so ``train800`` is the same images whatever size t
 two calls with the same arguments give the same pixels. Splits follow the NOAH layout: ``train800``,
 ``val200``, ``train800val200`` (the two together, in that order) and ``test``.
 
-Every image is rendered at twice the size and averaged down 2x2 (anti-aliased edges), then takes
-Gaussian pixel noise. Difficulty (noise, clutter, class count) was set with the calibration run in
+Every generated image is rendered at twice the size and averaged down 2x2 (anti-aliased edges), then takes
+Gaussian pixel noise. Generation is fast (about half a second per 1,000 images) and kept in memory per
+process, so nothing is cached on disk. Difficulty (noise, clutter, class count) was set with the calibration run in
 ``benchmarks/results/suite_calibration.md``.
 """
 
@@ -28,12 +29,13 @@ _Y, _X = np.mgrid[0:_HI, 0:_HI].astype(np.float32) / _HI  # pixel centres in [0,
 
 class Task(NamedTuple):
     """A generated task: its VTAB-1k group, the VTAB-1k task it stands in for, class count and renderer
-    (``render(rng, n)`` -> ``(images (n, 32, 32, 3) uint8, labels (n,))``, or 8x8 grayscale for digits)."""
+    (``render(rng, n)`` -> ``(images (n, 32, 32, 3) uint8, labels (n,))``; None for digits, which are
+    scikit-learn's 8x8 grayscale images, dealt out by :func:`generate`)."""
 
     group: str
     stands_in_for: str
     num_classes: int
-    render: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+    render: Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]] | None
 
 
 def _finish(canvas: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
