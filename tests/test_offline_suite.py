@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from PIL import Image
 from adaptor_peft.cli import main
 from adaptor_peft.data import DataError, load_split
 from adaptor_peft.data.synthetic import TASKS, generate, suite_groups
-from adaptor_peft.training import RecipeError, load_recipe, train
+from adaptor_peft.training import RecipeError, load_recipe, recipes_dir, train
 
 QUICK_CLI = ["--quick", "--no-progress", "--methods", "linear_probe,adaptor", "--tasks", "digits,count", "--seeds", "2",
              "--lrs", "1e-3,5e-2"]  # fmt: skip
@@ -41,7 +40,7 @@ def test_every_task_is_an_ordinary_vtab1k_sized_recipe(task):
     sizes = recipe["data"]["builtin"]["sizes"]
     assert sizes["train800"] == 800 and sizes["val200"] == 200
     assert sizes["test"] >= 1000 or (task == "digits" and sizes["test"] == 797)
-    assert entry.stands_in_for.split()[0] in Path(f"recipes/offline_vtab/{task}.yaml").read_text()
+    assert entry.stands_in_for.split()[0] in (recipes_dir() / "offline_vtab" / f"{task}.yaml").read_text()
 
 
 @pytest.mark.parametrize("task", [t for t in TASKS if t != "digits"])
