@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import re
 from pathlib import Path
 
@@ -118,6 +119,31 @@ def test_a_wrong_option_is_a_one_line_error_naming_it(method, options, message):
     with pytest.raises(ap.MethodOptionError, match=message) as error:
         ap.prepare_model(tiny("vim"), method, **options)
     assert isinstance(error.value, ValueError) and "\n" not in str(error.value)
+
+
+def test_a_failed_prepare_leaves_the_model_as_it_was():
+    """A LoRA target that is not there is found before the adaptors go in, so a corrected call can follow."""
+    model = tiny("vim")
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ap.MethodOptionError, match=r"LoRA targets \['in_prj'\] match no module"):
+        ap.prepare_model(model, "adaptor+lora", targets=["in_prj"])
+    assert model.state_dict().keys() == before.keys()
+    ap.prepare_model(model, "adaptor+lora", targets=["in_proj"])
+
+
+def test_an_adapter_that_does_not_fit_leaves_the_head_alone(tmp_path):
+    """The method goes on before the head is replaced, so a file whose method cannot go on changes nothing."""
+    trained = ap.prepare_model(tiny("vim"), "lora")
+    trained.reset_classifier(7)
+    folder = ap.save_adaptor(trained, tmp_path / "lora")
+    config = json.loads((folder / "adaptor_config.json").read_text())
+    config["options"]["targets"] = ["in_prj"]
+    (folder / "adaptor_config.json").write_text(json.dumps(config))
+    model = tiny("vim")
+    head = model.head.weight
+    with pytest.raises(ap.MethodOptionError, match="in_prj"):
+        ap.load_adaptor(model, folder)
+    assert model.head.weight is head and getattr(model, "peft_method", None) is None
 
 
 def one_line_exit(argv: list[str]) -> str:

@@ -281,14 +281,14 @@ def load_adaptor(model: nn.Module, source: str | Path) -> nn.Module:
                 f"adapter {directory} does not match the transfer method already on the model "
                 f"({'; '.join(differences)}); load it onto a fresh backbone"
             )
+    if current is None:  # first: a method that does not fit the model leaves it as it was, head included
+        prepare_model(model, config["method"], **config["options"])
     head = classifier_name(model)
     saved_classes = state.get(f"{head}.weight")
     if saved_classes is not None and saved_classes.shape[0] != getattr(model, "num_classes", None):
-        backbone = next(model.parameters())  # a new head goes where the backbone is, in its dtype
+        backbone = next(model.parameters())  # a new (trainable) head goes where the backbone is, in its dtype
         model.reset_classifier(saved_classes.shape[0])
         model.get_classifier().to(backbone.device, backbone.dtype)
-    if current is None:
-        prepare_model(model, config["method"], **config["options"])
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
     mismatched = [f"{n}: file {tuple(t.shape)} vs model {tuple(own[n].shape)}" for n, t in state.items()

@@ -208,6 +208,11 @@ def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:
     settings = resolve_options(method, options)
     if getattr(model, "peft_method", None) is not None:
         raise RuntimeError(f"prepare_model: the model was already prepared with {model.peft_method['method']!r}")
+    if "lora" in settings:  # checked first: an adaptor injected before LoRA failed would stay behind
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in settings["lora"]["targets"] if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            raise MethodOptionError(f"method {method!r}: LoRA targets {missing} match no module of the model")
     try:
         if "config" in settings:
             inject_adaptor(model, settings["config"], freeze_backbone=False)
