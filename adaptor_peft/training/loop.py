@@ -11,7 +11,8 @@ An epoch checkpoint is accelerate's ``save_state`` (optimizer, scheduler, random
 any, the sampler's) with the model's part cut down to what training changes: the trainable parameters and
 every buffer (buffers such as BatchNorm statistics can change in a frozen module). The frozen backbone is
 not written every epoch: a resumed run rebuilds it from the recipe's checkpoint, as the interrupted run
-did. Under FSDP or DeepSpeed accelerate saves the model itself, whole.
+did. Under DeepSpeed accelerate saves the model itself, whole (FSDP is not supported: adapter files
+need whole parameters).
 
 The loop reads top to bottom in the style of accelerate's examples: prepare, loop, ``accumulate``,
 ``backward``, ``gather_for_metrics``, ``save_state``.
