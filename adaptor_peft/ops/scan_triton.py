@@ -14,7 +14,8 @@ registers. Kernels:
 - ``_probe_grad_kernel``: probe backward: weights' and C's gradients by gathering from the history, and
   the states' gradient ``w_ik dr_i C_i`` scattered (atomically) onto positions ``p_ik``.
 - ``_adjoint_kernel``: the reverse recurrence ``g_t = a_{t+1} g_{t+1} + dy_t C_t (+ scattered)`` with
-  ``h_{t-1}`` read from the history; writes du, dΔ and per-block partial sums for dA, dB, dC.
+  ``h_{t-1}`` read from the history; writes du, dΔ and per-block partial sums for dA, dB, dC (each
+  partial sum written by one program only, and never read back by a kernel: no races between warps).
 
 Memory: the forward without probes keeps no history. The probe forward and every backward hold one
 float32 history for the duration of the call (and the backward with probes a second one for the
@@ -237,10 +238,7 @@ def _adjoint_kernel(
         tl.store(du_ptr + row + t, tl.sum(g * Bt[None, :], axis=1) * dt, mask=dmask)
         tl.store(ddelta_ptr + row + t, ddt, mask=dmask)
         tl.store(dB_ptr + partial + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=nmask)
-        dC = tl.sum(dy[:, None] * h, axis=0)
-        if SCATTERED:
-            dC += tl.load(dC_ptr + partial + t, mask=nmask, other=0.0)
-        tl.store(dC_ptr + partial + t, dC, mask=nmask)
+        tl.store(dC_ptr + partial + t, tl.sum(dy[:, None] * h, axis=0), mask=nmask)
         a_next = a
     tl.store(dA_ptr + (b * dim + d)[:, None] * nstate + n[None, :], dA, mask=mask2)
 
@@ -350,12 +348,12 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
     dD = (dy * u.to(acc)).sum((0, 2)) if D is not None else None
     dy = dy.contiguous()
     dC_partial = torch.empty(batch, blocks, nstate, length, device=u.device, dtype=acc)
-    scatter = None
+    scatter = dC_probes = None
     if probe is not None and dr is not None:
-        scatter = torch.zeros_like(hidden)
+        scatter, dC_probes = torch.zeros_like(hidden), torch.empty_like(dC_partial)
         dweight_partial = torch.empty(batch, blocks, length, probe.shape[3], device=u.device, dtype=acc)
         _probe_grad_kernel[(triton.cdiv(length, TIME_BLOCK), blocks, batch)](
-            hidden, C, probe, weight, dr.contiguous(), scatter, dweight_partial, dC_partial,
+            hidden, C, probe, weight, dr.contiguous(), scatter, dweight_partial, dC_probes,
             dim, length, nstate, cpg, ppg, probe.shape[1], probe.shape[3], blocks, *C.stride(),
             BLOCK=block, TIME=TIME_BLOCK, NP=np2, ACC=ACC, num_warps=warps(block * TIME_BLOCK * np2),
         )  # fmt: skip
@@ -374,9 +372,10 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
     if D is not None:
         du += dy * D.to(acc)[:, None]
     groups = B.shape[1]
+    dC = _group_sum(dC_partial if dC_probes is None else dC_partial + dC_probes, groups)
     grads = (
         du, ddelta, ddelta.sum((0, 2)) if delta_bias is not None else None, dA_partial.sum(0),
-        _group_sum(dB_partial, groups), _group_sum(dC_partial, groups), dD, dz, dweight, dscale,
+        _group_sum(dB_partial, groups), dC, dD, dz, dweight, dscale,
     )  # fmt: skip
     inputs = (u, delta, delta_bias, A, B, C, D, z, weight, scale)
     return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))
