@@ -11,7 +11,8 @@ works, :func:`available` is False and the dispatcher uses the PyTorch implementa
 Code is generated for this machine's CPU (``-march=native``); ``ADAPTOR_PEFT_CPU_TARGET`` names another
 GCC/Clang ``-march`` target, e.g. ``x86-64-v3`` (AVX2 + FMA, any x86 machine of the last decade) for a
 cache shared by machines that differ, or to measure what a machine without AVX-512 gets. Each target
-is built and cached on its own.
+is built and cached on its own. A target newer than the CPU (``x86-64-v4`` on an AVX2 machine) builds,
+then stops the process with an illegal instruction at the first call: name one the CPU has.
 """
 
 from __future__ import annotations
