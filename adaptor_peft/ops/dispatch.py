@@ -265,8 +265,9 @@ def selective_scan(
     if name != "triton":  # the Triton kernels read each input in its own dtype and accumulate in float32
         floats = (None if t is None else t.to(compute) for t in floats)
     u, delta, delta_bias, A, Bg, Cg, D, z, weight, scale = floats
-    A, D, delta_bias, scale = (None if t is None else t.contiguous() for t in (A, D, delta_bias, scale))
-    probe = None if probe_index is None else probe_index.long()
+    small = (A, D, delta_bias, weight, scale)  # parameters and probe weights: every backend indexes them flat
+    A, D, delta_bias, weight, scale = (None if t is None else t.contiguous() for t in small)
+    probe = None if probe_index is None else probe_index.long().contiguous()
     out, readout, last, hidden = _ScanFunction.apply(
         name, u, delta, delta_bias, delta_softplus, A, Bg, Cg, D, z, probe, weight, scale, return_last_state,
         return_hidden_states,

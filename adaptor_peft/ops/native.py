@@ -159,10 +159,6 @@ def _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale) -
     )  # fmt: skip
 
 
-def _contiguous(*tensors):
-    return [None if t is None else t.contiguous() for t in tensors]
-
-
 def _run(direction: str, args: _ScanArgs, dtype: torch.dtype) -> None:
     double = dtype == torch.float64
     if getattr(_library(double), f"scan_{direction}_{'f64' if double else 'f32'}")(ctypes.byref(args)):
@@ -170,10 +166,10 @@ def _run(direction: str, args: _ScanArgs, dtype: torch.dtype) -> None:
 
 
 def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last: bool, want_hidden: bool):
-    """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`; inputs already in one float dtype."""
+    """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`; inputs already in one float dtype, and
+    A, D, the Δ bias and the probes contiguous (the dispatcher makes them so)."""
     batch, dim, length = u.shape
     n = A.shape[1]
-    A, D, delta_bias, probe, weight, scale = _contiguous(A, D, delta_bias, probe, weight, scale)
     new = u.new_empty
     out = new(batch, dim, length)
     readout = new(batch, dim, length) if probe is not None else None
@@ -188,10 +184,10 @@ def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale,
 def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
     """Same contract as :func:`adaptor_peft.ops.scan_torch.backward`."""
     dim = u.shape[1]
-    A, D, delta_bias, probe, weight, scale, dout = _contiguous(A, D, delta_bias, probe, weight, scale, dout)
+    dout = dout.contiguous()
     if probe is not None and dreadout is None:
         dreadout = u.new_zeros(u.shape)
-    dreadout = _contiguous(dreadout)[0]
+    dreadout = None if dreadout is None else dreadout.contiguous()
     du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
     dz = u.new_empty(u.shape) if z is not None else None
     dA, dB, dC = u.new_zeros(A.shape), u.new_zeros(B.shape), u.new_zeros(B.shape)

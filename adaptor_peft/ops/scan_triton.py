@@ -302,13 +302,8 @@ def _readout(hidden, C, probe, weight, scale, y, z, gate):
     return out, readout
 
 
-def _probes(probe, weight):
-    return (None, None) if probe is None else (probe.contiguous(), weight.contiguous())
-
-
 def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last: bool, want_hidden: bool):
     """Returns ``(out, readout, last_state, hidden_states)`` in the accumulation dtype."""
-    probe, weight = _probes(probe, weight)
     y, hidden, last = _scan(
         u, delta, delta_bias, softplus, A, B, C, D, z, probe is None, want_hidden or probe is not None, want_last
     )
@@ -326,7 +321,6 @@ def _group_sum(partial: torch.Tensor, groups: int) -> torch.Tensor:
 def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
     """Gradients ``(du, ddelta, ddelta_bias, dA, dB, dC, dD, dz, dweight, dscale)``, each in its input's
     dtype, given ``dout`` and ``dreadout``."""
-    probe, weight = _probes(probe, weight)
     batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(u, A.shape[1], B.shape[1], probe)
     acc, ACC = _accumulator(u)
     blocks = triton.cdiv(dim, block)
