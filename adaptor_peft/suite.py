@@ -99,11 +99,8 @@ def run_suite(
 
         for task in tasks:
             for method in methods:
-                val = {
-                    lr: step(output / "select" / task / method / f"lr_{lr:g}",
-                             _recipe(task, method, [f"lr={lr}", *overrides, *SELECT]))["top1"]
-                    for lr in learning_rates
-                }  # fmt: skip
+                val = {lr: step(run, recipe)["top1"] for lr, run, recipe in
+                       selection_runs(output, task, method, learning_rates, overrides)}  # fmt: skip
                 chosen[task][method] = best = max(learning_rates, key=lambda lr: val[lr])  # first of equals
                 recipe = _recipe(task, method, [f"lr={best}", *overrides])
                 for index in range(seeds):
@@ -130,6 +127,24 @@ def run_suite(
     console.print(summary.to_markdown())
     console.print(f"written: {output / 'suite.md'}, {output / 'suite.json'}, {output / 'suite.png'}")
     return report
+
+
+def selection_runs(
+    output_dir: str | Path,
+    task: str,
+    method: str,
+    learning_rates: Sequence[float],
+    overrides: Sequence[str] = (),
+    label: str | None = None,
+) -> list[tuple[float, Path, dict[str, Any]]]:
+    """The model-selection runs of ``method`` on ``task``, one per learning rate: ``(lr, run folder, recipe)``,
+    trained on train800 and read on val200. ``label`` names the folder in place of the method (a variant of
+    it, made by ``overrides`` such as ``method_options.s_rank=8``)."""
+    folder = Path(output_dir) / "select" / task / (label or method)
+    return [
+        (lr, folder / f"lr_{lr:g}", _recipe(task, method, [f"lr={lr}", *overrides, *SELECT]))
+        for lr in learning_rates
+    ]
 
 
 def _check(methods: Sequence[str], tasks: Sequence[str]) -> None:

@@ -259,34 +259,42 @@ def test_adaptor_t_rejects_groups_that_do_not_divide_the_width():
 @pytest.mark.parametrize("dilations", [(1, 2, 3), (1,)])
 @pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("share", [True, False])
-def test_adaptor_s_equals_the_sum_of_dilated_depthwise_convolutions(share, kernel_size, dilations):
+@pytest.mark.parametrize("rank", [0, 4])
+def test_adaptor_s_equals_the_sum_of_dilated_depthwise_convolutions(share, kernel_size, dilations, rank):
+    """With a rank, the same convolutions run between the down and up projections."""
     torch.manual_seed(0)
     channels = 6
-    s = AdaptorS(channels, kernel_size, dilations, share_kernel=share).double()
+    width = rank or channels
+    s = AdaptorS(channels, kernel_size, dilations, share_kernel=share, rank=rank).double()
     x = torch.randn(2, 9, 11, channels, dtype=torch.float64)
     assert torch.equal(s(x), x)  # zero scale at init: the identity
     with torch.no_grad():
         s.scale.normal_()
-    assert s.kernel.shape == (1 if share else len(dilations), channels, 1, kernel_size, kernel_size)
-    assert s.scale.shape == (len(dilations) if share else 1, channels)
-    maps = x.permute(0, 3, 1, 2)
+    assert s.kernel.shape == (1 if share else len(dilations), width, 1, kernel_size, kernel_size)
+    assert s.scale.shape == (len(dilations) if share else 1, width)
+    tensors = {"kernel": s.kernel, "scale": s.scale}
+    maps = x
+    if rank:
+        tensors |= {"down": s.down.weight, "up": s.up.weight}
+        maps = maps @ s.down.weight.T
+    maps = maps.permute(0, 3, 1, 2)
     branches = []
     for i, d in enumerate(dilations):
         kernel = s.kernel[0 if share else i]
         scale = s.scale[i if share else 0]
-        conv = F.conv2d(maps, kernel, dilation=d, padding=d * (kernel_size // 2), groups=channels)
+        conv = F.conv2d(maps, kernel, dilation=d, padding=d * (kernel_size // 2), groups=width)
         branches.append(conv * scale[None, :, None, None])
-    expected = x + sum(branches).permute(0, 2, 3, 1)
+    added = sum(branches).permute(0, 2, 3, 1)
+    expected = x + (added @ s.up.weight.T if rank else added)
     got = s(x)
     assert got.shape == x.shape
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-    tensors = {"kernel": s.kernel, "scale": s.scale}
     want, have = gradients(expected, tensors), gradients(s(x), tensors)
     for name in want:
         assert want[name].abs().max() > 0
         torch.testing.assert_close(have[name], want[name], rtol=1e-12, atol=1e-12)
     weights, offsets = s.taps()
-    assert weights.shape == (kernel_size**2 * len(dilations), channels) and len(offsets) == len(weights)
+    assert weights.shape == (kernel_size**2 * len(dilations), width) and len(offsets) == len(weights)
 
 
 # --- injection ---------------------------------------------------------------------------------------------
@@ -318,6 +326,7 @@ VARIANTS = {
     "static": dict(t_anchor="static"),
     "separate_kernels": dict(s_share_kernel=False),
     "inner": dict(s_position="inner"),
+    "spatial_rank": dict(s_rank=4),
     "block0": dict(blocks=[0]),
     "spatial_only": dict(temporal=False),
     "temporal_only": dict(spatial=False),
@@ -343,7 +352,8 @@ def test_injection_variants_are_exact_at_init_and_their_parameters_matter(kind, 
             assert mixer.adaptor_s.position == config.s_position
             assert mixer.adaptor_s.share_kernel == config.s_share_kernel
             width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features
-            assert mixer.adaptor_s.kernel.shape[1] == width
+            assert mixer.adaptor_s.channels == width
+            assert mixer.adaptor_s.kernel.shape[1] == (config.s_rank or width)
         if mixer.adaptor_t is not None:
             assert mixer.adaptor_t.learned == (config.t_anchor == "learned")
     names = [n for n, p in model.named_parameters() if p.requires_grad]

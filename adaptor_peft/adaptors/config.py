@@ -47,6 +47,10 @@ class AdaptorConfig:
     """Adaptor-S (ours): one depthwise kernel per channel shared by all dilations, each branch with its
     own zero-initialised per-channel scale (True, a third of the parameters); False gives every
     dilation its own kernel and one shared scale."""
+    s_rank: int = 0
+    """Adaptor-S (ours): 0 = depthwise, each channel convolved on its own; r > 0 = the dilated kernels run
+    on a rank-r projection of the channels and are projected back (2 r C more parameters per block), so
+    the convolution mixes channels as well as neighbourhoods."""
     s_position: str = "output"
     """Adaptor-S placement (ours): "output" = on the mixer output (model width); "inner" = on the
     gated scan output before ``out_proj`` (inner width, about twice the parameters)."""
@@ -68,6 +72,7 @@ class AdaptorConfig:
             "t_anchor": self.t_anchor in ANCHOR_MODES,
             "s_kernel_size": self.s_kernel_size >= 1 and self.s_kernel_size % 2 == 1,
             "s_dilations": len(self.s_dilations) >= 1 and all(d >= 1 for d in self.s_dilations),
+            "s_rank": self.s_rank >= 0,
             "s_position": self.s_position in SPATIAL_POSITIONS,
             "dropout": 0.0 <= self.dropout < 1.0,
             "temporal/spatial": self.temporal or self.spatial,

@@ -110,6 +110,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.s_share_kernel,
                 config.s_position,
                 config.dropout,
+                config.s_rank,
             ).to(weight.device, dtype)
     if not any(m.adaptor_t is not None or m.adaptor_s is not None for _, m in mixers):
         raise ValueError(

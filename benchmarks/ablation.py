@@ -1,0 +1,122 @@
+"""Ablation of the adaptor's design choices on the offline suite's val200 splits (never test).
+
+Each variant is a method with method options (``--variant NAME=METHOD[:key=value,...]``, or the
+built-in ones below). On every task it is trained on train800 at each learning rate of the grid and read
+on val200, as the suite's model selection does; the table gives the best val200 top-1 per task, their
+mean, the learning rate chosen and the trainable parameters (head excluded). Runs are kept under
+``--output-dir`` and skipped when the command runs again, so the table grows and resumes. Usage:
+
+    python benchmarks/ablation.py [--variants default,s_rank=8,...] [--tasks count,...] [--lrs 0.01,0.03]
+        [--output-dir runs/ablation] [--output benchmarks/results/adaptor_ablation.md] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from machine import describe  # noqa: E402
+
+from adaptor_peft import create_model  # noqa: E402
+from adaptor_peft.adaptors import prepare_model  # noqa: E402
+from adaptor_peft.atomic import write_atomically  # noqa: E402
+from adaptor_peft.reports import parameter_report  # noqa: E402
+from adaptor_peft.suite import QUICK, selection_runs  # noqa: E402
+from adaptor_peft.training.loop import train_once  # noqa: E402
+
+VARIANTS = {
+    "lora": ("lora", {}),
+    "default": ("adaptor", {}),
+    "K=1": ("adaptor", {"t_locations": 1}),
+    "t_rank=8": ("adaptor", {"t_rank": 8}),
+    "static anchors": ("adaptor", {"t_anchor": "static"}),
+    "separate kernels": ("adaptor", {"s_share_kernel": False}),
+    "s inner": ("adaptor", {"s_position": "inner"}),
+    "s_rank=8": ("adaptor", {"s_rank": 8}),
+    "s_rank=16": ("adaptor", {"s_rank": 16}),
+    "s_rank=8 K=1": ("adaptor", {"s_rank": 8, "t_locations": 1}),
+}
+"""name -> (method, options): the adaptor's defaults, one choice changed at a time, and LoRA as the bar."""
+TASKS = ("digits", "landcover", "count", "distance")
+"""One natural and one specialized task and two structured ones: the largest linear-to-full gaps of each
+group in ``benchmarks/results/suite_calibration.md``."""
+
+
+def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, object]]]:
+    """``NAME=METHOD[:key=value,...]`` -> (name, (method, options)); values are read as YAML scalars."""
+    import yaml
+
+    name, _, spec = text.partition("=")
+    method, _, options = spec.partition(":")
+    if not name or not method:
+        raise SystemExit(f"--variant {text!r}: expected NAME=METHOD[:key=value,...]")
+    pairs = (item.partition("=") for item in options.split(",") if item)
+    return name, (method, {key: yaml.safe_load(value) for key, _, value in pairs})
+
+
+def trainable(method: str, options: dict[str, object], model: str, num_classes: int) -> int:
+    """Trainable parameters of the variant on ``model``, head excluded."""
+    built = prepare_model(create_model(model, num_classes=num_classes), method, **options)
+    return parameter_report(built).trainable_without_head
+
+
+def table(rows: dict[str, dict[str, object]], tasks: list[str], lrs: list[float], title: str) -> str:
+    head = "| variant | method | options | trainable | " + " | ".join(tasks) + " | mean | lr chosen |"
+    lines = [title, "", head, "|---|---|---|---:|" + "---:|" * (len(tasks) + 2)]
+    for name, row in rows.items():
+        scores = [row["val"].get(t) for t in tasks]
+        done = [s for s in scores if s is not None]
+        cells = " | ".join("" if s is None else f"{s:.2f}" for s in scores)
+        mean = f"{sum(done) / len(done):.2f}" if len(done) == len(tasks) else ""
+        options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
+        chosen = " ".join(f"{row['lr'][t]:g}" for t in tasks if t in row["lr"])
+        lines.append(
+            f"| {name} | {row['method']} | {options} | {row['trainable']:,} | {cells} | {mean} | {chosen} |"
+        )
+    grid = ", ".join(f"{lr:g}" for lr in lrs)
+    lines += ["", f"Best val200 top-1 % over lr in {{{grid}}}, one seed, trained on train800.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="built-in variants to run, in order")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=METHOD[:key=value,...], added")
+    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--lrs", default="0.01,0.03")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
+    parser.add_argument("--quick", action="store_true", help="the suite's tiny splits: a smoke test")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; built-in: {', '.join(VARIANTS)}")
+    variants = {v: VARIANTS[v] for v in args.variants.split(",") if v}
+    variants.update(parse_variant(text) for text in args.variant)
+    tasks, lrs = args.tasks.split(","), [float(x) for x in args.lrs.split(",")]
+    overrides = [*(QUICK if args.quick else ()), *args.overrides]
+    title = f"# Adaptor ablation on val200\n\n{describe()}"
+    rows: dict[str, dict[str, object]] = {}
+    for name, (method, options) in variants.items():
+        extra = [f"method_options.{key}={value}" for key, value in options.items()]
+        row = rows[name] = {"method": method, "options": options, "val": {}, "lr": {}, "trainable": 0}
+        for task in tasks:
+            runs = selection_runs(args.output_dir, task, method, lrs, [*overrides, *extra], label=name)
+            val = {lr: train_once(recipe, run)[0]["top1"] for lr, run, recipe in runs}
+            row["lr"][task] = best = max(lrs, key=lambda lr: val[lr])
+            row["val"][task] = val[best]
+            recipe = runs[0][2]
+            row["trainable"] = trainable(method, recipe["method_options"], recipe["model"], recipe["num_classes"])
+            text = table(rows, tasks, lrs, title)
+            if args.output:
+                write_atomically(args.output, text)
+        print(f"{name}: " + ", ".join(f"{t} {row['val'][t]:.2f}" for t in tasks), flush=True)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
