@@ -142,8 +142,7 @@ def selection_runs(
     it, made by ``overrides`` such as ``method_options.s_rank=8``)."""
     folder = Path(output_dir) / "select" / task / (label or method)
     return [
-        (lr, folder / f"lr_{lr:g}", _recipe(task, method, [f"lr={lr}", *overrides, *SELECT]))
-        for lr in learning_rates
+        (lr, folder / f"lr_{lr:g}", _recipe(task, method, [f"lr={lr}", *overrides, *SELECT])) for lr in learning_rates
     ]
 
 

@@ -17,14 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from machine import describe  # noqa: E402
-
-from adaptor_peft import create_model  # noqa: E402
-from adaptor_peft.adaptors import prepare_model  # noqa: E402
-from adaptor_peft.atomic import write_atomically  # noqa: E402
-from adaptor_peft.reports import parameter_report  # noqa: E402
-from adaptor_peft.suite import QUICK, selection_runs  # noqa: E402
-from adaptor_peft.training.loop import train_once  # noqa: E402
+from adaptor_peft import create_model
+from adaptor_peft.adaptors import prepare_model
+from adaptor_peft.atomic import write_atomically
+from adaptor_peft.reports import parameter_report
+from adaptor_peft.suite import QUICK, selection_runs
+from adaptor_peft.training.loop import train_once
+from benchmarks.machine import describe
 
 VARIANTS = {
     "lora": ("lora", {}),
@@ -72,9 +71,7 @@ def table(rows: dict[str, dict[str, object]], tasks: list[str], lrs: list[float]
         mean = f"{sum(done) / len(done):.2f}" if len(done) == len(tasks) else ""
         options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
         chosen = " ".join(f"{row['lr'][t]:g}" for t in tasks if t in row["lr"])
-        lines.append(
-            f"| {name} | {row['method']} | {options} | {row['trainable']:,} | {cells} | {mean} | {chosen} |"
-        )
+        lines.append(f"| {name} | {row['method']} | {options} | {row['trainable']:,} | {cells} | {mean} | {chosen} |")
     grid = ", ".join(f"{lr:g}" for lr in lrs)
     lines += ["", f"Best val200 top-1 % over lr in {{{grid}}}, one seed, trained on train800.", ""]
     return "\n".join(lines)

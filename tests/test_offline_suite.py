@@ -201,3 +201,32 @@ def test_the_booster_trains_from_scratch_like_full_and_a_frozen_method_does_not(
     assert results["parameters"]["trainable_percent"] > 100
     with pytest.raises(RecipeError, match="'adaptor' freezes the backbone, but the recipe has no checkpoint"):
         train({**recipe, "method": "adaptor"}, tmp_path / "adaptor", progress=False)
+
+
+def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+    spec = importlib.util.spec_from_file_location("ablation", path)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    report = tmp_path / "ablation.md"
+    argv = ["--quick", "--variants", "default", "--variant", "rank=adaptor:s_rank=2,t_anchor=static", "--tasks",
+            "count", "--lrs", "1e-3,5e-2", "--output-dir", str(tmp_path / "runs"), "--output", str(report)]  # fmt: skip
+    text = ablation.main(argv)
+    assert report.read_text() == text
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if "| adaptor |" in line}
+    assert rows["rank"][2] == "s_rank=2, t_anchor=static" and rows["default"][2] == "defaults"
+    assert int(rows["rank"][3].replace(",", "")) != int(rows["default"][3].replace(",", ""))
+    for name in ("default", "rank"):
+        runs = tmp_path / "runs" / "select" / "count" / name
+        vals = {lr: json.loads((runs / f"lr_{lr}" / "results.json").read_text())["top1"] for lr in ("0.001", "0.05")}
+        assert float(rows[name][4]) == pytest.approx(max(vals.values()), abs=0.01)  # val200, the best lr
+        recipe = yaml.safe_load((runs / "lr_0.05" / "config.yaml").read_text())
+        assert recipe["eval_split"] == "val200" and recipe["train_split"] == "train800"
+    stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("results.json"))
+    assert ablation.main(argv) == text  # finished runs are read back, not trained again
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("results.json")) == stamps
+    with pytest.raises(SystemExit, match="unknown variant"):
+        ablation.main(["--variants", "nonsense"])

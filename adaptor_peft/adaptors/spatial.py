@@ -54,7 +54,8 @@ class AdaptorS(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.channels}, rank={self.down.out_features if self.down else 0}, kernel_size={self.kernel.shape[-1]}, dilations={self.dilations}, "
+            f"channels={self.channels}, rank={self.down.out_features if self.down else 0}, "
+            f"kernel_size={self.kernel.shape[-1]}, dilations={self.dilations}, "
             f"share_kernel={self.share_kernel}, position={self.position!r}"
         )
 
