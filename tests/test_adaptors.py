@@ -623,6 +623,13 @@ def test_adaptor_methods_accept_agreeing_and_reject_conflicting_switches():
     # a full config passed to a one-adaptor method: the method decides which adaptors, the config their shapes
     model = prepare_model(tiny("vim"), "adaptor_s", config=AdaptorConfig(s_kernel_size=5))
     assert model.layers[0].mixer.adaptor_t is None and model.layers[0].mixer.adaptor_s.kernel.shape[-1] == 5
+    # a config that turns off an adaptor the method adds is refused, dict or AdaptorConfig alike
+    for config in ({"temporal": False}, AdaptorConfig(temporal=False)):
+        with pytest.raises(MethodOptionError, match=r"'adaptor': option config.temporal=False, but the method sets"):
+            prepare_model(tiny("vim"), "adaptor", config=config)
+    for config in ({"spatial": True, "t_rank": 2}, {"spatial": False, "t_rank": 2}):  # on: the default, as recorded
+        model = prepare_model(tiny("vim"), "adaptor_t", config=config)
+        assert model.layers[0].mixer.adaptor_s is None and model.layers[0].mixer.adaptor_t.down.shape[1] == 2
 
 
 def test_lora_options_are_respected():

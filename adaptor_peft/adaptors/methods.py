@@ -113,14 +113,21 @@ def _check(method: str, options: dict[str, Any], allowed: frozenset[str], prefix
 
 def _adaptor_config(method: str, options: dict[str, Any], temporal: bool, spatial: bool) -> AdaptorConfig:
     """The AdaptorConfig of ``options`` (a ``config`` and field overrides, taken out of ``options``) with
-    the method's switches, which an option may only repeat."""
+    the method's switches, which an option may only repeat. A ``config`` (dict or AdaptorConfig) gives the
+    shapes and the method which adaptors, but one that turns off an adaptor the method adds is refused.
+    (A switch left on is AdaptorConfig's default, and what files recorded before this check hold.)"""
     config = options.pop("config", None) or AdaptorConfig()
     if isinstance(config, dict):
         _check(method, config, ADAPTOR_FIELDS, "config.")
+    switches = config if isinstance(config, dict) else dataclasses.asdict(config)
+    given = {name: False for name in ("temporal", "spatial") if switches.get(name) is False}
     chosen = {k: options.pop(k) for k in list(options) if k in ADAPTOR_FIELDS}
     for name, value in dict(temporal=temporal, spatial=spatial).items():
-        if chosen.get(name, value) != value:
-            raise MethodOptionError(f"method {method!r}: option {name}={chosen[name]!r}, but the method sets {value!r}")
+        for source, prefix in ((chosen, ""), (given, "config.")):
+            if source.get(name, value) != value:
+                raise MethodOptionError(
+                    f"method {method!r}: option {prefix}{name}={source[name]!r}, but the method sets {value!r}"
+                )
     try:
         config = AdaptorConfig.from_dict(config) if isinstance(config, dict) else config
         return dataclasses.replace(config, **{**chosen, "temporal": temporal, "spatial": spatial})
