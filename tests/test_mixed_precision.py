@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adaptor_peft.models.layers
-from adaptor_peft.adaptors import AdaptorT, inject_adaptor
+from adaptor_peft.adaptors import AdaptorT, inject_adaptor, prepare_model
 
 from .test_models import tiny
 
@@ -41,6 +41,23 @@ def test_adaptors_stay_float32_in_a_bfloat16_backbone(kind):
     for name, p in adaptors.items():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
     assert all(p.grad.abs().max() > 0 for n, p in adaptors.items() if n.endswith(("gamma", "scale")))
+
+
+@pytest.mark.parametrize("method, marker", [("lora", ".lora_"), ("parallel_adapter", ".parallel_adapter.")])
+def test_lora_and_parallel_adapters_stay_float32_in_a_bfloat16_backbone(method, marker):
+    """As peft's autocast_adapter_dtype: a bf16 LoRA B would round away small updates to a zero init."""
+    model = prepare_model(tiny("vim").to(torch.bfloat16), method).train()
+    added = {n: p for n, p in model.named_parameters() if marker in f".{n}"}
+    assert added and all(p.dtype == torch.float32 for p in added.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in added)
+    with torch.no_grad():
+        for p in added.values():
+            p.add_(torch.randn_like(p) * 0.1)
+    logits = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits.float().square().mean().backward()
+    for name, p in added.items():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().max() > 0, name
 
 
 @pytest.mark.parametrize("kind", list(SIZES))

@@ -72,7 +72,8 @@ class ParallelAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x)))
+        """In the adapter's precision (float32 in a half-precision backbone), given back in ``x``'s."""
+        return self.up(self.act(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
 
 
 def is_peft_parameter(name: str) -> bool:
@@ -139,6 +140,9 @@ def _lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[
     from peft import LoraConfig, inject_adapter_in_model
 
     inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets), model)
+    for name, parameter in model.named_parameters():  # float32 in a half-precision backbone, as the adaptors
+        if ".lora_" in f".{name}":
+            parameter.data = parameter.data.to(torch.promote_types(parameter.dtype, torch.float32))
 
 
 def _parallel_adapter(model: nn.Module, rank: int) -> None:
@@ -147,7 +151,8 @@ def _parallel_adapter(model: nn.Module, rank: int) -> None:
         raise TypeError(f"parallel_adapter: {type(model).__name__} has no Vim or VMamba blocks")
     for block in blocks:
         dim = block.norm.weight.shape[0]
-        block.parallel_adapter = ParallelAdapter(dim, rank).to(block.norm.weight.device, block.norm.weight.dtype)
+        dtype = torch.promote_types(block.norm.weight.dtype, torch.float32)
+        block.parallel_adapter = ParallelAdapter(dim, rank).to(block.norm.weight.device, dtype)
 
 
 class Method(NamedTuple):
