@@ -11,7 +11,14 @@ import torch
 from adaptor_peft.adaptors import AdaptorConfig, AdaptorS, AdaptorT
 
 CONFIG_FIELDS = {  # constructor argument -> AdaptorConfig field
-    AdaptorT: dict(locations="t_locations", groups="t_groups", rank="t_rank", anchor="t_anchor", dropout="dropout"),
+    AdaptorT: dict(
+        locations="t_locations",
+        groups="t_groups",
+        rank="t_rank",
+        anchor="t_anchor",
+        dropout="dropout",
+        lr_scale="lr_scale",
+    ),
     AdaptorS: dict(
         kernel_size="s_kernel_size",
         dilations="s_dilations",
@@ -19,6 +26,7 @@ CONFIG_FIELDS = {  # constructor argument -> AdaptorConfig field
         position="s_position",
         dropout="dropout",
         rank="s_rank",
+        lr_scale="lr_scale",
     ),
 }
 

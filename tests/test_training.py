@@ -250,6 +250,28 @@ def test_weight_decay_groups_and_warmup_cosine_schedule():
         build_optimizer(model, "lamb", 1.0, 0.1)
 
 
+def test_lr_scale_multiplies_the_rate_of_the_adaptors_zero_initialised_parameters_only():
+    from adaptor_peft.adaptors import prepare_model
+
+    model = prepare_model(create_model("vim_tiny_patch16_224", depth=2, num_classes=3), "adaptor", lr_scale=8.0)
+    named = {id(p): n for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, "adamw", 0.5, 0.1)
+    rate = {named[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    zero = ("gamma", "weight_up", "weight_bias", "offset_up", "adaptor_s.scale")
+    assert rate and all(r == (4.0 if n.endswith(zero) else 0.5) for n, r in rate.items()), rate
+    assert {n for n, r in rate.items() if r == 4.0} == {
+        n for n, p in model.named_parameters() if p.requires_grad and ".adaptor_" in n and not p.any()
+    }  # exactly the adaptor parameters that start at zero
+    decay = {named[id(p)]: g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay["layers.0.mixer.adaptor_t.weight_up"] == 0.1 and decay["layers.0.mixer.adaptor_t.gamma"] == 0
+    scheduler = build_scheduler(optimizer, "cosine", warmup_steps=2, total_steps=4, min_lr_ratio=0.01)
+    optimizer.step()
+    scheduler.step()
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [0.5, 4.0]  # end of warm-up: both at peak
+    with pytest.raises(ValueError, match="lr_scale"):
+        prepare_model(create_model("vim_tiny_patch16_224", depth=2, num_classes=3), "adaptor", lr_scale=0.0)
+
+
 def test_a_folder_where_no_epoch_finished_takes_a_corrected_recipe(tmp_path, recipes, checkpoint):
     data = vtab_task(tmp_path / "vtab-1k")
     run = tmp_path / "run"

@@ -57,6 +57,11 @@ class AdaptorConfig:
 
     dropout: float = 0.0
     """Dropout on the adaptors' added branches (0)."""
+    lr_scale: float = 1.0
+    """Learning rate of the adaptors' zero-initialised parameters (γ, the Adaptor-S scales, the predictor's
+    output layers) as a multiple of the recipe's (ours: 1). They start every adaptor at the identity, and
+    with Adam a parameter moves about one learning rate per step, so their rate sets how soon the adaptors
+    act at all; LoRA+ (Hayou et al., 2024) scales LoRA's zero-initialised B the same way."""
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Free-form notes carried into saved adapter files; not read by the package."""
@@ -75,6 +80,7 @@ class AdaptorConfig:
             "s_rank": self.s_rank >= 0,
             "s_position": self.s_position in SPATIAL_POSITIONS,
             "dropout": 0.0 <= self.dropout < 1.0,
+            "lr_scale": self.lr_scale > 0,
             "temporal/spatial": self.temporal or self.spatial,
         }
         allowed = {"t_anchor": ANCHOR_MODES, "s_position": SPATIAL_POSITIONS}

@@ -122,14 +122,18 @@ def _method_of(model: nn.Module) -> dict[str, Any] | None:
     return {"method": name, "options": {"config": config.to_dict()}}
 
 
+UNCOMPARED = ("extra", "lr_scale")
+"""AdaptorConfig fields that leave the modules and their weights as they are."""
+
+
 def _settings(method: dict[str, Any]) -> dict[str, Any]:
     """Everything a method record adds, flat (``config.t_rank``, ``lora.r``, ``rank``) and comparable;
-    an AdaptorConfig's free-form ``extra`` notes do not count."""
+    an AdaptorConfig's free-form ``extra`` notes and its ``lr_scale`` (an optimizer setting) do not count."""
     flat = {"method": method["method"]}
     for key, value in resolve_options(method["method"], method["options"]).items():
         value = value.to_dict() if isinstance(value, AdaptorConfig) else value
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items() if (key, k) != ("config", "extra")})
+            flat.update({f"{key}.{k}": v for k, v in value.items() if key != "config" or k not in UNCOMPARED})
         else:
             flat[key] = value
     return flat

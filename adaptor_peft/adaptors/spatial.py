@@ -24,7 +24,8 @@ from .config import AdaptorConfig
 
 class AdaptorS(nn.Module):
     """Adaptor-S on (B, H, W, C) maps; ``position`` says where in the mixer it sits, ``rank`` (0: none)
-    the width of the channel bottleneck around the convolution. The arguments
+    the width of the channel bottleneck around the convolution, ``lr_scale`` the learning-rate multiple of
+    the scales (read by :func:`adaptor_peft.training.optim.build_optimizer`). The arguments
     are :class:`AdaptorConfig`'s ``s_*`` fields and ``dropout``, with its defaults."""
 
     def __init__(
@@ -36,8 +37,10 @@ class AdaptorS(nn.Module):
         position: str = AdaptorConfig.s_position,
         dropout: float = AdaptorConfig.dropout,
         rank: int = AdaptorConfig.s_rank,
+        lr_scale: float = AdaptorConfig.lr_scale,
     ):
         super().__init__()
+        self.lr_scale = lr_scale
         self.dilations, self.position, self.share_kernel = tuple(dilations), position, share_kernel
         self.channels, width = channels, rank or channels
         kernels = 1 if share_kernel else len(self.dilations)
@@ -51,6 +54,10 @@ class AdaptorS(nn.Module):
             nn.init.kaiming_uniform_(k, a=5**0.5)
         reach = range(-(kernel_size // 2), kernel_size // 2 + 1)
         self.offsets = tuple((dy * d, dx * d) for d in self.dilations for dy in reach for dx in reach)
+
+    def zero_initialised(self) -> list[nn.Parameter]:
+        """The parameters that start at zero (the scales), whose learning rate ``lr_scale`` multiplies."""
+        return [self.scale]
 
     def extra_repr(self) -> str:
         return (

@@ -30,6 +30,7 @@ class AdaptorT(nn.Module):
 
     A mixer that runs its directions as separate scans (Vim) calls :meth:`scan` with ``direction``;
     one that stacks them along the channels of a single scan (VMamba's four) passes ``direction=None``.
+    ``lr_scale`` is read by :func:`adaptor_peft.training.optim.build_optimizer`.
     """
 
     def __init__(
@@ -41,8 +42,10 @@ class AdaptorT(nn.Module):
         rank: int = AdaptorConfig.t_rank,
         anchor: str = AdaptorConfig.t_anchor,
         dropout: float = AdaptorConfig.dropout,
+        lr_scale: float = AdaptorConfig.lr_scale,
     ):
         super().__init__()
+        self.lr_scale = lr_scale
         if channels % groups:
             raise ValueError(f"Adaptor-T: t_groups={groups} must divide the scan width {channels}")
         self.channels, self.directions, self.locations, self.groups = channels, directions, locations, groups
@@ -61,6 +64,11 @@ class AdaptorT(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # per direction as nn.Linear(channels, rank) is: uniform in ±1/sqrt(fan-in), fan-in = channels
         nn.init.uniform_(self.down, -(channels**-0.5), channels**-0.5)
+
+    def zero_initialised(self) -> list[nn.Parameter]:
+        """The parameters that start at zero, whose learning rate ``lr_scale`` multiplies."""
+        names = ("gamma", "weight_up", "weight_bias", "offset_up")
+        return [getattr(self, n) for n in names if isinstance(getattr(self, n, None), nn.Parameter)]
 
     def extra_repr(self) -> str:
         return (

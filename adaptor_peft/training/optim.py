@@ -24,16 +24,30 @@ def decays(name: str, parameter: nn.Parameter) -> bool:
     return parameter.ndim >= 2 and not name.rsplit(".", 1)[-1].endswith(NO_DECAY_SUFFIXES)
 
 
+def lr_scales(model: nn.Module) -> dict[int, float]:
+    """``id(parameter)`` -> learning-rate multiple, for the zero-initialised parameters of modules with an
+    ``lr_scale`` (the adaptors, :attr:`adaptor_peft.AdaptorConfig.lr_scale`); the rest take 1."""
+    return {
+        id(p): module.lr_scale
+        for module in model.modules()
+        if hasattr(module, "zero_initialised")
+        for p in module.zero_initialised()
+    }
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``adamw`` or ``sgd`` (momentum 0.9) over the trainable parameters, in a decayed and a non-decayed group."""
+    """``adamw`` or ``sgd`` (momentum 0.9) over the trainable parameters, in groups by weight decay (on or
+    off) and learning rate (``lr`` times the parameter's :func:`lr_scales`)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: prepare it with a method first")
+    scales = lr_scales(model)
+    keys = {id(p): (decays(n, p), scales.get(id(p), 1.0)) for n, p in trainable}
     groups = [
-        {"params": [p for n, p in trainable if decays(n, p)], "weight_decay": weight_decay},
-        {"params": [p for n, p in trainable if not decays(n, p)], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+        {"params": [p for _, p in trainable if keys[id(p)] == key], "weight_decay": weight_decay if key[0] else 0.0,
+         "lr": lr * key[1]}
+        for key in dict.fromkeys(keys.values())
+    ]  # fmt: skip
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
