@@ -36,6 +36,9 @@ VARIANTS = {
     "s_rank=8": ("adaptor", {"s_rank": 8}),
     "s_rank=16": ("adaptor", {"s_rank": 16}),
     "s_rank=8 K=1": ("adaptor", {"s_rank": 8, "t_locations": 1}),
+    "lr_scale=3": ("adaptor", {"lr_scale": 3.0}),
+    "lr_scale=10": ("adaptor", {"lr_scale": 10.0}),
+    "s_rank=8 lr_scale=10": ("adaptor", {"s_rank": 8, "lr_scale": 10.0}),
 }
 """name -> (method, options): the adaptor's defaults, one choice changed at a time, and LoRA as the bar."""
 TASKS = ("digits", "landcover", "count", "distance")

@@ -6,7 +6,9 @@ so machine noise hits all methods alike; peak memory is each method's extra resi
 fresh process. The native kernel runs twice on x86: built for this CPU (``-march=native``) and for
 AVX2 + FMA alone (``x86-64-v3``, what most laptops and older servers have); its state updates per
 second per thread are set against the arithmetic bound of one update (an exp of Δ·A, about 16 vector
-operations with the state's two FMAs and the output's one) at two vector issues per cycle.
+operations with the state's two FMAs and the output's one) at two vector issues per cycle. The native
+kernel also runs with the default Adaptor-T's probes (4 channel groups, 2 locations read by interpolation:
+4 state reads per position, at random positions), whose cost over the plain scan is reported.
 Usage (Vim-S shape by default):
 
     python benchmarks/scan.py [--batch 4 --dim 768 --length 197 --nstate 16 --rounds 7]
@@ -15,6 +17,7 @@ Usage (Vim-S shape by default):
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -51,6 +54,27 @@ METHODS = {
     "adaptor_peft native backend": lambda *a: selective_scan(*a, delta_softplus=True, backend="native").out,
 }
 NATIVE = "adaptor_peft native backend"
+PROBED = "adaptor_peft native backend, with Adaptor-T's probes"
+PROBE_GROUPS, PROBE_READS = 4, 4  # AdaptorConfig's t_groups, and 2 reads per location for t_locations = 2
+
+
+@functools.cache
+def probes(batch: int, dim: int, length: int) -> dict[str, torch.Tensor]:
+    """Random probe positions and weights of the default Adaptor-T's shape, and its γ."""
+    g = torch.Generator().manual_seed(1)
+    shape = (batch, PROBE_GROUPS, length, PROBE_READS)
+    return {
+        "probe_index": torch.randint(0, length, shape, generator=g),
+        "probe_weight": torch.rand(shape, generator=g) / PROBE_READS,
+        "probe_scale": torch.randn(dim, generator=g) * 0.1,
+    }
+
+
+def probed_scan(u, *rest):
+    return selective_scan(u, *rest, delta_softplus=True, backend="native", **probes(*u.shape)).out
+
+
+METHODS[PROBED] = probed_scan
 AVX2 = "adaptor_peft native backend, x86-64-v3 build"
 if platform.machine() in ("x86_64", "AMD64"):
     METHODS[AVX2] = METHODS[NATIVE]  # the same call, run with $ADAPTOR_PEFT_CPU_TARGET set (see step)
@@ -112,7 +136,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = [args.batch, args.dim, args.length, args.nstate]
     inputs, cotangent = make_inputs(*shape)
-    methods = [m for m in METHODS if m not in (NATIVE, AVX2) or native.available()]
+    methods = [m for m in METHODS if m not in (NATIVE, AVX2, PROBED) or native.available()]
     try:
         import mambapy
     except ImportError:
@@ -155,6 +179,13 @@ def main() -> None:
             ratio = median[m]["fwd+bwd"] / median[NATIVE]["fwd+bwd"]
             name = "-march=native" if m == NATIVE else "-march=x86-64-v3"
             print(f"| {name} | {lanes} | {rate:.2f} | {bound:.2f} | {rate / bound:.0%} | {ratio:.2f}x |")
+    if PROBED in median:
+        fwd, both = (median[PROBED][k] / median[NATIVE][k] for k in ("fwd", "fwd+bwd"))
+        backward = (median[PROBED]["fwd+bwd"] - median[PROBED]["fwd"]) / (
+            median[NATIVE]["fwd+bwd"] - median[NATIVE]["fwd"]
+        )
+        print(f"\nAdaptor-T's probes ({PROBE_GROUPS} groups x {PROBE_READS} reads per position) on the native "
+              f"kernel: forward {fwd:.2f}x, backward {backward:.2f}x, fwd+bwd {both:.2f}x the plain scan")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -390,6 +390,66 @@ static inline __attribute__((always_inline)) void reverse(
     }
 }
 
+/* The probes' part of the backward of a lane block, in one pass over the probed states: per query i it
+ * recomputes the readout r_i (which the forward added, scaled, to y, so the gate's gradient needs it) as
+ * sum_k w_k (C_i . h_j), sends dr_i = dreadout_i + scale dy_i to each probed state (w->extra, for the
+ * adjoint), to each weight (dW) and to C_i (dC, through the probe-mixed state), and adds scale r_i to
+ * w->y. w->dy holds the raw output gradient, gated here per query; w->ddt holds dreadout on entry.
+ * Inlined per nstate so that the state loops unroll. */
+static inline __attribute__((always_inline)) void probe_backward(
+    const ScanArgs *s, Work *w, const real *Cg, real *dCg, real *dWg, real *dscale, const int64_t N) {
+    const int64_t L = s->len, K = s->nprobe, b = w->b, d0 = w->d0, nv = w->nv;
+    const int64_t offset = (b * s->probe_groups + d0 / (s->dim / s->probe_groups)) * L * K;
+    const int64_t *probe = s->probe + offset;
+    const real *weight = s->probe_weight + offset;
+    real scale[VL] = {0}, ds[VL] = {0};
+    if (s->probe_scale)
+        for (int v = 0; v < nv; v++) scale[v] = s->probe_scale[d0 + v];
+    memset(w->extra, 0, (size_t)(L * N * VL) * sizeof(real));
+    for (int64_t i = 0; i < L; i++) {
+        real dr[VL], gated[VL], r[VL] = {0}, mixed[N][VL];
+        for (int v = 0; v < VL; v++) {
+            gated[v] = w->dy[i * VL + v] * (s->z ? silu_gate(w->z[i * VL + v], NULL) : 1);
+            dr[v] = w->ddt[i * VL + v] + scale[v] * gated[v];
+        }
+        memset(mixed, 0, sizeof mixed);
+        for (int64_t k = 0; k < K; k++) {
+            const real *hj = w->hist + probe[i * K + k] * N * VL;
+            real *ex = w->extra + probe[i * K + k] * N * VL;
+            const real wk = weight[i * K + k];
+            real seen[VL] = {0};
+            for (int64_t n = 0; n < N; n++) {
+                const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]], wci = wk * ci;
+                #pragma omp simd
+                for (int v = 0; v < VL; v++) {
+                    seen[v] += ci * hj[n * VL + v];
+                    mixed[n][v] += wk * hj[n * VL + v];
+                    ex[n * VL + v] += wci * dr[v];
+                }
+            }
+            real dwk = 0;
+            #pragma omp simd reduction(+:dwk)
+            for (int v = 0; v < VL; v++) {
+                dwk += dr[v] * seen[v];
+                r[v] += wk * seen[v];
+            }
+            dWg[i * K + k] += dwk;
+        }
+        for (int64_t n = 0; n < N; n++) {
+            real dcn = 0;
+            #pragma omp simd reduction(+:dcn)
+            for (int v = 0; v < VL; v++) dcn += dr[v] * mixed[n][v];
+            dCg[n * L + i] += dcn;
+        }
+        for (int v = 0; v < VL; v++) {
+            w->y[i * VL + v] += scale[v] * r[v];
+            ds[v] += gated[v] * r[v];
+        }
+    }
+    if (s->probe_scale)
+        for (int v = 0; v < nv; v++) dscale[d0 + v] += ds[v];
+}
+
 /* Adds a thread's partial parameter gradients into the shared outputs. */
 static void add_into(real *dst, const real *src, int64_t n) {
     #pragma omp critical
@@ -416,13 +476,28 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         const int64_t b = w.b, d0 = w.d0, nv = w.nv;
         const int64_t g = d0 / (Dm / s->groups);
         block_forward(s, &w, 2);
-        if (s->probe) block_readout(s, &w);
-
-        /* Output gate and skip: gradient reaching y, z and (through D) u. */
         for (int64_t v = 0; v < VL; v++) {
             const real *dout = s->dout + (b * Dm + d0 + v) * L;
             for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = v < nv ? dout[t] : 0;
         }
+
+        /* Probes: each readout sends gradient to the states it read, their weights and C at the query;
+         * the readout itself joins y, as in the forward, before the gate's gradient reads y. */
+        real *dCg = dC + (b * s->groups + g) * N * L;
+        const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
+        const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
+        const int probes = s->probe != NULL;
+        if (probes) {
+            for (int64_t v = 0; v < VL; v++) {
+                const real *dreadout = s->dreadout + (b * Dm + d0 + v) * L;
+                for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = v < nv ? dreadout[t] : 0; /* parked */
+            }
+            real *dWg = dW + (b * s->probe_groups + d0 / (Dm / s->probe_groups)) * L * K;
+            if (N == 16) probe_backward(s, &w, Cg, dCg, dWg, dscale, 16);
+            else probe_backward(s, &w, Cg, dCg, dWg, dscale, N);
+        }
+
+        /* Output gate and skip: gradient reaching y, z and (through D) u. */
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) {
                 real dgate;
@@ -442,66 +517,6 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 for (int64_t t = 0; t < L; t++) dz[t] = w.ddt[t * VL + v];
             }
             if (s->Dskip) dD[d0 + v] += dDv[v];
-        }
-
-        /* Probes: each readout sends gradient to the state it read and to C at the query. */
-        real *dCg = dC + (b * s->groups + g) * N * L;
-        const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
-        const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
-        const int probes = s->probe != NULL;
-        if (probes) {
-            memset(w.extra, 0, (size_t)(L * N * VL) * sizeof(real));
-            const int64_t pg = d0 / (Dm / s->probe_groups), offset = (b * s->probe_groups + pg) * L * K;
-            const int64_t *probe = s->probe + offset;
-            const real *weight = s->probe_weight + offset;
-            real *dWg = dW + offset;
-            for (int64_t v = 0; v < VL; v++) {
-                const real *dreadout = s->dreadout + (b * Dm + d0 + v) * L;
-                for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = v < nv ? dreadout[t] : 0; /* parked */
-            }
-            if (s->probe_scale) { /* the readout also reached the output, scaled */
-                real scale[VL] = {0}, ds[VL] = {0};
-                for (int v = 0; v < nv; v++) scale[v] = s->probe_scale[d0 + v];
-                for (int64_t t = 0; t < L; t++)
-                    for (int v = 0; v < VL; v++) {
-                        w.ddt[t * VL + v] += scale[v] * w.dy[t * VL + v];
-                        ds[v] += w.dy[t * VL + v] * w.r[t * VL + v];
-                    }
-                for (int v = 0; v < nv; v++) dscale[d0 + v] += ds[v];
-            }
-            for (int64_t i = 0; i < L; i++) {
-                /* Reductions over lanes happen once per (i, state) for dC and once per (i, probe) for the
-                 * weights, on the probe-mixed state and the C-contracted probe respectively. */
-                const real *dr = w.ddt + i * VL;
-                real *mixed = w.g;
-                for (int64_t n = 0; n < N * VL; n++) mixed[n] = 0;
-                for (int64_t k = 0; k < K; k++) {
-                    const int64_t j = probe[i * K + k];
-                    const real wk = weight[i * K + k];
-                    real seen[VL] = {0};
-                    for (int64_t n = 0; n < N; n++) {
-                        const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
-                        real *ex = w.extra + (j * N + n) * VL, *mx = mixed + n * VL;
-                        const real *hj = w.hist + (j * N + n) * VL;
-                        #pragma omp simd
-                        for (int v = 0; v < VL; v++) {
-                            seen[v] += ci * hj[v];
-                            ex[v] += wk * ci * dr[v];
-                            mx[v] += wk * hj[v];
-                        }
-                    }
-                    real dwk = 0;
-                    #pragma omp simd reduction(+:dwk)
-                    for (int v = 0; v < VL; v++) dwk += dr[v] * seen[v];
-                    dWg[i * K + k] += dwk;
-                }
-                for (int64_t n = 0; n < N; n++) {
-                    real dcn = 0;
-                    #pragma omp simd reduction(+:dcn)
-                    for (int v = 0; v < VL; v++) dcn += dr[v] * mixed[n * VL + v];
-                    dCg[n * L + i] += dcn;
-                }
-            }
         }
 
         real *dBg = dB + (b * s->groups + g) * N * L;
