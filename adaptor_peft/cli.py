@@ -159,13 +159,21 @@ def summarize_command(args: argparse.Namespace) -> None:
     print("written: " + ", ".join(str(path) for path in files.values()))
 
 
+def _workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="runs trained at once, each in its own process (default: one per CPU core; 1 with a GPU)",
+    )
+
+
 def demo_command(args: argparse.Namespace) -> None:
     """Transfers the embedded backbone to scikit-learn's digits with every method, offline."""
     methods = args.methods.split(",") if args.methods else METHODS_OF_DEMO
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"adaptor-peft demo: unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-    run_demo(args.output_dir, methods, args.overrides, progress=not args.no_progress)
+    run_demo(args.output_dir, methods, args.overrides, workers=args.workers, progress=not args.no_progress)
 
 
 def suite_command(args: argparse.Namespace) -> None:
@@ -177,7 +185,7 @@ def suite_command(args: argparse.Namespace) -> None:
         calibrate(args.output_dir, overrides=args.overrides, quick=args.quick, **split)
     else:
         run_suite(args.output_dir, seeds=args.seeds, learning_rates=args.lrs, overrides=args.overrides,
-                  quick=args.quick, progress=not args.no_progress, **split)  # fmt: skip
+                  quick=args.quick, workers=args.workers, progress=not args.no_progress, **split)  # fmt: skip
 
 
 def _learning_rates(text: str) -> list[float]:
@@ -237,6 +245,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = commands.add_parser("demo", help="offline: transfer the embedded backbone to digits with every method")
     p.add_argument("--output-dir", default="adaptor-peft-demo")
     p.add_argument("--methods", help=f"comma-separated methods (default: {','.join(METHODS_OF_DEMO)})")
+    _workers_option(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. epochs=5")
     p.set_defaults(run=demo_command)
@@ -253,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--quick", action="store_true", help="tiny splits and one epoch: a smoke test of the protocol")
     p.add_argument("--calibrate", action="store_true", help="only linear_probe and full at the recipe lr, on val200")
+    _workers_option(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")
     p.set_defaults(run=suite_command)

@@ -4,7 +4,8 @@ The embedded backbone (``vim_nano_patch4_32``, pretrained by this package on fra
 transferred to scikit-learn's handwritten digits with every method on the same split, seed and recipe
 (``recipes/demo/digits.yaml``), each through the same training loop as the benchmarks. It prints what
 each method trains and what it scores, and writes ``demo.md`` and ``demo.png`` (top-1 against trainable
-parameters). Finished methods are skipped when the command is run again in the same folder.
+parameters). Finished methods are skipped when the command is run again in the same folder. On a CPU the
+methods train side by side, one process per core (:mod:`adaptor_peft.training.pool`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from rich.table import Table
 from .atomic import write_atomically
 from .reports import parameter_report, summarize
 from .training import build_model, load_recipe
-from .training.loop import train_once
+from .training.pool import default_workers, train_runs
 
 RECIPE = "demo/digits"
 METHODS = ("linear_probe", "adaptor_t", "adaptor_s", "adaptor", "lora", "full")
@@ -39,21 +40,27 @@ def run_demo(
     methods: Sequence[str] = METHODS,
     overrides: Sequence[str] = (),
     *,
+    workers: int | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
-    """Trains the demo recipe with each of ``methods`` under ``output_dir`` and returns one row per method."""
+    """Trains the demo recipe with each of ``methods`` under ``output_dir``, ``workers`` at a time (default:
+    :func:`~adaptor_peft.training.pool.default_workers`), and returns one row per method."""
     console = console or Console()
     output = Path(output_dir)
     recipes = {method: load_recipe(RECIPE, [f"method={method}", *overrides]) for method in methods}
     console.print(parameter_report(build_model(recipes.get("adaptor") or next(iter(recipes.values())))))
-    rows, results = [], []
-    for method, recipe in recipes.items():
-        console.rule(f"{method}")
-        result, minutes = train_once(recipe, output / method, progress=progress)
-        if minutes is None:
-            console.print(f"{method}: finished before in {output / method}, not retrained")
-        results.append(result)
+    workers = default_workers(len(recipes)) if workers is None else workers
+    console.print(f"training {len(recipes)} methods, {workers} at a time")
+
+    def finished(index: int, result: dict[str, Any], minutes: float | None) -> None:
+        method = methods[index]
+        took = f"trained in {minutes:.2f} min" if minutes is not None else f"finished before in {output / method}"
+        console.print(f"{method}: top-1 {result['top1']:.2f} % ({took})")
+
+    jobs = [(recipe, output / method) for method, recipe in recipes.items()]
+    rows, results = [], [r for r, _ in train_runs(jobs, workers, finished, progress=progress)]
+    for method, result in zip(recipes, results, strict=True):
         parameters = result["parameters"]
         rows.append(
             {

@@ -32,6 +32,7 @@ from .data.synthetic import TASKS, suite_groups
 from .reports import combine, summarize
 from .training import load_recipe
 from .training.loop import train_once
+from .training.pool import train_runs
 
 SUITE = "offline_vtab"
 METHODS = ("linear_probe", "bias", "lora", "parallel_adapter", "adaptor_t", "adaptor_s", "adaptor", "adaptor+lora",
@@ -71,11 +72,13 @@ def run_suite(
     overrides: Sequence[str] = (),
     *,
     quick: bool = False,
+    workers: int | None = None,
     progress: bool = True,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Runs the protocol (module docstring) under ``output_dir`` and writes its report there; returns the
-    report's JSON content. ``overrides`` (``key=value``) apply to every run, after ``--quick``'s."""
+    report's JSON content. ``overrides`` (``key=value``) apply to every run, after ``--quick``'s; ``workers``
+    runs train at once (default: :func:`~adaptor_peft.training.pool.default_workers`)."""
     console = console or Console()
     output, overrides = Path(output_dir), [*(QUICK if quick else ()), *overrides]
     _check(methods, tasks)
@@ -84,28 +87,33 @@ def run_suite(
             f"the suite needs at least one seed (got {seeds}) and one learning rate (got {learning_rates})"
         )
     total = len(tasks) * len(methods) * (len(learning_rates) + seeds)
-    chosen: dict[str, dict[str, float]] = {task: {} for task in tasks}
-    results: list[list[dict[str, Any]]] = [[] for _ in range(seeds)]
     minutes: list[float] = []
     with _progress(progress, console) as bar:
         job = bar.add_task("offline_vtab suite", total=total, run="")
 
-        def step(run: Path, recipe: dict[str, Any]) -> dict[str, Any]:
-            bar.update(job, run=str(run.relative_to(output)))
-            result, took = train_once(recipe, run)
-            minutes.extend([took] if took is not None else [])
-            bar.advance(job)
-            return result
+        def stage(jobs: list[tuple[dict[str, Any], Path]]) -> list[dict[str, Any]]:
+            def finished(index: int, result: dict[str, Any], took: float | None) -> None:
+                minutes.extend([took] if took is not None else [])
+                bar.update(job, advance=1, run=str(jobs[index][1].relative_to(output)))
 
-        for task in tasks:
-            for method in methods:
-                val = {lr: step(run, recipe)["top1"] for lr, run, recipe in
-                       selection_runs(output, task, method, learning_rates, overrides)}  # fmt: skip
-                chosen[task][method] = best = max(learning_rates, key=lambda lr: val[lr])  # first of equals
-                recipe = _recipe(task, method, [f"lr={best}", *overrides])
-                for index in range(seeds):
-                    run = output / "test" / f"seed_{index}" / task / method
-                    results[index].append(step(run, {**recipe, "seed": recipe["seed"] + index}))
+            return [result for result, _ in train_runs(jobs, workers, finished)]
+
+        pairs = [(task, method) for task in tasks for method in methods]
+        selection = {pair: selection_runs(output, *pair, learning_rates, overrides) for pair in pairs}
+        scores = iter(stage([(recipe, run) for runs in selection.values() for _, run, recipe in runs]))
+        chosen: dict[str, dict[str, float]] = {task: {} for task in tasks}
+        for (task, method), runs in selection.items():
+            val = {lr: next(scores)["top1"] for lr, _, _ in runs}
+            chosen[task][method] = max(learning_rates, key=lambda lr: val[lr])  # the first of equals
+        jobs = []
+        for index in range(seeds):
+            for task, method in pairs:
+                recipe = _recipe(task, method, [f"lr={chosen[task][method]}", *overrides])
+                jobs.append(
+                    ({**recipe, "seed": recipe["seed"] + index}, output / "test" / f"seed_{index}" / task / method)
+                )
+        tested = stage(jobs)
+    results = [tested[i * len(pairs) : (i + 1) * len(pairs)] for i in range(seeds)]
     summary = combine([summarize(per_seed, suite_groups()) for per_seed in results])
     report = {
         "protocol": {

@@ -22,7 +22,7 @@ from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.reports import parameter_report
 from adaptor_peft.suite import QUICK, selection_runs
-from adaptor_peft.training.loop import train_once
+from adaptor_peft.training.pool import train_runs
 from benchmarks.machine import describe
 
 VARIANTS = {
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--output-dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
     parser.add_argument("--quick", action="store_true", help="the suite's tiny splits: a smoke test")
+    parser.add_argument("--workers", type=int, help="runs trained at once (default: one per CPU core)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
@@ -103,16 +104,17 @@ def main(argv: list[str] | None = None) -> str:
     for name, (method, options) in variants.items():
         extra = [f"method_options.{key}={value}" for key, value in options.items()]
         row = rows[name] = {"method": method, "options": options, "val": {}, "lr": {}, "trainable": 0}
+        runs = {task: selection_runs(args.output_dir, task, method, lrs, [*overrides, *extra], name) for task in tasks}
+        scores = iter(train_runs([(recipe, run) for r in runs.values() for _, run, recipe in r], args.workers))
         for task in tasks:
-            runs = selection_runs(args.output_dir, task, method, lrs, [*overrides, *extra], label=name)
-            val = {lr: train_once(recipe, run)[0]["top1"] for lr, run, recipe in runs}
+            val = {lr: next(scores)[0]["top1"] for lr in lrs}
             row["lr"][task] = best = max(lrs, key=lambda lr: val[lr])
             row["val"][task] = val[best]
-            recipe = runs[0][2]
-            row["trainable"] = trainable(method, recipe["method_options"], recipe["model"], recipe["num_classes"])
-            text = table(rows, tasks, lrs, title)
-            if args.output:
-                write_atomically(args.output, text)
+        recipe = runs[tasks[0]][0][2]
+        row["trainable"] = trainable(method, recipe["method_options"], recipe["model"], recipe["num_classes"])
+        text = table(rows, tasks, lrs, title)
+        if args.output:
+            write_atomically(args.output, text)
         print(f"{name}: " + ", ".join(f"{t} {row['val'][t]:.2f}" for t in tasks), flush=True)
     print(text)
     return text

@@ -1,0 +1,44 @@
+"""Runs side by side: the same results as one after another, in job order, and failures raised."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adaptor_peft.suite import QUICK
+from adaptor_peft.training import load_recipe
+from adaptor_peft.training.pool import default_workers, train_runs
+
+
+def jobs(tmp_path, folder, methods):
+    return [(load_recipe("offline_vtab/count", [f"method={m}", *QUICK]), tmp_path / folder / m) for m in methods]
+
+
+def test_parallel_runs_match_sequential_ones_in_order_and_are_read_back(tmp_path):
+    methods = ["linear_probe", "bias", "adaptor_s"]
+    calls = []
+    parallel = train_runs(jobs(tmp_path, "two", methods), 2, lambda i, r, m: calls.append((i, r["method"], m)))
+    sequential = train_runs(jobs(tmp_path, "one", methods), 1)
+    assert [r["method"] for r, _ in parallel] == methods
+    assert sorted(i for i, _, _ in calls) == [0, 1, 2] and all(methods[i] == m for i, m, _ in calls)
+    assert all(minutes is not None for _, _, minutes in calls)  # trained, not read back
+    for (p, _), (s, _), method in zip(parallel, sequential, methods, strict=True):
+        assert p["top1"] == pytest.approx(s["top1"], abs=1e-6) and p["images"] == s["images"] == 8
+        losses = [
+            json.loads((tmp_path / f / method / "log.jsonl").read_text().splitlines()[-1]) for f in ("two", "one")
+        ]
+        assert losses[0]["train_loss"] == pytest.approx(losses[1]["train_loss"], rel=1e-4)  # the same training
+    again = train_runs(jobs(tmp_path, "two", methods), 2)
+    assert [m for _, m in again] == [None, None, None]  # finished runs are read back
+    assert [r for r, _ in again] == [json.loads((tmp_path / "two" / m / "results.json").read_text()) for m in methods]
+
+
+def test_a_failing_run_is_raised_and_bad_worker_counts_are_refused(tmp_path):
+    bad = jobs(tmp_path, "bad", ["linear_probe", "lora"])
+    bad[1][0]["method_options"] = {"r": "eight"}
+    with pytest.raises(Exception, match="option r='eight' must be of type int"):
+        train_runs(bad, 2)
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        train_runs(bad, 0)
+    assert 1 <= default_workers(3) <= 3 and default_workers(1) == 1
