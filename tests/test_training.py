@@ -272,6 +272,16 @@ def test_lr_scale_multiplies_the_rate_of_the_adaptors_zero_initialised_parameter
         prepare_model(create_model("vim_tiny_patch16_224", depth=2, num_classes=3), "adaptor", lr_scale=0.0)
 
 
+@pytest.mark.parametrize("damage", [b"a: [unclosed", b"\xff\xfe", b"- just\n- a list\n"])
+def test_a_damaged_run_config_is_named_not_a_traceback(tmp_path, recipes, checkpoint, damage):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(damage)
+    with pytest.raises(TrainingError, match=rf"{run / 'config.yaml'} is not a readable recipe .*damaged"):
+        train(tiny_recipe(checkpoint, "epochs=1"), run, vtab_task(tmp_path / "vtab-1k"), progress=False)
+    assert (run / "config.yaml").read_bytes() == damage  # left as it was
+
+
 def test_a_folder_where_no_epoch_finished_takes_a_corrected_recipe(tmp_path, recipes, checkpoint):
     data = vtab_task(tmp_path / "vtab-1k")
     run = tmp_path / "run"

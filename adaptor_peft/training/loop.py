@@ -229,7 +229,16 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
     written = run / CONFIG
     if not written.is_file():
         return False
-    previous = _as_recorded(yaml.safe_load(written.read_text()))  # older runs recorded a path as given
+    try:
+        previous = yaml.safe_load(written.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        previous = error
+    if not isinstance(previous, dict):
+        raise TrainingError(
+            f"{written} is not a readable recipe ({previous!r:.200}); the run folder is damaged: move it away "
+            "or choose another --output-dir"
+        )
+    previous = _as_recorded(previous)  # older runs recorded a path as given
     if previous != recipe and (_checkpoints(run) or (run / RESULTS).is_file()):
         changed = sorted(k for k in {*previous, *recipe} if previous.get(k) != recipe.get(k))
         raise TrainingError(
