@@ -39,6 +39,7 @@ VARIANTS = {
     "lr_scale=3": ("adaptor", {"lr_scale": 3.0}),
     "lr_scale=10": ("adaptor", {"lr_scale": 10.0}),
     "s_rank=8 lr_scale=10": ("adaptor", {"s_rank": 8, "lr_scale": 10.0}),
+    "K=1 lr_scale=10": ("adaptor", {"t_locations": 1, "lr_scale": 10.0}),
 }
 """name -> (method, options): the adaptor's defaults, one choice changed at a time, and LoRA as the bar."""
 TASKS = ("digits", "landcover", "count", "distance")

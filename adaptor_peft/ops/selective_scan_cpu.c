@@ -2,9 +2,10 @@
  * Selective scan for the CPU: forward and hand-written backward.
  *
  * Work is split into items of one batch row and up to VL consecutive channels; the VL channels are the SIMD
- * lanes, so every inner loop runs over lanes and vectorises without reassociation. An item keeps its
- * own hidden-state history (len x nstate x VL) in a per-thread buffer, so the full
- * (batch, dim, len, nstate) state tensor never exists unless the caller asks for it.
+ * lanes, so every inner loop runs over lanes and vectorises without reassociation. The backward keeps an
+ * item's hidden-state history (len x nstate x VL) in a per-thread buffer, so the full
+ * (batch, dim, len, nstate) state tensor never exists unless the caller asks for it. The forward keeps
+ * none: with the probes sorted by the position they read, each state is read while the recurrence holds it.
  *
  * Per channel d and state n:   dt_t = softplus(delta_t + bias) (softplus optional),
  *                              a_t = exp(dt_t A_n),   h_t = a_t h_{t-1} + dt_t B_t u_t,
@@ -119,10 +120,11 @@ typedef struct {
 } ScanArgs;
 
 typedef struct {
-    real *u, *x, *dt, *z, *y, *r, *hist, *decay, *extra, *dy, *du, *ddt;
+    real *u, *x, *dt, *z, *y, *r, *hist, *decay, *dy, *du, *ddt;
     real *h, *a, *g, *A, *cum_dA;
     real Dv[VL];    /* the block's D skip weights, zero where there is no D or no channel */
     int64_t b, d0, nv; /* the item: batch row, first channel, active lanes */
+    int64_t *first, *reads; /* probes by position read: reads[first[j] .. first[j + 1]) are the (i, k) reading j */
 } Work;
 
 static int64_t gcd(int64_t a, int64_t b) {
@@ -156,9 +158,17 @@ static void locate(const ScanArgs *s, Work *w, int64_t item) {
 static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     const int64_t L = s->len, N = s->nstate;
     const int64_t row = L * VL, state = N * VL;
-    const int64_t total = 7 * row + (L + 1) * state + (backward ? 2 * L * state + 2 * row : 0) + 5 * state;
+    const int64_t total = 7 * row + (L + 1) * state + (backward ? L * state + 2 * row : 0) + 5 * state;
     real *p = calloc((size_t)total, sizeof(real));
     if (!p) return -1;
+    if (s->probe) {
+        w->first = malloc((size_t)(L + 1 + L * s->nprobe) * sizeof(int64_t));
+        if (!w->first) {
+            free(p);
+            return -1;
+        }
+        w->reads = w->first + L + 1;
+    }
     w->u = p; p += row;
     w->x = p; p += row;
     w->dt = p; p += row;
@@ -173,12 +183,29 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     w->cum_dA = p; p += state;
     w->du = p; p += row;
     if (backward) {
-        w->extra = p; p += L * state;
         w->decay = p; p += L * state;
         w->dy = p; p += row;
         w->ddt = p; p += row;
     }
     return 0;
+}
+
+static void work_free(Work *w) {
+    free(w->u);
+    free(w->first);
+}
+
+/* Sorts the item's probes by the position they read (a counting sort), so that the forward can read each
+ * state while the recurrence holds it, instead of keeping every state for later reads. */
+static void sort_probes(const ScanArgs *s, Work *w, const int64_t *probe) {
+    const int64_t L = s->len, reads = L * s->nprobe;
+    int64_t *first = w->first;
+    memset(first, 0, (size_t)(L + 1) * sizeof(int64_t));
+    for (int64_t e = 0; e < reads; e++) first[probe[e] + 1]++;
+    for (int64_t j = 0; j < L; j++) first[j + 1] += first[j];
+    for (int64_t e = 0; e < reads; e++) w->reads[first[probe[e]]++] = e; /* first[j] ends at first[j + 1] */
+    for (int64_t j = L; j > 0; j--) first[j] = first[j - 1];
+    first[0] = 0;
 }
 
 static inline real silu_gate(real z, real *dgate) {
@@ -188,10 +215,15 @@ static inline real silu_gate(real z, real *dgate) {
 }
 
 /* The recurrence over one lane block; with keep, every state goes to w->hist, and with keep == 2
- * every decay exp(dt A) to w->decay as well. Always inlined so that
- * each (nstate, keep) pair used below compiles to its own loop with constant trip counts. */
+ * every decay exp(dt A) to w->decay as well. With probes, each state h_j is read, while it is at hand, by
+ * the queries i that probe position j: w->r[i] += w_{i,k} C_i . h_j (needs sort_probes). Always inlined so
+ * that each (nstate, keep, probes) combination used below compiles to its own loop with constant trip counts. */
 static inline __attribute__((always_inline)) void recurrence(
-    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, const int64_t N, const int keep) {
+    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, const int64_t N, const int keep,
+    const int probes) {
+    const int64_t K = s->nprobe;
+    const real *weight = probes ? s->probe_weight + (w->b * s->probe_groups + w->d0 / (s->dim / s->probe_groups))
+                                                      * s->len * K : NULL;
     for (int64_t t = 0; t < s->len; t++) {
         const real *dt = w->dt + t * VL, *u = w->u + t * VL;
         real dtu[VL], acc[VL];
@@ -216,12 +248,27 @@ static inline __attribute__((always_inline)) void recurrence(
         }
         for (int v = 0; v < VL; v++)
             w->y[t * VL + v] = acc[v] + w->Dv[v] * u[v];
+        if (probes)
+            for (int64_t q = w->first[t]; q < w->first[t + 1]; q++) {
+                const int64_t e = w->reads[q], i = e / K;
+                real seen[4][VL] = {{0}}; /* four partial sums: one chain would wait on FMA latency */
+                for (int64_t n = 0; n < N; n++) {
+                    const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
+                    #pragma omp simd
+                    for (int v = 0; v < VL; v++) seen[n & 3][v] += ci * w->h[n * VL + v];
+                }
+                const real wk = weight[e];
+                #pragma omp simd
+                for (int v = 0; v < VL; v++)
+                    w->r[i * VL + v] += wk * ((seen[0][v] + seen[1][v]) + (seen[2][v] + seen[3][v]));
+            }
     }
 }
 
 /* Loads the lane block's inputs into lane-major buffers (w->x holds delta + bias before softplus) and
- * runs the recurrence, leaving the pre-gate output y in w->y. */
-static void block_forward(const ScanArgs *s, Work *w, int keep) {
+ * runs the recurrence, leaving the pre-gate output y in w->y; with probes, also the readout in w->r and,
+ * with probe_scale, its scaled addition to y. */
+static void block_forward(const ScanArgs *s, Work *w, int keep, int probes) {
     const int64_t L = s->len, N = s->nstate, b = w->b, d0 = w->d0;
     const int64_t g = d0 / (s->dim / s->groups);
     for (int64_t v = 0; v < VL; v++) {
@@ -257,55 +304,22 @@ static void block_forward(const ScanArgs *s, Work *w, int keep) {
         memcpy(w->dt, w->x, (size_t)(L * VL) * sizeof(real));
     const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
     const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
-    if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, 16, 2);
-    else if (N == 16 && keep) recurrence(s, w, Bg, Cg, 16, 1);
-    else if (N == 16) recurrence(s, w, Bg, Cg, 16, 0);
-    else if (keep == 2) recurrence(s, w, Bg, Cg, N, 2);
-    else if (keep) recurrence(s, w, Bg, Cg, N, 1);
-    else recurrence(s, w, Bg, Cg, N, 0);
-}
-
-/* The probe readout of a lane block into w->r (needs w->hist), and, with probe_scale, its scaled
- * addition to the pre-gate output w->y. Inlined per nstate so that the state loop unrolls. */
-static inline __attribute__((always_inline)) void readout_rows(
-    const ScanArgs *s, Work *w, const int64_t N) {
-    const int64_t L = s->len, K = s->nprobe, b = w->b, d0 = w->d0;
-    const int64_t g = d0 / (s->dim / s->groups), pg = d0 / (s->dim / s->probe_groups);
-    const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
-    const int64_t *probe = s->probe + (b * s->probe_groups + pg) * L * K;
-    const real *weight = s->probe_weight + (b * s->probe_groups + pg) * L * K;
-    real scale[VL] = {0};
-    if (s->probe_scale)
-        for (int v = 0; v < w->nv; v++) scale[v] = s->probe_scale[d0 + v];
-    for (int64_t i = 0; i < L; i++) {
-        /* Mix the probed states first (one vector FMA per state element), then contract once with C_i. */
-        real mixed[N][VL];
-        memset(mixed, 0, sizeof mixed);
-        for (int64_t k = 0; k < K; k++) {
-            const real *hj = w->hist + probe[i * K + k] * N * VL, wk = weight[i * K + k];
-            for (int64_t n = 0; n < N; n++) {
-                #pragma omp simd
-                for (int v = 0; v < VL; v++) mixed[n][v] += wk * hj[n * VL + v];
-            }
-        }
-        real part[2][VL] = {{0}}; /* two partial sums: one chain would wait on FMA latency */
-        for (int64_t n = 0; n < N; n++) {
-            const real c = Cg[n * s->C_s[2] + i * s->C_s[3]];
-            #pragma omp simd
-            for (int v = 0; v < VL; v++) part[n & 1][v] += c * mixed[n][v];
-        }
-        real r[VL];
-        for (int v = 0; v < VL; v++) r[v] = part[0][v] + part[1][v];
-        for (int v = 0; v < VL; v++) {
-            w->r[i * VL + v] = r[v];
-            w->y[i * VL + v] += scale[v] * r[v];
-        }
+    if (probes) {
+        sort_probes(s, w, s->probe + (b * s->probe_groups + d0 / (s->dim / s->probe_groups)) * L * s->nprobe);
+        memset(w->r, 0, (size_t)(L * VL) * sizeof(real));
     }
-}
-
-static void block_readout(const ScanArgs *s, Work *w) {
-    if (s->nstate == 16) readout_rows(s, w, 16);
-    else readout_rows(s, w, s->nstate);
+    if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, 16, 2, 0);
+    else if (N == 16 && probes) keep ? recurrence(s, w, Bg, Cg, 16, 1, 1) : recurrence(s, w, Bg, Cg, 16, 0, 1);
+    else if (N == 16) keep ? recurrence(s, w, Bg, Cg, 16, 1, 0) : recurrence(s, w, Bg, Cg, 16, 0, 0);
+    else if (keep == 2) recurrence(s, w, Bg, Cg, N, 2, 0);
+    else if (probes) keep ? recurrence(s, w, Bg, Cg, N, 1, 1) : recurrence(s, w, Bg, Cg, N, 0, 1);
+    else keep ? recurrence(s, w, Bg, Cg, N, 1, 0) : recurrence(s, w, Bg, Cg, N, 0, 0);
+    if (probes && s->probe_scale) {
+        real scale[VL] = {0};
+        for (int v = 0; v < w->nv; v++) scale[v] = s->probe_scale[d0 + v];
+        for (int64_t i = 0; i < L; i++)
+            for (int v = 0; v < VL; v++) w->y[i * VL + v] += scale[v] * w->r[i * VL + v];
+    }
 }
 
 int SCAN_FORWARD(const ScanArgs *s) {
@@ -320,8 +334,7 @@ int SCAN_FORWARD(const ScanArgs *s) {
         if (failed) continue;
         locate(s, &w, item);
         const int64_t b = w.b, d0 = w.d0;
-        block_forward(s, &w, s->probe || s->hidden);
-        if (s->probe) block_readout(s, &w);
+        block_forward(s, &w, s->hidden != NULL, s->probe != NULL);
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
         for (int64_t v = 0; v < w.nv; v++) {
@@ -340,17 +353,22 @@ int SCAN_FORWARD(const ScanArgs *s) {
                         s->hidden[((b * s->dim + d0 + v) * L + t) * N + n] = w.hist[(t * N + n) * VL + v];
         }
     }
-    free(w.u);
+    work_free(&w);
     }
     return failed ? -1 : 0;
 }
 
 /* The adjoint recurrence g_t = dL/dh_t = C_t dy_t (+ probe gradient) + a_{t+1} g_{t+1}, run backwards
- * in time, with every parameter gradient that reads g. Inlined per (nstate, probes) like recurrence. */
+ * in time, with every parameter gradient that reads g. The probe gradient reaching h_t is
+ * sum over the (i, k) that read t of w_{i,k} C_i dr_i, with dr_i in w->r (needs sort_probes). Inlined per
+ * (nstate, probes) like recurrence. */
 static inline __attribute__((always_inline)) void reverse(
     const ScanArgs *s, Work *w, const real *Bg, const real *Cg, real *dBg, real *dCg, const int64_t N,
     const int probes) {
-    const int64_t L = s->len;
+    const int64_t L = s->len, K = s->nprobe;
+    const real *weight = probes ? s->probe_weight + (w->b * s->probe_groups + w->d0 / (s->dim / s->probe_groups))
+                                                      * L * K : NULL;
+    real ex[N][VL];
     for (int64_t i = 0; i < N * VL; i++) {
         w->g[i] = 0;
         w->a[i] = 0;
@@ -360,17 +378,28 @@ static inline __attribute__((always_inline)) void reverse(
         const real *dt = w->dt + t * VL, *u = w->u + t * VL, *dy = w->dy + t * VL;
         real ddt[VL] = {0}, du[VL] = {0}, dtu[VL];
         for (int v = 0; v < VL; v++) dtu[v] = dt[v] * u[v];
+        if (probes) {
+            memset(ex, 0, sizeof ex);
+            for (int64_t q = w->first[t]; q < w->first[t + 1]; q++) {
+                const int64_t e = w->reads[q], i = e / K;
+                const real *dr = w->r + i * VL;
+                for (int64_t n = 0; n < N; n++) {
+                    const real wci = weight[e] * Cg[n * s->C_s[2] + i * s->C_s[3]];
+                    #pragma omp simd
+                    for (int v = 0; v < VL; v++) ex[n][v] += wci * dr[v];
+                }
+            }
+        }
         for (int64_t n = 0; n < N; n++) {
             const real bn = Bg[n * s->B_s[2] + t * s->B_s[3]];
             const real cn = Cg[n * s->C_s[2] + t * s->C_s[3]];
             const real *hprev = w->hist + ((t - 1) * N + n) * VL, *ht = w->hist + (t * N + n) * VL;
-            const real *ex = w->extra + (t * N + n) * VL;
             real *gs = w->g + n * VL, *anext = w->a + n * VL, *A = w->A + n * VL, *cdA = w->cum_dA + n * VL;
             real dbn = 0, dcn = 0;
             #pragma omp simd reduction(+:dbn, dcn)
             for (int v = 0; v < VL; v++) {
                 const real a = w->decay[(t * N + n) * VL + v];
-                const real gv = gs[v] * anext[v] + cn * dy[v] + (probes ? ex[v] : 0);
+                const real gv = gs[v] * anext[v] + cn * dy[v] + (probes ? ex[n][v] : 0);
                 const real ga_hp = gv * a * hprev[v];
                 ddt[v] += ga_hp * A[v] + gv * u[v] * bn;
                 cdA[v] += ga_hp * dt[v];
@@ -392,10 +421,10 @@ static inline __attribute__((always_inline)) void reverse(
 
 /* The probes' part of the backward of a lane block, in one pass over the probed states: per query i it
  * recomputes the readout r_i (which the forward added, scaled, to y, so the gate's gradient needs it) as
- * sum_k w_k (C_i . h_j), sends dr_i = dreadout_i + scale dy_i to each probed state (w->extra, for the
- * adjoint), to each weight (dW) and to C_i (dC, through the probe-mixed state), and adds scale r_i to
- * w->y. w->dy holds the raw output gradient, gated here per query; w->ddt holds dreadout on entry.
- * Inlined per nstate so that the state loops unroll. */
+ * sum_k w_k (C_i . h_j), sends dr_i = dreadout_i + scale dy_i to each weight (dW) and to C_i (dC, through
+ * the probe-mixed state), adds scale r_i to w->y, and leaves dr_i in w->r for the adjoint recurrence,
+ * which sends it to the probed states. w->dy holds the raw output gradient, gated here per query; w->ddt
+ * holds dreadout on entry. Inlined per nstate so that the state loops unroll. */
 static inline __attribute__((always_inline)) void probe_backward(
     const ScanArgs *s, Work *w, const real *Cg, real *dCg, real *dWg, real *dscale, const int64_t N) {
     const int64_t L = s->len, K = s->nprobe, b = w->b, d0 = w->d0, nv = w->nv;
@@ -405,7 +434,6 @@ static inline __attribute__((always_inline)) void probe_backward(
     real scale[VL] = {0}, ds[VL] = {0};
     if (s->probe_scale)
         for (int v = 0; v < nv; v++) scale[v] = s->probe_scale[d0 + v];
-    memset(w->extra, 0, (size_t)(L * N * VL) * sizeof(real));
     for (int64_t i = 0; i < L; i++) {
         real dr[VL], gated[VL], r[VL] = {0}, mixed[N][VL];
         for (int v = 0; v < VL; v++) {
@@ -415,16 +443,14 @@ static inline __attribute__((always_inline)) void probe_backward(
         memset(mixed, 0, sizeof mixed);
         for (int64_t k = 0; k < K; k++) {
             const real *hj = w->hist + probe[i * K + k] * N * VL;
-            real *ex = w->extra + probe[i * K + k] * N * VL;
             const real wk = weight[i * K + k];
             real seen[VL] = {0};
             for (int64_t n = 0; n < N; n++) {
-                const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]], wci = wk * ci;
+                const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
                 #pragma omp simd
                 for (int v = 0; v < VL; v++) {
                     seen[v] += ci * hj[n * VL + v];
                     mixed[n][v] += wk * hj[n * VL + v];
-                    ex[n * VL + v] += wci * dr[v];
                 }
             }
             real dwk = 0;
@@ -444,6 +470,7 @@ static inline __attribute__((always_inline)) void probe_backward(
         for (int v = 0; v < VL; v++) {
             w->y[i * VL + v] += scale[v] * r[v];
             ds[v] += gated[v] * r[v];
+            w->r[i * VL + v] = dr[v];
         }
     }
     if (s->probe_scale)
@@ -475,7 +502,7 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         locate(s, &w, item);
         const int64_t b = w.b, d0 = w.d0, nv = w.nv;
         const int64_t g = d0 / (Dm / s->groups);
-        block_forward(s, &w, 2);
+        block_forward(s, &w, 2, 0);
         for (int64_t v = 0; v < VL; v++) {
             const real *dout = s->dout + (b * Dm + d0 + v) * L;
             for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = v < nv ? dout[t] : 0;
@@ -493,6 +520,7 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = v < nv ? dreadout[t] : 0; /* parked */
             }
             real *dWg = dW + (b * s->probe_groups + d0 / (Dm / s->probe_groups)) * L * K;
+            sort_probes(s, &w, s->probe + (b * s->probe_groups + d0 / (Dm / s->probe_groups)) * L * K);
             if (N == 16) probe_backward(s, &w, Cg, dCg, dWg, dscale, 16);
             else probe_backward(s, &w, Cg, dCg, dWg, dscale, N);
         }
@@ -539,7 +567,7 @@ int SCAN_BACKWARD(const ScanArgs *s) {
             for (int64_t n = 0; n < N; n++) dA[(d0 + v) * N + n] += w.cum_dA[n * VL + v];
         }
     }
-    free(w.u);
+    work_free(&w);
     if (!failed) {
         add_into(s->dA, dA, Dm * N);
         if (s->Dskip) add_into(s->dD, dD, Dm);
