@@ -423,8 +423,8 @@ static inline __attribute__((always_inline)) void reverse(
  * recomputes the readout r_i (which the forward added, scaled, to y, so the gate's gradient needs it) as
  * sum_k w_k (C_i . h_j), sends dr_i = dreadout_i + scale dy_i to each weight (dW) and to C_i (dC, through
  * the probe-mixed state), adds scale r_i to w->y, and leaves dr_i in w->r for the adjoint recurrence,
- * which sends it to the probed states. w->dy holds the raw output gradient, gated here per query; w->ddt
- * holds dreadout on entry. Inlined per nstate so that the state loops unroll. */
+ * which sends it to the probed states. w->dy holds the gated output gradient; w->ddt holds dreadout on
+ * entry. Inlined per nstate so that the state loops unroll. */
 static inline __attribute__((always_inline)) void probe_backward(
     const ScanArgs *s, Work *w, const real *Cg, real *dCg, real *dWg, real *dscale, const int64_t N) {
     const int64_t L = s->len, K = s->nprobe, b = w->b, d0 = w->d0, nv = w->nv;
@@ -435,11 +435,9 @@ static inline __attribute__((always_inline)) void probe_backward(
     if (s->probe_scale)
         for (int v = 0; v < nv; v++) scale[v] = s->probe_scale[d0 + v];
     for (int64_t i = 0; i < L; i++) {
-        real dr[VL], gated[VL], r[VL] = {0}, mixed[N][VL];
-        for (int v = 0; v < VL; v++) {
-            gated[v] = w->dy[i * VL + v] * (s->z ? silu_gate(w->z[i * VL + v], NULL) : 1);
-            dr[v] = w->ddt[i * VL + v] + scale[v] * gated[v];
-        }
+        real dr[VL], r[VL] = {0}, mixed[N][VL];
+        const real *gated = w->dy + i * VL;
+        for (int v = 0; v < VL; v++) dr[v] = w->ddt[i * VL + v] + scale[v] * gated[v];
         memset(mixed, 0, sizeof mixed);
         for (int64_t k = 0; k < K; k++) {
             const real *hj = w->hist + probe[i * K + k] * N * VL;
@@ -507,6 +505,15 @@ int SCAN_BACKWARD(const ScanArgs *s) {
             const real *dout = s->dout + (b * Dm + d0 + v) * L;
             for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = v < nv ? dout[t] : 0;
         }
+        /* The gate: dy becomes the gradient reaching y; w->du (free until the skip below) keeps
+         * dout silu'(z), which times the final y is dz. */
+        if (s->z)
+            for (int64_t i = 0; i < L * VL; i++) {
+                real dgate;
+                const real gate = silu_gate(w.z[i], &dgate);
+                w.du[i] = w.dy[i] * dgate;
+                w.dy[i] *= gate;
+            }
 
         /* Probes: each readout sends gradient to the states it read, their weights and C at the query;
          * the readout itself joins y, as in the forward, before the gate's gradient reads y. */
@@ -525,14 +532,9 @@ int SCAN_BACKWARD(const ScanArgs *s) {
             else probe_backward(s, &w, Cg, dCg, dWg, dscale, N);
         }
 
-        /* Output gate and skip: gradient reaching y, z and (through D) u. */
+        /* dz (parked in ddt until the reverse pass), and the skip: gradient reaching D and u. */
         if (s->z)
-            for (int64_t i = 0; i < L * VL; i++) {
-                real dgate;
-                const real gate = silu_gate(w.z[i], &dgate);
-                w.ddt[i] = w.dy[i] * w.y[i] * dgate; /* dz, parked in ddt until the reverse pass */
-                w.dy[i] *= gate;
-            }
+            for (int64_t i = 0; i < L * VL; i++) w.ddt[i] = w.du[i] * w.y[i];
         real dDv[VL] = {0};
         for (int64_t t = 0; t < L; t++)
             for (int v = 0; v < VL; v++) {
