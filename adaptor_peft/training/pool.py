@@ -25,12 +25,17 @@ Done = Callable[[int, dict[str, Any], float | None], None]
 """Called in the parent for each finished job: its index, results and minutes (None: read back)."""
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity, which containers narrow; else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def default_workers(jobs: int) -> int:
     """One process per core up to one per job on a CPU-only machine; one on a GPU machine, whose device
     the runs would otherwise share."""
     if torch.cuda.is_available():
         return 1
-    return max(1, min(jobs, os.cpu_count() or 1))
+    return max(1, min(jobs, cores()))
 
 
 def _share_cores(threads: int) -> None:
@@ -53,7 +58,7 @@ def train_runs(
             if done:
                 done(index, *outcomes[index])
         return outcomes
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, cores() // workers)
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads and locks
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_share_cores, initargs=(threads,)) as pool:
         futures = {pool.submit(train_once, recipe, run): index for index, (recipe, run) in enumerate(jobs)}
