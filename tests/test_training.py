@@ -226,7 +226,7 @@ def test_weight_decay_groups_and_warmup_cosine_schedule():
     model = create_model("vim_tiny_patch16_224", depth=2, num_classes=3)
     from adaptor_peft.adaptors import prepare_model
 
-    prepare_model(model, "adaptor")
+    prepare_model(model, "adaptor", lr_scale=1.0)  # one learning rate: two groups, by weight decay
     named = dict(model.named_parameters())
     assert decays("layers.0.mixer.adaptor_t.down", named["layers.0.mixer.adaptor_t.down"])
     for name in ("layers.0.mixer.adaptor_t.gamma", "layers.0.mixer.adaptor_t.anchor", "head.bias",
