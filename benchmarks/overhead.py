@@ -145,14 +145,15 @@ def main() -> None:
 
     steps = {m: trainer(build(args.model, m)) for m in TRAINING}
     times = interleaved({m: (lambda step=step: step(images, labels)) for m, step in steps.items()}, args.rounds)
-    print("\n| training step | trainable w/o head | ms per step | vs full | peak extra MB | vs full |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("\n| training step | trainable w/o head | ms per step | vs full | vs lora | peak extra MB | vs full |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     peaks = {m: training_peak_mb(args.model, m, args.batch, args.img_size) for m in TRAINING}
     for m in TRAINING:
-        ratio = statistics.median(t / f for t, f in zip(times[m], times["full"], strict=True))
+        full, lora = (statistics.median(t / b for t, b in zip(times[m], times[base], strict=True))
+                      for base in ("full", "lora"))  # fmt: skip
         trainable = parameter_report(build(args.model, m)).trainable_without_head
         peak = f"{peaks[m]:.0f} | {peaks[m] / peaks['full']:.2f}x" if peaks[m] and peaks["full"] else "n/a | n/a"
-        print(f"| {m} | {trainable:,} | {statistics.median(times[m]) * 1e3:.0f} | {ratio:.2f}x | {peak} |")
+        print(f"| {m} | {trainable:,} | {statistics.median(times[m]) * 1e3:.0f} | {full:.2f}x | {lora:.2f}x | {peak} |")
 
 
 if __name__ == "__main__":
