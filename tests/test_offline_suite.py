@@ -212,14 +212,14 @@ def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_pa
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
     report = tmp_path / "ablation.md"
-    argv = ["--quick", "--variants", "default", "--variant", "rank=adaptor:s_rank=2,t_anchor=static", "--tasks",
+    argv = ["--quick", "--variants", "lr_scale=1", "--variant", "rank=adaptor:s_rank=2,t_anchor=static", "--tasks",
             "count", "--lrs", "1e-3,5e-2", "--output-dir", str(tmp_path / "runs"), "--output", str(report)]  # fmt: skip
     text = ablation.main(argv)
     assert report.read_text() == text
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if "| adaptor |" in line}
-    assert rows["rank"][2] == "s_rank=2, t_anchor=static" and rows["default"][2] == "defaults"
-    assert int(rows["rank"][3].replace(",", "")) != int(rows["default"][3].replace(",", ""))
-    for name in ("default", "rank"):
+    assert rows["rank"][2] == "s_rank=2, t_anchor=static" and rows["lr_scale=1"][2] == "lr_scale=1.0"
+    assert int(rows["rank"][3].replace(",", "")) != int(rows["lr_scale=1"][3].replace(",", ""))
+    for name in ("lr_scale=1", "rank"):
         runs = tmp_path / "runs" / "select" / "count" / name
         vals = {lr: json.loads((runs / f"lr_{lr}" / "results.json").read_text())["top1"] for lr in ("0.001", "0.05")}
         assert float(rows[name][4]) == pytest.approx(max(vals.values()), abs=0.01)  # val200, the best lr
