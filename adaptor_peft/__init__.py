@@ -1,8 +1,8 @@
 """adaptor_peft: parameter-efficient transfer of pretrained vision state-space models (Vim, VMamba).
 
 The whole workflow is here at the top level, as in HF ``peft``: ``create_model``, then ``inject_adaptor``
-(or ``prepare_model`` for any method), ``parameter_report``, ``save_adaptor`` / ``load_adaptor``, and
-``merge_adaptor`` / ``unload_adaptor``.
+(or ``prepare_model`` for any method), ``parameter_report``, ``param_groups`` for an optimizer of your own,
+``save_adaptor`` / ``load_adaptor``, and ``merge_adaptor`` / ``unload_adaptor``.
 """
 
 from .adaptors import (
@@ -19,6 +19,7 @@ from .adaptors import (
 from .models import CheckpointError, create_model, list_models, load_checkpoint, read_state_dict
 from .ops import selective_scan, selective_scan_fn
 from .reports import parameter_report
+from .training.optim import param_groups
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "load_adaptor",
     "load_checkpoint",
     "merge_adaptor",
+    "param_groups",
     "parameter_report",
     "prepare_model",
     "read_state_dict",

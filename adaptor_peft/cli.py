@@ -162,9 +162,15 @@ def summarize_command(args: argparse.Namespace) -> None:
 def _workers_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
-        type=int,
-        help="runs trained at once, each in its own process (default: one per CPU core; 1 with a GPU)",
+        type=_positive,
+        help="runs trained at once, each in its own process (default: one per CPU core, at most 8; 1 with a GPU)",
     )
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
 
 
 def demo_command(args: argparse.Namespace) -> None:
@@ -182,7 +188,7 @@ def suite_command(args: argparse.Namespace) -> None:
     if args.methods == "all":
         split["methods"] = SUITE_METHODS
     if args.calibrate:
-        calibrate(args.output_dir, overrides=args.overrides, quick=args.quick, **split)
+        calibrate(args.output_dir, overrides=args.overrides, quick=args.quick, workers=args.workers, **split)
     else:
         run_suite(args.output_dir, seeds=args.seeds, learning_rates=args.lrs, overrides=args.overrides,
                   quick=args.quick, workers=args.workers, progress=not args.no_progress, **split)  # fmt: skip

@@ -45,7 +45,8 @@ def run_demo(
     console: Console | None = None,
 ) -> list[dict[str, Any]]:
     """Trains the demo recipe with each of ``methods`` under ``output_dir``, ``workers`` at a time (default:
-    :func:`~adaptor_peft.training.pool.default_workers`), and returns one row per method."""
+    :func:`~adaptor_peft.training.pool.default_workers`; from a script, call it under
+    ``if __name__ == "__main__":``), and returns one row per method."""
     console = console or Console()
     output = Path(output_dir)
     recipes = {method: load_recipe(RECIPE, [f"method={method}", *overrides]) for method in methods}
@@ -53,8 +54,10 @@ def run_demo(
     workers = default_workers(len(recipes)) if workers is None else workers
     console.print(f"training {len(recipes)} methods, {workers} at a time")
 
+    names = list(recipes)
+
     def finished(index: int, result: dict[str, Any], minutes: float | None) -> None:
-        method = methods[index]
+        method = names[index]
         took = f"trained in {minutes:.2f} min" if minutes is not None else f"finished before in {output / method}"
         console.print(f"{method}: top-1 {result['top1']:.2f} % ({took})")
 

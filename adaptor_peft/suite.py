@@ -31,7 +31,6 @@ from .atomic import write_atomically
 from .data.synthetic import TASKS, suite_groups
 from .reports import combine, summarize
 from .training import load_recipe
-from .training.loop import train_once
 from .training.pool import train_runs
 
 SUITE = "offline_vtab"
@@ -78,9 +77,11 @@ def run_suite(
 ) -> dict[str, Any]:
     """Runs the protocol (module docstring) under ``output_dir`` and writes its report there; returns the
     report's JSON content. ``overrides`` (``key=value``) apply to every run, after ``--quick``'s; ``workers``
-    runs train at once (default: :func:`~adaptor_peft.training.pool.default_workers`)."""
+    runs train at once (default: :func:`~adaptor_peft.training.pool.default_workers`; from a script, call it
+    under ``if __name__ == "__main__":``)."""
     console = console or Console()
     output, overrides = Path(output_dir), [*(QUICK if quick else ()), *overrides]
+    methods, tasks, learning_rates = (list(dict.fromkeys(x)) for x in (methods, tasks, learning_rates))
     _check(methods, tasks)
     if seeds < 1 or not learning_rates:
         raise SuiteError(
@@ -195,24 +196,30 @@ def calibrate(
     overrides: Sequence[str] = (),
     *,
     quick: bool = False,
+    workers: int | None = None,
     console: Console | None = None,
 ) -> str:
-    """Trains each method on each task's train800 at the recipe's own learning rate and seed, reads val200
-    (never test), and writes ``calibration.md`` under ``output_dir``; returns its table. Its runs are the
-    selection runs of :func:`run_suite` at that learning rate, so a suite run later reuses them."""
+    """Trains each method on each task's train800 at the recipe's own learning rate and seed (``workers`` at
+    a time, as :func:`run_suite`), reads val200 (never test), and writes ``calibration.md`` under
+    ``output_dir``; returns its table. Its runs are the selection runs of :func:`run_suite` at that learning
+    rate, so a suite run later reuses them."""
     console = console or Console()
     output, overrides = Path(output_dir), [*(QUICK if quick else ()), *overrides]
+    methods, tasks = list(dict.fromkeys(methods)), list(dict.fromkeys(tasks))
     _check(methods, tasks)
+    pairs = [(task, method) for task in tasks for method in methods]
+    jobs = [(recipe, run) for task, method in pairs
+            for _, run, recipe in selection_runs(output, task, method, [_recipe(task, method, overrides)["lr"]],
+                                                 overrides)]  # fmt: skip
+    results = dict(zip(pairs, (result for result, _ in train_runs(jobs, workers)), strict=True))
     header = "| task | group | stands in for | " + " | ".join(methods) + " | gap (last − first) | minutes training |"
     lines = [header, "|---|---|---|" + "---:|" * (len(methods) + 2)]
     for task in tasks:
-        scores, took = [], 0.0
-        for method in methods:
-            recipe = _recipe(task, method, [*overrides, *SELECT])
-            result = train_once(recipe, output / "select" / task / method / f"lr_{recipe['lr']:g}")[0]
-            scores.append(result["top1"])
-            took += result["minutes"]
-            console.print(f"{task} {method}: val200 top-1 {scores[-1]:.2f} %")
+        scores = [results[task, method]["top1"] for method in methods]
+        took = sum(results[task, method]["minutes"] for method in methods)
+        console.print(
+            f"{task}: val200 top-1 " + ", ".join(f"{m} {s:.2f} %" for m, s in zip(methods, scores, strict=True))
+        )
         cells, entry, gap = " | ".join(f"{s:.2f}" for s in scores), TASKS[task], scores[-1] - scores[0]
         lines.append(f"| {task} | {entry.group} | {entry.stands_in_for} | {cells} | {gap:.2f} | {took:.1f} |")
     table = "\n".join(lines) + "\n"

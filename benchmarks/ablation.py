@@ -6,8 +6,9 @@ on val200, as the suite's model selection does; the table gives the best val200 
 mean, the learning rate chosen and the trainable parameters (head excluded). Runs are kept under
 ``--output-dir`` and skipped when the command runs again, so the table grows and resumes. Usage:
 
-    python benchmarks/ablation.py [--variants default,s_rank=8,...] [--tasks count,...] [--lrs 0.01,0.03]
-        [--output-dir runs/ablation] [--output benchmarks/results/adaptor_ablation.md] [key=value ...]
+    python benchmarks/ablation.py [--variants "lr_scale=1,lr_scale=10,..."] [--variant "NAME=adaptor:t_rank=8"]
+        [--tasks count,...] [--lrs 0.01,0.03] [--workers N] [--output-dir runs/ablation]
+        [--output benchmarks/results/adaptor_ablation.md] [key=value ...]
 """
 
 from __future__ import annotations

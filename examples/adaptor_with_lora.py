@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adaptor_peft import create_model
+from adaptor_peft import create_model, param_groups
 from adaptor_peft.adaptors import merge_adaptor, prepare_model
 from adaptor_peft.data import build_transform, data_config, load_split
 from adaptor_peft.reports import parameter_report
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = data_config(model)
     transform = build_transform("vtab", True, cfg["img_size"], cfg["mean"], cfg["std"])
     loader = DataLoader(load_split({"kind": "sklearn_digits"}, "train", transform=transform), args.batch_size, True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-3, weight_decay=1e-4))
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, reshuffled
     for step, (x, y) in enumerate(itertools.islice(batches, args.steps), start=1):
         loss = F.cross_entropy(model(x), y)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from adaptor_peft import create_model
+from adaptor_peft import create_model, param_groups
 from adaptor_peft.adaptors import prepare_model, save_adaptor
 from adaptor_peft.data import build_transform, data_config, load_split
 from adaptor_peft.reports import parameter_report
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     images.transform = build_transform("vtab", True, cfg["img_size"], cfg["mean"], cfg["std"], cfg["interpolation"])
     loader = DataLoader(images, args.batch_size, shuffle=True)
     batches = itertools.chain.from_iterable(itertools.repeat(loader))  # epoch after epoch, reshuffled
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(param_groups(model, lr=args.lr, weight_decay=1e-4))
     model.train()
     for step, (x, y) in enumerate(itertools.islice(batches, args.steps), start=1):
         loss = F.cross_entropy(model(x), y)

@@ -38,8 +38,9 @@ def test_demo_trains_each_method_writes_the_table_and_skips_finished_runs(tmp_pa
     text = console.export_text()
     assert "Adaptor-T" in text and "top-1 %" in text  # the parameter report and the results table
     again = run_demo(tmp_path, ["adaptor"], QUICK, progress=False, console=console)
-    assert again[0]["top1"] == rows[1]["top1"] and "adaptor: top-1" in console.export_text()
-    assert f"finished before in {tmp_path / 'adaptor'}" in console.export_text().replace("\n", "")
+    text = console.export_text().replace("\n", "")
+    assert again[0]["top1"] == rows[1]["top1"] and f"adaptor: top-1 {rows[1]['top1']:.2f} %" in text
+    assert f"finished before in {tmp_path / 'adaptor'}" in text
 
 
 def test_demo_command_rejects_unknown_methods(tmp_path):

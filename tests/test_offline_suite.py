@@ -212,8 +212,9 @@ def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_pa
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
     report = tmp_path / "ablation.md"
-    argv = ["--quick", "--workers", "1", "--variants", "lr_scale=1", "--variant", "rank=adaptor:s_rank=2,t_anchor=static", "--tasks",
-            "count", "--lrs", "1e-3,5e-2", "--output-dir", str(tmp_path / "runs"), "--output", str(report)]  # fmt: skip
+    argv = ["--quick", "--workers", "1", "--variants", "lr_scale=1", "--variant",
+            "rank=adaptor:s_rank=2,t_anchor=static", "--tasks", "count", "--lrs", "1e-3,5e-2",
+            "--output-dir", str(tmp_path / "runs"), "--output", str(report)]  # fmt: skip
     text = ablation.main(argv)
     assert report.read_text() == text
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if "| adaptor |" in line}

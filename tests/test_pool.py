@@ -34,11 +34,16 @@ def test_parallel_runs_match_sequential_ones_in_order_and_are_read_back(tmp_path
     assert [r for r, _ in again] == [json.loads((tmp_path / "two" / m / "results.json").read_text()) for m in methods]
 
 
-def test_a_failing_run_is_raised_and_bad_worker_counts_are_refused(tmp_path):
-    bad = jobs(tmp_path, "bad", ["linear_probe", "lora"])
-    bad[1][0]["method_options"] = {"r": "eight"}
+def test_a_failing_run_stops_the_queued_ones_and_bad_jobs_are_refused(tmp_path):
+    bad = jobs(tmp_path, "bad", ["lora", "linear_probe", "bias", "adaptor_s", "adaptor_t", "adaptor", "full"])
+    bad[0][0]["method_options"] = {"r": "eight"}
     with pytest.raises(Exception, match="option r='eight' must be of type int"):
         train_runs(bad, 2)
+    assert not (tmp_path / "bad" / "full" / "results.json").exists()  # queued behind the failure: never ran
     with pytest.raises(ValueError, match="workers must be at least 1"):
         train_runs(bad, 0)
-    assert 1 <= default_workers(3) <= 3 and default_workers(1) == 1
+    twice = jobs(tmp_path, "twice", ["bias", "bias"])
+    with pytest.raises(ValueError, match=f"same run folder: {tmp_path / 'twice' / 'bias'}"):
+        train_runs(twice, 2)
+    assert not (tmp_path / "twice").exists()
+    assert 1 <= default_workers(3) <= 3 and default_workers(100) <= 8

@@ -23,7 +23,7 @@ from adaptor_peft import create_model
 from adaptor_peft.cli import main
 from adaptor_peft.training import ClassificationMetrics, TrainingError, build_model, load_recipe, train
 from adaptor_peft.training import loop as training_loop
-from adaptor_peft.training.optim import build_optimizer, build_scheduler, decays
+from adaptor_peft.training.optim import build_optimizer, build_scheduler, decays, param_groups
 
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
 TINY = ["model=vim_tiny_patch16_224", "model_options.depth=2", "img_size=32", "epochs=2", "warmup_epochs=1",
@@ -257,6 +257,10 @@ def test_lr_scale_multiplies_the_rate_of_the_adaptors_zero_initialised_parameter
     named = {id(p): n for n, p in model.named_parameters()}
     optimizer = build_optimizer(model, "adamw", 0.5, 0.1)
     rate = {named[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    mine = torch.optim.SGD(param_groups(model, 0.5, 0.1))  # the same groups for an optimizer of one's own
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in mine.param_groups] == [
+        (g["lr"], g["weight_decay"], len(g["params"])) for g in optimizer.param_groups
+    ]
     zero = ("gamma", "weight_up", "weight_bias", "offset_up", "adaptor_s.scale")
     assert rate and all(r == (4.0 if n.endswith(zero) else 0.5) for n, r in rate.items()), rate
     assert {n for n, r in rate.items() if r == 4.0} == {

@@ -35,19 +35,25 @@ def lr_scales(model: nn.Module) -> dict[int, float]:
     }
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``adamw`` or ``sgd`` (momentum 0.9) over the trainable parameters, in groups by weight decay (on or
-    off) and learning rate (``lr`` times the parameter's :func:`lr_scales`)."""
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+    """The trainable parameters in optimizer groups by weight decay (on or off, see :func:`decays`) and
+    learning rate (``lr`` times the parameter's :func:`lr_scales`): what any ``torch.optim`` optimizer takes,
+    for a training loop of your own that should train the adaptors as this package's does."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters: prepare it with a method first")
     scales = lr_scales(model)
     keys = {id(p): (decays(n, p), scales.get(id(p), 1.0)) for n, p in trainable}
-    groups = [
+    return [
         {"params": [p for _, p in trainable if keys[id(p)] == key], "weight_decay": weight_decay if key[0] else 0.0,
          "lr": lr * key[1]}
         for key in dict.fromkeys(keys.values())
     ]  # fmt: skip
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``adamw`` or ``sgd`` (momentum 0.9) over :func:`param_groups`."""
+    groups = param_groups(model, lr, weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":

@@ -4,6 +4,9 @@ A tiny backbone keeps two CPU cores only half busy in one run (its operations ar
 well), so on a CPU ``workers`` processes train one run each, with the cores shared out between them. Each
 run is :func:`~adaptor_peft.training.loop.train_once`, so finished runs are read back, not retrained,
 and every run gives the numbers it gives alone up to the rounding of its thread count.
+
+The workers are started with ``spawn``: a script that calls this (or ``run_demo`` / ``run_suite``) must
+do so under ``if __name__ == "__main__":``, as for any ``multiprocessing`` code; notebooks need nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ Job = tuple[dict[str, Any], Path]
 """A recipe and its run folder."""
 Done = Callable[[int, dict[str, Any], float | None], None]
 """Called in the parent for each finished job: its index, results and minutes (None: read back)."""
+MAX_DEFAULT_WORKERS = 8
+"""The most processes started by default: each holds its own PyTorch (a few hundred MB)."""
 
 
 def cores() -> int:
@@ -31,15 +35,20 @@ def cores() -> int:
 
 
 def default_workers(jobs: int) -> int:
-    """One process per core up to one per job on a CPU-only machine; one on a GPU machine, whose device
-    the runs would otherwise share."""
+    """One process per core, up to one per job and :data:`MAX_DEFAULT_WORKERS`, on a CPU-only machine;
+    one on a GPU machine, whose device the runs would otherwise share."""
     if torch.cuda.is_available():
         return 1
-    return max(1, min(jobs, cores()))
+    return max(1, min(jobs, cores(), MAX_DEFAULT_WORKERS))
 
 
 def _share_cores(threads: int) -> None:
     torch.set_num_threads(threads)
+
+
+def _train_indexed(item: tuple[int, dict[str, Any], Path]) -> tuple[int, tuple[dict[str, Any], float | None]]:
+    index, recipe, run = item
+    return index, train_once(recipe, run)
 
 
 def train_runs(
@@ -47,10 +56,15 @@ def train_runs(
 ) -> list[tuple[dict[str, Any], float | None]]:
     """Trains (or reads back) every job, ``workers`` at a time (default :func:`default_workers`), and
     returns ``(results, minutes)`` per job in order. With one worker the runs go one after another in
-    this process, with a progress bar each if ``progress``; the first failure stops the rest and is raised."""
+    this process, with a progress bar each if ``progress``. The first failure, or an interrupt, stops
+    every run still going or queued and is raised. Two jobs may not share a run folder."""
     workers = default_workers(len(jobs)) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    folders = [Path(run).resolve() for _, run in jobs]
+    shared = sorted({str(f) for f in folders if folders.count(f) > 1})
+    if shared:
+        raise ValueError(f"two jobs would train into the same run folder: {', '.join(shared)}")
     outcomes: list[Any] = [None] * len(jobs)
     if workers == 1 or len(jobs) <= 1:
         for index, (recipe, run) in enumerate(jobs):
@@ -58,18 +72,13 @@ def train_runs(
             if done:
                 done(index, *outcomes[index])
         return outcomes
-    threads = max(1, cores() // workers)
+    workers = min(workers, len(jobs))
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads and locks
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_share_cores, initargs=(threads,)) as pool:
-        futures = {pool.submit(train_once, recipe, run): index for index, (recipe, run) in enumerate(jobs)}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                if future.exception() is not None:
-                    pool.shutdown(wait=False, cancel_futures=True)
-                    raise future.exception()
-                outcomes[futures[future]] = future.result()
-                if done:
-                    done(futures[future], *outcomes[futures[future]])
+    items = [(index, recipe, run) for index, (recipe, run) in enumerate(jobs)]
+    # Leaving the block terminates the workers: on a failure or an interrupt nothing trains on behind it.
+    with context.Pool(workers, _share_cores, (max(1, cores() // workers),)) as pool:
+        for index, outcome in pool.imap_unordered(_train_indexed, items):
+            outcomes[index] = outcome
+            if done:
+                done(index, *outcome)
     return outcomes
