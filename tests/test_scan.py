@@ -71,13 +71,16 @@ CASES = [
     (2, 96, 12, 4, 3, "grouped", True, 1),  # more B/C groups than probe groups
     (2, 16, 9, 5, 1, "fixed", True, 2),  # time-invariant B, C of shape (dim, nstate)
     (2, 48, 9, 4, 2, "grouped", True, 2),  # 24 channels a group: lane blocks of 16 and 8 (VMamba v2 s1 stage 1)
+    (2, 32, 21, 16, 1, "grouped", True, 2),  # d_state 16 (Vim's, the native kernel's unrolled loops) with z / D / bias
 ]
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
-def test_matches_reference_outputs_and_gradients(backend, dtype, case):
+@pytest.mark.parametrize("states", [True, False], ids=["with-states", "training"])
+def test_matches_reference_outputs_and_gradients(backend, dtype, case, states):
+    """``states``: also the last and every hidden state; without them, the path an adaptor trains on."""
     batch, dim, length, nstate, groups, bc, extras, pgroups = case
     inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=dim + length)
     g = torch.Generator().manual_seed(length)
@@ -86,7 +89,7 @@ def test_matches_reference_outputs_and_gradients(backend, dtype, case):
     inputs["probe_scale"] = torch.randn(dim, generator=g, dtype=torch.float64)
     expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, probe)
     actual, grads = run_with_grads(
-        lambda **kw: selective_scan(**kw, return_last_state=True, return_hidden_states=True, backend=backend),
+        lambda **kw: selective_scan(**kw, return_last_state=states, return_hidden_states=states, backend=backend),
         inputs,
         dtype,
         probe,
@@ -95,8 +98,11 @@ def test_matches_reference_outputs_and_gradients(backend, dtype, case):
     assert actual.out.dtype == dtype
     assert_close(actual.out, expected.out, rtol, "out")
     assert_close(actual.readout, expected.readout, rtol, "readout")
-    assert_close(actual.last_state, expected.last_state, rtol, "last_state")
-    assert_close(actual.hidden_states, expected.hidden_states, rtol, "hidden_states")
+    if states:
+        assert_close(actual.last_state, expected.last_state, rtol, "last_state")
+        assert_close(actual.hidden_states, expected.hidden_states, rtol, "hidden_states")
+    else:
+        assert actual.last_state is None and actual.hidden_states is None
     assert grads.keys() == expected_grads.keys()
     for name in grads:
         assert_close(grads[name], expected_grads[name], rtol, f"d{name}")

@@ -146,6 +146,11 @@ static int64_t item_count(const ScanArgs *s) {
     return s->batch * (s->dim / seg) * ((seg + VL - 1) / VL);
 }
 
+/* Where the item's probes (and their weights) start: its batch row's entries for its probe group. */
+static int64_t probe_offset(const ScanArgs *s, const Work *w) {
+    return (w->b * s->probe_groups + w->d0 / (s->dim / s->probe_groups)) * s->len * s->nprobe;
+}
+
 /* Sets the work's batch row, first channel and active lanes for one item. */
 static void locate(const ScanArgs *s, Work *w, int64_t item) {
     const int64_t seg = segment(s), per_segment = (seg + VL - 1) / VL, per_row = (s->dim / seg) * per_segment;
@@ -158,7 +163,8 @@ static void locate(const ScanArgs *s, Work *w, int64_t item) {
 static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     const int64_t L = s->len, N = s->nstate;
     const int64_t row = L * VL, state = N * VL;
-    const int64_t total = 7 * row + (L + 1) * state + (backward ? L * state + 2 * row : 0) + 5 * state;
+    const int64_t history = backward || s->hidden ? (L + 1) * state : 0; /* the plain forward keeps none */
+    const int64_t total = 7 * row + history + (backward ? L * state + 2 * row : 0) + 5 * state;
     real *p = calloc((size_t)total, sizeof(real));
     if (!p) return -1;
     if (s->probe) {
@@ -175,7 +181,7 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     w->z = p; p += row;
     w->y = p; p += row;
     w->r = p; p += row;
-    w->hist = p + state; p += (L + 1) * state; /* hist[-1] stays zero: the state before t = 0 */
+    w->hist = history ? p + state : NULL; p += history; /* hist[-1] stays zero: the state before t = 0 */
     w->h = p; p += state;
     w->a = p; p += state;
     w->g = p; p += state;
@@ -222,8 +228,7 @@ static inline __attribute__((always_inline)) void recurrence(
     const ScanArgs *s, Work *w, const real *Bg, const real *Cg, const int64_t N, const int keep,
     const int probes) {
     const int64_t K = s->nprobe;
-    const real *weight = probes ? s->probe_weight + (w->b * s->probe_groups + w->d0 / (s->dim / s->probe_groups))
-                                                      * s->len * K : NULL;
+    const real *weight = probes ? s->probe_weight + probe_offset(s, w) : NULL;
     for (int64_t t = 0; t < s->len; t++) {
         const real *dt = w->dt + t * VL, *u = w->u + t * VL;
         real dtu[VL], acc[VL];
@@ -231,7 +236,7 @@ static inline __attribute__((always_inline)) void recurrence(
             dtu[v] = dt[v] * u[v];
             acc[v] = 0;
         }
-        real *hist = w->hist + t * N * VL;
+        real *hist = keep ? w->hist + t * N * VL : NULL;
         for (int64_t n = 0; n < N; n++) {
             const real bn = Bg[n * s->B_s[2] + t * s->B_s[3]];
             const real cn = Cg[n * s->C_s[2] + t * s->C_s[3]];
@@ -268,7 +273,7 @@ static inline __attribute__((always_inline)) void recurrence(
 /* Loads the lane block's inputs into lane-major buffers (w->x holds delta + bias before softplus) and
  * runs the recurrence, leaving the pre-gate output y in w->y; with probes, also the readout in w->r and,
  * with probe_scale, its scaled addition to y. */
-static void block_forward(const ScanArgs *s, Work *w, int keep, int probes) {
+static void block_forward(const ScanArgs *s, Work *w, int keep, int probes) { /* probes with keep < 2 only */
     const int64_t L = s->len, N = s->nstate, b = w->b, d0 = w->d0;
     const int64_t g = d0 / (s->dim / s->groups);
     for (int64_t v = 0; v < VL; v++) {
@@ -305,7 +310,7 @@ static void block_forward(const ScanArgs *s, Work *w, int keep, int probes) {
     const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
     const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
     if (probes) {
-        sort_probes(s, w, s->probe + (b * s->probe_groups + d0 / (s->dim / s->probe_groups)) * L * s->nprobe);
+        sort_probes(s, w, s->probe + probe_offset(s, w));
         memset(w->r, 0, (size_t)(L * VL) * sizeof(real));
     }
     if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, 16, 2, 0);
@@ -366,8 +371,7 @@ static inline __attribute__((always_inline)) void reverse(
     const ScanArgs *s, Work *w, const real *Bg, const real *Cg, real *dBg, real *dCg, const int64_t N,
     const int probes) {
     const int64_t L = s->len, K = s->nprobe;
-    const real *weight = probes ? s->probe_weight + (w->b * s->probe_groups + w->d0 / (s->dim / s->probe_groups))
-                                                      * L * K : NULL;
+    const real *weight = probes ? s->probe_weight + probe_offset(s, w) : NULL;
     real ex[N][VL];
     for (int64_t i = 0; i < N * VL; i++) {
         w->g[i] = 0;
@@ -427,8 +431,8 @@ static inline __attribute__((always_inline)) void reverse(
  * entry. Inlined per nstate so that the state loops unroll. */
 static inline __attribute__((always_inline)) void probe_backward(
     const ScanArgs *s, Work *w, const real *Cg, real *dCg, real *dWg, real *dscale, const int64_t N) {
-    const int64_t L = s->len, K = s->nprobe, b = w->b, d0 = w->d0, nv = w->nv;
-    const int64_t offset = (b * s->probe_groups + d0 / (s->dim / s->probe_groups)) * L * K;
+    const int64_t L = s->len, K = s->nprobe, d0 = w->d0, nv = w->nv;
+    const int64_t offset = probe_offset(s, w);
     const int64_t *probe = s->probe + offset;
     const real *weight = s->probe_weight + offset;
     real scale[VL] = {0}, ds[VL] = {0};
@@ -526,8 +530,8 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 const real *dreadout = s->dreadout + (b * Dm + d0 + v) * L;
                 for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = v < nv ? dreadout[t] : 0; /* parked */
             }
-            real *dWg = dW + (b * s->probe_groups + d0 / (Dm / s->probe_groups)) * L * K;
-            sort_probes(s, &w, s->probe + (b * s->probe_groups + d0 / (Dm / s->probe_groups)) * L * K);
+            real *dWg = dW + probe_offset(s, &w);
+            sort_probes(s, &w, s->probe + probe_offset(s, &w));
             if (N == 16) probe_backward(s, &w, Cg, dCg, dWg, dscale, 16);
             else probe_backward(s, &w, Cg, dCg, dWg, dscale, N);
         }
