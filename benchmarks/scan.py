@@ -78,6 +78,7 @@ METHODS[PROBED] = probed_scan
 AVX2 = "adaptor_peft native backend, x86-64-v3 build"
 if platform.machine() in ("x86_64", "AMD64"):
     METHODS[AVX2] = METHODS[NATIVE]  # the same call, run with $ADAPTOR_PEFT_CPU_TARGET set (see step)
+GOAL_RATE, GOAL_AVX2 = 2.0, 1.5  # G state updates / s at the Vim-S shape (on 2 cores); AVX2 / native fwd+bwd
 OPS_PER_UPDATE = 19  # exp(Δ·A) ~16 vector operations, the state's two FMAs, the output's one
 SLOW = {"sequential: mamba-ssm selective_scan_ref algorithm"}  # seconds per call: fewer rounds
 
@@ -179,6 +180,16 @@ def main() -> None:
             ratio = median[m]["fwd+bwd"] / median[NATIVE]["fwd+bwd"]
             name = "-march=native" if m == NATIVE else "-march=x86-64-v3"
             print(f"| {name} | {lanes} | {rate:.2f} | {bound:.2f} | {rate / bound:.0%} | {ratio:.2f}x |")
+    if NATIVE in median:
+        rates = {m: updates / (median[m]["fwd"] / 1e3) / 1e9 for m in (NATIVE, AVX2) if m in median}
+        print(f"\nGoals: at least {GOAL_RATE:g} G state updates / s on {threads} threads, and the AVX2 build's "
+              f"fwd+bwd within {GOAL_AVX2:g}x of -march=native's:\n")  # fmt: skip
+        for m, rate in rates.items():
+            verdict = "met" if rate >= GOAL_RATE else f"missed: {rate / GOAL_RATE:.0%} of it"
+            print(f"- {'-march=native' if m == NATIVE else '-march=x86-64-v3'}: {rate:.2f} G/s, {verdict}")
+        if AVX2 in median:
+            ratio = median[AVX2]["fwd+bwd"] / median[NATIVE]["fwd+bwd"]
+            print(f"- AVX2 build: {ratio:.2f}x the native build, {'met' if ratio <= GOAL_AVX2 else 'missed'}")
     if PROBED in median:
         fwd, both = (median[PROBED][k] / median[NATIVE][k] for k in ("fwd", "fwd+bwd"))
         backward = (median[PROBED]["fwd+bwd"] - median[PROBED]["fwd"]) / (
