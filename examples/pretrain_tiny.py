@@ -8,6 +8,10 @@ It writes the weights as safetensors and a model card beside them. On 2 CPU core
 under an hour with its defaults:
 
     python examples/pretrain_tiny.py [--classes 100 --per-class 100 --epochs 12 --seed 0]
+
+``--adaptor`` trains the same backbone with Adaptor-T and Adaptor-S in every block from the start
+(``inject_adaptor(freeze_backbone=False)`` on random weights: the Mamba-Adaptor paper's "backbone" use),
+on the same data and budget, so that the two held-out accuracies can be set side by side.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaptor_peft import create_model
+from adaptor_peft import create_model, inject_adaptor
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.data.fractals import FractalImages
 from adaptor_peft.models.vim import EMBEDDED_WEIGHTS
@@ -52,6 +56,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--adaptor", action="store_true", help="train with both adaptors in every block")
     parser.add_argument("--output", type=Path, default=EMBEDDED_WEIGHTS / f"{MODEL}.safetensors")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -61,6 +66,8 @@ def main() -> None:
     print(f"rendered {len(train)} + {len(held_out)} images in {time.perf_counter() - started:.0f} s")
 
     model = create_model(MODEL, num_classes=args.classes, drop_path_rate=0.05)
+    if args.adaptor:
+        inject_adaptor(model, freeze_backbone=False)
     optimizer = build_optimizer(model, "adamw", args.lr, weight_decay=0.05)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
@@ -96,7 +103,9 @@ def main() -> None:
 def model_card(args: argparse.Namespace, history: list[dict], train_images: int, held_out: int) -> str:
     last = history[-1]
     rows = "\n".join(f"| {r['epoch']} | {r['loss']:.3f} | {r['held_out_top1']:.1f} | {r['minutes']} |" for r in history)
-    return f"""# {MODEL}: the embedded default backbone
+    with_adaptors = " with Adaptor-T and Adaptor-S in every block, trained with it" if args.adaptor else ""
+    flag = " --adaptor" if args.adaptor else ""
+    return f"""# {MODEL}{with_adaptors}: {"a variant of " if args.adaptor else ""}the embedded default backbone
 
 A Vim (Zhu et al., 2024) with 8 blocks of width 96, 4x4 patches on 32x32 images (64 patches and a middle
 class token), 0.67 M parameters, pretrained by adaptor_peft itself so that `adaptor-peft demo` works
@@ -104,7 +113,7 @@ offline. It is a small model trained on synthetic images: a stand-in for the off
 replacement for them.
 
 - **Script**: `python examples/pretrain_tiny.py --classes {args.classes} --per-class {args.per_class} \\
-  --epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}`
+  --epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}{flag}`
 - **Data**: {args.classes} formula-driven fractal classes (iterated function systems, in the spirit of
   FractalDB, Kataoka et al., ACCV 2020) from seed {args.seed}: {train_images} training renderings, and
   {held_out} held-out renderings of the same classes (new views) for the accuracy below.

@@ -114,3 +114,20 @@ def test_adaptor_with_lora_merge_keeps_the_logits_and_drops_lora(capsys):
     assert out["weight_update"] > 0  # the merge changed in_proj: LoRA had learned something
     assert out["max_abs_diff"] < 1e-4
     assert "LoRA" in capsys.readouterr().out
+
+
+def test_pretrain_tiny_trains_the_backbone_with_adaptors_from_scratch(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "nano.safetensors"
+    argv = ["pretrain_tiny.py", "--classes", "3", "--per-class", "4", "--epochs", "1", "--batch-size", "4",
+            "--adaptor", "--output", str(output)]  # fmt: skip
+    monkeypatch.setattr("sys.argv", argv)
+    example("pretrain_tiny").main()
+    state = load_file(output)
+    trained = [k for k in state if ".adaptor_t." in k or ".adaptor_s." in k]
+    assert trained and any(state[k].abs().sum() > 0 for k in trained if k.endswith("gamma"))  # trained, not init
+    assert state["head.weight"].shape[0] == 3
+    card = output.with_name("README.md").read_text()
+    assert "--adaptor`" in card and "with Adaptor-T and Adaptor-S in every block" in card
+    assert '"held_out_top1"' in capsys.readouterr().out
