@@ -4,19 +4,21 @@ Official Vim and VMamba weights cannot be downloaded on an offline machine, yet 
 must show a pretrained backbone being transferred. This script makes one from nothing but a seed:
 FractalDB-style classes (:class:`adaptor_peft.data.fractals.FractalImages`), rendered once, trained
 with AdamW, a cosine schedule and label smoothing, then checked on new renderings of the same classes.
-It writes the weights as safetensors and a model card beside them. On 2 CPU cores it runs in well
-under an hour with its defaults:
+It writes the weights as safetensors and a model card (``<name>.md``) beside them. On 2 CPU cores it
+runs in well under an hour with its defaults:
 
     python examples/pretrain_tiny.py [--classes 100 --per-class 100 --epochs 12 --seed 0]
 
 ``--adaptor`` trains the same backbone with Adaptor-T and Adaptor-S in every block from the start
 (``inject_adaptor(freeze_backbone=False)`` on random weights: the Mamba-Adaptor paper's "backbone" use),
-on the same data and budget, so that the two held-out accuracies can be set side by side.
+on the same data and budget, so that the two held-out accuracies can be set side by side. Its weights
+ship as ``vim_nano_patch4_32_adaptor``, whose adaptors are built into the backbone.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -26,13 +28,17 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from torch.utils.data import DataLoader, TensorDataset
 
-from adaptor_peft import create_model, inject_adaptor
+from adaptor_peft import create_model
+from adaptor_peft.adaptors.backbones import BUILTIN_ADAPTORS, with_builtin_adaptors
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.data.fractals import FractalImages
 from adaptor_peft.models.vim import EMBEDDED_WEIGHTS
 from adaptor_peft.training.optim import build_optimizer, build_scheduler
 
 MODEL = "vim_nano_patch4_32"
+ADAPTOR_LR_SCALE = 10.0
+"""The adaptors' zero-initialised parameters learn at 10x while the backbone is trained with them (the
+default of AdaptorConfig.lr_scale); the shipped model's adaptors, pretrained, learn at the backbone's rate."""
 
 
 def rendered(images: FractalImages) -> TensorDataset:
@@ -57,8 +63,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--adaptor", action="store_true", help="train with both adaptors in every block")
-    parser.add_argument("--output", type=Path, default=EMBEDDED_WEIGHTS / f"{MODEL}.safetensors")
+    parser.add_argument("--output", type=Path, help="weights file (default: the embedded model's, in the package)")
     args = parser.parse_args()
+    args.output = args.output or EMBEDDED_WEIGHTS / f"{name(args)}.safetensors"
     torch.manual_seed(args.seed)
     started = time.perf_counter()
     train = rendered(FractalImages(args.classes, args.per_class, seed=args.seed))
@@ -67,7 +74,7 @@ def main() -> None:
 
     model = create_model(MODEL, num_classes=args.classes, drop_path_rate=0.05)
     if args.adaptor:
-        inject_adaptor(model, freeze_backbone=False)
+        with_builtin_adaptors(model, dataclasses.replace(BUILTIN_ADAPTORS, lr_scale=ADAPTOR_LR_SCALE))
     optimizer = build_optimizer(model, "adamw", args.lr, weight_decay=0.05)
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
@@ -93,24 +100,38 @@ def main() -> None:
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"model": MODEL, "script": "examples/pretrain_tiny.py", **{k: str(v) for k, v in vars(args).items()}}
+    metadata = {"model": name(args), "script": "examples/pretrain_tiny.py", **vars(args)}
     write_atomically(args.output, save(state, metadata={k: str(v) for k, v in metadata.items()}))
-    card = args.output.with_name("README.md")
-    write_atomically(card, model_card(args, history, train_images=len(train), held_out=len(held_out)))
+    card = args.output.with_suffix(".md")
+    size = sum(p.numel() for p in model.parameters())
+    write_atomically(card, model_card(args, history, train_images=len(train), held_out=len(held_out), size=size))
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB) and {card}")
 
 
-def model_card(args: argparse.Namespace, history: list[dict], train_images: int, held_out: int) -> str:
+def name(args: argparse.Namespace) -> str:
+    """The registered name of the model the script trains."""
+    return f"{MODEL}_adaptor" if args.adaptor else MODEL
+
+
+def model_card(args: argparse.Namespace, history: list[dict], train_images: int, held_out: int, size: int) -> str:
     last = history[-1]
     rows = "\n".join(f"| {r['epoch']} | {r['loss']:.3f} | {r['held_out_top1']:.1f} | {r['minutes']} |" for r in history)
-    with_adaptors = " with Adaptor-T and Adaptor-S in every block, trained with it" if args.adaptor else ""
     flag = " --adaptor" if args.adaptor else ""
-    return f"""# {MODEL}{with_adaptors}: {"a variant of " if args.adaptor else ""}the embedded default backbone
+    what = (
+        f"`{MODEL}` with Adaptor-T and Adaptor-S built into every block and pretrained with them from random\n"
+        "weights (the Mamba-Adaptor paper's backbone use). Transfer it with a method that adds no adaptors\n"
+        "(`linear_probe`, `lora`, `full`, ...): its adaptors are part of the backbone."
+        if args.adaptor
+        else "The embedded default backbone."
+    )
+    return f"""# {name(args)}
+
+{what}
 
 A Vim (Zhu et al., 2024) with 8 blocks of width 96, 4x4 patches on 32x32 images (64 patches and a middle
-class token), 0.67 M parameters, pretrained by adaptor_peft itself so that `adaptor-peft demo` works
-offline. It is a small model trained on synthetic images: a stand-in for the official weights, not a
-replacement for them.
+class token), {size / 1e6:.2f} M parameters with the {args.classes}-class head, pretrained by adaptor_peft
+itself so that `adaptor-peft demo` works offline. It is a small model trained on synthetic images: a
+stand-in for the official weights, not a replacement for them.
 
 - **Script**: `python examples/pretrain_tiny.py --classes {args.classes} --per-class {args.per_class} \\
   --epochs {args.epochs} --batch-size {args.batch_size} --lr {args.lr} --seed {args.seed}{flag}`

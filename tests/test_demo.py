@@ -16,13 +16,14 @@ from adaptor_peft.models import resolve_checkpoint
 QUICK = ["epochs=1", "warmup_epochs=0", "data.builtin.train_per_class=3", "eval_batch_size=512"]
 
 
-def test_the_embedded_backbone_ships_with_its_model_card():
-    weights = resolve_checkpoint("pretrained", "vim_nano_patch4_32")
-    assert weights.endswith("vim_nano_patch4_32.safetensors")
-    model = create_model("vim_nano_patch4_32", checkpoint=weights, num_classes=10)  # loads strictly, new head
+@pytest.mark.parametrize("name", ["vim_nano_patch4_32", "vim_nano_patch4_32_adaptor"])
+def test_the_embedded_backbones_ship_with_their_model_cards(name):
+    weights = resolve_checkpoint("pretrained", name)
+    assert weights.endswith(f"{name}.safetensors")
+    model = create_model(name, checkpoint=weights, num_classes=10)  # loads strictly, new head
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
-    card = Path(weights).with_name("README.md").read_text()
-    assert "examples/pretrain_tiny.py" in card and "held-out top-1" in card
+    card = Path(weights).with_suffix(".md").read_text()
+    assert card.startswith(f"# {name}\n") and "examples/pretrain_tiny.py" in card and "held-out top-1" in card
 
 
 def test_demo_trains_each_method_writes_the_table_and_skips_finished_runs(tmp_path):

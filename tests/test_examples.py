@@ -128,6 +128,8 @@ def test_pretrain_tiny_trains_the_backbone_with_adaptors_from_scratch(tmp_path, 
     trained = [k for k in state if ".adaptor_t." in k or ".adaptor_s." in k]
     assert trained and any(state[k].abs().sum() > 0 for k in trained if k.endswith("gamma"))  # trained, not init
     assert state["head.weight"].shape[0] == 3
-    card = output.with_name("README.md").read_text()
-    assert "--adaptor`" in card and "with Adaptor-T and Adaptor-S in every block" in card
+    create_model("vim_nano_patch4_32_adaptor", checkpoint=str(output))  # the shipped model's layout, strictly
+    card = output.with_suffix(".md").read_text()
+    assert card.startswith("# vim_nano_patch4_32_adaptor\n")
+    assert "--adaptor`" in card and "built into every block" in card
     assert '"held_out_top1"' in capsys.readouterr().out

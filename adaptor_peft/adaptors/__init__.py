@@ -1,5 +1,6 @@
 """The transfer methods: Adaptor-T, Adaptor-S, their injection, the baselines, and adapter files."""
 
+from .backbones import vim_nano_patch4_32_adaptor
 from .config import AdaptorConfig
 from .files import AdapterFileError, load_adaptor, merge_adaptor, save_adaptor, unload_adaptor
 from .inject import find_mixers, inject_adaptor
@@ -23,4 +24,5 @@ __all__ = [
     "prepare_model",
     "save_adaptor",
     "unload_adaptor",
+    "vim_nano_patch4_32_adaptor",
 ]

@@ -34,8 +34,9 @@ from torch import nn
 
 from ..atomic import write_atomically
 from ..models import classifier_name
+from .backbones import has_builtin_adaptors
 from .config import AdaptorConfig
-from .inject import ADAPTOR_MARKERS, find_mixers
+from .inject import find_mixers
 from .methods import BLOCK_TYPES, METHODS, is_peft_parameter, prepare_model, resolve_options
 
 WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"
@@ -59,7 +60,7 @@ def _canonical(name: str) -> str:
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What an adapter file holds: every trainable parameter and the adaptors' buffers."""
     state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b for n, b in model.named_buffers() if any(m in f".{n}" for m in ADAPTOR_MARKERS)})
+    state.update({n: b for n, b in model.named_buffers() if is_peft_parameter(n, model)})
     return state
 
 
@@ -80,7 +81,7 @@ def backbone_fingerprints(model: nn.Module, exclude: set[str] = frozenset()) -> 
     names (those an adapter file carries); taken at each dtype that a cast from every parameter's own
     dtype reaches (module docstring)."""
     head = classifier_name(model)
-    named = sorted((_canonical(n), p) for n, p in model.named_parameters() if not is_peft_parameter(n))
+    named = sorted((_canonical(n), p) for n, p in model.named_parameters() if not is_peft_parameter(n, model))
     named = [(n, p) for n, p in named if n not in exclude and not (head is not None and n.startswith(head + "."))]
     common = set(PRECISIONS).intersection(*(_roundings(p.dtype) for _, p in named))
     digests = {dtype: hashlib.sha256() for dtype in PRECISIONS if dtype in common}
@@ -333,9 +334,11 @@ def merge_adaptor(model: nn.Module) -> nn.Module:
 
 
 def unload_adaptor(model: nn.Module) -> nn.Module:
-    """Removes every transfer module (adaptors, parallel adapters, unmerged LoRA): the plain backbone."""
-    for _, mixer in find_mixers(model):
-        mixer.adaptor_t = mixer.adaptor_s = None
+    """Removes every transfer module (adaptors, parallel adapters, unmerged LoRA): the plain backbone, with
+    any adaptors built into it."""
+    if not has_builtin_adaptors(model):  # those are the backbone's own
+        for _, mixer in find_mixers(model):
+            mixer.adaptor_t = mixer.adaptor_s = None
     for block in model.modules():
         if isinstance(block, BLOCK_TYPES):
             block.parallel_adapter = None

@@ -68,6 +68,11 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
             f"inject_adaptor: {type(model).__name__} has no Vim (BiMambaMixer) or VMamba (SS2D) mixers "
             f"(its children: {children}); build the backbone with adaptor_peft.create_model"
         )
+    if getattr(model, "builtin_adaptors", None) is not None:
+        raise RuntimeError(
+            f"inject_adaptor: {type(model).__name__} has Adaptor-T and Adaptor-S built into its backbone; "
+            "transfer it with prepare_model(model, 'lora') or another method that adds no adaptors"
+        )
     injected = [name for name, m in mixers if m.adaptor_t is not None or m.adaptor_s is not None]
     if injected:
         raise RuntimeError(

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..models.vim import VimBlock
 from ..models.vmamba import VSSBlock
+from .backbones import has_builtin_adaptors
 from .config import AdaptorConfig
 from .inject import ADAPTOR_MARKERS, inject_adaptor, is_head, set_trainable
 
@@ -42,7 +43,7 @@ BLOCK_TYPES = (VimBlock, VSSBlock)
 PARTIAL = re.compile(
     r"\.(A_log|A_b_log|A_logs|D|D_b|Ds|dt_projs_bias)$|\.(conv1d|conv1d_b|conv2d)\.|\.(dt_proj|dt_proj_b)\.(base_layer\.)?bias$"
 )
-PEFT_MARKERS = (*ADAPTOR_MARKERS, ".parallel_adapter.", ".lora_")
+OTHER_MARKERS = (".parallel_adapter.", ".lora_")
 LORA_DEFAULTS = dict(r=8, alpha=16, dropout=0.0, targets=("in_proj",))
 PARALLEL_RANK = 32
 OPTION_TYPES: dict[str, Any] = {
@@ -76,9 +77,11 @@ class ParallelAdapter(nn.Module):
         return self.up(self.act(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
 
 
-def is_peft_parameter(name: str) -> bool:
-    """Was this parameter added by a transfer method (adaptors, LoRA, parallel adapters)?"""
-    return any(marker in f".{name}" for marker in PEFT_MARKERS)
+def is_peft_parameter(name: str, model: nn.Module | None = None) -> bool:
+    """Was this parameter (of ``model``) added by a transfer method (adaptors, LoRA, parallel adapters)?
+    Adaptors built into ``model``'s backbone (:mod:`adaptor_peft.adaptors.backbones`) were not."""
+    markers = OTHER_MARKERS if has_builtin_adaptors(model) else (*ADAPTOR_MARKERS, *OTHER_MARKERS)
+    return any(marker in f".{name}" for marker in markers)
 
 
 def _fits(value: Any, hint: Any) -> bool:
@@ -220,6 +223,11 @@ def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:
     settings = resolve_options(method, options)
     if getattr(model, "peft_method", None) is not None:
         raise RuntimeError(f"prepare_model: the model was already prepared with {model.peft_method['method']!r}")
+    if "config" in settings and has_builtin_adaptors(model):
+        plain = ", ".join(m for m, spec in METHODS.items() if spec.adaptors is None)
+        raise MethodOptionError(
+            f"method {method!r}: the backbone has Adaptor-T and Adaptor-S built in; transfer it with {plain}"
+        )
     if "lora" in settings:  # checked first: an adaptor injected before LoRA failed would stay behind
         names = [name for name, _ in model.named_modules()]
         missing = [t for t in settings["lora"]["targets"] if not any(n == t or n.endswith(f".{t}") for n in names)]
@@ -236,7 +244,7 @@ def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise MethodOptionError(f"method {method!r}: {err}") from err
     head = is_head(model)
     trains = METHODS[method].trains
-    set_trainable(model, lambda n: is_peft_parameter(n) or head(n) or trains(n))
+    set_trainable(model, lambda n: is_peft_parameter(n, model) or head(n) or trains(n))
     model.peft_method = {
         "method": method,
         "options": {k: (v.to_dict() if isinstance(v, AdaptorConfig) else v) for k, v in options.items()},

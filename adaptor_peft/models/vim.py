@@ -348,6 +348,17 @@ def _cfg(url: str = "", **kwargs) -> dict:
 
 _HUB = "https://huggingface.co/hustvl/{}/resolve/main/{}"
 EMBEDDED_WEIGHTS = Path(__file__).with_name("weights")
+NANO = dict(img_size=32, patch_size=4, stride=4, embed_dim=96, depth=8)
+"""The architecture of the embedded 32x32 backbones."""
+
+
+def embedded_cfg(name: str) -> dict:
+    """The pretrained config of a backbone whose weights ship in ``weights/`` (``<name>.safetensors``, model
+    card ``<name>.md``), trained on 32x32 images normalised to [-1, 1]."""
+    return _cfg(file=str(EMBEDDED_WEIGHTS / f"{name}.safetensors"), input_size=(3, 32, 32), crop_pct=1.0,
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # fmt: skip
+
+
 default_cfgs = generate_default_cfgs(
     {
         "vim_tiny_patch16_224": _cfg(_HUB.format("Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth")),
@@ -355,14 +366,7 @@ default_cfgs = generate_default_cfgs(
         "vim_base_patch16_224": _cfg(_HUB.format("Vim-base-midclstok", "vim_b_midclstok_81p9acc.pth")),
         "vim_tiny_patch16_stride8_224": _cfg(crop_pct=1.0),
         "vim_small_patch16_stride8_224": _cfg(crop_pct=1.0),
-        "vim_nano_patch4_32": _cfg(
-            file=str(EMBEDDED_WEIGHTS / "vim_nano_patch4_32.safetensors"),
-            input_size=(3, 32, 32),
-            crop_pct=1.0,
-            mean=(0.5, 0.5, 0.5),
-            std=(0.5, 0.5, 0.5),
-            license="apache-2.0",
-        ),
+        "vim_nano_patch4_32": embedded_cfg("vim_nano_patch4_32"),
     }
 )
 
@@ -389,13 +393,9 @@ def vim_base_patch16_224(pretrained: bool = False, **kwargs) -> VisionMamba:
 @register
 def vim_nano_patch4_32(pretrained: bool = False, **kwargs) -> VisionMamba:
     """A 0.6 M-parameter Vim for 32x32 images, pretrained by this package on formula-driven fractal images
-    (``examples/pretrain_tiny.py``; model card in ``adaptor_peft/models/weights/README.md``): the offline
-    default that ``adaptor-peft demo`` transfers."""
-    return _create(
-        "vim_nano_patch4_32",
-        pretrained,
-        **{"img_size": 32, "patch_size": 4, "stride": 4, "embed_dim": 96, "depth": 8, **kwargs},
-    )
+    (``examples/pretrain_tiny.py``; model card in ``adaptor_peft/models/weights/vim_nano_patch4_32.md``): the
+    offline default that ``adaptor-peft demo`` transfers."""
+    return _create("vim_nano_patch4_32", pretrained, **{**NANO, **kwargs})
 
 
 @register

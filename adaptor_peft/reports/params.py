@@ -142,7 +142,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         total += count
         in_head = head(name)
         head_size += count if in_head else 0
-        added += count if is_peft_parameter(name) else 0
+        added += count if is_peft_parameter(name, model) else 0
         if p.requires_grad:
             trainable += count
             group = _group(name, in_head)
