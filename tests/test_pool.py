@@ -6,9 +6,10 @@ import json
 
 import pytest
 
+from adaptor_peft.adaptors import METHODS
 from adaptor_peft.suite import QUICK
 from adaptor_peft.training import load_recipe
-from adaptor_peft.training.pool import default_workers, train_runs
+from adaptor_peft.training.pool import default_workers, expected_cost, train_runs
 
 
 def jobs(tmp_path, folder, methods):
@@ -35,7 +36,7 @@ def test_parallel_runs_match_sequential_ones_in_order_and_are_read_back(tmp_path
 
 
 def test_a_failing_run_stops_the_queued_ones_and_bad_jobs_are_refused(tmp_path):
-    bad = jobs(tmp_path, "bad", ["lora", "linear_probe", "bias", "adaptor_s", "adaptor_t", "adaptor", "full"])
+    bad = jobs(tmp_path, "bad", ["adaptor+lora", "linear_probe", "bias", "adaptor_s", "adaptor_t", "adaptor", "full"])
     bad[0][0]["method_options"] = {"r": "eight"}
     with pytest.raises(Exception, match="option r='eight' must be of type int"):
         train_runs(bad, 2)
@@ -47,3 +48,12 @@ def test_a_failing_run_stops_the_queued_ones_and_bad_jobs_are_refused(tmp_path):
         train_runs(twice, 2)
     assert not (tmp_path / "twice").exists()
     assert 1 <= default_workers(3) <= 3 and default_workers(100) <= 8
+
+
+def test_runs_are_started_longest_first_by_their_expected_cost(tmp_path):
+    recipes = {m: recipe for (recipe, _), m in zip(jobs(tmp_path, "c", list(METHODS)), METHODS, strict=True)}
+    cost = {m: expected_cost(recipe) for m, recipe in recipes.items()}
+    assert cost["linear_probe"] < cost["lora"] == cost["full"] == cost["adaptor_s"] < cost["adaptor_t"]
+    assert cost["adaptor"] == cost["adaptor_booster"] == cost["adaptor_t"]
+    longer = dict(recipes["lora"], epochs=recipes["lora"]["epochs"] * 2)
+    assert expected_cost(longer) == 2 * cost["lora"]

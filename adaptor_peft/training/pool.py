@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ..adaptors.methods import METHODS
 from .loop import train_once
 
 Job = tuple[dict[str, Any], Path]
@@ -42,6 +43,16 @@ def default_workers(jobs: int) -> int:
     return max(1, min(jobs, cores(), MAX_DEFAULT_WORKERS))
 
 
+def expected_cost(recipe: dict[str, Any]) -> float:
+    """A run's training time relative to other runs of the same data, for starting the longest first: a
+    frozen backbone (linear probe) needs no backward, about a third of another method's step, and
+    Adaptor-T's probes add about a fifth (``benchmarks/overhead.py``, ``benchmarks/results/demo_cpu.md``)."""
+    spec = METHODS[recipe["method"]]
+    step = 1.0 if recipe["method"] == "linear_probe" else 3.0
+    temporal = spec.adaptors is not None and spec.adaptors[0]
+    return recipe["epochs"] * step * (1.2 if temporal else 1.0)
+
+
 def _share_cores(threads: int) -> None:
     torch.set_num_threads(threads)
 
@@ -57,7 +68,8 @@ def train_runs(
     """Trains (or reads back) every job, ``workers`` at a time (default :func:`default_workers`), and
     returns ``(results, minutes)`` per job in order. With one worker the runs go one after another in
     this process, with a progress bar each if ``progress``. The first failure, or an interrupt, stops
-    every run still going or queued and is raised. Two jobs may not share a run folder."""
+    every run still going or queued and is raised. Two jobs may not share a run folder. Several workers
+    start the runs longest first (:func:`expected_cost`), which shortens the wait for the last one."""
     workers = default_workers(len(jobs)) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -74,7 +86,9 @@ def train_runs(
         return outcomes
     workers = min(workers, len(jobs))
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads and locks
-    items = [(index, recipe, run) for index, (recipe, run) in enumerate(jobs)]
+    # Longest first: the last runs to start are short ones, so no worker is left with a long run alone.
+    order = sorted(range(len(jobs)), key=lambda index: -expected_cost(jobs[index][0]))
+    items = [(index, *jobs[index]) for index in order]
     # Leaving the block terminates the workers: on a failure or an interrupt nothing trains on behind it.
     with context.Pool(workers, _share_cores, (max(1, cores() // workers),)) as pool:
         for index, outcome in pool.imap_unordered(_train_indexed, items):
