@@ -276,6 +276,27 @@ def test_lr_scale_multiplies_the_rate_of_the_adaptors_zero_initialised_parameter
         prepare_model(create_model("vim_tiny_patch16_224", depth=2, num_classes=3), "adaptor", lr_scale=0.0)
 
 
+def test_a_finished_run_is_not_read_back_once_a_method_default_changed(tmp_path, recipes, checkpoint):
+    data = vtab_task(tmp_path / "vtab-1k")
+    recipe = tiny_recipe(checkpoint, "epochs=1", "method=adaptor")
+    first = train(recipe, tmp_path / "run", data, progress=False)
+    settings = json.loads((tmp_path / "run" / "method.json").read_text())
+    assert settings["method"] == "adaptor" and settings["config.lr_scale"] == 10.0 and settings["config.t_rank"] == 4
+    assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)  # read back
+
+    (tmp_path / "run" / "method.json").write_text(json.dumps({**settings, "config.lr_scale": 1.0}))  # older default
+    with pytest.raises(TrainingError, match=r"other settings of method 'adaptor'.*config.lr_scale: run 1.0, now 10.0"):
+        training_loop.train_once(recipe, tmp_path / "run")
+    with pytest.raises(TrainingError, match=r"config\.lr_scale: run 1\.0, now 10\.0"):
+        train(recipe, tmp_path / "run", data, progress=False)  # nor resumed or overwritten
+
+    (tmp_path / "run" / "method.json").unlink()  # a run from before the record: its recipe is all there is
+    assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)
+    (tmp_path / "run" / "method.json").write_text("[1, 2]")
+    with pytest.raises(TrainingError, match=r"method\.json is damaged"):
+        training_loop.train_once(recipe, tmp_path / "run")
+
+
 @pytest.mark.parametrize("damage", [b"a: [unclosed", b"\xff\xfe", b"- just\n- a list\n"])
 def test_a_damaged_run_config_is_named_not_a_traceback(tmp_path, recipes, checkpoint, damage):
     run = tmp_path / "run"

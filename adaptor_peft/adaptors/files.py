@@ -35,9 +35,8 @@ from torch import nn
 from ..atomic import write_atomically
 from ..models import classifier_name
 from .backbones import has_builtin_adaptors
-from .config import AdaptorConfig
 from .inject import find_mixers
-from .methods import BLOCK_TYPES, METHODS, is_peft_parameter, prepare_model, resolve_options
+from .methods import BLOCK_TYPES, METHODS, is_peft_parameter, prepare_model, resolved_settings
 
 WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"
 FORMAT = "adaptor_peft.adapter/2"
@@ -123,21 +122,16 @@ def _method_of(model: nn.Module) -> dict[str, Any] | None:
     return {"method": name, "options": {"config": config.to_dict()}}
 
 
-UNCOMPARED = ("extra", "lr_scale")
-"""AdaptorConfig fields that leave the modules and their weights as they are."""
+UNCOMPARED = ("config.extra", "config.lr_scale")
+"""AdaptorConfig fields that leave the modules and their weights as they are: free-form notes and an
+optimizer setting."""
 
 
 def _settings(method: dict[str, Any]) -> dict[str, Any]:
-    """Everything a method record adds, flat (``config.t_rank``, ``lora.r``, ``rank``) and comparable;
-    an AdaptorConfig's free-form ``extra`` notes and its ``lr_scale`` (an optimizer setting) do not count."""
-    flat = {"method": method["method"]}
-    for key, value in resolve_options(method["method"], method["options"]).items():
-        value = value.to_dict() if isinstance(value, AdaptorConfig) else value
-        if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items() if key != "config" or k not in UNCOMPARED})
-        else:
-            flat[key] = value
-    return flat
+    """Everything a method record adds, flat and comparable (:func:`resolved_settings`) but for
+    :data:`UNCOMPARED`."""
+    flat = resolved_settings(method["method"], method["options"])
+    return {key: value for key, value in flat.items() if key not in UNCOMPARED}
 
 
 def model_card(model: nn.Module, config: dict[str, Any], repo_id: str) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import re
 import types
 import typing
@@ -214,6 +215,20 @@ def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     if "rank" in spec.options:
         settings["rank"] = rest.pop("rank", PARALLEL_RANK)
     return settings
+
+
+def resolved_settings(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Every setting ``prepare_model(model, method, **options)`` uses, flat and JSON-ready: ``method``,
+    ``config.<AdaptorConfig field>``, ``lora.<r, alpha, dropout, targets>`` and ``rank``, as the method
+    takes them. Two equal results train the same modules the same way. Raises :class:`MethodOptionError`."""
+    flat: dict[str, Any] = {"method": method}
+    for key, value in resolve_options(method, options).items():
+        value = value.to_dict() if isinstance(value, AdaptorConfig) else value
+        if isinstance(value, dict):
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return json.loads(json.dumps(flat))  # tuples as lists, as they read back from a file
 
 
 def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:

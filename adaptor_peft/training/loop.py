@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..adaptors import load_adaptor, prepare_model, save_adaptor
-from ..adaptors.methods import WHOLE_BACKBONE
+from ..adaptors.methods import WHOLE_BACKBONE, resolved_settings
 from ..atomic import write_atomically
 from ..data import LabelledImages, build_transform, data_config, load_split
 from ..models import CheckpointError, create_model
@@ -53,6 +53,7 @@ from .optim import build_optimizer, build_scheduler
 from .recipe import RecipeError
 
 CONFIG, LOG, RESULTS, ADAPTER, CHECKPOINTS = "config.yaml", "log.jsonl", "results.json", "adapter", "checkpoints"
+METHOD = "method.json"
 KEEP_CHECKPOINTS = 2
 COMPLETE = "complete"  # marker written after a checkpoint is fully saved
 
@@ -239,13 +240,41 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
             "or choose another --output-dir"
         )
     previous = _as_recorded(previous)  # older runs recorded a path as given
-    if previous != recipe and (_checkpoints(run) or (run / RESULTS).is_file()):
+    started = bool(_checkpoints(run)) or (run / RESULTS).is_file()
+    if previous != recipe and started:
         changed = sorted(k for k in {*previous, *recipe} if previous.get(k) != recipe.get(k))
         raise TrainingError(
             f"{run} holds a run of another recipe (differs in {changed}); resume it with the same recipe "
             "or choose another --output-dir"
         )
-    return previous == recipe
+    if previous != recipe:
+        return False
+    recorded, method = _recorded_method(run), resolved_settings(recipe["method"], dict(recipe["method_options"]))
+    if recorded is None or recorded == method:  # runs from before the record: their recipe is all there is
+        return True
+    if started:
+        changed = [f"{k}: run {recorded.get(k)!r}, now {method.get(k)!r}" for k in {**recorded, **method}
+                   if recorded.get(k) != method.get(k)]  # fmt: skip
+        raise TrainingError(
+            f"{run} was trained with other settings of method {recipe['method']!r} than its recipe gives now "
+            f"({'; '.join(changed)}): a default changed since. Set them in method_options to go on with the run, "
+            "or choose another --output-dir"
+        )
+    return False
+
+
+def _recorded_method(run: Path) -> dict[str, Any] | None:
+    """The method settings a run folder records (:func:`~adaptor_peft.adaptors.methods.resolved_settings`),
+    or None for a folder made before they were recorded."""
+    try:
+        recorded = json.loads((run / METHOD).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        recorded = error
+    if not isinstance(recorded, dict):
+        raise TrainingError(f"{run / METHOD} is damaged ({recorded!r:.200}): move the run folder away")
+    return recorded
 
 
 def _claim_run_folder(run: Path, recipe: dict[str, Any]) -> None:
@@ -254,6 +283,8 @@ def _claim_run_folder(run: Path, recipe: dict[str, Any]) -> None:
     if same_recipe(run, recipe):
         return
     run.mkdir(parents=True, exist_ok=True)
+    settings = resolved_settings(recipe["method"], dict(recipe["method_options"]))
+    write_atomically(run / METHOD, json.dumps(settings, indent=2) + "\n")
     write_atomically(run / CONFIG, yaml.safe_dump(recipe, sort_keys=False))
 
 
