@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -57,3 +62,36 @@ def test_runs_are_started_longest_first_by_their_expected_cost(tmp_path):
     assert cost["adaptor"] == cost["adaptor_booster"] == cost["adaptor_t"]
     longer = dict(recipes["lora"], epochs=recipes["lora"]["epochs"] * 2)
     assert expected_cost(longer) == 2 * cost["lora"]
+
+
+STOPPED = """
+import sys
+from adaptor_peft.suite import QUICK
+from adaptor_peft.training import load_recipe
+from adaptor_peft.training.pool import train_runs
+
+if __name__ == "__main__":
+    recipe = load_recipe("offline_vtab/count", ["method=full", *QUICK, "epochs=1000"])
+    train_runs([(recipe, sys.argv[1] + "/a"), (dict(recipe, seed=1), sys.argv[1] + "/b")], 2)
+"""
+
+
+def test_sigterm_stops_the_workers_with_the_parent(tmp_path):
+    psutil = pytest.importorskip("psutil")  # installed with accelerate
+    script = tmp_path / "stopped.py"
+    script.write_text(STOPPED)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)], cwd=tmp_path)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / run / "log.jsonl").is_file() for run in "ab"):  # both workers are training
+            assert parent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        workers = psutil.Process(parent.pid).children(recursive=True)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not psutil.wait_procs(workers, timeout=30)[1]  # none alive
+    finally:
+        for process in [*workers, parent]:  # whatever failed, nothing trains on after the test
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()

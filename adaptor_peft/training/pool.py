@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,25 @@ def _share_cores(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """While workers run, SIGTERM (``kill``, a job scheduler) raises SystemExit here, so that leaving the
+    pool terminates them as an interrupt does; by default this process would die alone and its workers
+    would train on. Signals reach only the main thread: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _train_indexed(item: tuple[int, dict[str, Any], Path]) -> tuple[int, tuple[dict[str, Any], float | None]]:
     index, recipe, run = item
     return index, train_once(recipe, run)
@@ -68,8 +90,8 @@ def train_runs(
     """Trains (or reads back) every job, ``workers`` at a time (default :func:`default_workers`), and
     returns ``(results, minutes)`` per job in order. With one worker the runs go one after another in
     this process, with a progress bar each if ``progress``. The first failure, or an interrupt, stops
-    every run still going or queued and is raised. Two jobs may not share a run folder. Several workers
-    start the runs longest first (:func:`expected_cost`), which shortens the wait for the last one."""
+    every run still going or queued and is raised; so does SIGTERM. Two jobs may not share a run folder.
+    Several workers start the runs longest first (:func:`expected_cost`), which shortens the wait for the last one."""
     workers = default_workers(len(jobs)) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -90,7 +112,7 @@ def train_runs(
     order = sorted(range(len(jobs)), key=lambda index: -expected_cost(jobs[index][0]))
     items = [(index, *jobs[index]) for index in order]
     # Leaving the block terminates the workers: on a failure or an interrupt nothing trains on behind it.
-    with context.Pool(workers, _share_cores, (max(1, cores() // workers),)) as pool:
+    with _stopped_by_sigterm(), context.Pool(workers, _share_cores, (max(1, cores() // workers),)) as pool:
         for index, outcome in pool.imap_unordered(_train_indexed, items):
             outcomes[index] = outcome
             if done:
