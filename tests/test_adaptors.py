@@ -972,3 +972,20 @@ def test_unload_restores_the_plain_backbone(kind, method):
 def test_injecting_nothing_is_refused():
     with pytest.raises(ValueError, match="adds nothing"):
         inject_adaptor(tiny("vim"), AdaptorConfig(temporal=False, blocks=[1]))  # the last block of a depth-2 Vim
+
+
+def test_resolved_settings_spell_out_every_default_a_method_uses():
+    from adaptor_peft.adaptors.methods import resolved_settings
+
+    assert resolved_settings("linear_probe", {}) == {"method": "linear_probe"}
+    both = resolved_settings("adaptor+lora", {"t_rank": 2, "r": 4})
+    defaults = AdaptorConfig().to_dict()
+    assert both["config.t_rank"] == 2 and both["config.lr_scale"] == defaults["lr_scale"]
+    assert both["config.s_dilations"] == list(defaults["s_dilations"])  # as JSON reads it back
+    assert {k: both[k] for k in ("lora.r", "lora.alpha", "lora.targets")} == {
+        "lora.r": 4, "lora.alpha": 16, "lora.targets": ["in_proj"]
+    }  # fmt: skip
+    assert resolved_settings("parallel_adapter", {}) == {"method": "parallel_adapter", "rank": 32}
+    assert json.loads(json.dumps(both)) == both
+    with pytest.raises(MethodOptionError, match="has no option rank"):
+        resolved_settings("lora", {"rank": 4})
