@@ -280,21 +280,39 @@ def test_a_finished_run_is_not_read_back_once_a_method_default_changed(tmp_path,
     data = vtab_task(tmp_path / "vtab-1k")
     recipe = tiny_recipe(checkpoint, "epochs=1", "method=adaptor")
     first = train(recipe, tmp_path / "run", data, progress=False)
-    settings = json.loads((tmp_path / "run" / "method.json").read_text())
+    record = json.loads((tmp_path / "run" / "resolved.json").read_text())
+    settings = record["method"]
     assert settings["method"] == "adaptor" and settings["config.lr_scale"] == 10.0 and settings["config.t_rank"] == 4
     assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)  # read back
 
-    (tmp_path / "run" / "method.json").write_text(json.dumps({**settings, "config.lr_scale": 1.0}))  # older default
+    older = {**record, "method": {**settings, "config.lr_scale": 1.0}}  # made under an older default
+    (tmp_path / "run" / "resolved.json").write_text(json.dumps(older))
     with pytest.raises(TrainingError, match=r"other settings of method 'adaptor'.*config.lr_scale: run 1.0, now 10.0"):
         training_loop.train_once(recipe, tmp_path / "run")
     with pytest.raises(TrainingError, match=r"config\.lr_scale: run 1\.0, now 10\.0"):
         train(recipe, tmp_path / "run", data, progress=False)  # nor resumed or overwritten
 
-    (tmp_path / "run" / "method.json").unlink()  # a run from before the record: its recipe is all there is
+    (tmp_path / "run" / "resolved.json").unlink()  # a run from before the record: its recipe is all there is
     assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)
-    (tmp_path / "run" / "method.json").write_text("[1, 2]")
-    with pytest.raises(TrainingError, match=r"method\.json is damaged"):
+    (tmp_path / "run" / "resolved.json").write_text("[1, 2]")
+    with pytest.raises(TrainingError, match=r"resolved\.json is damaged"):
         training_loop.train_once(recipe, tmp_path / "run")
+
+
+def test_a_run_is_not_resumed_on_other_backbone_weights(tmp_path, recipes, checkpoint):
+    data = vtab_task(tmp_path / "vtab-1k")
+    weights = tmp_path / "backbone.pth"
+    shutil.copy(checkpoint, weights)
+    recipe = tiny_recipe(weights, "epochs=2", "method=lora")
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, tmp_path / "run", data, progress=False, after_epoch=interrupt)
+    state = torch.load(weights)["model"]
+    first = next(k for k in state if k.endswith("in_proj.weight"))
+    torch.save({"model": {**state, first: state[first] + 0.01}}, weights)  # the file replaced mid-run
+    with pytest.raises(TrainingError, match="started from other backbone weights"):
+        train(recipe, tmp_path / "run", data, progress=False)
+    shutil.copy(checkpoint, weights)  # the weights it started from: it resumes
+    assert train(recipe, tmp_path / "run", data, progress=False)["epochs"] == 2
 
 
 @pytest.mark.parametrize("damage", [b"a: [unclosed", b"\xff\xfe", b"- just\n- a list\n"])

@@ -1,7 +1,8 @@
 """The training loop: a resolved recipe in, a run folder out.
 
-A run folder holds ``config.yaml`` (the resolved recipe), ``log.jsonl`` (one line per epoch),
-``checkpoints/epoch_NNN/`` (the training state after each epoch, the last two kept), ``adapter/`` (what
+A run folder holds ``config.yaml`` (the resolved recipe), ``resolved.json`` (every setting of its method,
+defaults included, and a fingerprint of the backbone weights it started from), ``log.jsonl`` (one line per
+epoch), ``checkpoints/epoch_NNN/`` (the training state after each epoch, the last two kept), ``adapter/`` (what
 :func:`~adaptor_peft.save_adaptor` writes: only the trained weights) and ``results.json``. Starting a run
 in a folder that holds the same recipe resumes it after its last complete checkpoint, with the same data
 order, augmentation and dropout draws as an uninterrupted run: the sampler is seeded per epoch and
@@ -43,6 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..adaptors import load_adaptor, prepare_model, save_adaptor
+from ..adaptors.files import backbone_fingerprints
 from ..adaptors.methods import WHOLE_BACKBONE, resolved_settings
 from ..atomic import write_atomically
 from ..data import LabelledImages, build_transform, data_config, load_split
@@ -53,7 +55,7 @@ from .optim import build_optimizer, build_scheduler
 from .recipe import RecipeError
 
 CONFIG, LOG, RESULTS, ADAPTER, CHECKPOINTS = "config.yaml", "log.jsonl", "results.json", "adapter", "checkpoints"
-METHOD = "method.json"
+RESOLVED = "resolved.json"
 KEEP_CHECKPOINTS = 2
 COMPLETE = "complete"  # marker written after a checkpoint is fully saved
 
@@ -249,7 +251,7 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
         )
     if previous != recipe:
         return False
-    recorded, method = _recorded_method(run), resolved_settings(recipe["method"], dict(recipe["method_options"]))
+    recorded, method = _recorded(run).get("method"), resolved_settings(recipe["method"], dict(recipe["method_options"]))
     if recorded is None or recorded == method:  # runs from before the record: their recipe is all there is
         return True
     if started:
@@ -263,28 +265,39 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
     return False
 
 
-def _recorded_method(run: Path) -> dict[str, Any] | None:
-    """The method settings a run folder records (:func:`~adaptor_peft.adaptors.methods.resolved_settings`),
-    or None for a folder made before they were recorded."""
+def _recorded(run: Path) -> dict[str, Any]:
+    """What a run folder records beyond its recipe: ``method``, every setting of the method
+    (:func:`~adaptor_peft.adaptors.methods.resolved_settings`), and ``backbone``, the fingerprint of the
+    backbone weights it started from (:func:`~adaptor_peft.adaptors.files.backbone_fingerprints`); empty
+    for a folder made before the record."""
     try:
-        recorded = json.loads((run / METHOD).read_text())
+        recorded = json.loads((run / RESOLVED).read_text())
     except FileNotFoundError:
-        return None
+        return {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         recorded = error
     if not isinstance(recorded, dict):
-        raise TrainingError(f"{run / METHOD} is damaged ({recorded!r:.200}): move the run folder away")
+        raise TrainingError(f"{run / RESOLVED} is damaged ({recorded!r:.200}): move the run folder away")
     return recorded
 
 
-def _claim_run_folder(run: Path, recipe: dict[str, Any]) -> None:
+def _claim_run_folder(run: Path, recipe: dict[str, Any], model: nn.Module) -> None:
     """Creates the run folder with the recipe, or checks that an existing one holds the same recipe (a
-    folder where no epoch finished takes the new recipe: a corrected retry)."""
+    folder where no epoch finished takes the new recipe: a corrected retry) and, if an epoch finished, was
+    started from the same backbone weights: a checkpoint file replaced mid-run must not be resumed."""
+    backbone = next(iter(backbone_fingerprints(model).values()))  # at the finest dtype
     if same_recipe(run, recipe):
+        recorded = _recorded(run).get("backbone")
+        if recorded is not None and recorded != backbone and _checkpoints(run):
+            raise TrainingError(
+                f"{run} started from other backbone weights than {recipe['checkpoint']!r} holds now (fingerprint "
+                f"{recorded[:12]}, now {backbone[:12]}): resume it with the weights it started from, or choose "
+                "another --output-dir"
+            )
         return
     run.mkdir(parents=True, exist_ok=True)
-    settings = resolved_settings(recipe["method"], dict(recipe["method_options"]))
-    write_atomically(run / METHOD, json.dumps(settings, indent=2) + "\n")
+    record = {"method": resolved_settings(recipe["method"], dict(recipe["method_options"])), "backbone": backbone}
+    write_atomically(run / RESOLVED, json.dumps(record, indent=2) + "\n")
     write_atomically(run / CONFIG, yaml.safe_dump(recipe, sort_keys=False))
 
 
@@ -342,7 +355,7 @@ def train(
     train_set = build_split(recipe, model, True, data_root)
     eval_set = build_split(recipe, model, False, data_root)
     if accelerator.is_main_process:  # only once model and data are known to work, so a fixed retry may reuse it
-        _claim_run_folder(run, recipe)
+        _claim_run_folder(run, recipe, model)
     accelerator.wait_for_everyone()
     if tensorboard:
         accelerator.init_trackers("tensorboard")
