@@ -62,6 +62,7 @@ def test_runs_are_started_longest_first_by_their_expected_cost(tmp_path):
     assert cost["adaptor"] == cost["adaptor_booster"] == cost["adaptor_t"]
     longer = dict(recipes["lora"], epochs=recipes["lora"]["epochs"] * 2)
     assert expected_cost(longer) == 2 * cost["lora"]
+    assert expected_cost(dict(recipes["lora"], method="no_such_method")) == cost["lora"]  # the run will say why
 
 
 STOPPED = """
