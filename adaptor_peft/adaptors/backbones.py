@@ -29,11 +29,6 @@ defaults cannot change the architecture; ``lr_scale`` 1 since they are pretraine
 default_cfgs = generate_default_cfgs({"vim_nano_patch4_32_adaptor": embedded_cfg("vim_nano_patch4_32_adaptor")})
 
 
-def has_builtin_adaptors(model: nn.Module | None) -> bool:
-    """Are ``model``'s adaptors part of its backbone (built by a constructor of this module)?"""
-    return getattr(model, "builtin_adaptors", None) is not None
-
-
 def with_builtin_adaptors(model: nn.Module, config: AdaptorConfig = BUILTIN_ADAPTORS) -> nn.Module:
     """Builds ``config``'s adaptors into ``model`` as backbone parameters, all trainable, and returns it."""
     inject_adaptor(model, config, freeze_backbone=False)

@@ -34,8 +34,7 @@ from torch import nn
 
 from ..atomic import write_atomically
 from ..models import classifier_name
-from .backbones import has_builtin_adaptors
-from .inject import find_mixers
+from .inject import find_mixers, has_builtin_adaptors
 from .methods import BLOCK_TYPES, METHODS, is_peft_parameter, prepare_model, resolved_settings
 
 WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"

@@ -42,6 +42,12 @@ def is_head(model: nn.Module) -> Callable[[str], bool]:
     return lambda name: head is not None and name.startswith(head + ".")
 
 
+def has_builtin_adaptors(model: nn.Module | None) -> bool:
+    """Are ``model``'s adaptors part of its backbone (:mod:`adaptor_peft.adaptors.backbones`), not a
+    transfer method's?"""
+    return getattr(model, "builtin_adaptors", None) is not None
+
+
 def set_trainable(model: nn.Module, trainable: Callable[[str], bool]) -> nn.Module:
     """``requires_grad`` = ``trainable(name)`` for every parameter; the rest is frozen."""
     for name, p in model.named_parameters():
@@ -68,7 +74,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
             f"inject_adaptor: {type(model).__name__} has no Vim (BiMambaMixer) or VMamba (SS2D) mixers "
             f"(its children: {children}); build the backbone with adaptor_peft.create_model"
         )
-    if getattr(model, "builtin_adaptors", None) is not None:
+    if has_builtin_adaptors(model):
         raise RuntimeError(
             f"inject_adaptor: {type(model).__name__} has Adaptor-T and Adaptor-S built into its backbone; "
             "transfer it with prepare_model(model, 'lora') or another method that adds no adaptors"

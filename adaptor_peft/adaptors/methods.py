@@ -36,9 +36,8 @@ from torch import nn
 
 from ..models.vim import VimBlock
 from ..models.vmamba import VSSBlock
-from .backbones import has_builtin_adaptors
 from .config import AdaptorConfig
-from .inject import ADAPTOR_MARKERS, inject_adaptor, is_head, set_trainable
+from .inject import ADAPTOR_MARKERS, has_builtin_adaptors, inject_adaptor, is_head, set_trainable
 
 BLOCK_TYPES = (VimBlock, VSSBlock)
 PARTIAL = re.compile(
