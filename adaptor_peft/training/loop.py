@@ -251,7 +251,7 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
         )
     if previous != recipe:
         return False
-    recorded, method = _recorded(run).get("method"), resolved_settings(recipe["method"], dict(recipe["method_options"]))
+    recorded, method = _recorded(run).get("method"), _method_settings(recipe)
     if recorded is None or recorded == method:  # runs from before the record: their recipe is all there is
         return True
     if started:
@@ -263,6 +263,10 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
             "or choose another --output-dir"
         )
     return False
+
+
+def _method_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    return resolved_settings(recipe["method"], dict(recipe["method_options"]))
 
 
 def _recorded(run: Path) -> dict[str, Any]:
@@ -296,7 +300,7 @@ def _claim_run_folder(run: Path, recipe: dict[str, Any], model: nn.Module) -> No
             )
         return
     run.mkdir(parents=True, exist_ok=True)
-    record = {"method": resolved_settings(recipe["method"], dict(recipe["method_options"])), "backbone": backbone}
+    record = {"method": _method_settings(recipe), "backbone": backbone}
     write_atomically(run / RESOLVED, json.dumps(record, indent=2) + "\n")
     write_atomically(run / CONFIG, yaml.safe_dump(recipe, sort_keys=False))
 
