@@ -119,12 +119,21 @@ typedef struct {
     real *dprobe_scale;                          /* backward, accumulated into: (dim,) */
 } ScanArgs;
 
+/* A gradient that sums over channels (dB, dC, the probe weights'), kept per lane: rows x VL partial sums
+ * that items sharing the target add into with plain vector adds, reduced across lanes into target[0 .. rows)
+ * only when an item with another target comes (or at the end), instead of once per item and row. */
+typedef struct {
+    real *lanes, *target;
+    int64_t rows;
+} LaneSums;
+
 typedef struct {
     real *u, *x, *dt, *z, *y, *r, *hist, *decay, *dy, *du, *ddt;
     real *h, *a, *g, *A, *cum_dA;
     real Dv[VL];    /* the block's D skip weights, zero where there is no D or no channel */
     int64_t b, d0, nv; /* the item: batch row, first channel, active lanes */
     int64_t *first, *reads; /* probes by position read: reads[first[j] .. first[j + 1]) are the (i, k) reading j */
+    LaneSums dB, dC, dW; /* backward only */
 } Work;
 
 static int64_t gcd(int64_t a, int64_t b) {
@@ -164,7 +173,8 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     const int64_t L = s->len, N = s->nstate;
     const int64_t row = L * VL, state = N * VL;
     const int64_t history = backward || s->hidden ? (L + 1) * state : 0; /* the plain forward keeps none */
-    const int64_t total = 7 * row + history + (backward ? L * state + 2 * row : 0) + 5 * state;
+    const int64_t lane_sums = backward ? 2 * L * state + (s->probe ? L * s->nprobe * VL : 0) : 0;
+    const int64_t total = 7 * row + history + (backward ? L * state + 2 * row : 0) + 5 * state + lane_sums;
     real *p = calloc((size_t)total, sizeof(real));
     if (!p) return -1;
     if (s->probe) {
@@ -192,8 +202,33 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
         w->decay = p; p += L * state;
         w->dy = p; p += row;
         w->ddt = p; p += row;
+        w->dB = (LaneSums){p, NULL, N * L}; p += L * state;
+        w->dC = (LaneSums){p, NULL, N * L}; p += L * state;
+        w->dW = (LaneSums){p, NULL, L * s->nprobe};
     }
     return 0;
+}
+
+/* Adds the lane sums into their target and zeroes them. */
+static void lanes_flush(LaneSums *acc) {
+    if (!acc->target) return;
+    for (int64_t r = 0; r < acc->rows; r++) {
+        real sum = 0, *lane = acc->lanes + r * VL;
+        #pragma omp simd reduction(+:sum)
+        for (int v = 0; v < VL; v++) sum += lane[v];
+        acc->target[r] += sum;
+        memset(lane, 0, VL * sizeof(real));
+    }
+    acc->target = NULL;
+}
+
+/* The lane sums to add into for ``target``, flushing those of another target first. */
+static real *lanes_for(LaneSums *acc, real *target) {
+    if (acc->target != target) {
+        lanes_flush(acc);
+        acc->target = target;
+    }
+    return acc->lanes;
 }
 
 static void work_free(Work *w) {
@@ -256,16 +291,26 @@ static inline __attribute__((always_inline)) void recurrence(
         if (probes)
             for (int64_t q = w->first[t]; q < w->first[t + 1]; q++) {
                 const int64_t e = w->reads[q], i = e / K;
-                real seen[4][VL] = {{0}}; /* four partial sums: one chain would wait on FMA latency */
-                for (int64_t n = 0; n < N; n++) {
-                    const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
+                const real *ci = Cg + i * s->C_s[3];
+                /* two named partial sums, which stay in registers: one chain would wait on FMA latency */
+                real even[VL] = {0}, odd[VL] = {0};
+                int64_t n = 0;
+                for (; n + 1 < N; n += 2) {
+                    const real c0 = ci[n * s->C_s[2]], c1 = ci[(n + 1) * s->C_s[2]];
                     #pragma omp simd
-                    for (int v = 0; v < VL; v++) seen[n & 3][v] += ci * w->h[n * VL + v];
+                    for (int v = 0; v < VL; v++) {
+                        even[v] += c0 * w->h[n * VL + v];
+                        odd[v] += c1 * w->h[(n + 1) * VL + v];
+                    }
+                }
+                if (n < N) {
+                    const real c0 = ci[n * s->C_s[2]];
+                    #pragma omp simd
+                    for (int v = 0; v < VL; v++) even[v] += c0 * w->h[n * VL + v];
                 }
                 const real wk = weight[e];
                 #pragma omp simd
-                for (int v = 0; v < VL; v++)
-                    w->r[i * VL + v] += wk * ((seen[0][v] + seen[1][v]) + (seen[2][v] + seen[3][v]));
+                for (int v = 0; v < VL; v++) w->r[i * VL + v] += wk * (even[v] + odd[v]);
             }
     }
 }
@@ -368,7 +413,7 @@ int SCAN_FORWARD(const ScanArgs *s) {
  * sum over the (i, k) that read t of w_{i,k} C_i dr_i, with dr_i in w->r (needs sort_probes). Inlined per
  * (nstate, probes) like recurrence. */
 static inline __attribute__((always_inline)) void reverse(
-    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, real *dBg, real *dCg, const int64_t N,
+    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, real *dBl, real *dCl, const int64_t N,
     const int probes) {
     const int64_t L = s->len, K = s->nprobe;
     const real *weight = probes ? s->probe_weight + probe_offset(s, w) : NULL;
@@ -399,8 +444,8 @@ static inline __attribute__((always_inline)) void reverse(
             const real cn = Cg[n * s->C_s[2] + t * s->C_s[3]];
             const real *hprev = w->hist + ((t - 1) * N + n) * VL, *ht = w->hist + (t * N + n) * VL;
             real *gs = w->g + n * VL, *anext = w->a + n * VL, *A = w->A + n * VL, *cdA = w->cum_dA + n * VL;
-            real dbn = 0, dcn = 0;
-            #pragma omp simd reduction(+:dbn, dcn)
+            real *dbn = dBl + (n * L + t) * VL, *dcn = dCl + (n * L + t) * VL;
+            #pragma omp simd
             for (int v = 0; v < VL; v++) {
                 const real a = w->decay[(t * N + n) * VL + v];
                 const real gv = gs[v] * anext[v] + cn * dy[v] + (probes ? ex[n][v] : 0);
@@ -408,13 +453,11 @@ static inline __attribute__((always_inline)) void reverse(
                 ddt[v] += ga_hp * A[v] + gv * u[v] * bn;
                 cdA[v] += ga_hp * dt[v];
                 du[v] += gv * dt[v] * bn;
-                dbn += gv * dtu[v];
-                dcn += dy[v] * ht[v];
+                dbn[v] += gv * dtu[v];
+                dcn[v] += dy[v] * ht[v];
                 gs[v] = gv;
                 anext[v] = a;
             }
-            dBg[n * L + t] += dbn;
-            dCg[n * L + t] += dcn;
         }
         for (int v = 0; v < VL; v++) {
             w->ddt[t * VL + v] = ddt[v];
@@ -428,9 +471,10 @@ static inline __attribute__((always_inline)) void reverse(
  * sum_k w_k (C_i . h_j), sends dr_i = dreadout_i + scale dy_i to each weight (dW) and to C_i (dC, through
  * the probe-mixed state), adds scale r_i to w->y, and leaves dr_i in w->r for the adjoint recurrence,
  * which sends it to the probed states. w->dy holds the gated output gradient; w->ddt holds dreadout on
- * entry. Inlined per nstate so that the state loops unroll. */
+ * entry. The reads go in pairs, each pair's states walked once with both partial readouts in registers;
+ * inlined per nstate so that the state loop unrolls. */
 static inline __attribute__((always_inline)) void probe_backward(
-    const ScanArgs *s, Work *w, const real *Cg, real *dCg, real *dWg, real *dscale, const int64_t N) {
+    const ScanArgs *s, Work *w, const real *Cg, real *dCl, real *dWl, real *dscale, const int64_t N) {
     const int64_t L = s->len, K = s->nprobe, d0 = w->d0, nv = w->nv;
     const int64_t offset = probe_offset(s, w);
     const int64_t *probe = s->probe + offset;
@@ -439,35 +483,34 @@ static inline __attribute__((always_inline)) void probe_backward(
     if (s->probe_scale)
         for (int v = 0; v < nv; v++) scale[v] = s->probe_scale[d0 + v];
     for (int64_t i = 0; i < L; i++) {
-        real dr[VL], r[VL] = {0}, mixed[N][VL];
-        const real *gated = w->dy + i * VL;
+        real dr[VL], r[VL] = {0};
+        const real *gated = w->dy + i * VL, *ci = Cg + i * s->C_s[3];
         for (int v = 0; v < VL; v++) dr[v] = w->ddt[i * VL + v] + scale[v] * gated[v];
-        memset(mixed, 0, sizeof mixed);
-        for (int64_t k = 0; k < K; k++) {
-            const real *hj = w->hist + probe[i * K + k] * N * VL;
-            const real wk = weight[i * K + k];
-            real seen[VL] = {0};
+        for (int64_t k = 0; k < K; k += 2) { /* two reads at a time; an odd last one pairs with itself, unweighted */
+            const int64_t k1 = k + 1 < K ? k + 1 : k;
+            const real w0 = weight[i * K + k], w1 = k1 > k ? weight[i * K + k1] : 0;
+            const real *h0 = w->hist + probe[i * K + k] * N * VL, *h1 = w->hist + probe[i * K + k1] * N * VL;
+            real seen0[VL] = {0}, seen1[VL] = {0};
             for (int64_t n = 0; n < N; n++) {
-                const real ci = Cg[n * s->C_s[2] + i * s->C_s[3]];
+                const real c = ci[n * s->C_s[2]];
+                real *dcn = dCl + (n * L + i) * VL;
                 #pragma omp simd
                 for (int v = 0; v < VL; v++) {
-                    seen[v] += ci * hj[n * VL + v];
-                    mixed[n][v] += wk * hj[n * VL + v];
+                    const real a = h0[n * VL + v], b = h1[n * VL + v];
+                    seen0[v] += c * a;
+                    seen1[v] += c * b;
+                    dcn[v] += dr[v] * (w0 * a + w1 * b);
                 }
             }
-            real dwk = 0;
-            #pragma omp simd reduction(+:dwk)
+            real *dw0 = dWl + (i * K + k) * VL, *dw1 = dWl + (i * K + k1) * VL;
+            #pragma omp simd
             for (int v = 0; v < VL; v++) {
-                dwk += dr[v] * seen[v];
-                r[v] += wk * seen[v];
+                dw0[v] += dr[v] * seen0[v];
+                r[v] += w0 * seen0[v] + w1 * seen1[v];
             }
-            dWg[i * K + k] += dwk;
-        }
-        for (int64_t n = 0; n < N; n++) {
-            real dcn = 0;
-            #pragma omp simd reduction(+:dcn)
-            for (int v = 0; v < VL; v++) dcn += dr[v] * mixed[n][v];
-            dCg[n * L + i] += dcn;
+            if (k1 > k)
+                #pragma omp simd
+                for (int v = 0; v < VL; v++) dw1[v] += dr[v] * seen1[v];
         }
         for (int v = 0; v < VL; v++) {
             w->y[i * VL + v] += scale[v] * r[v];
@@ -521,7 +564,7 @@ int SCAN_BACKWARD(const ScanArgs *s) {
 
         /* Probes: each readout sends gradient to the states it read, their weights and C at the query;
          * the readout itself joins y, as in the forward, before the gate's gradient reads y. */
-        real *dCg = dC + (b * s->groups + g) * N * L;
+        real *dCl = lanes_for(&w.dC, dC + (b * s->groups + g) * N * L);
         const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
         const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
         const int probes = s->probe != NULL;
@@ -530,10 +573,10 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 const real *dreadout = s->dreadout + (b * Dm + d0 + v) * L;
                 for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = v < nv ? dreadout[t] : 0; /* parked */
             }
-            real *dWg = dW + probe_offset(s, &w);
+            real *dWl = lanes_for(&w.dW, dW + probe_offset(s, &w));
             sort_probes(s, &w, s->probe + probe_offset(s, &w));
-            if (N == 16) probe_backward(s, &w, Cg, dCg, dWg, dscale, 16);
-            else probe_backward(s, &w, Cg, dCg, dWg, dscale, N);
+            if (N == 16) probe_backward(s, &w, Cg, dCl, dWl, dscale, 16);
+            else probe_backward(s, &w, Cg, dCl, dWl, dscale, N);
         }
 
         /* dz (parked in ddt until the reverse pass), and the skip: gradient reaching D and u. */
@@ -553,11 +596,11 @@ int SCAN_BACKWARD(const ScanArgs *s) {
             if (s->Dskip) dD[d0 + v] += dDv[v];
         }
 
-        real *dBg = dB + (b * s->groups + g) * N * L;
-        if (N == 16 && probes) reverse(s, &w, Bg, Cg, dBg, dCg, 16, 1);
-        else if (N == 16) reverse(s, &w, Bg, Cg, dBg, dCg, 16, 0);
-        else if (probes) reverse(s, &w, Bg, Cg, dBg, dCg, N, 1);
-        else reverse(s, &w, Bg, Cg, dBg, dCg, N, 0);
+        real *dBl = lanes_for(&w.dB, dB + (b * s->groups + g) * N * L);
+        if (N == 16 && probes) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 1);
+        else if (N == 16) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 0);
+        else if (probes) reverse(s, &w, Bg, Cg, dBl, dCl, N, 1);
+        else reverse(s, &w, Bg, Cg, dBl, dCl, N, 0);
         if (s->softplus)
             for (int64_t t = 0; t < L * VL; t++) w.ddt[t] *= 1 / (1 + EXP(-w.x[t]));
         real dbias[VL] = {0};
@@ -573,6 +616,9 @@ int SCAN_BACKWARD(const ScanArgs *s) {
             for (int64_t n = 0; n < N; n++) dA[(d0 + v) * N + n] += w.cum_dA[n * VL + v];
         }
     }
+    lanes_flush(&w.dB);
+    lanes_flush(&w.dC);
+    lanes_flush(&w.dW);
     work_free(&w);
     if (!failed) {
         add_into(s->dA, dA, Dm * N);
