@@ -327,6 +327,8 @@ VARIANTS = {
     "separate_kernels": dict(s_share_kernel=False),
     "inner": dict(s_position="inner"),
     "spatial_rank": dict(s_rank=4),
+    "random_predictor": dict(t_init=0.5),
+    "delta_kernels": dict(s_init="delta"),
     "block0": dict(blocks=[0]),
     "spatial_only": dict(temporal=False),
     "temporal_only": dict(spatial=False),
@@ -354,8 +356,12 @@ def test_injection_variants_are_exact_at_init_and_their_parameters_matter(kind, 
             width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features
             assert mixer.adaptor_s.channels == width
             assert mixer.adaptor_s.kernel.shape[1] == (config.s_rank or width)
+            centre = mixer.adaptor_s.kernel[..., 1, 1]
+            assert (centre == 1).all() == (config.s_init == "delta")
         if mixer.adaptor_t is not None:
             assert mixer.adaptor_t.learned == (config.t_anchor == "learned")
+            assert mixer.adaptor_t.weight_up.any() == (config.t_init > 0)
+            assert not mixer.adaptor_t.gamma.any()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(".adaptor_" in n or n.startswith(("head.", "classifier.head.")) for n in names)
     if config.blocks == [0]:
@@ -415,6 +421,8 @@ def test_injected_partial_configs_round_trip_through_files(tmp_path, config):
         (dict(s_dilations=()), "s_dilations"),
         (dict(t_locations=0), "t_locations"),
         (dict(dropout=1.0), "dropout"),
+        (dict(t_init=-0.1), "t_init"),
+        (dict(s_init="zeros"), "s_init"),
         (dict(temporal=False, spatial=False), "temporal/spatial"),
     ],
 )

@@ -284,6 +284,9 @@ def test_a_finished_run_is_not_read_back_once_a_method_default_changed(tmp_path,
     settings = record["method"]
     assert settings["method"] == "adaptor" and settings["config.lr_scale"] == 10.0 and settings["config.t_rank"] == 4
     assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)  # read back
+    before_init = {k: v for k, v in settings.items() if k != "config.t_init"}  # made before t_init existed
+    (tmp_path / "run" / "resolved.json").write_text(json.dumps({**record, "method": before_init}))
+    assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)  # its default keeps the run's
 
     older = {**record, "method": {**settings, "config.lr_scale": 1.0}}  # made under an older default
     (tmp_path / "run" / "resolved.json").write_text(json.dumps(older))

@@ -14,6 +14,7 @@ from typing import Any
 
 ANCHOR_MODES = ("learned", "static")
 SPATIAL_POSITIONS = ("output", "inner")
+KERNEL_INITS = ("kaiming", "delta")
 
 
 @dataclass
@@ -38,6 +39,10 @@ class AdaptorConfig:
     """Adaptor-T locations (ours): "learned" = trained anchors spread over the sequence plus
     input-dependent offsets, read at fractional positions by linear interpolation; "static" = fixed,
     evenly spread anchors and no offsets (the paper's static-location ablation)."""
+    t_init: float = 0.0
+    """Adaptor-T (ours): standard deviation of the normal initialisation of the predictor's output layers
+    (location offsets and weight logits); 0 = zero, so that every position starts reading the anchors with
+    equal weights. γ starts at zero either way, which keeps the injected model exact."""
 
     s_kernel_size: int = 3
     """Adaptor-S: depthwise kernel size (3)."""
@@ -55,6 +60,10 @@ class AdaptorConfig:
     s_position: str = "output"
     """Adaptor-S placement (ours): "output" = on the mixer output (model width); "inner" = on the
     gated scan output before ``out_proj`` (inner width, about twice the parameters)."""
+    s_init: str = "kaiming"
+    """Adaptor-S (ours): initialisation of the dilated kernels: "kaiming" = as ``nn.Conv2d``'s; "delta" = a
+    unit centre tap, so that every branch starts as the identity on its channel. The zero scales keep the
+    injected model exact either way."""
 
     dropout: float = 0.0
     """Dropout on the adaptors' added branches (0)."""
@@ -80,15 +89,17 @@ class AdaptorConfig:
             "t_groups": self.t_groups >= 1,
             "t_rank": self.t_rank >= 1,
             "t_anchor": self.t_anchor in ANCHOR_MODES,
+            "t_init": self.t_init >= 0,
             "s_kernel_size": self.s_kernel_size >= 1 and self.s_kernel_size % 2 == 1,
             "s_dilations": len(self.s_dilations) >= 1 and all(d >= 1 for d in self.s_dilations),
             "s_rank": self.s_rank >= 0,
             "s_position": self.s_position in SPATIAL_POSITIONS,
+            "s_init": self.s_init in KERNEL_INITS,
             "dropout": 0.0 <= self.dropout < 1.0,
             "lr_scale": self.lr_scale > 0,
             "temporal/spatial": self.temporal or self.spatial,
         }
-        allowed = {"t_anchor": ANCHOR_MODES, "s_position": SPATIAL_POSITIONS}
+        allowed = {"t_anchor": ANCHOR_MODES, "s_position": SPATIAL_POSITIONS, "s_init": KERNEL_INITS}
         for name, ok in checks.items():
             if not ok:
                 value = getattr(self, name, None) if "/" not in name else (self.temporal, self.spatial)

@@ -121,9 +121,9 @@ def _method_of(model: nn.Module) -> dict[str, Any] | None:
     return {"method": name, "options": {"config": config.to_dict()}}
 
 
-UNCOMPARED = ("config.extra", "config.lr_scale")
-"""AdaptorConfig fields that leave the modules and their weights as they are: free-form notes and an
-optimizer setting."""
+UNCOMPARED = ("config.extra", "config.lr_scale", "config.t_init", "config.s_init")
+"""AdaptorConfig fields that leave the modules and their loaded weights as they are: free-form notes, an
+optimizer setting and the initialisations, which the loaded weights replace."""
 
 
 def _settings(method: dict[str, Any]) -> dict[str, Any]:

@@ -112,6 +112,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.t_anchor,
                 config.dropout,
                 config.lr_scale,
+                config.t_init,
             ).to(weight.device, dtype)
         if config.spatial and i <= last_reaching_logits:
             width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features
@@ -124,6 +125,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.dropout,
                 config.s_rank,
                 config.lr_scale,
+                config.s_init,
             ).to(weight.device, dtype)
     if not any(m.adaptor_t is not None or m.adaptor_s is not None for _, m in mixers):
         raise ValueError(

@@ -38,6 +38,7 @@ class AdaptorS(nn.Module):
         dropout: float = AdaptorConfig.dropout,
         rank: int = AdaptorConfig.s_rank,
         lr_scale: float = AdaptorConfig.lr_scale,
+        init: str = AdaptorConfig.s_init,
     ):
         super().__init__()
         self.lr_scale = lr_scale
@@ -51,7 +52,10 @@ class AdaptorS(nn.Module):
         self.up = nn.Linear(rank, channels, bias=False) if rank else None
         self.dropout = nn.Dropout(dropout)
         for k in self.kernel:
-            nn.init.kaiming_uniform_(k, a=5**0.5)
+            if init == "delta":
+                nn.init.dirac_(k, groups=width)
+            else:
+                nn.init.kaiming_uniform_(k, a=5**0.5)
         reach = range(-(kernel_size // 2), kernel_size // 2 + 1)
         self.offsets = tuple((dy * d, dx * d) for d in self.dilations for dy in reach for dx in reach)
 

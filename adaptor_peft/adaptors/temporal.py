@@ -10,8 +10,8 @@ where, for each of S channel groups, a low-rank predictor on the scan input ``u_
 ``i``, which lets a causal scan see later tokens. A fractional location is read by linear
 interpolation between its two neighbouring states. Since ``C_i · h(p)`` is linear in ``h``, the scan
 hands back only the probe readouts ``C_i · h_j`` (:func:`adaptor_peft.ops.selective_scan`), never a
-(B, E, L, K, N) tensor. ``γ``, the offsets and the weight logits start at zero, so an injected model
-computes exactly what the pretrained one did.
+(B, E, L, K, N) tensor. ``γ`` starts at zero, so an injected model computes exactly what the pretrained
+one did; so do, by default (``t_init``), the predictor's offsets and weight logits.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class AdaptorT(nn.Module):
         anchor: str = AdaptorConfig.t_anchor,
         dropout: float = AdaptorConfig.dropout,
         lr_scale: float = AdaptorConfig.lr_scale,
+        init: float = AdaptorConfig.t_init,
     ):
         super().__init__()
         self.lr_scale = lr_scale
@@ -64,9 +65,14 @@ class AdaptorT(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # per direction as nn.Linear(channels, rank) is: uniform in ±1/sqrt(fan-in), fan-in = channels
         nn.init.uniform_(self.down, -(channels**-0.5), channels**-0.5)
+        if init:  # the predictor's output layers; γ stays zero
+            nn.init.normal_(self.weight_up, std=init)
+            if self.learned:
+                nn.init.normal_(self.offset_up, std=init)
 
     def zero_initialised(self) -> list[nn.Parameter]:
-        """The parameters that start at zero, whose learning rate ``lr_scale`` multiplies."""
+        """The parameters that start at zero (the predictor's output layers unless ``init``), whose learning
+        rate ``lr_scale`` multiplies."""
         names = ("gamma", "weight_up", "weight_bias", "offset_up")
         return [getattr(self, n) for n in names if isinstance(getattr(self, n, None), nn.Parameter)]
 

@@ -252,11 +252,11 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
     if previous != recipe:
         return False
     recorded, method = _recorded(run).get("method"), _method_settings(recipe)
-    if recorded is None or recorded == method:  # runs from before the record: their recipe is all there is
+    # A setting the record lacks was added since, with a default that keeps what the run did.
+    changed = [f"{k}: run {v!r}, now {method.get(k)!r}" for k, v in (recorded or {}).items() if method.get(k) != v]
+    if not changed:  # also runs from before the record: their recipe is all there is
         return True
     if started:
-        changed = [f"{k}: run {recorded.get(k)!r}, now {method.get(k)!r}" for k in {**recorded, **method}
-                   if recorded.get(k) != method.get(k)]  # fmt: skip
         raise TrainingError(
             f"{run} was trained with other settings of method {recipe['method']!r} than its recipe gives now "
             f"({'; '.join(changed)}): a default changed since. Set them in method_options to go on with the run, "
