@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -267,6 +269,33 @@ def test_kernel_built_for_another_cpu_target(monkeypatch, tmp_path):
         assert not native.available()
     assert select_backend(torch.device("cpu"), torch.float32) == "torch"
     assert len(list(tmp_path.glob("*.so"))) == 2  # x86-64-v3 in float32 and float64; the failed builds left none
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler")
+def test_a_new_build_prunes_builds_not_loaded_for_a_month(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAPTOR_PEFT_CACHE", str(tmp_path))
+    month_ago = time.time() - (native.STALE_DAYS + 1) * 86400
+    names = {"adaptor_peft_cpu_f32_0ld.so": month_ago, "building_x.so": month_ago,
+             "adaptor_peft_cpu_f32_rec3nt.so": time.time() - 86400, "not_ours.so": month_ago}  # fmt: skip
+    for name, when in names.items():
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (when, when))
+    native._build.cache_clear()
+    try:
+        assert native.available()
+        built = set(tmp_path.glob("*.so")) - {tmp_path / n for n in names}
+        assert len(built) == 1
+        build = built.pop()
+        assert time.time() - build.stat().st_mtime < 600
+        assert sorted(p.name for p in tmp_path.glob("*.so") if p.name in names) == [
+            "adaptor_peft_cpu_f32_rec3nt.so",
+            "not_ours.so",
+        ]
+        os.utime(build, (month_ago, month_ago))
+        native._build.cache_clear()
+        assert native.available() and time.time() - build.stat().st_mtime < 600  # loading keeps it fresh
+    finally:
+        native._build.cache_clear()
 
 
 def test_native_build_failure_falls_back_to_torch(monkeypatch, tmp_path):

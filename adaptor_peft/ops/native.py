@@ -11,12 +11,14 @@ works, :func:`available` is False and the dispatcher uses the PyTorch implementa
 Code is generated for this machine's CPU (``-march=native``); ``ADAPTOR_PEFT_CPU_TARGET`` names another
 GCC/Clang ``-march`` target, e.g. ``x86-64-v3`` (AVX2 + FMA, any x86 machine of the last decade) for a
 cache shared by machines that differ, or to measure what a machine without AVX-512 gets. Each target
-is built and cached on its own. A target newer than the CPU (``x86-64-v4`` on an AVX2 machine) builds,
-then stops the process with an illegal instruction at the first call: name one the CPU has.
+is built and cached on its own; a build not loaded for 30 days is removed when a new one is made. A
+target newer than the CPU (``x86-64-v4`` on an AVX2 machine) builds, then stops the process with an
+illegal instruction at the first call: name one the CPU has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from functools import cache
 from pathlib import Path
@@ -35,6 +38,10 @@ SOURCES = tuple(Path(__file__).with_name(name) for name in ("selective_scan_cpu.
 # -ffp-contract=fast: ISO C mode would otherwise forbid fused multiply-adds (a quarter of the scan's time)
 FLAGS = ("-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
 TARGET_ENV = "ADAPTOR_PEFT_CPU_TARGET"
+STALE_DAYS = 30
+"""A cached build not loaded for this long is removed when a new one is made: every source version, target
+and compiler gets its own file, so the cache would otherwise only grow."""
+_TEMPORARY = "building_"  # the name of a build in progress starts with this
 
 _I64x3 = ctypes.c_int64 * 3
 _I64x4 = ctypes.c_int64 * 4
@@ -87,8 +94,10 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
     machine = _machine_fingerprint() if target == "native" else b""  # a named target runs on every machine it names
     key = hashlib.sha256(sources + compiler.encode() + " ".join(flags).encode() + machine)
     path = cache_dir() / f"adaptor_peft_cpu_{'f64' if double else 'f32'}_{key.hexdigest()[:16]}.so"
-    if not path.exists() and not _compile(compiler, flags, path):
-        return None
+    if not path.exists():
+        if not _compile(compiler, flags, path):
+            return None
+        _prune_stale(path.parent)
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as err:  # a damaged cache entry, or one built against another C library: rebuild once
@@ -99,6 +108,8 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
         except OSError:
             warnings.warn(f"adaptor_peft: cannot load {path} ({err}), using the PyTorch scan", RuntimeWarning, 2)
             return None
+    with contextlib.suppress(OSError):  # loaded now: fresh for the pruning (a read-only cache stays as it is)
+        os.utime(path)
     suffix = "f64" if double else "f32"
     for name in ("forward", "backward"):
         fn = getattr(lib, f"scan_{name}_{suffix}")
@@ -110,10 +121,20 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
     return lib
 
 
+def _prune_stale(folder: Path) -> None:
+    """Removes the builds, and the temporary files of interrupted ones, older than :data:`STALE_DAYS`."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for old in folder.glob("*.so"):
+        if old.name.startswith(("adaptor_peft_cpu_", _TEMPORARY)):
+            with contextlib.suppress(OSError):  # another process may prune it too
+                if old.stat().st_mtime < cutoff:
+                    old.unlink()
+
+
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
     """Builds ``target`` atomically, with OpenMP if the compiler has it; warns and returns False on failure."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_TEMPORARY, suffix=".so", dir=target.parent)
     os.close(fd)
     for extra in (("-fopenmp",), ()):
         result = subprocess.run(
