@@ -32,10 +32,20 @@ VARIANTS = {
     "lr_scale=10": ("adaptor", {"lr_scale": 10.0}),
     "s_rank=8 lr_scale=10": ("adaptor", {"s_rank": 8, "lr_scale": 10.0}),
     "K=1 lr_scale=10": ("adaptor", {"t_locations": 1, "lr_scale": 10.0}),
+    "t_anchor=static": ("adaptor", {"t_anchor": "static", "lr_scale": 10}),
+    "lr_scale=3": ("adaptor", {"lr_scale": 3}),
+    "lr_scale=30": ("adaptor", {"lr_scale": 30}),
+    "t_groups=1": ("adaptor", {"t_groups": 1, "lr_scale": 10}),
+    "t_rank=8": ("adaptor", {"t_rank": 8, "lr_scale": 10}),
+    "s_position=inner": ("adaptor", {"s_position": "inner", "lr_scale": 10}),
+    "s_share_kernel=False": ("adaptor", {"s_share_kernel": False, "lr_scale": 10}),
+    "t_init=0.1": ("adaptor", {"t_init": 0.1, "lr_scale": 10}),
+    "s_init=delta": ("adaptor", {"s_init": "delta", "lr_scale": 10}),
 }
-"""name -> (method, options), every option spelled out so that a row keeps its meaning when a default
-changes: the adaptor before this study (lr_scale=1), the default it chose (lr_scale=10), one more choice
-changed at a time, and LoRA as the bar."""
+"""name -> (method, options): LoRA as the bar, the adaptor before the study (lr_scale=1), the default it
+chose (lr_scale=10), and one more choice changed at a time. lr_scale is spelled out in every row; should
+another default change, the run folders' records refuse the old runs instead of reading them back as
+the new setting."""
 TASKS = ("digits", "landcover", "count", "distance")
 """One natural and one specialized task and two structured ones: the largest linear-to-full gaps of each
 group in ``benchmarks/results/suite_calibration.md``."""
