@@ -6,7 +6,7 @@
  * on channels-last maps. Its weight gradient is
  *     dweight[t, c] = sum_{b, h, w} x[b, h + dy_t, w + dx_t, c] g[b, h, w, c],
  * which PyTorch's CPU depthwise backward computes an order of magnitude slower than the forward. Here
- * every (tap, channel block) is one work item whose sums stay in registers, vectorised over channels.
+ * the sums stay in registers, vectorised over channels.
  * Compiled with selective_scan_cpu.c into one library by adaptor_peft/ops/native.py.
  */
 #include <stdint.h>
@@ -24,19 +24,21 @@ typedef float real;
 static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* x, g: (batch, height, width, channels) contiguous; offsets: (taps, 2) as (dy, dx); dweight: (taps, channels). */
+/* x, g: (batch, height, width, channels) contiguous; offsets: (taps, 2) as (dy, dx); dweight: (batch, taps,
+ * channels), each batch row's part of the sum (the caller adds them up). A work item is one batch row and
+ * channel block, whose slices of x and g stay in cache while every tap walks them. */
 void TAPS_GRAD(const real *x, const real *g, const int64_t *offsets, int64_t taps, int64_t batch, int64_t height,
                int64_t width, int64_t channels, real *dweight) {
     const int64_t blocks = (channels + CB - 1) / CB;
     #pragma omp parallel for schedule(static)
-    for (int64_t item = 0; item < taps * blocks; item++) {
-        const int64_t t = item / blocks, c0 = (item % blocks) * CB;
-        const int64_t dy = offsets[2 * t], dx = offsets[2 * t + 1];
-        const int64_t h0 = max64(0, -dy), h1 = min64(height, height - dy);
-        const int64_t w0 = max64(0, -dx), w1 = min64(width, width - dx);
+    for (int64_t item = 0; item < batch * blocks; item++) {
+        const int64_t b = item / blocks, c0 = (item % blocks) * CB;
         const int64_t n = channels - c0 < CB ? channels - c0 : CB;
-        real acc[CB] = {0};
-        for (int64_t b = 0; b < batch; b++)
+        for (int64_t t = 0; t < taps; t++) {
+            const int64_t dy = offsets[2 * t], dx = offsets[2 * t + 1];
+            const int64_t h0 = max64(0, -dy), h1 = min64(height, height - dy);
+            const int64_t w0 = max64(0, -dx), w1 = min64(width, width - dx);
+            real acc[CB] = {0};
             for (int64_t h = h0; h < h1; h++) {
                 const real *xr = x + ((b * height + h + dy) * width + dx) * channels + c0;
                 const real *gr = g + ((b * height + h) * width) * channels + c0;
@@ -50,6 +52,7 @@ void TAPS_GRAD(const real *x, const real *g, const int64_t *offsets, int64_t tap
                     }
                 }
             }
-        for (int64_t c = 0; c < n; c++) dweight[t * channels + c0 + c] = acc[c];
+            for (int64_t c = 0; c < n; c++) dweight[(b * taps + t) * channels + c0 + c] = acc[c];
+        }
     }
 }

@@ -232,9 +232,9 @@ def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor)
     float64 maps ``x``, ``g`` (batch, height, width, channels) and integer ``offsets`` (taps, 2); the
     compiled library must be :func:`available` for the dtype."""
     x, g, offsets = x.contiguous(), g.to(x.dtype).contiguous(), offsets.to(torch.int64).contiguous()
-    out = x.new_empty(offsets.shape[0], x.shape[-1])
+    per_row = x.new_empty(x.shape[0], offsets.shape[0], x.shape[-1])
     double = x.dtype == torch.float64
     getattr(_library(double), f"depthwise_taps_grad_{'f64' if double else 'f32'}")(
-        _ptr(x), _ptr(g), _ptr(offsets), offsets.shape[0], *x.shape, _ptr(out)
+        _ptr(x), _ptr(g), _ptr(offsets), offsets.shape[0], *x.shape, _ptr(per_row)
     )
-    return out
+    return per_row.sum(0)
