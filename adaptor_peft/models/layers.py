@@ -1,10 +1,10 @@
-"""Pieces both backbones share: RMSNorm, a permute module, Mamba's parameter initialisation, and the
-helpers of timm's model contract (activation checkpointing, pooling choice)."""
+"""Pieces both backbones share: RMSNorm, a permute module, Mamba's parameter initialisation, activation
+recomputation, and the helpers of timm's model contract (activation checkpointing, pooling choice)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +33,88 @@ def checkpointed(module: nn.Module, *args, enabled: bool) -> torch.Tensor:
     if enabled and torch.is_grad_enabled():
         return checkpoint(module, *args, use_reentrant=False)
     return module(*args)
+
+
+class Recipe:
+    """How to rebuild one activation: run at most once, its value kept while the graph needs it."""
+
+    def __init__(self, rebuild: Callable[[], torch.Tensor], like: torch.Tensor):
+        self.rebuild, self.value = rebuild, None
+        self.device_type, self.shape, self.stride = like.device.type, like.shape, like.stride()
+        self.autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
+
+    def __call__(self) -> torch.Tensor:
+        if self.value is None:
+            enabled, dtype = self.autocast
+            with torch.no_grad(), torch.autocast(self.device_type, dtype, enabled=enabled):
+                value = self.rebuild()
+            if value.shape != self.shape or value.stride() != self.stride:
+                raise RuntimeError(
+                    f"Recompute: a recipe rebuilt shape {tuple(value.shape)}, strides {value.stride()}; the forward "
+                    f"had {tuple(self.shape)}, {self.stride}"
+                )
+            self.value = value
+        return self.value
+
+
+def _outer_saved_tensors_hooks() -> bool:
+    """Whether saved-tensor hooks are already in force (activation checkpointing, offloading), as
+    ``torch.utils.checkpoint`` itself asks."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
+
+
+class Recompute:
+    """Activations rebuilt in the backward pass instead of kept: inside ``with Recompute() as recompute:``,
+    a tensor saved for backward that lies in the memory of a tensor given to :meth:`add` is kept as its
+    :class:`Recipe` (run under the forward's autocast, without gradients) and rebuilt when the backward
+    first needs it. Meant for activations that are cheap to rebuild from tensors the graph keeps anyway,
+    as mamba-ssm's fused Mamba block recomputes its conv and Δ. A recipe must give the forward's values
+    and layout (nothing random), and must not hold the activations it replaces.
+
+    Without gradients, or inside other saved-tensor hooks (activation checkpointing, which already
+    recomputes everything, or offloading), it does nothing."""
+
+    def __init__(self) -> None:
+        self._recipes: dict[int, Recipe] = {}
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+
+    def add(self, tensor: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Registers ``tensor``, which must own its memory whole (a fresh result, not a view), to be
+        rebuilt by ``rebuild``; returns what later recipes call to get it back."""
+        if self._hooks is None:
+            return lambda: tensor
+        if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            raise ValueError("Recompute.add: the tensor must own its memory whole, not be a view into a larger one")
+        recipe = Recipe(rebuild, tensor)
+        self._recipes[tensor.untyped_storage().data_ptr()] = recipe
+        return recipe
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor | tuple:
+        recipe = self._recipes.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        if recipe is None or t.untyped_storage().nbytes() != recipe.shape.numel() * t.element_size():
+            return t
+        return recipe, t.shape, t.stride(), t.storage_offset()
+
+    @staticmethod
+    def _unpack(packed: torch.Tensor | tuple) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        recipe, shape, stride, offset = packed
+        return recipe().as_strided(shape, stride, offset)
+
+    def __enter__(self) -> Recompute:
+        if torch.is_grad_enabled() and not _outer_saved_tensors_hooks():
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """From here on, only the saved tensors hold their recipes (and what those capture)."""
+        if self._hooks is not None:
+            self._hooks.__exit__(*exc)
+        self._hooks = None
+        self._recipes.clear()
 
 
 def pool_choice(global_pool: str, allowed: Sequence[str], model: str) -> str:

@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import Loadable
 from .layers import (
+    Recompute,
     RMSNorm,
     checkpointed,
     drop_path_rates,
@@ -123,17 +124,40 @@ class BiMambaMixer(nn.Module):
             (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
         )
 
-    def scan(self, x: torch.Tensor, z: torch.Tensor, direction: int) -> torch.Tensor:
-        """One direction on (B, E, L) inputs already in that direction's order; returns (B, E, L)."""
+    def scan(self, xz: torch.Tensor, direction: int, recompute: Recompute) -> torch.Tensor:
+        """One direction on ``in_proj``'s output xz (B, 2E, L); returns (B, E, L) in that direction's order.
+
+        The direction's flips, conv, SiLU and Δ are left to ``recompute``: rebuilt in the backward pass
+        from xz and ``x_proj``'s output, which the graph keeps anyway (a conv or Δ projection wrapped by
+        another module, such as LoRA's, is kept instead)."""
         conv, x_proj, dt_proj, A_log, D = self.directions()[direction]
-        x = F.silu(conv(x)[..., : x.shape[-1]])
-        dt, B, C = x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = dt_proj(dt).transpose(1, 2)
+        length = xz.shape[-1]
+        x_seq, z_seq = xz.chunk(2, dim=1)
+        x, z, rebuild_x = x_seq, z_seq, lambda: x_seq
+        if direction:
+            x, z = x_seq.flip(-1), z_seq.flip(-1)
+            rebuild_x = recompute.add(x, lambda: x_seq.flip(-1))
+            recompute.add(z, lambda: z_seq.flip(-1))
+        conved = conv(x)
+        rebuild_conved = lambda: conved  # noqa: E731
+        if type(conv) is nn.Conv1d:
+            rebuild_conved = recompute.add(
+                conved,
+                lambda: F.conv1d(
+                    rebuild_x(), conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
+                ),
+            )
+        u = F.silu(conved[..., :length])
+        recompute.add(u, lambda: F.silu(rebuild_conved()[..., :length]))
+        dt, B, C = x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = dt_proj(dt)
+        if type(dt_proj) is DeltaProjection:
+            recompute.add(delta, lambda: F.linear(dt, dt_proj.weight))
         A = -torch.exp(full_precision(A_log))
         return ssm(
             self.adaptor_t,
-            x,
-            delta,
+            u,
+            delta.transpose(1, 2),
             A,
             B.transpose(1, 2),
             C.transpose(1, 2),
@@ -156,9 +180,10 @@ class BiMambaMixer(nn.Module):
         return torch.cat([adapted[:, :cls], tokens[:, cls : cls + 1], adapted[:, cls:]], dim=1)
 
     def forward(self, hidden: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)
-        forward = self.scan(x, z, 0)
-        backward = self.scan(x.flip(-1), z.flip(-1), 1).flip(-1)
+        xz = self.in_proj(hidden).transpose(1, 2)
+        with Recompute() as recompute:
+            forward = self.scan(xz, 0, recompute)
+            backward = self.scan(xz, 1, recompute).flip(-1)
         y = self.spatial(((forward + backward) / 2).transpose(1, 2), layout, "inner")
         return self.spatial(self.out_proj(y), layout, "output")
 

@@ -1,0 +1,113 @@
+"""Activation recomputation (``models.layers.Recompute``) and its use in Vim's mixer: the cheap activations
+are rebuilt in the backward pass, so a training step holds less memory for the very same gradients."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adaptor_peft.adaptors import prepare_model
+from adaptor_peft.models.layers import Recompute
+
+from .test_models import tiny
+from .test_timm_contract import PeakMemory
+
+
+def no_recompute():
+    """Outer saved-tensor hooks that keep every tensor: under them, Recompute stands aside."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
+def toy(x: torch.Tensor, w: torch.Tensor, calls: list[str], rebuilt: bool = True):
+    """flip(x) * w + sin(flip(x)[..., :2]): two savers of the flipped tensor, one of them through a view."""
+    with Recompute() as recompute:
+        flipped = x.flip(-1)
+
+        def rebuild():
+            calls.append("flip")
+            return x.flip(-1)
+
+        if rebuilt:
+            recompute.add(flipped, rebuild)
+        out = (flipped * w).sum() + flipped[..., :2].sin().sum()
+    return out, weakref.ref(flipped)
+
+
+def test_a_registered_activation_is_freed_after_the_forward_and_rebuilt_once_for_the_same_gradients():
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    calls: list[str] = []
+    out, alive = toy(x, w, calls)
+    gc.collect()
+    assert alive() is None and calls == []  # nothing holds it until the backward asks
+    gx, gw = torch.autograd.grad(out, (x, w))
+    assert calls == ["flip"]  # two savers (one through a view), one rebuild
+    out, _ = toy(x, w, [], rebuilt=False)
+    expected = torch.autograd.grad(out, (x, w))
+    assert torch.equal(gx, expected[0]) and torch.equal(gw, expected[1])
+    assert torch.equal(gw, x.flip(-1))
+
+
+def test_recompute_stands_aside_without_gradients_and_under_other_saved_tensor_hooks():
+    x = torch.randn(4, requires_grad=True)
+    for context in (torch.no_grad(), no_recompute()):
+        calls: list[str] = []
+        with context:
+            out, alive = toy(x, x.detach(), calls)
+        gc.collect()
+        assert calls == []
+        assert (alive() is None) == isinstance(context, torch.no_grad)  # kept by the outer hooks' graph
+        del out
+
+
+def test_recipes_run_under_the_forwards_autocast():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(8, 8, requires_grad=True)
+    grads = []
+    for context in (Recompute(), no_recompute()):
+        with torch.autocast("cpu", torch.bfloat16), context as recompute:
+            y = F.linear(x, w)
+            if isinstance(recompute, Recompute):
+                recompute.add(y, lambda: F.linear(x, w))
+            out = y.float().exp().sum()
+        grads.append(torch.autograd.grad(out, (x, w)))
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+
+
+def test_a_view_cannot_be_registered_and_a_recipe_must_give_the_forwards_layout():
+    x = torch.randn(4, 6, requires_grad=True)
+    with Recompute() as recompute, pytest.raises(ValueError, match="own its memory whole"):
+        recompute.add(x.exp()[:2], lambda: x.exp()[:2])
+    with Recompute() as recompute:
+        y = x.exp()
+        recompute.add(y, lambda: x.exp().t().contiguous().t())  # same values, other layout
+        out = (y * y).sum()
+    with pytest.raises(
+        RuntimeError, match=r"rebuilt shape \(4, 6\), strides \(1, 4\); the forward had \(4, 6\), \(6, 1\)"
+    ):
+        out.backward()
+
+
+@pytest.mark.parametrize("method", ["full", "adaptor", "lora"])
+def test_vim_training_holds_less_memory_for_identical_gradients(method):
+    images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    peaks, grads = [], []
+    for context in (no_recompute(), contextlib.nullcontext()):
+        model = tiny("vim", num_classes=10).double()
+        model = model if method == "full" else prepare_model(model, method)
+        torch.manual_seed(1)
+        with torch.no_grad():  # trained-like adaptors, so that every gradient path is exercised
+            for p in (p for p in model.parameters() if p.requires_grad):
+                p.add_(0.05 * torch.randn_like(p))
+        with PeakMemory() as memory, context:
+            model(images).square().mean().backward()
+        peaks.append(memory.peak)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+    assert peaks[1] < 0.8 * peaks[0], peaks
