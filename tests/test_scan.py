@@ -309,3 +309,37 @@ def test_native_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
         assert select_backend(torch.device("cpu"), torch.float32) == "torch"
     finally:
         native._build.cache_clear()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_inputs_and_output_gradient_in_a_mixers_layouts(backend):
+    """As a Vim mixer calls it: Δ a view of a (batch, len, dim) projection, z a slice of (batch, len, 2 dim),
+    and the output's gradient arriving transposed. The native kernel writes dΔ in Δ's layout, so that the
+    projection's backward needs no copy."""
+    batch, dim, length, nstate = 2, 48, 13, 16
+    ref = make_inputs(batch, dim, length, nstate, 1, bc="variable", seed=5)
+    g = torch.Generator().manual_seed(6)
+    cotangent = torch.randn(batch, length, dim, generator=g, dtype=torch.float64)
+    grads = []
+    for laid_out in (False, True):
+        leaves = {k: v.clone().requires_grad_() for k, v in ref.items()}
+        if laid_out:
+            delta_rows = ref["delta"].transpose(1, 2).contiguous().requires_grad_()
+            xz = torch.cat([ref["u"], ref["z"]], dim=1).transpose(1, 2).contiguous().requires_grad_()
+            leaves.update(delta=delta_rows, z=xz)
+            args = {**leaves, "delta": delta_rows.transpose(1, 2), "z": xz.transpose(1, 2)[:, dim:]}
+        else:
+            args = leaves
+        fn = selective_scan_reference if not laid_out else lambda **kw: selective_scan(**kw, backend=backend)
+        out = fn(**args, delta_softplus=True).out
+        (out.transpose(1, 2) * cotangent).sum().backward()
+        delta_grad = leaves["delta"].grad.transpose(1, 2) if laid_out else leaves["delta"].grad
+        z_grad = leaves["z"].grad.transpose(1, 2)[:, dim:] if laid_out else leaves["z"].grad
+        grads.append({**{k: v.grad for k, v in leaves.items()}, "delta": delta_grad, "z": z_grad})
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], 1e-10, f"d{name}")
+    if backend == "native":
+        delta = ref["delta"].transpose(1, 2).contiguous().transpose(1, 2)
+        u, A, B, C, dout = ref["u"], ref["A"], ref["B"].unsqueeze(1), ref["C"].unsqueeze(1), cotangent.transpose(1, 2)
+        ddelta = native.backward(u, delta, None, True, A, B, C, None, None, None, None, None, dout, None)[1]
+        assert ddelta.stride() == delta.stride()

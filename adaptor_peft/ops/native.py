@@ -59,6 +59,7 @@ class _ScanArgs(ctypes.Structure):
         *[(name, _P) for name in ("probe", "probe_weight", "probe_scale", "out", "readout", "last_state", "hidden",
                                   "dout", "dreadout", "du", "ddelta", "dz", "dA", "dD", "ddelta_bias", "dB", "dC",
                                   "dprobe_weight", "dprobe_scale")],
+        ("dout_s", _I64x3), ("ddelta_s", _I64x3),
     ]  # fmt: skip
 
 
@@ -205,11 +206,12 @@ def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale,
 def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
     """Same contract as :func:`adaptor_peft.ops.scan_torch.backward`."""
     dim = u.shape[1]
-    dout = dout.contiguous()
     if probe is not None and dreadout is None:
         dreadout = u.new_zeros(u.shape)
     dreadout = None if dreadout is None else dreadout.contiguous()
-    du, ddelta = u.new_empty(u.shape), u.new_empty(u.shape)
+    # dout is read in any layout; ddelta is written in Δ's (usually a view of (batch, len, dim)), so that
+    # the Δ projection's backward need not copy it
+    du, ddelta = u.new_empty(u.shape), torch.empty_like(delta)
     dz = u.new_empty(u.shape) if z is not None else None
     dA, dB, dC = u.new_zeros(A.shape), u.new_zeros(B.shape), u.new_zeros(B.shape)
     dD = u.new_zeros(dim) if D is not None else None
@@ -223,6 +225,7 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
     )  # fmt: skip
     for name, t in grads.items():
         setattr(args, name, _ptr(t))
+    args.dout_s, args.ddelta_s = _strides(dout, 3), _strides(ddelta, 3)
     _run("backward", args, u.dtype)
     return du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale
 

@@ -117,6 +117,7 @@ typedef struct {
                                                     (batch, groups, nstate, len) twice */
     real *dprobe_weight;                         /* backward, accumulated into: like probe */
     real *dprobe_scale;                          /* backward, accumulated into: (dim,) */
+    int64_t dout_s[3], ddelta_s[3];              /* backward: strides of dout (read) and ddelta (written) */
 } ScanArgs;
 
 /* A gradient that sums over channels (dB, dC, the probe weights'), kept per lane: rows x VL partial sums
@@ -549,8 +550,8 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         const int64_t g = d0 / (Dm / s->groups);
         block_forward(s, &w, 2, 0);
         for (int64_t v = 0; v < VL; v++) {
-            const real *dout = s->dout + (b * Dm + d0 + v) * L;
-            for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = v < nv ? dout[t] : 0;
+            const real *dout = s->dout + b * s->dout_s[0] + (d0 + v) * s->dout_s[1];
+            for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = v < nv ? dout[t * s->dout_s[2]] : 0;
         }
         /* The gate: dy becomes the gradient reaching y; w->du (free until the skip below) keeps
          * dout silu'(z), which times the final y is dz. */
@@ -606,12 +607,12 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         real dbias[VL] = {0};
         for (int64_t t = 0; t < L; t++)
             for (int v = 0; v < VL; v++) dbias[v] += w.ddt[t * VL + v];
+        real *ddelta = s->ddelta + b * s->ddelta_s[0] + d0 * s->ddelta_s[1];
+        for (int64_t t = 0; t < L; t++) /* channels inner: ddelta is usually Δ's layout, (batch, len, dim) */
+            for (int64_t v = 0; v < nv; v++) ddelta[t * s->ddelta_s[2] + v * s->ddelta_s[1]] = w.ddt[t * VL + v];
         for (int64_t v = 0; v < nv; v++) {
-            real *du = s->du + (b * Dm + d0 + v) * L, *ddelta = s->ddelta + (b * Dm + d0 + v) * L;
-            for (int64_t t = 0; t < L; t++) {
-                du[t] = w.du[t * VL + v];
-                ddelta[t] = w.ddt[t * VL + v];
-            }
+            real *du = s->du + (b * Dm + d0 + v) * L;
+            for (int64_t t = 0; t < L; t++) du[t] = w.du[t * VL + v];
             dbias_acc[d0 + v] += dbias[v];
             for (int64_t n = 0; n < N; n++) dA[(d0 + v) * N + n] += w.cum_dA[n * VL + v];
         }
