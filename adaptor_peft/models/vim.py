@@ -124,15 +124,15 @@ class BiMambaMixer(nn.Module):
             (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
         )
 
-    def scan(self, xz: torch.Tensor, direction: int, recompute: Recompute) -> torch.Tensor:
-        """One direction on ``in_proj``'s output xz (B, 2E, L); returns (B, E, L) in that direction's order.
+    def scan(self, x_seq: torch.Tensor, z_seq: torch.Tensor, direction: int, recompute: Recompute) -> torch.Tensor:
+        """One direction on ``in_proj``'s two halves (B, E, L) in sequence order; returns (B, E, L) in that
+        direction's order.
 
         The direction's flips, conv, SiLU and Δ are left to ``recompute``: rebuilt in the backward pass
-        from xz and ``x_proj``'s output, which the graph keeps anyway (a conv or Δ projection wrapped by
+        from the halves and ``x_proj``'s output, which the graph keeps anyway (a conv or Δ projection wrapped by
         another module, such as LoRA's, is kept instead)."""
         conv, x_proj, dt_proj, A_log, D = self.directions()[direction]
-        length = xz.shape[-1]
-        x_seq, z_seq = xz.chunk(2, dim=1)
+        length = x_seq.shape[-1]
         x, z, rebuild_x = x_seq, z_seq, lambda: x_seq
         if direction:
             x, z = x_seq.flip(-1), z_seq.flip(-1)
@@ -180,10 +180,11 @@ class BiMambaMixer(nn.Module):
         return torch.cat([adapted[:, :cls], tokens[:, cls : cls + 1], adapted[:, cls:]], dim=1)
 
     def forward(self, hidden: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
-        xz = self.in_proj(hidden).transpose(1, 2)
+        # split before transposing: the halves' gradients then meet in in_proj's own layout, not copied twice
+        x, z = (half.transpose(1, 2) for half in self.in_proj(hidden).chunk(2, dim=-1))
         with Recompute() as recompute:
-            forward = self.scan(xz, 0, recompute)
-            backward = self.scan(xz, 1, recompute).flip(-1)
+            forward = self.scan(x, z, 0, recompute)
+            backward = self.scan(x, z, 1, recompute).flip(-1)
         y = self.spatial(((forward + backward) / 2).transpose(1, 2), layout, "inner")
         return self.spatial(self.out_proj(y), layout, "output")
 
