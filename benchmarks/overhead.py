@@ -5,7 +5,9 @@ Inference: every configuration runs the same batch in interleaved rounds; the ra
 backbone is taken per round and its median reported, so machine noise hits all alike. Training: one
 step (forward, cross-entropy, backward, AdamW) per method, timed the same way; peak memory is each
 method's extra resident memory over two steps in a fresh process (activations, gradients and
-optimizer state). Usage (CPU, Vim-T at 224, batch 8 by default):
+optimizer state). Full fine-tuning and the adaptor are also run keeping every activation, to show what
+the mixers' rebuilding of their cheap activations in the backward pass saves and costs. Usage (CPU,
+Vim-T at 224, batch 8 by default):
 
     python benchmarks/overhead.py [--model vim_tiny_patch16_224 --batch 8 --rounds 12]
 """
@@ -13,6 +15,7 @@ optimizer state). Usage (CPU, Vim-T at 224, batch 8 by default):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -33,6 +36,8 @@ INFERENCE = ("plain", "adaptor", "adaptor_t", "adaptor_s")
 GOALS = {"inference vs plain": 1.07, "step vs full": 0.9, "step vs lora": 1.1, "peak memory vs full": 0.6}
 """The project's goals for the default adaptor (the paper reports under 7 % extra FLOPs)."""
 TRAINING = ("full", "adaptor", "adaptor_t", "adaptor_s", "lora", "linear_probe")
+KEPT = ("full", "adaptor")
+"""Also timed keeping every activation, as before the mixers rebuilt their cheap ones (``Recompute``)."""
 CLASSES = 100
 
 
@@ -58,14 +63,23 @@ def batch(size: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(size, 3, img_size, img_size, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
 
 
-def trainer(model: torch.nn.Module):
-    """One training step of ``model`` (AdamW on its trainable parameters) as a closure."""
+def keeping_every_activation() -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks that keep every tensor: under them the mixers rebuild nothing (``Recompute``
+    stands aside), so a step holds what it held before they did."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+
+
+def trainer(model: torch.nn.Module, keep_all: bool = False):
+    """One training step of ``model`` (AdamW on its trainable parameters) as a closure; ``keep_all``:
+    under :func:`keeping_every_activation`."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        with keeping_every_activation() if keep_all else contextlib.nullcontext():
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
 
     return step
@@ -86,14 +100,14 @@ def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def training_peak_mb(model_name: str, method: str, size: int, img_size: int) -> float | None:
+def training_peak_mb(model_name: str, method: str, size: int, img_size: int, keep_all: bool = False) -> float | None:
     """Extra peak resident memory of two training steps, in a fresh process (Linux only)."""
     if not Path("/proc/self/clear_refs").exists():
         return None
     code = (
         "import sys, json; from pathlib import Path; sys.argv = ['overhead.py']; from benchmarks.overhead import *\n"
         "from benchmarks.memory import rss_kb\n"
-        f"step = trainer(build({model_name!r}, {method!r})); data = batch({size}, {img_size})\n"
+        f"step = trainer(build({model_name!r}, {method!r}), {keep_all}); data = batch({size}, {img_size})\n"
         "base = rss_kb('VmRSS'); Path('/proc/self/clear_refs').write_text('5')\n"
         "step(*data); step(*data); print(json.dumps((rss_kb('VmHWM') - base) / 1024))"
     )
@@ -155,21 +169,25 @@ def main() -> None:
         print("\nThe default adaptor against the goals:\n\n" + "\n".join(goals))
         return
 
-    steps = {m: trainer(build(args.model, m)) for m in TRAINING}
+    rows = {**{m: (m, False) for m in TRAINING}, **{f"{m}, every activation kept": (m, True) for m in KEPT}}
+    steps = {row: trainer(build(args.model, m), keep_all) for row, (m, keep_all) in rows.items()}
     times = interleaved({m: (lambda step=step: step(images, labels)) for m, step in steps.items()}, args.rounds)
     print("\n| training step | trainable w/o head | ms per step | vs full | vs lora | peak extra MB | vs full |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    peaks = {m: training_peak_mb(args.model, m, args.batch, args.img_size) for m in TRAINING}
-    for m in TRAINING:
-        full, lora = (statistics.median(t / b for t, b in zip(times[m], times[base], strict=True))
+    peaks = {
+        row: training_peak_mb(args.model, m, args.batch, args.img_size, keep_all) for row, (m, keep_all) in rows.items()
+    }
+    for row, (m, _) in rows.items():
+        full, lora = (statistics.median(t / b for t, b in zip(times[row], times[base], strict=True))
                       for base in ("full", "lora"))  # fmt: skip
         trainable = parameter_report(build(args.model, m)).trainable_without_head
-        peak = f"{peaks[m]:.0f} | {peaks[m] / peaks['full']:.2f}x" if peaks[m] and peaks["full"] else "n/a | n/a"
-        print(f"| {m} | {trainable:,} | {statistics.median(times[m]) * 1e3:.0f} | {full:.2f}x | {lora:.2f}x | {peak} |")
-        if m == "adaptor":
+        peak = f"{peaks[row]:.0f} | {peaks[row] / peaks['full']:.2f}x" if peaks[row] and peaks["full"] else "n/a | n/a"
+        ms = statistics.median(times[row]) * 1e3
+        print(f"| {row} | {trainable:,} | {ms:.0f} | {full:.2f}x | {lora:.2f}x | {peak} |")
+        if row == "adaptor":
             goals += [goal_line("step vs full", full), goal_line("step vs lora", lora)]
-            if peaks[m] and peaks["full"]:
-                goals.append(goal_line("peak memory vs full", peaks[m] / peaks["full"]))
+            if peaks[row] and peaks["full"]:
+                goals.append(goal_line("peak memory vs full", peaks[row] / peaks["full"]))
     print("\nThe default adaptor against the goals:\n\n" + "\n".join(goals))
 
 
