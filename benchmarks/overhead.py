@@ -28,6 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft import create_model
 from adaptor_peft.adaptors import AdaptorS, prepare_model
+from adaptor_peft.models import keep_activations
 from adaptor_peft.reports import parameter_report
 from benchmarks.machine import describe
 from benchmarks.memory import in_fresh_process
@@ -63,21 +64,15 @@ def batch(size: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(size, 3, img_size, img_size, generator=g), torch.randint(0, CLASSES, (size,), generator=g)
 
 
-def keeping_every_activation() -> torch.autograd.graph.saved_tensors_hooks:
-    """Saved-tensor hooks that keep every tensor: under them the mixers rebuild nothing (``Recompute``
-    stands aside), so a step holds what it held before they did."""
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-
-
 def trainer(model: torch.nn.Module, keep_all: bool = False):
     """One training step of ``model`` (AdamW on its trainable parameters) as a closure; ``keep_all``:
-    under :func:`keeping_every_activation`."""
+    keeping every activation (:func:`adaptor_peft.models.keep_activations`)."""
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        with keeping_every_activation() if keep_all else contextlib.nullcontext():
+        with keep_activations() if keep_all else contextlib.nullcontext():
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()

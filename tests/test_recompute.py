@@ -12,15 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from adaptor_peft.adaptors import prepare_model
+from adaptor_peft.models import keep_activations
 from adaptor_peft.models.layers import Recompute
 
 from .test_models import tiny
 from .test_timm_contract import PeakMemory
-
-
-def no_recompute():
-    """Outer saved-tensor hooks that keep every tensor: under them, Recompute stands aside."""
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
 
 def toy(x: torch.Tensor, w: torch.Tensor, calls: list[str], rebuilt: bool = True):
@@ -55,7 +51,7 @@ def test_a_registered_activation_is_freed_after_the_forward_and_rebuilt_once_for
 
 def test_recompute_stands_aside_without_gradients_and_under_other_saved_tensor_hooks():
     x = torch.randn(4, requires_grad=True)
-    for context in (torch.no_grad(), no_recompute()):
+    for context in (torch.no_grad(), keep_activations()):
         calls: list[str] = []
         with context:
             out, alive = toy(x, x.detach(), calls)
@@ -69,7 +65,7 @@ def test_recipes_run_under_the_forwards_autocast():
     x = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(8, 8, requires_grad=True)
     grads = []
-    for context in (Recompute(), no_recompute()):
+    for context in (Recompute(), keep_activations()):
         with torch.autocast("cpu", torch.bfloat16), context as recompute:
             y = F.linear(x, w)
             if isinstance(recompute, Recompute):
@@ -97,7 +93,7 @@ def test_a_view_cannot_be_registered_and_a_recipe_must_give_the_forwards_layout(
 def test_vim_training_holds_less_memory_for_identical_gradients(method):
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     peaks, grads = [], []
-    for context in (no_recompute(), contextlib.nullcontext()):
+    for context in (keep_activations(), contextlib.nullcontext()):
         model = tiny("vim", num_classes=10).double()
         model = model if method == "full" else prepare_model(model, method)
         torch.manual_seed(1)

@@ -2,6 +2,7 @@
 
 from . import vim, vmamba
 from .checkpoint import CheckpointError, classifier_name, load_checkpoint, read_state_dict
+from .layers import keep_activations
 from .registry import create_model, list_models, resolve_checkpoint
 from .vim import VisionMamba
 from .vmamba import VSSM
@@ -12,6 +13,7 @@ __all__ = [
     "VisionMamba",
     "classifier_name",
     "create_model",
+    "keep_activations",
     "list_models",
     "load_checkpoint",
     "read_state_dict",
