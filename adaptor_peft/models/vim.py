@@ -23,6 +23,7 @@ from .checkpoint import Loadable
 from .layers import (
     Recompute,
     RMSNorm,
+    causal_conv1d,
     checkpointed,
     drop_path_rates,
     full_precision,
@@ -138,17 +139,14 @@ class BiMambaMixer(nn.Module):
             x, z = x_seq.flip(-1), z_seq.flip(-1)
             rebuild_x = recompute.add(x, lambda: x_seq.flip(-1))
             recompute.add(z, lambda: z_seq.flip(-1))
-        conved = conv(x)
-        rebuild_conved = lambda: conved  # noqa: E731
-        if type(conv) is nn.Conv1d:
-            rebuild_conved = recompute.add(
-                conved,
-                lambda: F.conv1d(
-                    rebuild_x(), conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups
-                ),
-            )
-        u = F.silu(conved[..., :length])
-        recompute.add(u, lambda: F.silu(rebuild_conved()[..., :length]))
+        if type(conv) is nn.Conv1d:  # a wrapped conv (LoRA's) runs as itself and keeps its output
+            conved = causal_conv1d(x, conv.weight, conv.bias)
+            rebuild_conved = recompute.add(conved, lambda: causal_conv1d(rebuild_x(), conv.weight, conv.bias))
+        else:
+            conved = conv(x)[..., :length]
+            rebuild_conved = lambda: conved  # noqa: E731
+        u = F.silu(conved)
+        recompute.add(u, lambda: F.silu(rebuild_conved()))
         dt, B, C = x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt_proj(dt)
         if type(dt_proj) is DeltaProjection:
