@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.models import keep_activations
 from adaptor_peft.models.layers import Recompute, causal_conv1d
+from benchmarks.memory import PeakTensorMemory
 
 from .test_models import tiny
-from .test_timm_contract import PeakMemory
 
 
 def toy(x: torch.Tensor, w: torch.Tensor, calls: list[str], rebuilt: bool = True):
@@ -101,7 +101,7 @@ def test_vim_training_holds_less_memory_for_identical_gradients(method):
         with torch.no_grad():  # trained-like adaptors, so that every gradient path is exercised
             for p in (p for p in model.parameters() if p.requires_grad):
                 p.add_(0.05 * torch.randn_like(p))
-        with PeakMemory() as memory, context:
+        with PeakTensorMemory() as memory, context:
             model(images).square().mean().backward()
         peaks.append(memory.peak)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})

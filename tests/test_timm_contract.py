@@ -9,13 +9,12 @@ features, and ``set_grad_checkpointing`` trades compute for activation memory.
 from __future__ import annotations
 
 import inspect
-import weakref
 
 import pytest
 import timm
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from benchmarks.memory import PeakTensorMemory
 
 from .test_models import TINY, tiny
 
@@ -142,30 +141,6 @@ def test_features_only_and_pruning_keep_the_intermediates(kind):
     assert model.get_classifier().__class__ is torch.nn.Identity
 
 
-class PeakMemory(TorchDispatchMode):
-    """Peak bytes of tensor storage created inside the mode and still alive (parameters excluded)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.seen: set[int] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.seen:
-                storage = t.untyped_storage()
-                self.seen.add(id(storage))
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(storage, self._free, id(storage), storage.nbytes())
-        return out
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self.seen.discard(key)
-        self.live -= nbytes
-
-
 @pytest.mark.parametrize(
     ("kind", "extra", "batch"),
     [("vim", dict(depth=4, img_size=64), 4), ("vmamba_v2", dict(depths=(2, 2, 2, 1)), 8)],
@@ -177,7 +152,7 @@ def test_grad_checkpointing_lowers_peak_memory_and_keeps_the_gradients(kind, ext
         model = tiny(kind, drop_path_rate=0.2, **extra).train()
         model.set_grad_checkpointing(checkpointing)
         torch.manual_seed(1)  # the same drop-path draws: checkpointing replays the RNG state
-        with PeakMemory() as memory:
+        with PeakTensorMemory() as memory:
             model(images).square().mean().backward()
         peaks.append(memory.peak)
         grads.append({n: p.grad for n, p in model.named_parameters()})
