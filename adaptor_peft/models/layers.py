@@ -111,7 +111,7 @@ def _outer_saved_tensors_hooks() -> bool:
 def keep_activations() -> torch.autograd.graph.saved_tensors_hooks:
     """A context in which forward passes keep every activation for the backward pass: Vim's blocks then
     rebuild nothing (:class:`Recompute` stands aside), a training step is a few percent faster on a CPU
-    and holds about 40 % more activation memory (``benchmarks/overhead.py`` measures both)."""
+    and holds about twice the tensor memory (``benchmarks/overhead.py`` measures both)."""
     return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
 
 
