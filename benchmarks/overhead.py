@@ -39,7 +39,7 @@ GOALS = {"inference vs plain": 1.07, "step vs full": 0.9, "step vs lora": 1.1, "
 """The project's goals for the default adaptor (the paper reports under 7 % extra FLOPs)."""
 TRAINING = ("full", "adaptor", "adaptor_t", "adaptor_s", "lora", "linear_probe")
 KEPT = ("full", "adaptor")
-"""Also timed keeping every activation, as before the mixers rebuilt their cheap ones (``Recompute``)."""
+"""Also timed under ``keep_activations()``: the mixers rebuild nothing in the backward pass (``Recompute``)."""
 CLASSES = 100
 
 

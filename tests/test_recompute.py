@@ -50,29 +50,54 @@ def test_a_registered_activation_is_freed_after_the_forward_and_rebuilt_once_for
     assert torch.equal(gw, x.flip(-1))
 
 
-def test_recompute_stands_aside_without_gradients_and_under_other_saved_tensor_hooks():
+def test_recompute_stands_aside_without_gradients_under_keep_activations_and_under_other_hooks():
     x = torch.randn(4, requires_grad=True)
-    for context in (torch.no_grad(), keep_activations()):
+    outer_hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    for context in (torch.no_grad(), keep_activations(), outer_hooks):
         calls: list[str] = []
         with context:
             out, alive = toy(x, x.detach(), calls)
         gc.collect()
         assert calls == []
-        assert (alive() is None) == isinstance(context, torch.no_grad)  # kept by the outer hooks' graph
+        assert (alive() is None) == isinstance(context, torch.no_grad)  # else kept by the graph
         del out
+
+
+def test_a_freed_registered_tensors_address_does_not_pass_its_recipe_to_a_newcomer():
+    """Once a registered tensor is freed, another may come to lie at its address (here for certain: the
+    two share one block of memory in turn)."""
+    x, w = torch.randn(8, 8, dtype=torch.float64), torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    memory = torch.empty(64, dtype=torch.float64).untyped_storage()
+
+    def tensor_in_memory(values: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([], dtype=torch.float64).set_(memory, 0, (8, 8)).copy_(values)
+
+    with Recompute() as recompute:
+        gone = tensor_in_memory(x.flip(0))
+        recompute.add(gone, lambda: x.flip(0))
+        del gone
+        newcomer = tensor_in_memory(x.flip(1))  # unregistered, at the freed tensor's address
+        out = (newcomer * w).sum()
+    assert torch.equal(torch.autograd.grad(out, w)[0], x.flip(1))
 
 
 def test_recipes_run_under_the_forwards_autocast():
     x = torch.randn(4, 8, requires_grad=True)
     w = torch.randn(8, 8, requires_grad=True)
-    grads = []
+    grads, calls = [], []
+
+    def rebuild():
+        calls.append(torch.is_autocast_enabled("cpu"))
+        return F.linear(x, w)
+
     for context in (Recompute(), keep_activations()):
         with torch.autocast("cpu", torch.bfloat16), context as recompute:
             y = F.linear(x, w)
             if isinstance(recompute, Recompute):
-                recompute.add(y, lambda: F.linear(x, w))
-            out = y.float().exp().sum()
+                recompute.add(y, rebuild)
+            out = (y * y).float().sum()  # the product saves y
         grads.append(torch.autograd.grad(out, (x, w)))
+    assert calls == [True]  # rebuilt once, in bfloat16 as in the forward (else a dtype error)
     assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
 
 
@@ -85,18 +110,22 @@ def test_a_view_cannot_be_registered_and_a_recipe_must_give_the_forwards_layout(
         recompute.add(y, lambda: x.exp().t().contiguous().t())  # same values, other layout
         out = (y * y).sum()
     with pytest.raises(
-        RuntimeError, match=r"rebuilt shape \(4, 6\), strides \(1, 4\); the forward had \(4, 6\), \(6, 1\)"
+        RuntimeError,
+        match=r"rebuilt shape \(4, 6\), strides \(1, 4\), torch.float32; the forward had \(4, 6\), \(6, 1\)",
     ):
         out.backward()
 
 
-@pytest.mark.parametrize("method", ["full", "adaptor", "lora"])
-def test_vim_training_holds_less_memory_for_identical_gradients(method):
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("full", {}), ("adaptor", {}), ("lora", {}), ("lora", {"targets": ["in_proj", "x_proj", "dt_proj"]})],
+)
+def test_vim_training_holds_less_memory_for_identical_gradients(method, options):
     images = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     peaks, grads = [], []
     for context in (keep_activations(), contextlib.nullcontext()):
         model = tiny("vim", num_classes=10).double()
-        model = model if method == "full" else prepare_model(model, method)
+        model = model if method == "full" else prepare_model(model, method, **options)
         torch.manual_seed(1)
         with torch.no_grad():  # trained-like adaptors, so that every gradient path is exercised
             for p in (p for p in model.parameters() if p.requires_grad):

@@ -3,8 +3,11 @@ recomputation, and the helpers of timm's model contract (activation checkpointin
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +87,7 @@ class Recipe:
 
     def __init__(self, rebuild: Callable[[], torch.Tensor], like: torch.Tensor):
         self.rebuild, self.value = rebuild, None
-        self.device_type, self.shape, self.stride = like.device.type, like.shape, like.stride()
+        self.device_type, self.dtype, self.shape, self.stride = like.device.type, like.dtype, like.shape, like.stride()
         self.autocast = (torch.is_autocast_enabled(self.device_type), torch.get_autocast_dtype(self.device_type))
 
     def __call__(self) -> torch.Tensor:
@@ -92,10 +95,10 @@ class Recipe:
             enabled, dtype = self.autocast
             with torch.no_grad(), torch.autocast(self.device_type, dtype, enabled=enabled):
                 value = self.rebuild()
-            if value.shape != self.shape or value.stride() != self.stride:
+            if value.shape != self.shape or value.stride() != self.stride or value.dtype != self.dtype:
                 raise RuntimeError(
-                    f"Recompute: a recipe rebuilt shape {tuple(value.shape)}, strides {value.stride()}; the forward "
-                    f"had {tuple(self.shape)}, {self.stride}"
+                    f"Recompute: a recipe rebuilt shape {tuple(value.shape)}, strides {value.stride()}, {value.dtype}; "
+                    f"the forward had {tuple(self.shape)}, {self.stride}, {self.dtype}"
                 )
             self.value = value
         return self.value
@@ -108,11 +111,19 @@ def _outer_saved_tensors_hooks() -> bool:
     return top is not None and top(False) is not None
 
 
-def keep_activations() -> torch.autograd.graph.saved_tensors_hooks:
+_KEEPING: contextvars.ContextVar[bool] = contextvars.ContextVar("adaptor_peft_keep_activations", default=False)
+
+
+@contextlib.contextmanager
+def keep_activations() -> Iterator[None]:
     """A context in which forward passes keep every activation for the backward pass: Vim's blocks then
     rebuild nothing (:class:`Recompute` stands aside), a training step is a few percent faster on a CPU
     and holds about twice the tensor memory (``benchmarks/overhead.py`` measures both)."""
-    return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    token = _KEEPING.set(True)
+    try:
+        yield
+    finally:
+        _KEEPING.reset(token)
 
 
 class Recompute:
@@ -123,11 +134,11 @@ class Recompute:
     as mamba-ssm's fused Mamba block recomputes its conv and Δ. A recipe must give the forward's values
     and layout (nothing random), and must not hold the activations it replaces.
 
-    Without gradients, or inside other saved-tensor hooks (activation checkpointing, which already
-    recomputes everything, or offloading), it does nothing."""
+    Without gradients, under :func:`keep_activations`, or inside other saved-tensor hooks (activation
+    checkpointing, which already recomputes everything, or offloading), it does nothing."""
 
     def __init__(self) -> None:
-        self._recipes: dict[int, Recipe] = {}
+        self._recipes: dict[int, tuple[weakref.ref, Recipe]] = {}
         self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
 
     def add(self, tensor: torch.Tensor, rebuild: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -138,12 +149,15 @@ class Recompute:
         if tensor.storage_offset() or tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
             raise ValueError("Recompute.add: the tensor must own its memory whole, not be a view into a larger one")
         recipe = Recipe(rebuild, tensor)
-        self._recipes[tensor.untyped_storage().data_ptr()] = recipe
+        self._recipes[tensor.untyped_storage().data_ptr()] = (weakref.ref(tensor), recipe)
         return recipe
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor | tuple:
-        recipe = self._recipes.get(t.untyped_storage().data_ptr()) if t.numel() else None
-        if recipe is None or t.untyped_storage().nbytes() != recipe.shape.numel() * t.element_size():
+        """``t``'s recipe if ``t`` lies in a registered tensor's memory while that tensor lives (once it is
+        freed, another tensor may come to lie at its address)."""
+        ref, recipe = self._recipes.get(t.untyped_storage().data_ptr(), (None, None)) if t.numel() else (None, None)
+        owner = ref() if ref is not None else None
+        if owner is None or owner.dtype != t.dtype or owner.untyped_storage().nbytes() != t.untyped_storage().nbytes():
             return t
         return recipe, t.shape, t.stride(), t.storage_offset()
 
@@ -155,7 +169,7 @@ class Recompute:
         return recipe().as_strided(shape, stride, offset)
 
     def __enter__(self) -> Recompute:
-        if torch.is_grad_enabled() and not _outer_saved_tensors_hooks():
+        if torch.is_grad_enabled() and not _KEEPING.get() and not _outer_saved_tensors_hooks():
             self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._hooks.__enter__()
         return self
