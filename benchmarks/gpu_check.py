@@ -24,7 +24,7 @@ from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.ops import selective_scan, selective_scan_reference
 from adaptor_peft.ops.dispatch import mamba_ssm_kernel, triton_backend
-from benchmarks.overhead import CLASSES, batch, trained_like, trainer
+from benchmarks.overhead import CLASSES, batch, trained_like, trainer, training_rows
 
 STEP_METHODS = ("linear_probe", "lora", "adaptor", "full")
 ACTIVATION_DTYPES = dict.fromkeys(("u", "delta", "B", "C", "z", "probe_weight"), torch.bfloat16)  # as under autocast
@@ -154,7 +154,7 @@ def time_training(model_name: str, batch_size: int) -> None:
     images, labels = batch(batch_size, 224)
     images, labels = images.cuda(), labels.cuda()
     results = {}
-    rows = {**{m: (m, False) for m in STEP_METHODS}, "adaptor, every activation kept": ("adaptor", True)}
+    rows = training_rows(STEP_METHODS, kept=("adaptor",))
     for row, (method, keep_all) in rows.items():
         torch.manual_seed(0)
         model = adaptor_peft.create_model(model_name, num_classes=CLASSES)

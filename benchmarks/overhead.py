@@ -96,6 +96,12 @@ def interleaved(calls: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
+def training_rows(methods: tuple[str, ...], kept: tuple[str, ...] = KEPT) -> dict[str, tuple[str, bool]]:
+    """Training-table rows, name -> (method, keep every activation): ``methods`` as they run, then ``kept``
+    under :func:`adaptor_peft.models.keep_activations`."""
+    return {**{m: (m, False) for m in methods}, **{f"{m}, every activation kept": (m, True) for m in kept}}
+
+
 def training_peak_mb(model_name: str, method: str, size: int, img_size: int, keep_all: bool = False) -> float | None:
     """Extra peak resident memory of two training steps, in a fresh process (Linux only)."""
     if not Path("/proc/self/clear_refs").exists():
@@ -172,7 +178,7 @@ def main() -> None:
         print("\nThe default adaptor against the goals:\n\n" + "\n".join(goals))
         return
 
-    rows = {**{m: (m, False) for m in TRAINING}, **{f"{m}, every activation kept": (m, True) for m in KEPT}}
+    rows = training_rows(TRAINING)
     steps = {row: trainer(build(args.model, m), keep_all) for row, (m, keep_all) in rows.items()}
     times = interleaved({m: (lambda step=step: step(images, labels)) for m, step in steps.items()}, args.rounds)
     tensors = {row: tensor_peak_mb(step, images, labels) for row, step in steps.items()}
