@@ -42,27 +42,33 @@ def tool(name: str) -> str | None:
 def kernel_configs(nstate: int) -> dict:
     """Every kernel as the dispatcher launches it at the Vim-S layout (32 channels a program), bf16 activations."""
     activations = {name: "*bf16" for name in ("u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr")}
+    activations["snap_index_ptr"] = "*i64"
     probes = {**activations, "probe_ptr": "*i64"}
     common = dict(BLOCK=st.MAX_BLOCK, NP=triton.next_power_of_2(nstate), ACC=tl.float32)
     step = dict(HAS_BIAS=True, SOFTPLUS=True)
+    scan = dict(**common, **step, HAS_D=True, STORE_LAST=False)
     tile = st.MAX_BLOCK * st.TIME_BLOCK * common["NP"]
     sequential = st.MAX_BLOCK * common["NP"]
     return {
         "scan, plain (gated, no history)": (
-            st._scan_kernel,
-            {**common, **step, "HAS_D": True, "GATE": True, "STORE_HIDDEN": False, "STORE_LAST": False},
-            activations, sequential,
+            st._scan_kernel, {**scan, "GATE": True, "STORE_HIDDEN": False, "NSNAP": 0}, activations, sequential
+        ),
+        "scan, with 4 snapshots": (
+            st._scan_kernel, {**scan, "GATE": True, "STORE_HIDDEN": False, "NSNAP": 4}, activations, sequential
         ),
         "scan, writing the history": (
-            st._scan_kernel,
-            {**common, **step, "HAS_D": True, "GATE": False, "STORE_HIDDEN": True, "STORE_LAST": False},
-            activations, sequential,
+            st._scan_kernel, {**scan, "GATE": False, "STORE_HIDDEN": True, "NSNAP": 0}, activations, sequential
         ),
         "probe readout": (
             st._readout_kernel, {**common, "TIME": st.TIME_BLOCK, "HAS_SCALE": True, "GATE": True}, probes, tile
         ),
         "probe gradients": (st._probe_grad_kernel, {**common, "TIME": st.TIME_BLOCK}, probes, tile),
-        "adjoint scan": (st._adjoint_kernel, {**common, **step, "SCATTERED": True}, activations, sequential),
+        "adjoint scan": (
+            st._adjoint_kernel, {**common, **step, "SCATTERED": True, "NSNAP": 0}, activations, sequential
+        ),
+        "adjoint scan, with 4 snapshots' gradients": (
+            st._adjoint_kernel, {**common, **step, "SCATTERED": False, "NSNAP": 4}, activations, sequential
+        ),
     }  # fmt: skip
 
 

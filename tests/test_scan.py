@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import time
@@ -13,6 +14,7 @@ import torch
 from adaptor_peft.ops import dispatch as scan_module
 from adaptor_peft.ops import native, scan_torch, selective_scan, selective_scan_fn, selective_scan_reference
 from adaptor_peft.ops.dispatch import select_backend
+from adaptor_peft.ops.records import GradsOut, ScanInputs
 
 from .official import scan_ref
 
@@ -42,17 +44,14 @@ def make_inputs(batch, dim, length, nstate, groups, *, z=True, D=True, bias=True
     )
 
 
-def run_with_grads(fn, inputs, dtype, probe=None, seed=1):
-    """Output, readout and the gradient of every tensor input for a fixed random cotangent."""
+def run_with_grads(fn, inputs, dtype, probe=None, seed=1, snapshots=None):
+    """Output, readout and the gradient of every tensor input for a fixed random cotangent on the output, the
+    readout (with ``probe``) and the snapshots (with ``snapshots``, their positions)."""
     leaves = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
-    result = fn(**leaves, delta_softplus=True, probe_index=probe)
+    result = fn(**leaves, delta_softplus=True, probe_index=probe, snapshot_index=snapshots)
     g = torch.Generator().manual_seed(seed)
-    loss = (result.out * torch.randn(result.out.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
-    if probe is not None:
-        loss = (
-            loss
-            + (result.readout * torch.randn(result.readout.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
-        )
+    used = [result.out, *(t for t in (result.readout, result.snapshots) if t is not None)]
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in used)
     loss.backward()
     grads = {k: v.grad for k, v in leaves.items() if v is not None}
     return result, grads
@@ -81,25 +80,37 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
 @pytest.mark.parametrize("states", [True, False], ids=["with-states", "training"])
-def test_matches_reference_outputs_and_gradients(backend, dtype, case, states):
-    """``states``: also the last and every hidden state; without them, the path an adaptor trains on."""
+@pytest.mark.parametrize("reads", ["probes", "snapshots"])
+def test_matches_reference_outputs_and_gradients(backend, dtype, case, states, reads):
+    """``states``: also the last and every hidden state; without them, the path an adaptor trains on.
+    ``reads``: Adaptor-T's per-position probes, or snapshots (repeated positions included) for its memory."""
     batch, dim, length, nstate, groups, bc, extras, pgroups = case
     inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=dim + length)
     g = torch.Generator().manual_seed(length)
-    probe = torch.randint(0, length, (batch, pgroups, length, 3), generator=g)
-    inputs["probe_weight"] = torch.rand(batch, pgroups, length, 3, generator=g, dtype=torch.float64)
-    inputs["probe_scale"] = torch.randn(dim, generator=g, dtype=torch.float64)
-    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, probe)
+    probe = snapshots = None
+    if reads == "probes":
+        probe = torch.randint(0, length, (batch, pgroups, length, 3), generator=g)
+        inputs["probe_weight"] = torch.rand(batch, pgroups, length, 3, generator=g, dtype=torch.float64)
+        inputs["probe_scale"] = torch.randn(dim, generator=g, dtype=torch.float64)
+    else:
+        snapshots = torch.randint(0, length, (batch, pgroups, 5), generator=g)
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, probe, 1, snapshots)
     actual, grads = run_with_grads(
         lambda **kw: selective_scan(**kw, return_last_state=states, return_hidden_states=states, backend=backend),
         inputs,
         dtype,
         probe,
+        1,
+        snapshots,
     )
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
     assert actual.out.dtype == dtype
     assert_close(actual.out, expected.out, rtol, "out")
-    assert_close(actual.readout, expected.readout, rtol, "readout")
+    if probe is not None:
+        assert_close(actual.readout, expected.readout, rtol, "readout")
+    else:
+        assert actual.snapshots.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert_close(actual.snapshots, expected.snapshots, rtol, "snapshots")
     if states:
         assert_close(actual.last_state, expected.last_state, rtol, "last_state")
         assert_close(actual.hidden_states, expected.hidden_states, rtol, "hidden_states")
@@ -135,6 +146,48 @@ def test_probe_readout_is_weighted_states_seen_through_query_c(backend):
         seen = [(inputs["C"][b, :, i] * h[b, d, probe[b, d // 16, i, k]]).sum() for k in range(3)]
         expected = sum(weight[b, d // 16, i, k] * seen[k] for k in range(3))
         assert torch.allclose(result.readout[b, d, i], expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_snapshots_are_the_states_at_their_positions(backend):
+    """snapshots[b, d, s] = h[b, d, index[b, g(d), s]], each channel group with its own positions."""
+    inputs = make_inputs(2, 48, 11, 4, 1, bc="variable", seed=8)
+    index = torch.tensor([[[10, 0, 3], [5, 5, 1], [2, 9, 9]], [[0, 1, 2], [10, 10, 10], [7, 4, 0]]])
+    result = selective_scan(
+        **inputs, delta_softplus=True, snapshot_index=index, return_hidden_states=True, backend=backend
+    )
+    h = result.hidden_states
+    assert result.snapshots.shape == (2, 48, 3, 4)
+    for b, d, s in [(0, 0, 0), (0, 47, 2), (1, 16, 1), (1, 33, 0), (0, 20, 1)]:
+        assert torch.equal(result.snapshots[b, d, s], h[b, d, index[b, d // 16, s]])
+
+
+def test_bad_snapshot_positions_are_rejected():
+    inputs = make_inputs(1, 16, 5, 2, 1, bc="variable")
+    with pytest.raises(ValueError, match=r"snapshot_index values must lie in \[0, 5\)"):
+        selective_scan(**inputs, snapshot_index=torch.full((1, 2, 3), 5))
+    with pytest.raises(TypeError, match="snapshot_index must hold integer"):
+        selective_scan(**inputs, snapshot_index=torch.zeros(1, 2, 3))
+    with pytest.raises(ValueError, match="snapshot_index must be"):
+        selective_scan(**inputs, snapshot_index=torch.zeros(1, 3, 2, dtype=torch.long))
+
+
+@pytest.mark.skipif(not native.available(), reason="no C compiler")
+def test_native_library_and_its_python_mirror_agree_on_the_arguments(monkeypatch):
+    """The C library reports its ScanArgs' size; a mirror that lost a field is refused, naming both sizes."""
+    lib = native._library(False)
+    assert lib.scan_args_size() == ctypes.sizeof(native._ScanArgs)
+
+    class Shorter(ctypes.Structure):
+        _fields_ = native._ScanArgs._fields_[:-1]
+
+    monkeypatch.setattr(native, "_ScanArgs", Shorter)
+    native._build.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"ScanArgs of .* bytes, its Python mirror"):
+            native.available()
+    finally:
+        native._build.cache_clear()
 
 
 def test_selective_scan_fn_has_mamba_return_contract():
@@ -341,5 +394,5 @@ def test_inputs_and_output_gradient_in_a_mixers_layouts(backend):
     if backend == "native":
         delta = ref["delta"].transpose(1, 2).contiguous().transpose(1, 2)
         u, A, B, C, dout = ref["u"], ref["A"], ref["B"].unsqueeze(1), ref["C"].unsqueeze(1), cotangent.transpose(1, 2)
-        ddelta = native.backward(u, delta, None, True, A, B, C, None, None, None, None, None, dout, None)[1]
-        assert ddelta.stride() == delta.stride()
+        record = ScanInputs(u, delta, A, B, C, softplus=True)
+        assert native.backward(record, GradsOut(dout)).delta.stride() == delta.stride()

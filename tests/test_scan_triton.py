@@ -60,6 +60,28 @@ def test_matches_reference_with_probes(dtype, case):
     check_against_reference(inputs, probe, dtype, 1e-10 if dtype == torch.float64 else 2e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
+def test_matches_reference_with_snapshots(dtype, case):
+    """Snapshots (the sequence's ends and a repeated position among them) and every gradient through them."""
+    batch, dim, length, nstate, groups, bc, extras, sgroups = case
+    inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=length)
+    g = torch.Generator().manual_seed(dim)
+    positions = torch.randint(0, length, (batch, sgroups, 4), generator=g)
+    positions[..., 0], positions[..., 1], positions[..., 2] = 0, length - 1, positions[..., 3]
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, None, 1, positions)
+    actual, grads = run_with_grads(
+        lambda **kw: selective_scan(**kw, backend="triton"), inputs, dtype, None, 1, positions
+    )
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    assert actual.snapshots.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(actual.out, expected.out, rtol, "out")
+    assert_close(actual.snapshots, expected.snapshots, rtol, "snapshots")
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        assert_close(grads[name], expected_grads[name], rtol, f"d{name}")
+
+
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}")
 def test_plain_scan_matches_reference(case):
     """Without probes or hidden states the forward keeps no history; the backward recomputes it."""
@@ -162,14 +184,14 @@ def test_probe_range_check_does_not_stall_the_triton_backend(monkeypatch):
     instead, and every other backend (which would crash on a bad position) is checked. Meta tensors stand in
     for a GPU's: reading one back fails, so any read shows."""
     probe = torch.full((1, 1, 5, 1), 7, device="meta", dtype=torch.long)
-    dispatch._check_probe_range(probe, 5, "triton")
+    dispatch._check_range("probe_index", probe, 5, "triton")
     with pytest.raises((RuntimeError, NotImplementedError)):
-        dispatch._check_probe_range(probe, 5, "torch")
+        dispatch._check_range("probe_index", probe, 5, "torch")
     monkeypatch.setenv(dispatch.CHECK_PROBES_ENV, "1")
     with pytest.raises((RuntimeError, NotImplementedError)):
-        dispatch._check_probe_range(probe, 5, "triton")
-    with pytest.raises(ValueError, match=r"lie in \[0, 5\), got \[7, 7\]"):
-        dispatch._check_probe_range(torch.full((1, 1, 5, 1), 7), 5, "triton")
+        dispatch._check_range("probe_index", probe, 5, "triton")
+    with pytest.raises(ValueError, match=r"probe_index values must lie in \[0, 5\), got \[7, 7\]"):
+        dispatch._check_range("probe_index", torch.full((1, 1, 5, 1), 7), 5, "triton")
 
 
 def test_clamped_positions_read_the_sequence_ends():
@@ -206,7 +228,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(capsys):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout)
     assert {(r["kernel"], r["capability"]) for r in rows} >= {("adjoint scan", 80), ("probe readout", 90)}
-    assert len(rows) == 10
+    assert len(rows) == 14
     with capsys.disabled():
         print("".join(f"\nsm_{r['capability']} {r['kernel']}: {r['REG']} registers, {r['STACK']} stack bytes"
                       for r in rows))  # fmt: skip

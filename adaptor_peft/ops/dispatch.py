@@ -5,7 +5,9 @@ it can also return the hidden states, or a *probe readout*: for chosen positions
 weights ``w(i, k)`` of every query position ``i``, the weighted states seen through that query's ``C``,
 ``r[b, d, i] = Σ_k w(i, k) C_i · h_{p(i,k)}``. Because ``C_i · h`` is linear in ``h``, a caller can mix
 hidden states from anywhere in the sequence into position ``i``'s output (what Adaptor-T does) without
-ever holding a (batch, dim, len, k, nstate) tensor, and gets gradients for the weights too.
+ever holding a (batch, dim, len, k, nstate) tensor, and gets gradients for the weights too. Or it can
+return *snapshots*: the states at a few chosen positions, whose gradients flow back into the recurrence
+(what Adaptor-T's memory reads, outside the scan, by matrix products).
 
 Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACKEND``):
 
@@ -17,41 +19,30 @@ Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACK
 - ``auto`` (default): on CUDA, ``mamba_ssm`` for plain scans when it imports, else ``triton`` where
   Triton imports, else ``torch``; on CPU, ``native`` where it builds, else ``torch``.
 
-Probe positions are range-checked before every backend but ``triton``, whose kernels clamp them into
+Every backend takes and gives the records of :mod:`adaptor_peft.ops.records`. Probe and snapshot
+positions are range-checked before every backend but ``triton``, whose kernels clamp them into
 the sequence instead: on a GPU the check would stall it (it reads the positions back to the host).
 ``ADAPTOR_PEFT_CHECK_PROBES=1`` checks them before ``triton`` too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
 from collections.abc import Callable
 from functools import cache
 from types import ModuleType
-from typing import NamedTuple
 
 import torch
 
 from . import native, scan_torch
+from .records import GradsOut, ScanInputs, ScanOutput
 
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
 CHECK_PROBES_ENV = "ADAPTOR_PEFT_CHECK_PROBES"
 BACKENDS = ("auto", "mamba_ssm", "triton", "native", "torch")
-
-
-class ScanOutput(NamedTuple):
-    """Result of :func:`selective_scan`; fields not asked for are None.
-
-    ``out`` (batch, dim, len); ``last_state`` (batch, dim, nstate); ``readout`` (batch, dim, len);
-    ``hidden_states`` (batch, dim, len, nstate). ``last_state`` and ``hidden_states`` carry no gradient.
-    """
-
-    out: torch.Tensor
-    last_state: torch.Tensor | None = None
-    readout: torch.Tensor | None = None
-    hidden_states: torch.Tensor | None = None
 
 
 @cache
@@ -150,13 +141,25 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight
             raise TypeError(f"selective_scan: probe_index must hold integer positions, got {p.dtype}")
 
 
-def _check_probe_range(probe_index: torch.Tensor, length: int, backend: str) -> None:
+def _check_snapshots(index: torch.Tensor | None, shape: torch.Size) -> None:
+    if index is None:
+        return
+    batch, dim, _ = shape
+    if index.dim() != 3 or index.shape[0] != batch or dim % index.shape[1] != 0:
+        raise ValueError(
+            f"selective_scan: snapshot_index must be (batch={batch}, groups dividing {dim}, nsnap), "
+            f"got shape {tuple(index.shape)}"
+        )
+    if index.dtype.is_floating_point or index.dtype == torch.bool:
+        raise TypeError(f"selective_scan: snapshot_index must hold integer positions, got {index.dtype}")
+
+
+def _check_range(what: str, index: torch.Tensor, length: int, backend: str) -> None:
     """Positions outside [0, length) are an error, checked unless ``backend`` clamps them (module docstring)."""
-    p = probe_index
-    if (backend != "triton" or os.environ.get(CHECK_PROBES_ENV) == "1") and p.numel():
-        low, high = int(p.min()), int(p.max())
+    if (backend != "triton" or os.environ.get(CHECK_PROBES_ENV) == "1") and index.numel():
+        low, high = int(index.min()), int(index.max())
         if low < 0 or high >= length:
-            raise ValueError(f"selective_scan: probe_index values must lie in [0, {length}), got [{low}, {high}]")
+            raise ValueError(f"selective_scan: {what} values must lie in [0, {length}), got [{low}, {high}]")
 
 
 def select_backend(
@@ -197,27 +200,23 @@ def select_backend(
 
 
 class _ScanFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, backend, u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last, want_hidden
-    ):
-        impl = _implementation(backend)
-        out, readout, last, hidden = impl.forward(
-            u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last, want_hidden
-        )
-        ctx.impl, ctx.softplus = impl, softplus
-        ctx.save_for_backward(u, delta, delta_bias, A, B, C, D, z, probe, weight, scale)
-        ctx.mark_non_differentiable(*(t for t in (last, hidden) if t is not None))
-        return out, readout, last, hidden
+    """Autograd around one backend; the record's tensors travel as arguments, so that autograd sees them."""
 
     @staticmethod
-    def backward(ctx, dout, dreadout, _dlast, _dhidden):
-        u, delta, delta_bias, A, B, C, D, z, probe, weight, scale = ctx.saved_tensors
-        grads = ctx.impl.backward(
-            u, delta, delta_bias, ctx.softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout
-        )
-        du, ddelta, ddelta_bias, dA, dB, dC, dD, dz, dweight, dscale = grads
-        return None, du, ddelta, ddelta_bias, None, dA, dB, dC, dD, dz, None, dweight, dscale, None, None
+    def forward(ctx, backend, inputs, want_last, want_hidden, *tensors):
+        impl = _implementation(backend)
+        inputs = inputs.with_tensors(tensors)
+        result = impl.forward(inputs, want_last, want_hidden)
+        ctx.impl, ctx.inputs = impl, inputs
+        ctx.save_for_backward(*tensors)
+        ctx.mark_non_differentiable(*(t for t in (result.last_state, result.hidden_states) if t is not None))
+        return tuple(result)
+
+    @staticmethod
+    def backward(ctx, dout, _dlast, dreadout, _dhidden, dsnapshots):
+        inputs = ctx.inputs.with_tensors(ctx.saved_tensors)
+        grads = ctx.impl.backward(inputs, GradsOut(dout, dreadout, dsnapshots))._asdict()
+        return None, None, None, None, *(grads.get(f.name) for f in dataclasses.fields(inputs) if f.name != "softplus")
 
 
 def selective_scan(
@@ -234,6 +233,7 @@ def selective_scan(
     probe_index: torch.Tensor | None = None,
     probe_weight: torch.Tensor | None = None,
     probe_scale: torch.Tensor | None = None,
+    snapshot_index: torch.Tensor | None = None,
     return_last_state: bool = False,
     return_hidden_states: bool = False,
     backend: str | None = None,
@@ -247,32 +247,41 @@ def selective_scan(
     ``readout``; channels are split into ``probe_groups`` contiguous groups, each with its own positions
     and weights. The readout is raw: no ``D`` term, no gate. With ``probe_scale`` (dim,), ``out`` is
     ``(y + probe_scale * readout) * silu(z)``: Adaptor-T's adapted states, in one pass.
+    ``snapshot_index`` (batch, snapshot_groups, nsnap): integer positions whose states come back as
+    ``snapshots`` (batch, dim, nsnap, nstate), float32 (float64 for float64 inputs), each channel's from
+    its group's positions; their gradient flows back into the recurrence. A snapshot costs one state
+    copy, so a scan with a few costs what a plain one does: Adaptor-T's memory reads them outside the scan.
     ``hidden_states`` is (batch, dim, len, nstate) and is only built when asked for.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight, probe_scale)
+    _check_snapshots(snapshot_index, u.shape)
     batch, dim, length = u.shape
     groups = math.lcm(*(dim if X.dim() == 2 else 1 if X.dim() == 3 else X.shape[1] for X in (B, C)))
     Bg, Cg = as_grouped(B, batch, length, groups), as_grouped(C, batch, length, groups)
-    needs_states = probe_index is not None or return_hidden_states
+    needs_states = probe_index is not None or snapshot_index is not None or return_hidden_states
     name = select_backend(u.device, u.dtype, needs_states, backend)
-    if probe_index is not None:
-        _check_probe_range(probe_index, length, name)
+    for what, index in (("probe_index", probe_index), ("snapshot_index", snapshot_index)):
+        if index is not None:
+            _check_range(what, index, length, name)
     if name == "mamba_ssm":
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return ScanOutput(*result) if return_last_state else ScanOutput(result)
     dtype, compute = u.dtype, torch.float64 if u.dtype == torch.float64 else torch.float32
-    floats = (u, delta, delta_bias, A, Bg, Cg, D, z, probe_weight, probe_scale)
+    floats = dict(u=u, delta=delta, delta_bias=delta_bias, A=A, B=Bg, C=Cg, D=D, z=z, probe_weight=probe_weight,
+                  probe_scale=probe_scale)  # fmt: skip
     if name != "triton":  # the Triton kernels read each input in its own dtype and accumulate in float32
-        floats = (None if t is None else t.to(compute) for t in floats)
-    u, delta, delta_bias, A, Bg, Cg, D, z, weight, scale = floats
-    small = (A, D, delta_bias, weight, scale)  # parameters and probe weights: every backend indexes them flat
-    A, D, delta_bias, weight, scale = (None if t is None else t.contiguous() for t in small)
-    probe = None if probe_index is None else probe_index.long().contiguous()
-    out, readout, last, hidden = _ScanFunction.apply(
-        name, u, delta, delta_bias, delta_softplus, A, Bg, Cg, D, z, probe, weight, scale, return_last_state,
-        return_hidden_states,
-    )  # fmt: skip
-    return ScanOutput(out.to(dtype), last, None if readout is None else readout.to(dtype), hidden)
+        floats = {k: None if t is None else t.to(compute) for k, t in floats.items()}
+    flat = ("A", "D", "delta_bias", "probe_weight", "probe_scale")  # every backend indexes these flat
+    floats.update({k: None if floats[k] is None else floats[k].contiguous() for k in flat})
+    positions = {
+        k: None if t is None else t.long().contiguous()
+        for k, t in (("probe", probe_index), ("snapshot_index", snapshot_index))
+    }
+    inputs = ScanInputs(**floats, **positions, softplus=delta_softplus)
+    result = ScanOutput(*_ScanFunction.apply(name, inputs, return_last_state, return_hidden_states, *inputs.tensors()))
+    return result._replace(
+        out=result.out.to(dtype), readout=None if result.readout is None else result.readout.to(dtype)
+    )
 
 
 def selective_scan_fn(

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from .records import GradsOut, ScanGrads, ScanInputs, ScanOutput
+
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("selective_scan_cpu.c", "depthwise_cpu.c"))
 # -ffp-contract=fast: ISO C mode would otherwise forbid fused multiply-adds (a quarter of the scan's time)
 FLAGS = ("-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
@@ -59,7 +61,8 @@ class _ScanArgs(ctypes.Structure):
         *[(name, _P) for name in ("probe", "probe_weight", "probe_scale", "out", "readout", "last_state", "hidden",
                                   "dout", "dreadout", "du", "ddelta", "dz", "dA", "dD", "ddelta_bias", "dB", "dC",
                                   "dprobe_weight", "dprobe_scale")],
-        ("dout_s", _I64x3), ("ddelta_s", _I64x3),
+        ("dout_s", _I64x3), ("ddelta_s", _I64x3), ("snap_groups", ctypes.c_int64), ("nsnap", ctypes.c_int64),
+        *[(name, _P) for name in ("snapshot_index", "snapshots", "dsnapshots")],
     ]  # fmt: skip
 
 
@@ -112,6 +115,12 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
     with contextlib.suppress(OSError):  # loaded now: fresh for the pruning (a read-only cache stays as it is)
         os.utime(path)
     suffix = "f64" if double else "f32"
+    lib.scan_args_size.restype = ctypes.c_int64
+    if lib.scan_args_size() != ctypes.sizeof(_ScanArgs):
+        raise RuntimeError(
+            f"adaptor_peft: {path} has a ScanArgs of {lib.scan_args_size()} bytes, its Python mirror "
+            f"{ctypes.sizeof(_ScanArgs)}: the two must list the same fields"
+        )
     for name in ("forward", "backward"):
         fn = getattr(lib, f"scan_{name}_{suffix}")
         fn.argtypes = [ctypes.POINTER(_ScanArgs)]
@@ -168,16 +177,19 @@ def _strides(t: torch.Tensor | None, n: int):
     return (ctypes.c_int64 * n)(*(t.stride() if t is not None else (0,) * n))
 
 
-def _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale) -> _ScanArgs:
-    batch, dim, length = u.shape
+def _args(x: ScanInputs) -> _ScanArgs:
+    batch, dim, length = x.u.shape
+    probe, snap = x.probe, x.snapshot_index
     return _ScanArgs(
-        batch=batch, dim=dim, len=length, nstate=A.shape[1], groups=B.shape[1],
+        batch=batch, dim=dim, len=length, nstate=x.A.shape[1], groups=x.B.shape[1],
         probe_groups=probe.shape[1] if probe is not None else 1,
         nprobe=probe.shape[3] if probe is not None else 0,
-        u=_ptr(u), delta=_ptr(delta), delta_bias=_ptr(delta_bias), A=_ptr(A), B=_ptr(B), C=_ptr(C), Dskip=_ptr(D),
-        z=_ptr(z), softplus=int(softplus),
-        u_s=_strides(u, 3), delta_s=_strides(delta, 3), z_s=_strides(z, 3), B_s=_strides(B, 4), C_s=_strides(C, 4),
-        probe=_ptr(probe), probe_weight=_ptr(weight), probe_scale=_ptr(scale),
+        u=_ptr(x.u), delta=_ptr(x.delta), delta_bias=_ptr(x.delta_bias), A=_ptr(x.A), B=_ptr(x.B), C=_ptr(x.C),
+        Dskip=_ptr(x.D), z=_ptr(x.z), softplus=int(x.softplus),
+        u_s=_strides(x.u, 3), delta_s=_strides(x.delta, 3), z_s=_strides(x.z, 3), B_s=_strides(x.B, 4),
+        C_s=_strides(x.C, 4), probe=_ptr(probe), probe_weight=_ptr(x.probe_weight), probe_scale=_ptr(x.probe_scale),
+        snap_groups=snap.shape[1] if snap is not None else 1, nsnap=snap.shape[2] if snap is not None else 0,
+        snapshot_index=_ptr(snap),
     )  # fmt: skip
 
 
@@ -187,47 +199,52 @@ def _run(direction: str, args: _ScanArgs, dtype: torch.dtype) -> None:
         raise MemoryError("adaptor_peft: the compiled selective scan could not allocate its work buffers")
 
 
-def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last: bool, want_hidden: bool):
+def forward(x: ScanInputs, want_last: bool, want_hidden: bool) -> ScanOutput:
     """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`; inputs already in one float dtype, and
-    A, D, the Δ bias and the probes contiguous (the dispatcher makes them so)."""
-    batch, dim, length = u.shape
-    n = A.shape[1]
-    new = u.new_empty
+    A, D, the Δ bias, the probes and the snapshot positions contiguous (the dispatcher makes them so)."""
+    batch, dim, length = x.u.shape
+    n = x.A.shape[1]
+    new = x.u.new_empty
     out = new(batch, dim, length)
-    readout = new(batch, dim, length) if probe is not None else None
+    readout = new(batch, dim, length) if x.probe is not None else None
     last = new(batch, dim, n) if want_last else None
     hidden = new(batch, dim, length, n) if want_hidden else None
-    args = _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale)
+    snapshots = new(batch, dim, x.snapshot_index.shape[2], n) if x.snapshot_index is not None else None
+    args = _args(x)
     args.out, args.readout, args.last_state, args.hidden = _ptr(out), _ptr(readout), _ptr(last), _ptr(hidden)
-    _run("forward", args, u.dtype)
-    return out, readout, last, hidden
+    args.snapshots = _ptr(snapshots)
+    _run("forward", args, x.u.dtype)
+    return ScanOutput(out, last, readout, hidden, snapshots)
 
 
-def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
+def backward(x: ScanInputs, grads: GradsOut) -> ScanGrads:
     """Same contract as :func:`adaptor_peft.ops.scan_torch.backward`."""
+    u, delta = x.u, x.delta
     dim = u.shape[1]
-    if probe is not None and dreadout is None:
+    dreadout, dsnapshots = grads.readout, grads.snapshots
+    if x.probe is not None and dreadout is None:
         dreadout = u.new_zeros(u.shape)
     dreadout = None if dreadout is None else dreadout.contiguous()
+    dsnapshots = None if dsnapshots is None or x.snapshot_index is None else dsnapshots.contiguous()
     # dout is read in any layout; ddelta is written in Δ's (usually a view of (batch, len, dim)), so that
     # the Δ projection's backward need not copy it
     du, ddelta = u.new_empty(u.shape), torch.empty_like(delta)
-    dz = u.new_empty(u.shape) if z is not None else None
-    dA, dB, dC = u.new_zeros(A.shape), u.new_zeros(B.shape), u.new_zeros(B.shape)
-    dD = u.new_zeros(dim) if D is not None else None
-    dbias = u.new_zeros(dim) if delta_bias is not None else None
-    dweight = torch.zeros_like(weight) if weight is not None else None
-    dscale = torch.zeros_like(scale) if scale is not None else None
-    args = _args(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale)
-    grads = dict(
-        dout=dout, dreadout=dreadout, du=du, ddelta=ddelta, dz=dz, dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC,
-        dprobe_weight=dweight, dprobe_scale=dscale,
+    dz = u.new_empty(u.shape) if x.z is not None else None
+    dA, dB, dC = u.new_zeros(x.A.shape), u.new_zeros(x.B.shape), u.new_zeros(x.B.shape)
+    dD = u.new_zeros(dim) if x.D is not None else None
+    dbias = u.new_zeros(dim) if x.delta_bias is not None else None
+    dweight = torch.zeros_like(x.probe_weight) if x.probe_weight is not None else None
+    dscale = torch.zeros_like(x.probe_scale) if x.probe_scale is not None else None
+    args = _args(x)
+    pointers = dict(
+        dout=grads.out, dreadout=dreadout, dsnapshots=dsnapshots, du=du, ddelta=ddelta, dz=dz, dA=dA, dD=dD,
+        ddelta_bias=dbias, dB=dB, dC=dC, dprobe_weight=dweight, dprobe_scale=dscale,
     )  # fmt: skip
-    for name, t in grads.items():
+    for name, t in pointers.items():
         setattr(args, name, _ptr(t))
-    args.dout_s, args.ddelta_s = _strides(dout, 3), _strides(ddelta, 3)
+    args.dout_s, args.ddelta_s = _strides(grads.out, 3), _strides(ddelta, 3)
     _run("backward", args, u.dtype)
-    return du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale
+    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale)
 
 
 def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """A slow, obviously-correct selective scan: the test oracle for every fast path.
 
 One step per position, in whatever dtype it is given (the tests use float64); gradients come from
-autograd. Semantics follow mamba-ssm's ``selective_scan_ref``, plus the probe readout of
-:func:`adaptor_peft.ops.selective_scan`.
+autograd. Semantics follow mamba-ssm's ``selective_scan_ref``, plus the probe readout and the
+snapshots of :func:`adaptor_peft.ops.selective_scan`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import ScanOutput, as_grouped
+from .dispatch import as_grouped
+from .records import ScanOutput
 
 
 def selective_scan_reference(
@@ -27,8 +28,10 @@ def selective_scan_reference(
     probe_index: torch.Tensor | None = None,
     probe_weight: torch.Tensor | None = None,
     probe_scale: torch.Tensor | None = None,
+    snapshot_index: torch.Tensor | None = None,
 ) -> ScanOutput:
-    """Sequential scan; returns every field of :class:`ScanOutput` (readout only with probes)."""
+    """Sequential scan; returns every field of :class:`ScanOutput` (readout only with probes, snapshots
+    only with their positions)."""
     batch, dim, length = u.shape
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
@@ -60,4 +63,8 @@ def selective_scan_reference(
             out = out + probe_scale[:, None] * readout
     if z is not None:
         out = out * F.silu(z)
-    return ScanOutput(out, h, readout, hidden)
+    snapshots = None
+    if snapshot_index is not None:
+        per_channel = snapshot_index.repeat_interleave(dim // snapshot_index.shape[1], dim=1)  # (batch, dim, s)
+        snapshots = hidden.gather(2, per_channel[..., None].expand(-1, -1, -1, A.shape[1]))
+    return ScanOutput(out, h, readout, hidden, snapshots)

@@ -7,20 +7,19 @@ recurrence ``h_t = a_t h_{t-1} + x_t`` is solved by a log-depth (Hillis-Steele) 
 handful of large tensor operations instead of one small operation per position. The backward pass
 recomputes each block's states and runs the adjoint recurrence with the same scan, reversed.
 
-Contract shared with :mod:`adaptor_peft.ops.native`: ``u``, ``delta``, ``z`` are (batch, dim, len), and
-the step is ``dt = softplus(delta + delta_bias)`` (bias optional, softplus if ``softplus``); ``A`` is
-(dim, nstate); ``B`` and ``C`` are (batch, groups, nstate, len);
-``D`` is (dim,) or None; ``probe`` is (batch, probe_groups, len, nprobe) integer positions or None, and
-``weight`` their weights, of the same shape; the readout is (batch, dim, len), and ``scale`` (dim,) or
-None adds ``scale * readout`` to the output before the gate.
+Contract shared with every backend: :mod:`adaptor_peft.ops.records`. The probe readout is
+(batch, dim, len), and ``probe_scale`` adds ``probe_scale * readout`` to the output before the gate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 import torch.nn.functional as F
+
+from .records import GradsOut, ScanGrads, ScanInputs, ScanOutput
 
 
 def linear_scan(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +85,16 @@ def _step(delta, delta_bias, softplus):
     return x, F.softplus(x) if softplus else x
 
 
-def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last: bool, want_hidden: bool):
-    """Returns ``(out, readout, last_state, hidden_states)``; the last three are None unless asked for."""
-    _, dt = _step(delta, delta_bias, softplus)
+def _snapshot_index(index: torch.Tensor, d0: int, d1: int, dim: int, nstate: int) -> torch.Tensor:
+    """Per-channel snapshot positions, expanded over the state dim for ``gather``: (b, c, nsnap, n)."""
+    return index[:, _probe_group(index, d0, d1, dim)].unsqueeze(-1).expand(-1, -1, -1, nstate)
+
+
+def forward(x: ScanInputs, want_last: bool, want_hidden: bool) -> ScanOutput:
+    """The scan's :class:`ScanOutput`; fields other than ``out`` only where asked for."""
+    u, A, B, C, D, z = x.u, x.A, x.B, x.C, x.D, x.z
+    probe, weight, scale, snap = x.probe, x.probe_weight, x.probe_scale, x.snapshot_index
+    _, dt = _step(x.delta, x.delta_bias, x.softplus)
     batch, dim, length = u.shape
     nstate = A.shape[1]
     nprobe = probe.shape[3] if probe is not None else 0
@@ -96,6 +102,7 @@ def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale,
     readout = u.new_empty(batch, dim, length) if probe is not None else None
     last = u.new_empty(batch, dim, nstate) if want_last else None
     hidden = u.new_empty(batch, dim, length, nstate) if want_hidden else None
+    snapshots = u.new_empty(batch, dim, snap.shape[2], nstate) if snap is not None else None
     for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u):
         _, _, h = _states(u, dt, A, B, d0, d1, dim)
         Cc = _per_channel(C, d0, d1, dim)
@@ -104,6 +111,8 @@ def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale,
             gathered = h.gather(2, _probe_index(probe, d0, d1, dim, nstate))
             seen = (gathered.view(batch, d1 - d0, length, nprobe, nstate) * Cc.unsqueeze(3)).sum(-1)
             readout[:, d0:d1] = (seen * weight[:, _probe_group(probe, d0, d1, dim)]).sum(-1)
+        if snap is not None:
+            snapshots[:, d0:d1] = h.gather(2, _snapshot_index(snap, d0, d1, dim, nstate))
         if want_last:
             last[:, d0:d1] = h[:, :, -1]
         if want_hidden:
@@ -114,19 +123,22 @@ def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale,
         out += scale[:, None] * readout
     if z is not None:
         out *= F.silu(z)
-    return out, readout, last, hidden
+    return ScanOutput(out, last, readout, hidden, snapshots)
 
 
-def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
-    """Gradients ``(du, ddelta, ddelta_bias, dA, dB, dC, dD, dz, dweight, dscale)`` given ``dout`` and
-    ``dreadout``."""
-    x, dt = _step(delta, delta_bias, softplus)
+def backward(x: ScanInputs, grads: GradsOut) -> ScanGrads:
+    """The inputs' gradients given those reaching the outputs."""
+    u, A, B, C, D, z = x.u, x.A, x.B, x.C, x.D, x.z
+    probe, weight, scale, snap = x.probe, x.probe_weight, x.probe_scale, x.snapshot_index
+    dout, dreadout, dsnapshots = grads
+    pre, dt = _step(x.delta, x.delta_bias, x.softplus)
     batch, dim, length = u.shape
     nstate = A.shape[1]
     nprobe = probe.shape[3] if probe is not None else 0
     dz = dscale = None
     if z is not None or scale is not None:
-        y, readout, _, _ = forward(u, delta, delta_bias, softplus, A, B, C, D, None, probe, weight, scale, False, False)
+        ungated = forward(dataclasses.replace(x, z=None, snapshot_index=None), False, False)
+        y, readout = ungated.out, ungated.readout
     if z is not None:
         sig = torch.sigmoid(z)
         dz = dout * y * sig * (1 + z * (1 - sig))
@@ -154,6 +166,8 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
             dr_k = (dr * weight[:, pgroup]).unsqueeze(-1)
             direct = direct.scatter_add(2, index, (dr_k * Cc.unsqueeze(3)).flatten(2, 3))
             dC_block = dC_block + (dr_k * gathered).sum(3)
+        if snap is not None and dsnapshots is not None:
+            direct = direct.scatter_add(2, _snapshot_index(snap, d0, d1, dim, nstate), dsnapshots[:, d0:d1])
         # Adjoint recurrence g_t = direct_t + a_{t+1} g_{t+1}, solved as a forward scan on reversed time.
         a_next = F.pad(a[:, :, 1:], (0, 0, 0, 1))
         g = linear_scan(a_next.flip(2), direct.flip(2)).flip(2)
@@ -165,6 +179,6 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
         du[:, d0:d1] += (g * Bc).sum(-1) * dt[:, d0:d1]
         dB.index_add_(1, group, (g * dtb * ub).transpose(-1, -2))
         dC.index_add_(1, group, dC_block.transpose(-1, -2))
-    ddelta = ddt * torch.sigmoid(x) if softplus else ddt
-    dbias = ddelta.sum((0, 2)) if delta_bias is not None else None
-    return du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale
+    ddelta = ddt * torch.sigmoid(pre) if x.softplus else ddt
+    dbias = ddelta.sum((0, 2)) if x.delta_bias is not None else None
+    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale)

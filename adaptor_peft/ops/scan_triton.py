@@ -30,11 +30,14 @@ them to [0, len) so a bad position cannot read outside the history.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
+
+from .records import GradsOut, ScanGrads, ScanInputs, ScanOutput
 
 MAX_BLOCK = 32  # channels per program
 TIME_BLOCK = 8  # positions per program in the parallel probe kernels
@@ -67,20 +70,31 @@ def _step(delta_ptr, offset, bias, mask, ACC: tl.constexpr, SOFTPLUS: tl.constex
 
 
 @triton.jit
+def _snapshot_rows(index_ptr, b, d, first, dim, length, nsnap, sgroups, s: tl.constexpr):
+    """Snapshot ``s`` of the channel block ``d`` starting at channel ``first``: its position, clamped into
+    the sequence, and the channels' (BLOCK,) rows of (batch, dim, nsnap)."""
+    position = tl.load(index_ptr + (b * sgroups + first // (dim // sgroups)) * nsnap + s)
+    return tl.minimum(tl.maximum(position, 0), length - 1), (b * dim + d) * nsnap + s
+
+
+@triton.jit
 def _scan_kernel(
     u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr, hidden_ptr, last_ptr,
-    dim, length, nstate, cpg,
+    snap_index_ptr, snap_ptr,
+    dim, length, nstate, cpg, sgroups,
     su_b, su_d, su_t, sd_b, sd_d, sd_t, sz_b, sz_d, sz_t,
     sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
     BLOCK: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, GATE: tl.constexpr, STORE_HIDDEN: tl.constexpr, STORE_LAST: tl.constexpr,
+    NSNAP: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n = tl.arange(0, NP)
     dmask, nmask = d < dim, n < nstate
     mask2 = dmask[:, None] & nmask[None, :]
-    group = (tl.program_id(1) * BLOCK) // cpg
+    first = tl.program_id(1) * BLOCK
+    group = first // cpg
     A = tl.load(A_ptr + d[:, None] * nstate + n[None, :], mask=mask2, other=0.0).to(ACC)
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
@@ -104,6 +118,9 @@ def _scan_kernel(
         tl.store(out_ptr + row + t, y, mask=dmask)
         if STORE_HIDDEN:
             tl.store(hidden_ptr + (row + t)[:, None] * nstate + n[None, :], h, mask=mask2)
+        for s in tl.static_range(NSNAP):  # a masked store: no branch, and only the due ones write
+            position, rows = _snapshot_rows(snap_index_ptr, b, d, first, dim, length, NSNAP, sgroups, s)
+            tl.store(snap_ptr + rows[:, None] * nstate + n[None, :], h, mask=mask2 & (position == t))
     if STORE_LAST:
         tl.store(last_ptr + (b * dim + d)[:, None] * nstate + n[None, :], h, mask=mask2)
 
@@ -192,13 +209,13 @@ def _probe_grad_kernel(
 
 @triton.jit
 def _adjoint_kernel(
-    u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, hidden_ptr, scatter_ptr, dy_ptr,
+    u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, hidden_ptr, scatter_ptr, dy_ptr, snap_index_ptr, dsnap_ptr,
     du_ptr, ddelta_ptr, dA_ptr, dB_ptr, dC_ptr,
-    dim, length, nstate, cpg, blocks,
+    dim, length, nstate, cpg, blocks, sgroups,
     su_b, su_d, su_t, sd_b, sd_d, sd_t,
     sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
     BLOCK: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    SCATTERED: tl.constexpr,
+    SCATTERED: tl.constexpr, NSNAP: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
     blk = tl.program_id(1)
@@ -230,6 +247,10 @@ def _adjoint_kernel(
         g = a_next * g + dy[:, None] * Ct[None, :]
         if SCATTERED:
             g += tl.load(scatter_ptr + (row + t)[:, None] * nstate + n[None, :], mask=mask2, other=0.0)
+        for s in tl.static_range(NSNAP):
+            position, rows = _snapshot_rows(snap_index_ptr, b, d, blk * BLOCK, dim, length, NSNAP, sgroups, s)
+            due = mask2 & (position == t)
+            g += tl.load(dsnap_ptr + rows[:, None] * nstate + n[None, :], mask=due, other=0.0).to(ACC)
         g_a_hprev = g * a * h_prev
         ddt = tl.sum(g_a_hprev * A + g * u[:, None] * Bt[None, :], axis=1)
         if SOFTPLUS:
@@ -246,19 +267,21 @@ def _adjoint_kernel(
 INTERPRETED = not isinstance(_scan_kernel, triton.runtime.JITFunction)  # built for Triton's CPU interpreter
 
 
-def block_size(cpg: int, ppg: int) -> int:
-    """Channels per program: a power of two dividing the channels of every B/C and probe group."""
-    common = math.gcd(cpg, ppg)
+def block_size(*channels_per_group: int) -> int:
+    """Channels per program: a power of two dividing the channels of every B/C, probe and snapshot group."""
+    common = math.gcd(*channels_per_group)
     return min(MAX_BLOCK, common & -common)
 
 
-def _layout(u, nstate, groups, probe):
-    """Sizes of a scan of ``u``'s shape: batch, dim, len, nstate, channels per B/C group and per probe
-    group, channels per program, nstate padded to a power of two."""
-    batch, dim, length = u.shape
-    cpg = dim // groups
-    ppg = dim // probe.shape[1] if probe is not None else cpg
-    return batch, dim, length, nstate, cpg, ppg, block_size(cpg, ppg), triton.next_power_of_2(nstate)
+def _layout(x: ScanInputs):
+    """Sizes of a scan: batch, dim, len, nstate, channels per B/C group and per probe group, channels per
+    program, nstate padded to a power of two."""
+    batch, dim, length = x.u.shape
+    cpg = dim // x.B.shape[1]
+    ppg = dim // x.probe.shape[1] if x.probe is not None else cpg
+    spg = dim // x.snapshot_index.shape[1] if x.snapshot_index is not None else cpg
+    nstate = x.A.shape[1]
+    return batch, dim, length, nstate, cpg, ppg, block_size(cpg, ppg, spg), triton.next_power_of_2(nstate)
 
 
 def _accumulator(u: torch.Tensor) -> tuple[torch.dtype, object]:
@@ -269,48 +292,56 @@ def warps(elements: int) -> int:
     return max(1, min(8, elements // 128))
 
 
-def _scan(u, delta, delta_bias, softplus, A, B, C, D, z, gate, want_hidden, want_last):
-    """Runs ``_scan_kernel``: (y or gated out, history or None, last state or None)."""
-    batch, dim, length, nstate, cpg, _, block, np2 = _layout(u, A.shape[1], B.shape[1], None)
-    acc, ACC = _accumulator(u)
-    y = torch.empty(batch, dim, length, device=u.device, dtype=acc)
-    hidden = torch.empty(batch, dim, length, nstate, device=u.device, dtype=acc) if want_hidden else None
-    last = torch.empty(batch, dim, nstate, device=u.device, dtype=acc) if want_last else None
-    zs = z.stride() if z is not None else (0, 0, 0)
+def _snapshot_args(x: ScanInputs) -> tuple[int, int]:
+    """(snapshot groups, snapshots per group) as the kernels take them: (1, 0) without snapshots."""
+    index = x.snapshot_index
+    return (1, 0) if index is None else (index.shape[1], index.shape[2])
+
+
+def _scan(x: ScanInputs, gate: bool, want_hidden: bool, want_last: bool, snapshots: bool):
+    """Runs ``_scan_kernel``: (y or gated out, history or None, last state or None, snapshots or None)."""
+    batch, dim, length, nstate, cpg, _, block, np2 = _layout(x)
+    acc, ACC = _accumulator(x.u)
+    new = functools.partial(torch.empty, device=x.u.device, dtype=acc)
+    sgroups, nsnap = _snapshot_args(x) if snapshots else (1, 0)
+    y = new(batch, dim, length)
+    hidden = new(batch, dim, length, nstate) if want_hidden else None
+    last = new(batch, dim, nstate) if want_last else None
+    snaps = new(batch, dim, nsnap, nstate) if nsnap else None
+    zs = x.z.stride() if x.z is not None else (0, 0, 0)
     _scan_kernel[(batch, triton.cdiv(dim, block))](
-        u, delta, delta_bias, A, B, C, D, z, y, hidden, last, dim, length, nstate, cpg,
-        *u.stride(), *delta.stride(), *zs, *B.stride(), *C.stride(),
-        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        HAS_D=D is not None, GATE=gate and z is not None, STORE_HIDDEN=want_hidden, STORE_LAST=want_last,
-        num_warps=warps(block * np2),
+        x.u, x.delta, x.delta_bias, x.A, x.B, x.C, x.D, x.z, y, hidden, last, x.snapshot_index, snaps,
+        dim, length, nstate, cpg, sgroups, *x.u.stride(), *x.delta.stride(), *zs, *x.B.stride(), *x.C.stride(),
+        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=x.delta_bias is not None, SOFTPLUS=bool(x.softplus),
+        HAS_D=x.D is not None, GATE=gate and x.z is not None, STORE_HIDDEN=want_hidden, STORE_LAST=want_last,
+        NSNAP=nsnap, num_warps=warps(block * np2),
     )  # fmt: skip
-    return y, hidden, last
+    return y, hidden, last, snaps
 
 
-def _readout(hidden, C, probe, weight, scale, y, z, gate):
+def _readout(x: ScanInputs, hidden, y, gate):
     """Runs ``_readout_kernel``: (out, readout)."""
-    batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(y, hidden.shape[-1], C.shape[1], probe)
+    batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(x)
     out, readout = torch.empty_like(y), torch.empty_like(y)
-    zs = z.stride() if z is not None else (0, 0, 0)
+    zs = x.z.stride() if x.z is not None else (0, 0, 0)
     grid = (triton.cdiv(length, TIME_BLOCK), triton.cdiv(dim, block), batch)
     _readout_kernel[grid](
-        hidden, C, probe, weight, scale, y, z, out, readout, dim, length, nstate, cpg, ppg, probe.shape[1],
-        probe.shape[3], *C.stride(), *zs,
-        BLOCK=block, TIME=TIME_BLOCK, NP=np2, ACC=_accumulator(hidden)[1], HAS_SCALE=scale is not None,
-        GATE=gate and z is not None, num_warps=warps(block * TIME_BLOCK * np2),
+        hidden, x.C, x.probe, x.probe_weight, x.probe_scale, y, x.z, out, readout, dim, length, nstate, cpg, ppg,
+        x.probe.shape[1], x.probe.shape[3], *x.C.stride(), *zs,
+        BLOCK=block, TIME=TIME_BLOCK, NP=np2, ACC=_accumulator(hidden)[1], HAS_SCALE=x.probe_scale is not None,
+        GATE=gate and x.z is not None, num_warps=warps(block * TIME_BLOCK * np2),
     )  # fmt: skip
     return out, readout
 
 
-def forward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, want_last: bool, want_hidden: bool):
-    """Returns ``(out, readout, last_state, hidden_states)`` in the accumulation dtype."""
-    y, hidden, last = _scan(
-        u, delta, delta_bias, softplus, A, B, C, D, z, probe is None, want_hidden or probe is not None, want_last
-    )
-    if probe is None:
-        return y, None, last, hidden
-    out, readout = _readout(hidden, C, probe, weight, scale, y, z, gate=True)
-    return out, readout, last, hidden if want_hidden else None
+def forward(x: ScanInputs, want_last: bool, want_hidden: bool) -> ScanOutput:
+    """The scan's :class:`ScanOutput`, in the accumulation dtype."""
+    probes = x.probe is not None
+    y, hidden, last, snaps = _scan(x, not probes, want_hidden or probes, want_last, True)
+    if not probes:
+        return ScanOutput(y, last, None, hidden, snaps)
+    out, readout = _readout(x, hidden, y, gate=True)
+    return ScanOutput(out, last, readout, hidden if want_hidden else None, snaps)
 
 
 def _group_sum(partial: torch.Tensor, groups: int) -> torch.Tensor:
@@ -318,24 +349,24 @@ def _group_sum(partial: torch.Tensor, groups: int) -> torch.Tensor:
     return partial.view(partial.shape[0], groups, -1, *partial.shape[2:]).sum(2)
 
 
-def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale, dout, dreadout):
-    """Gradients ``(du, ddelta, ddelta_bias, dA, dB, dC, dD, dz, dweight, dscale)``, each in its input's
-    dtype, given ``dout`` and ``dreadout``."""
-    batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(u, A.shape[1], B.shape[1], probe)
+def backward(x: ScanInputs, grads: GradsOut) -> ScanGrads:
+    """The inputs' gradients, each in its input's dtype."""
+    u, A, B, C, D, z, probe, weight, scale = x.u, x.A, x.B, x.C, x.D, x.z, x.probe, x.probe_weight, x.probe_scale
+    batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(x)
     acc, ACC = _accumulator(u)
     blocks = triton.cdiv(dim, block)
-    y, hidden, _ = _scan(u, delta, delta_bias, softplus, A, B, C, D, z, False, True, False)
+    y, hidden, _, _ = _scan(x, False, True, False, False)
     readout = None
     if probe is not None:
-        y, readout = _readout(hidden, C, probe, weight, scale, y, z, gate=False)
-    dy = dout.to(acc)
+        y, readout = _readout(x, hidden, y, gate=False)
+    dy = grads.out.to(acc)
     dz = dscale = dweight = None
     if z is not None:
         zf = z.to(acc)
         sig = torch.sigmoid(zf)
         dz = dy * y * sig * (1 + zf * (1 - sig))
         dy = dy * zf * sig
-    dr = None if dreadout is None else dreadout.to(acc)
+    dr = None if grads.readout is None else grads.readout.to(acc)
     if scale is not None:
         dscale = (dy * readout).sum((0, 2))
         dr = dy * scale.to(acc)[:, None] + (dr if dr is not None else 0)
@@ -354,25 +385,27 @@ def backward(u, delta, delta_bias, softplus, A, B, C, D, z, probe, weight, scale
         dweight = _group_sum(dweight_partial, probe.shape[1])
     elif weight is not None:
         dweight = torch.zeros(weight.shape, device=u.device, dtype=acc)
+    dsnap = grads.snapshots if x.snapshot_index is not None else None
+    sgroups, nsnap = _snapshot_args(x) if dsnap is not None else (1, 0)
     du, ddelta = torch.empty_like(dy), torch.empty_like(dy)
     dA_partial = torch.empty(batch, dim, nstate, device=u.device, dtype=acc)
     dB_partial = torch.empty_like(dC_partial)
     _adjoint_kernel[(batch, blocks)](
-        u, delta, delta_bias, A, B, C, hidden, scatter, dy, du, ddelta, dA_partial, dB_partial, dC_partial,
-        dim, length, nstate, cpg, blocks, *u.stride(), *delta.stride(), *B.stride(), *C.stride(),
-        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        SCATTERED=scatter is not None, num_warps=warps(block * np2),
+        u, x.delta, x.delta_bias, A, B, C, hidden, scatter, dy, x.snapshot_index,
+        None if dsnap is None else dsnap.contiguous(), du, ddelta, dA_partial, dB_partial, dC_partial,
+        dim, length, nstate, cpg, blocks, sgroups, *u.stride(), *x.delta.stride(), *B.stride(), *C.stride(),
+        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=x.delta_bias is not None, SOFTPLUS=bool(x.softplus),
+        SCATTERED=scatter is not None, NSNAP=nsnap, num_warps=warps(block * np2),
     )  # fmt: skip
     if D is not None:
         du += dy * D.to(acc)[:, None]
     groups = B.shape[1]
     dC = _group_sum(dC_partial if dC_probes is None else dC_partial + dC_probes, groups)
-    grads = (
-        du, ddelta, ddelta.sum((0, 2)) if delta_bias is not None else None, dA_partial.sum(0),
+    result = ScanGrads(
+        du, ddelta, ddelta.sum((0, 2)) if x.delta_bias is not None else None, dA_partial.sum(0),
         _group_sum(dB_partial, groups), dC, dD, dz, dweight, dscale,
     )  # fmt: skip
-    inputs = (u, delta, delta_bias, A, B, C, D, z, weight, scale)
-    return tuple(None if g is None else g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))
+    return ScanGrads(*(None if g is None else g.to(getattr(x, name).dtype) for name, g in result._asdict().items()))
 
 
 __all__ = ["backward", "block_size", "forward"]

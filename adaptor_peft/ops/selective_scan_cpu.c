@@ -12,14 +12,16 @@
  *                              y_t = sum_n C_t h_t + D u_t,   out_t = y_t silu(z_t).
  * Probes read r_i = sum_k w_{i,k} sum_n C_i h_{p(i,k)}: states at chosen positions, weighted, seen
  * through C at the query position i; with probe_scale s, y_t gains s r_t before the gate (Adaptor-T).
+ * Snapshots copy the states at a few given positions out of the forward recurrence, and the backward adds
+ * their gradients into the adjoint at those positions: Adaptor-T's memory, read outside the kernel.
  *
  * Compiled at first use by adaptor_peft/ops/native.py, once with SCAN_DOUBLE and once without, with
  * OpenMP where the compiler has it: linked against libgomp.so.1, it shares PyTorch's OpenMP runtime and
  * threads (same soname, already loaded), so the two never oversubscribe the cores.
- * A lane block never straddles a B/C group or a probe group: the channels are cut into segments of
- * gcd(channels per B/C group, channels per probe group), and each segment into blocks of VL lanes, the
+ * A lane block never straddles a B/C, probe or snapshot group: the channels are cut into segments of
+ * the gcd of the channels per group of each, and each segment into blocks of VL lanes, the
  * last one partly filled. Idle lanes see zero inputs, add nothing to any sum, and are never stored, so
- * any channel count works; the caller guarantees probe positions in [0, len).
+ * any channel count works; the caller guarantees probe and snapshot positions in [0, len).
  */
 #include <math.h>
 #include <stdint.h>
@@ -118,7 +120,16 @@ typedef struct {
     real *dprobe_weight;                         /* backward, accumulated into: like probe */
     real *dprobe_scale;                          /* backward, accumulated into: (dim,) */
     int64_t dout_s[3], ddelta_s[3];              /* backward: strides of dout (read) and ddelta (written) */
+    int64_t snap_groups, nsnap;                  /* snapshot groups (dividing dim) and positions per group */
+    const int64_t *snapshot_index;               /* (batch, snap_groups, nsnap) or NULL */
+    real *snapshots;                             /* forward: (batch, dim, nsnap, nstate) */
+    const real *dsnapshots;                      /* backward: like snapshots, or NULL */
 } ScanArgs;
+
+/* The size of ScanArgs, which the Python side checks its mirror of the struct against. */
+int64_t scan_args_size(void) {
+    return (int64_t)sizeof(ScanArgs);
+}
 
 /* A gradient that sums over channels (dB, dC, the probe weights'), kept per lane: rows x VL partial sums
  * that items sharing the target add into with plain vector adds, reduced across lanes into target[0 .. rows)
@@ -134,6 +145,7 @@ typedef struct {
     real Dv[VL];    /* the block's D skip weights, zero where there is no D or no channel */
     int64_t b, d0, nv; /* the item: batch row, first channel, active lanes */
     int64_t *first, *reads; /* probes by position read: reads[first[j] .. first[j + 1]) are the (i, k) reading j */
+    int64_t *snap_at, *snap_slot, nsnap; /* the item's snapshots by position: nsnap of them, 0 when none are due */
     LaneSums dB, dC, dW; /* backward only */
 } Work;
 
@@ -148,7 +160,7 @@ static int64_t gcd(int64_t a, int64_t b) {
 
 /* Channels per segment, and lane blocks per segment. */
 static int64_t segment(const ScanArgs *s) {
-    return gcd(s->dim / s->groups, s->dim / s->probe_groups);
+    return gcd(gcd(s->dim / s->groups, s->dim / s->probe_groups), s->dim / s->snap_groups);
 }
 
 static int64_t item_count(const ScanArgs *s) {
@@ -168,6 +180,28 @@ static void locate(const ScanArgs *s, Work *w, int64_t item) {
     w->b = item / per_row;
     w->d0 = (r / per_segment) * seg + j * VL;
     w->nv = seg - j * VL < VL ? seg - j * VL : VL;
+    w->nsnap = 0;
+}
+
+/* Orders the item's snapshots by position (an insertion sort: there are few), which makes them due. */
+static void sort_snapshots(const ScanArgs *s, Work *w) {
+    const int64_t S = s->nsnap;
+    const int64_t *index = s->snapshot_index + (w->b * s->snap_groups + w->d0 / (s->dim / s->snap_groups)) * S;
+    for (int64_t q = 0; q < S; q++) {
+        int64_t j = q;
+        for (; j > 0 && w->snap_at[j - 1] > index[q]; j--) {
+            w->snap_at[j] = w->snap_at[j - 1];
+            w->snap_slot[j] = w->snap_slot[j - 1];
+        }
+        w->snap_at[j] = index[q];
+        w->snap_slot[j] = q;
+    }
+    w->nsnap = S;
+}
+
+/* Where snapshot ``slot`` of the item's lane v lives in (batch, dim, nsnap, nstate). */
+static int64_t snapshot_offset(const ScanArgs *s, const Work *w, int64_t v, int64_t slot) {
+    return ((w->b * s->dim + w->d0 + v) * s->nsnap + slot) * s->nstate;
 }
 
 static int work_alloc(Work *w, const ScanArgs *s, int backward) {
@@ -178,13 +212,16 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     const int64_t total = 7 * row + history + (backward ? L * state + 2 * row : 0) + 5 * state + lane_sums;
     real *p = calloc((size_t)total, sizeof(real));
     if (!p) return -1;
-    if (s->probe) {
-        w->first = malloc((size_t)(L + 1 + L * s->nprobe) * sizeof(int64_t));
+    const int64_t positions = (s->probe ? L + 1 + L * s->nprobe : 0) + (s->snapshot_index ? 2 * s->nsnap : 0);
+    if (positions) {
+        w->first = malloc((size_t)positions * sizeof(int64_t));
         if (!w->first) {
             free(p);
             return -1;
         }
         w->reads = w->first + L + 1;
+        w->snap_at = w->first + (s->probe ? L + 1 + L * s->nprobe : 0);
+        w->snap_slot = w->snap_at + s->nsnap;
     }
     w->u = p; p += row;
     w->x = p; p += row;
@@ -265,6 +302,7 @@ static inline __attribute__((always_inline)) void recurrence(
     const int probes) {
     const int64_t K = s->nprobe;
     const real *weight = probes ? s->probe_weight + probe_offset(s, w) : NULL;
+    int64_t due = 0; /* the next snapshot to take */
     for (int64_t t = 0; t < s->len; t++) {
         const real *dt = w->dt + t * VL, *u = w->u + t * VL;
         real dtu[VL], acc[VL];
@@ -289,6 +327,11 @@ static inline __attribute__((always_inline)) void recurrence(
         }
         for (int v = 0; v < VL; v++)
             w->y[t * VL + v] = acc[v] + w->Dv[v] * u[v];
+        for (; due < w->nsnap && w->snap_at[due] == t; due++)
+            for (int64_t v = 0; v < w->nv; v++) {
+                real *snapshot = s->snapshots + snapshot_offset(s, w, v, w->snap_slot[due]);
+                for (int64_t n = 0; n < N; n++) snapshot[n] = w->h[n * VL + v];
+            }
         if (probes)
             for (int64_t q = w->first[t]; q < w->first[t + 1]; q++) {
                 const int64_t e = w->reads[q], i = e / K;
@@ -385,6 +428,7 @@ int SCAN_FORWARD(const ScanArgs *s) {
         if (failed) continue;
         locate(s, &w, item);
         const int64_t b = w.b, d0 = w.d0;
+        if (s->snapshot_index) sort_snapshots(s, &w);
         block_forward(s, &w, s->hidden != NULL, s->probe != NULL);
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
@@ -409,15 +453,19 @@ int SCAN_FORWARD(const ScanArgs *s) {
     return failed ? -1 : 0;
 }
 
-/* The adjoint recurrence g_t = dL/dh_t = C_t dy_t (+ probe gradient) + a_{t+1} g_{t+1}, run backwards
- * in time, with every parameter gradient that reads g. The probe gradient reaching h_t is
- * sum over the (i, k) that read t of w_{i,k} C_i dr_i, with dr_i in w->r (needs sort_probes). Inlined per
- * (nstate, probes) like recurrence. */
+/* The adjoint recurrence g_t = dL/dh_t = C_t dy_t (+ probe and snapshot gradients) + a_{t+1} g_{t+1}, run
+ * backwards in time, with every parameter gradient that reads g. The probe gradient reaching h_t is
+ * sum over the (i, k) that read t of w_{i,k} C_i dr_i, with dr_i in w->r (needs sort_probes); a snapshot
+ * taken at t adds its own gradient (needs sort_snapshots). Inlined per (nstate, extra), extra being
+ * whether either comes, like recurrence. */
 static inline __attribute__((always_inline)) void reverse(
     const ScanArgs *s, Work *w, const real *Bg, const real *Cg, real *dBl, real *dCl, const int64_t N,
-    const int probes) {
+    const int extra) {
     const int64_t L = s->len, K = s->nprobe;
+    const int probes = s->probe != NULL;
     const real *weight = probes ? s->probe_weight + probe_offset(s, w) : NULL;
+    int64_t due = w->nsnap - 1; /* the next snapshot, from the end */
+    int stale = 1;             /* ex holds a snapshot's gradient from an earlier step */
     real ex[N][VL];
     for (int64_t i = 0; i < N * VL; i++) {
         w->g[i] = 0;
@@ -428,8 +476,11 @@ static inline __attribute__((always_inline)) void reverse(
         const real *dt = w->dt + t * VL, *u = w->u + t * VL, *dy = w->dy + t * VL;
         real ddt[VL] = {0}, du[VL] = {0}, dtu[VL];
         for (int v = 0; v < VL; v++) dtu[v] = dt[v] * u[v];
-        if (probes) {
+        if (extra && (probes || stale)) {
             memset(ex, 0, sizeof ex);
+            stale = 0;
+        }
+        if (extra && probes)
             for (int64_t q = w->first[t]; q < w->first[t + 1]; q++) {
                 const int64_t e = w->reads[q], i = e / K;
                 const real *dr = w->r + i * VL;
@@ -439,7 +490,11 @@ static inline __attribute__((always_inline)) void reverse(
                     for (int v = 0; v < VL; v++) ex[n][v] += wci * dr[v];
                 }
             }
-        }
+        for (; extra && due >= 0 && w->snap_at[due] == t; due--, stale = 1)
+            for (int64_t v = 0; v < w->nv; v++) {
+                const real *dsnapshot = s->dsnapshots + snapshot_offset(s, w, v, w->snap_slot[due]);
+                for (int64_t n = 0; n < N; n++) ex[n][v] += dsnapshot[n];
+            }
         for (int64_t n = 0; n < N; n++) {
             const real bn = Bg[n * s->B_s[2] + t * s->B_s[3]];
             const real cn = Cg[n * s->C_s[2] + t * s->C_s[3]];
@@ -449,7 +504,7 @@ static inline __attribute__((always_inline)) void reverse(
             #pragma omp simd
             for (int v = 0; v < VL; v++) {
                 const real a = w->decay[(t * N + n) * VL + v];
-                const real gv = gs[v] * anext[v] + cn * dy[v] + (probes ? ex[n][v] : 0);
+                const real gv = gs[v] * anext[v] + cn * dy[v] + (extra ? ex[n][v] : 0);
                 const real ga_hp = gv * a * hprev[v];
                 ddt[v] += ga_hp * A[v] + gv * u[v] * bn;
                 cdA[v] += ga_hp * dt[v];
@@ -598,9 +653,11 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         }
 
         real *dBl = lanes_for(&w.dB, dB + (b * s->groups + g) * N * L);
-        if (N == 16 && probes) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 1);
+        if (s->snapshot_index && s->dsnapshots) sort_snapshots(s, &w);
+        const int extra = probes || w.nsnap;
+        if (N == 16 && extra) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 1);
         else if (N == 16) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 0);
-        else if (probes) reverse(s, &w, Bg, Cg, dBl, dCl, N, 1);
+        else if (extra) reverse(s, &w, Bg, Cg, dBl, dCl, N, 1);
         else reverse(s, &w, Bg, Cg, dBl, dCl, N, 0);
         if (s->softplus)
             for (int64_t t = 0; t < L * VL; t++) w.ddt[t] *= 1 / (1 + EXP(-w.x[t]));

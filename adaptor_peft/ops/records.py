@@ -1,0 +1,88 @@
+"""The records every scan backend takes and gives: one scan's inputs, its outputs and its gradients.
+
+The dispatcher (:mod:`adaptor_peft.ops.dispatch`) checks the user's tensors, puts B and C in the grouped
+layout and hands one :class:`ScanInputs` to a backend's ``forward(inputs, want_last, want_hidden)``, which
+returns a :class:`ScanOutput`, and to its ``backward(inputs, grads_out)``, which returns a
+:class:`ScanGrads`. Shapes, as a backend sees them: ``u``, ``delta``, ``z`` (batch, dim, len); ``A``
+(dim, nstate); ``B``, ``C`` (batch, groups, nstate, len); ``D``, ``delta_bias``, ``probe_scale`` (dim,);
+``probe``, ``probe_weight`` (batch, probe_groups, len, nprobe); ``snapshot_index`` (batch, snapshot_groups,
+nsnap). The step is ``dt = softplus(delta + delta_bias)`` (bias optional, softplus if ``softplus``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class ScanOutput(NamedTuple):
+    """Result of a scan; fields not asked for are None.
+
+    ``out`` (batch, dim, len); ``last_state`` (batch, dim, nstate); ``readout`` (batch, dim, len), the probe
+    readout; ``hidden_states`` (batch, dim, len, nstate); ``snapshots`` (batch, dim, nsnap, nstate), the
+    states at ``snapshot_index``. ``last_state`` and ``hidden_states`` carry no gradient; ``snapshots`` does.
+    """
+
+    out: Tensor
+    last_state: Tensor | None = None
+    readout: Tensor | None = None
+    hidden_states: Tensor | None = None
+    snapshots: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ScanInputs:
+    """One scan's inputs, in the layouts of the module docstring; optional ones are None."""
+
+    u: Tensor
+    delta: Tensor
+    A: Tensor
+    B: Tensor
+    C: Tensor
+    D: Tensor | None = None
+    z: Tensor | None = None
+    delta_bias: Tensor | None = None
+    softplus: bool = False
+    probe: Tensor | None = None
+    probe_weight: Tensor | None = None
+    probe_scale: Tensor | None = None
+    snapshot_index: Tensor | None = None
+
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        """Every tensor field, in field order (what autograd saves for the backward)."""
+        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "softplus")
+
+    def with_tensors(self, tensors: tuple[Tensor | None, ...]) -> ScanInputs:
+        """This record with its tensor fields replaced, in :meth:`tensors`' order."""
+        names = [f.name for f in dataclasses.fields(self) if f.name != "softplus"]
+        return dataclasses.replace(self, **dict(zip(names, tensors, strict=True)))
+
+
+class GradsOut(NamedTuple):
+    """Gradients reaching a scan's outputs: ``out``'s, and ``readout``'s and ``snapshots``' where those were
+    used (else None)."""
+
+    out: Tensor
+    readout: Tensor | None = None
+    snapshots: Tensor | None = None
+
+
+class ScanGrads(NamedTuple):
+    """Gradients of a scan's differentiable inputs, named as :class:`ScanInputs`' fields; None where the
+    input is None."""
+
+    u: Tensor
+    delta: Tensor
+    delta_bias: Tensor | None
+    A: Tensor
+    B: Tensor
+    C: Tensor
+    D: Tensor | None
+    z: Tensor | None
+    probe_weight: Tensor | None
+    probe_scale: Tensor | None
