@@ -63,7 +63,8 @@ def perturb(model: torch.nn.Module, marker: str, scale: float = 0.3) -> int:
 
 def adaptor_t_reference(t, u, delta, A, B, C, D, z, delta_bias, direction, mask=None):
     """``y_i = (C_i · h̃_i + D u_i) silu(z_i)`` with ``h̃_i = h_i + γ ⊙ Σ_k c_{i,k} h(p_{i,k})``, written out
-    loop by loop from the formula (plain recurrence, literal positions and interpolation, softmax per group).
+    loop by loop from the formula (plain recurrence, literal positions and interpolation, softmax per group);
+    in memory mode the offsets come from the mean of the scan input, the same for every position.
     ``mask`` (batch, dim, len) multiplies the memory term, as a fixed dropout mask would."""
     batch, dim, length = u.shape
     E, S, K = t.channels, t.groups, t.locations
@@ -89,7 +90,8 @@ def adaptor_t_reference(t, u, delta, A, B, C, D, z, delta_bias, direction, mask=
         for i in range(length):
             low = u[:, j * E : (j + 1) * E, i] @ t.down[d].T  # (batch, rank)
             weight_logits = low @ t.weight_up[d].T + t.weight_bias[d]  # (batch, S*K), group-major
-            offsets = low @ t.offset_up[d].T if t.learned else torch.zeros_like(weight_logits)
+            source = u[:, j * E : (j + 1) * E].mean(-1) @ t.down[d].T if t.mode == "memory" else low
+            offsets = source @ t.offset_up[d].T if t.learned else torch.zeros_like(weight_logits)
             for g in range(S):
                 cs = slice(j * E + g * width, j * E + (g + 1) * width)
                 c = torch.softmax(weight_logits[:, g * K : (g + 1) * K], dim=-1)
@@ -110,10 +112,10 @@ def adaptor_t_reference(t, u, delta, A, B, C, D, z, delta_bias, direction, mask=
     return out
 
 
-def random_adaptor_t(style: str, anchor: str, channels: int = 32, seed: int = 0) -> AdaptorT:
+def random_adaptor_t(style: str, anchor: str, channels: int = 32, seed: int = 0, mode: str = "memory") -> AdaptorT:
     torch.manual_seed(seed)
     directions = 2 if style == "vim" else 4
-    t = AdaptorT(channels, directions, locations=2, groups=2, rank=3, anchor=anchor).double()
+    t = AdaptorT(channels, directions, locations=2, groups=2, rank=3, anchor=anchor, mode=mode).double()
     with torch.no_grad():
         t.weight_up.normal_(0, 0.5)
         t.weight_bias.normal_(0, 0.5)
@@ -155,12 +157,13 @@ def gradients(output: torch.Tensor, tensors: dict[str, torch.Tensor], seed: int 
     return {n: torch.zeros_like(tensors[n]) if g is None else g for n, g in zip(names, grads, strict=True)}
 
 
+@pytest.mark.parametrize("mode", ["memory", "per_position"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("anchor", ["learned", "static"])
 @pytest.mark.parametrize("style", ["vim", "vmamba"])
-def test_adaptor_t_scan_equals_the_formula_with_gradients(monkeypatch, style, anchor, backend):
+def test_adaptor_t_scan_equals_the_formula_with_gradients(monkeypatch, style, anchor, backend, mode):
     monkeypatch.setenv(BACKEND_ENV, backend)
-    t = random_adaptor_t(style, anchor)
+    t = random_adaptor_t(style, anchor, mode=mode)
     inputs = scan_inputs(style, t)
     args = {k: v for k, v in inputs.items() if k not in ("delta_softplus", "direction")}
     expected = adaptor_t_reference(t, direction=inputs["direction"], **args)
@@ -180,8 +183,9 @@ def test_adaptor_t_scan_equals_the_formula_with_gradients(monkeypatch, style, an
     assert want["down"].abs().max() > 1e-3 and want["weight_up"].abs().max() > 1e-3
 
 
-def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test():
-    t = random_adaptor_t("vim", "learned")
+@pytest.mark.parametrize("mode", ["memory", "per_position"])
+def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test(mode):
+    t = random_adaptor_t("vim", "learned", mode=mode)
     inputs = scan_inputs("vim", t)
     args = {k: v for k, v in inputs.items() if k not in ("delta_softplus", "direction")}
     with_memory = adaptor_t_reference(t, direction=1, **args)
@@ -192,9 +196,10 @@ def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test():
     torch.testing.assert_close(t.scan(**inputs), without, rtol=1e-10, atol=1e-10)
 
 
-def test_adaptor_t_starts_as_the_plain_scan():
+@pytest.mark.parametrize("mode", ["memory", "per_position"])
+def test_adaptor_t_starts_as_the_plain_scan(mode):
     torch.manual_seed(0)
-    t = AdaptorT(32, 2, locations=2, groups=2, rank=3).double()
+    t = AdaptorT(32, 2, locations=2, groups=2, rank=3, mode=mode).double()
     inputs = scan_inputs("vim", t)
     args = {k: v for k, v in inputs.items() if k not in ("delta_softplus", "direction")}
     with torch.no_grad():
@@ -203,10 +208,11 @@ def test_adaptor_t_starts_as_the_plain_scan():
     torch.testing.assert_close(t.scan(**inputs), plain, rtol=1e-12, atol=1e-12)
 
 
-def test_adaptor_t_gradcheck_on_its_parameters(monkeypatch):
+@pytest.mark.parametrize("mode", ["memory", "per_position"])
+def test_adaptor_t_gradcheck_on_its_parameters(monkeypatch, mode):
     monkeypatch.setenv(BACKEND_ENV, "torch")
     torch.manual_seed(3)
-    t = AdaptorT(4, 2, locations=2, groups=2, rank=2).double()
+    t = AdaptorT(4, 2, locations=2, groups=2, rank=2, mode=mode).double()
     with torch.no_grad():
         for p in (t.weight_up, t.weight_bias, t.offset_up, t.gamma):
             p.normal_(0, 0.5)
@@ -227,9 +233,10 @@ def test_adaptor_t_gradcheck_on_its_parameters(monkeypatch):
     assert torch.autograd.gradcheck(run, params, eps=1e-6, atol=1e-7)
 
 
-def test_adaptor_t_dropout_path_applies_the_mask_to_the_memory_term(monkeypatch):
+@pytest.mark.parametrize("mode", ["memory", "per_position"])
+def test_adaptor_t_dropout_path_applies_the_mask_to_the_memory_term(monkeypatch, mode):
     monkeypatch.setenv(BACKEND_ENV, "torch")
-    t = random_adaptor_t("vim", "learned")
+    t = random_adaptor_t("vim", "learned", mode=mode)
     inputs = scan_inputs("vim", t)
     mask = (torch.rand(inputs["u"].shape, generator=torch.Generator().manual_seed(5)) > 0.5).double() * 2
 
@@ -323,6 +330,8 @@ def test_inject_rejects_unsupported_models():
 
 
 VARIANTS = {
+    "memory": dict(t_mode="memory"),
+    "memory_static": dict(t_mode="memory", t_anchor="static"),
     "static": dict(t_anchor="static"),
     "separate_kernels": dict(s_share_kernel=False),
     "inner": dict(s_position="inner"),
@@ -360,6 +369,7 @@ def test_injection_variants_are_exact_at_init_and_their_parameters_matter(kind, 
             assert (centre == 1).all() == (config.s_init == "delta")
         if mixer.adaptor_t is not None:
             assert mixer.adaptor_t.learned == (config.t_anchor == "learned")
+            assert mixer.adaptor_t.mode == config.t_mode
             assert mixer.adaptor_t.weight_up.any() == (config.t_init > 0)
             assert not mixer.adaptor_t.gamma.any()
     names = [n for n, p in model.named_parameters() if p.requires_grad]

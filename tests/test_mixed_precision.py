@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adaptor_peft.models.layers
-from adaptor_peft.adaptors import AdaptorT, inject_adaptor, prepare_model
+from adaptor_peft.adaptors import AdaptorConfig, AdaptorT, inject_adaptor, prepare_model
 
 from .test_models import tiny
 
@@ -15,9 +15,10 @@ SIZES = {"vim": 32, "vmamba_v2": 64}
 MARKERS = (".adaptor_t.", ".adaptor_s.")
 
 
-def injected(kind: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A tiny backbone in ``dtype`` with both adaptors, moved off their zero init."""
-    model = inject_adaptor(tiny(kind).to(dtype))
+def injected(kind: str, dtype: torch.dtype = torch.float32, **options) -> torch.nn.Module:
+    """A tiny backbone in ``dtype`` with both adaptors (``AdaptorConfig`` ``options``), moved off their zero
+    init."""
+    model = inject_adaptor(tiny(kind).to(dtype), AdaptorConfig(**options))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if any(m in f".{name}" for m in MARKERS):
@@ -29,9 +30,10 @@ def adaptor_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if any(m in f".{n}" for m in MARKERS)}
 
 
+@pytest.mark.parametrize("mode", ["memory", "per_position"])
 @pytest.mark.parametrize("kind", list(SIZES))
-def test_adaptors_stay_float32_in_a_bfloat16_backbone(kind):
-    model = injected(kind, torch.bfloat16).train()
+def test_adaptors_stay_float32_in_a_bfloat16_backbone(kind, mode):
+    model = injected(kind, torch.bfloat16, t_mode=mode).train()
     adaptors = adaptor_parameters(model)
     assert adaptors and all(p.dtype == torch.float32 for p in adaptors.values())
     assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in adaptors)
@@ -60,9 +62,10 @@ def test_lora_and_parallel_adapters_stay_float32_in_a_bfloat16_backbone(method, 
         assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().max() > 0, name
 
 
+@pytest.mark.parametrize("mode", ["memory", "per_position"])
 @pytest.mark.parametrize("kind", list(SIZES))
-def test_injected_model_under_bfloat16_autocast(kind):
-    model = injected(kind).train()
+def test_injected_model_under_bfloat16_autocast(kind, mode):
+    model = injected(kind, t_mode=mode).train()
     images = torch.randn(2, 3, SIZES[kind], SIZES[kind])
     with torch.no_grad():
         full = model(images)
@@ -105,6 +108,41 @@ def test_a_fractional_location_above_128_keeps_its_fraction_in_a_bfloat16_backbo
         k = adaptor.locations
         assert (index[..., :k] == 130).all() and (index[..., k:] == 131).all()
         assert torch.equal(mix[..., :k], mix[..., k:])  # half the weight on each neighbour
+
+
+def test_adaptor_t_memory_is_read_in_float32_under_autocast(monkeypatch):
+    """In a bfloat16 backbone under autocast, the memory's location at 130.5 keeps its fraction (its two
+    neighbours are snapshotted), the snapshots are float32, and the adapted output matches float64 up to
+    its own bfloat16 rounding."""
+    adaptor = injected("vim", torch.bfloat16, t_mode="memory").layers[0].mixer.adaptor_t
+    with torch.no_grad():
+        adaptor.anchor.fill_(0.5)  # position 0.5 * (262 - 1) = 130.5: bfloat16 has no fraction at 130
+        adaptor.offset_up.zero_()
+    generator = torch.Generator().manual_seed(0)
+    E, N, L = adaptor.channels, 4, 262
+    u, delta, z = (torch.randn(1, E, L, generator=generator).bfloat16() for _ in range(3))
+    B, C = (torch.randn(1, N, L, generator=generator).bfloat16() for _ in range(2))
+    A = -torch.rand(E, N, generator=generator) - 0.5
+    seen = []
+    scan = adaptor_peft.adaptors.temporal.selective_scan
+
+    def recording(*args, **kwargs):
+        result = scan(*args, **kwargs)
+        seen.append((kwargs["snapshot_index"], result.snapshots.dtype))
+        return result
+
+    monkeypatch.setattr(adaptor_peft.adaptors.temporal, "selective_scan", recording)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = adaptor.scan(u, delta * 0.1, A, B, C, None, z, direction=0)
+    index, dtype = seen[-1]
+    k = adaptor.locations
+    assert (index[..., :k] == 130).all() and (index[..., k:] == 131).all() and dtype == torch.float32
+    inputs = [t.double() for t in (u, delta * 0.1, A, B, C)]
+    exact = adaptor.double().scan(*inputs, None, z.double(), direction=0)
+    memory_term = exact - scan(*inputs, None, z.double()).out
+    assert memory_term.abs().max() > 0.05 * exact.abs().max()  # the memory term is there to be checked
+    assert half.dtype == torch.bfloat16
+    assert ((half.double() - exact).abs() <= 2**-7 * exact.abs() + 1e-3 * exact.abs().max()).all()
 
 
 def test_vim_delta_bias_reaches_the_scan_in_float32_under_autocast(monkeypatch):

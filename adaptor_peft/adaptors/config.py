@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ANCHOR_MODES = ("learned", "static")
+TEMPORAL_MODES = ("per_position", "memory")
 SPATIAL_POSITIONS = ("output", "inner")
 KERNEL_INITS = ("kaiming", "delta")
 
@@ -39,6 +40,13 @@ class AdaptorConfig:
     """Adaptor-T locations (ours): "learned" = trained anchors spread over the sequence plus
     input-dependent offsets, read at fractional positions by linear interpolation; "static" = fixed,
     evenly spread anchors and no offsets (the paper's static-location ablation)."""
+    t_mode: str = "per_position"
+    """Adaptor-T (ours): where the locations come from. "memory" = K locations per sequence and channel
+    group (anchors plus an offset predicted from the mean scan input): the scan only copies out the 2K
+    states they need, and every position reads them through its own ``C_i`` as one matrix product per
+    group, so the adaptor costs about what the plain scan does. "per_position" = K locations predicted
+    for every position from its own input, read inside the scan (each read a state's worth of work in
+    the recurrence on a CPU; the whole state history kept on a GPU)."""
     t_init: float = 0.0
     """Adaptor-T (ours): standard deviation of the normal initialisation of the predictor's output layers
     (location offsets and weight logits); 0 = zero, so that every position starts reading the anchors with
@@ -89,6 +97,7 @@ class AdaptorConfig:
             "t_groups": self.t_groups >= 1,
             "t_rank": self.t_rank >= 1,
             "t_anchor": self.t_anchor in ANCHOR_MODES,
+            "t_mode": self.t_mode in TEMPORAL_MODES,
             "t_init": self.t_init >= 0,
             "s_kernel_size": self.s_kernel_size >= 1 and self.s_kernel_size % 2 == 1,
             "s_dilations": len(self.s_dilations) >= 1 and all(d >= 1 for d in self.s_dilations),
@@ -99,7 +108,12 @@ class AdaptorConfig:
             "lr_scale": self.lr_scale > 0,
             "temporal/spatial": self.temporal or self.spatial,
         }
-        allowed = {"t_anchor": ANCHOR_MODES, "s_position": SPATIAL_POSITIONS, "s_init": KERNEL_INITS}
+        allowed = {
+            "t_anchor": ANCHOR_MODES,
+            "t_mode": TEMPORAL_MODES,
+            "s_position": SPATIAL_POSITIONS,
+            "s_init": KERNEL_INITS,
+        }
         for name, ok in checks.items():
             if not ok:
                 value = getattr(self, name, None) if "/" not in name else (self.temporal, self.spatial)

@@ -1,17 +1,26 @@
-"""Adaptor-T: each position reads hidden states from K learned locations of its scan (Mamba-Adaptor).
+"""Adaptor-T: every position reads hidden states from K learned locations of its scan (Mamba-Adaptor).
 
 For one scan direction with inner width E, state size N and length L the scan gives
 ``y_i = C_i h_i + D u_i``. Adaptor-T makes it ``y_i = C_i h̃_i + D u_i`` with
 
-    h̃_i = h_i + γ ⊙ Σ_k c_{i,k} h(p_{i,k})
+    h̃_i = h_i + γ ⊙ Σ_k c_{i,k} h(p_k)
 
-where, for each of S channel groups, a low-rank predictor on the scan input ``u_i`` gives K locations
-``p_{i,k} = (anchor_k + offset_{i,k}) (L - 1)`` and K softmax weights ``c_{i,k}``. Locations may lie after
-``i``, which lets a causal scan see later tokens. A fractional location is read by linear
-interpolation between its two neighbouring states. Since ``C_i · h(p)`` is linear in ``h``, the scan
-hands back only the probe readouts ``C_i · h_j`` (:func:`adaptor_peft.ops.selective_scan`), never a
-(B, E, L, K, N) tensor. ``γ`` starts at zero, so an injected model computes exactly what the pretrained
-one did; so do, by default (``t_init``), the predictor's offsets and weight logits.
+where, for each of S channel groups, a low-rank predictor on the scan input gives K softmax weights
+``c_{i,k}`` from ``u_i`` and K locations. Locations may lie after ``i``, which lets a causal scan see
+later tokens; a fractional location is read by linear interpolation between its two neighbouring states.
+Two ways to choose the locations (``AdaptorConfig.t_mode``):
+
+- ``"memory"``: K locations per sequence, ``p_k = (anchor_k + offset_k) (L - 1)`` with the offset
+  predicted from the mean scan input. The scan hands back only the 2K states they need
+  (``snapshot_index``), and every position's read is one matrix product per group,
+  ``R_g = Ĉ_g H_gᵀ`` with ``Ĉ[i, (k, n)] = c_{i,k} C_i[n]`` and ``H[e, (k, n)] = h_e(p_k)[n]``: the scan
+  costs what a plain one does, and the read runs at matrix-product speed.
+- ``"per_position"``: K locations for every position, ``p_{i,k} = (anchor_k + offset_{i,k}) (L - 1)``,
+  read inside the scan as probe readouts ``C_i · h_j``: every position reads its own states, which the
+  scan must either reach while it runs (CPU) or keep (GPU).
+
+Neither builds a (B, E, L, K, N) tensor. ``γ`` starts at zero, so an injected model computes exactly
+what the pretrained one did; so do, by default (``t_init``), the predictor's offsets and weight logits.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import selective_scan
+from ..ops.dispatch import as_grouped
 from .config import AdaptorConfig
 
 
@@ -44,9 +54,10 @@ class AdaptorT(nn.Module):
         dropout: float = AdaptorConfig.dropout,
         lr_scale: float = AdaptorConfig.lr_scale,
         init: float = AdaptorConfig.t_init,
+        mode: str = AdaptorConfig.t_mode,
     ):
         super().__init__()
-        self.lr_scale = lr_scale
+        self.lr_scale, self.mode = lr_scale, mode
         if channels % groups:
             raise ValueError(f"Adaptor-T: t_groups={groups} must divide the scan width {channels}")
         self.channels, self.directions, self.locations, self.groups = channels, directions, locations, groups
@@ -79,13 +90,13 @@ class AdaptorT(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, directions={self.directions}, locations={self.locations}, "
-            f"groups={self.groups}, rank={self.down.shape[1]}, anchor={'learned' if self.learned else 'static'}"
+            f"groups={self.groups}, rank={self.down.shape[1]}, anchor={'learned' if self.learned else 'static'}, "
+            f"mode={self.mode}"
         )
 
-    def probes(self, u: torch.Tensor, direction: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Probe positions (B, P, L, 2K) and their weights (B, P, L, 2K) for scan input ``u``
-        (B, dirs * E, L), with P = dirs * S groups: each location's floor and ceiling state, weighted
-        by its softmax weight times its interpolation weight."""
+    def _predict(self, u: torch.Tensor, direction: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax weights (B, dirs, S, K, L) of every position's K locations, and the locations in [0, L - 1]:
+        (B, dirs, S, K, L) per position, or (B, dirs, S, K, 1) per sequence in memory mode."""
         picked = slice(None) if direction is None else slice(direction, direction + 1)
         dirs = self.directions if direction is None else 1
         batch, _, length = u.shape
@@ -98,8 +109,18 @@ class AdaptorT(nn.Module):
             weights = logits.view(shape).softmax(dim=3)
             position = self.anchor[picked][None, :, :, :, None]
             if self.learned:
-                position = position + torch.matmul(self.offset_up[picked], hidden).view(shape)
-        position = (position.expand(shape) * (length - 1)).clamp(0, length - 1)
+                source = hidden.mean(-1, keepdim=True) if self.mode == "memory" else hidden
+                position = position + torch.matmul(self.offset_up[picked], source).view(*shape[:4], -1)
+        position = position.expand(*shape[:4], position.shape[-1])
+        return weights, (position * (length - 1)).clamp(0, length - 1)
+
+    def probes(self, u: torch.Tensor, direction: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position mode: probe positions (B, P, L, 2K) and their weights (B, P, L, 2K) for scan input
+        ``u`` (B, dirs * E, L), with P = dirs * S groups: each location's floor and ceiling state, weighted
+        by its softmax weight times its interpolation weight."""
+        weights, position = self._predict(u, direction)
+        batch, dirs, _, _, length = weights.shape
+        position = position.expand(weights.shape)
         floor = position.detach().floor()
         frac = position - floor
         index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=3).long()
@@ -124,8 +145,10 @@ class AdaptorT(nn.Module):
         direction: int | None = None,
     ) -> torch.Tensor:
         """The selective scan's output with the adapted states, then the silu(z) gate."""
-        index, mix = self.probes(u, direction)
         gamma = self.gamma.flatten() if direction is None else self.gamma[direction]
+        if self.mode == "memory":
+            return self._memory_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, gamma)
+        index, mix = self.probes(u, direction)
         if self.dropout.p == 0 or not self.training:  # the common case, fused into the scan
             return selective_scan(
                 u, delta, A, B, C, D, z, delta_bias, delta_softplus, probe_index=index, probe_weight=mix,
@@ -136,3 +159,30 @@ class AdaptorT(nn.Module):
         )
         out = result.out + gamma[:, None].to(result.readout.dtype) * self.dropout(result.readout)
         return out if z is None else out * F.silu(z)
+
+    def _memory_scan(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, gamma) -> torch.Tensor:
+        """Memory mode: a plain scan that snapshots each location's two neighbouring states, then every
+        position's read of the interpolated memory through its own ``C_i``, as one matrix product per
+        group, in float32 also under autocast."""
+        weights, position = self._predict(u, direction)
+        batch, dirs, _, locations, length = weights.shape
+        groups, width = dirs * self.groups, self.channels // self.groups
+        position = position.reshape(batch, groups, locations)
+        floor = position.detach().floor()
+        index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=-1).long()
+        result = selective_scan(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, snapshot_index=index
+        )  # snapshots (B, dirs * E, 2K, N)
+        with torch.autocast(u.device.type, enabled=False):
+            frac = (position - floor)[:, :, None, :, None]
+            below, above = result.snapshots.view(batch, groups, width, 2, locations, -1).unbind(3)
+            memory = (below + frac * (above - below)).flatten(3)  # (B, groups, width, K * N)
+            C_seen = as_grouped(C, batch, length, groups).to(memory.dtype)  # (B, groups, N, L)
+            C_hat = (weights.view(batch, groups, locations, 1, length) * C_seen[:, :, None]).flatten(2, 3)
+            readout = torch.matmul(memory, C_hat).view(batch, -1, length)
+            if self.training and self.dropout.p:
+                readout = self.dropout(readout)
+            added = gamma[:, None] * readout
+            if z is not None:
+                added = added * F.silu(z.to(added.dtype))
+        return result.out + added.to(result.out.dtype)
