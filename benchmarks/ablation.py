@@ -1,13 +1,15 @@
 """Ablation of the adaptor's design choices on the offline suite's val200 splits (never test).
 
 Each variant is a method with method options (``--variant NAME=METHOD[:key=value,...]``, or the
-built-in ones below). On every task it is trained on train800 at each learning rate of the grid and read
-on val200, as the suite's model selection does; the table gives the best val200 top-1 per task, their
-mean, the learning rate chosen and the trainable parameters (head excluded). Runs are kept under
-``--output-dir`` and skipped when the command runs again, so the table grows and resumes. Usage:
+built-in ones below). On every task it is trained on train800 at each learning rate of the grid and each
+training seed, and read on val200, as the suite's model selection does; the learning rate is chosen on
+the mean val200 top-1 over the seeds, so that one collapsed run does not decide. The table gives that mean
+at the chosen rate per task, their mean, the rate chosen and the trainable parameters (head excluded).
+Runs are kept under ``--output-dir`` and skipped when the command runs again, so the table grows and
+resumes. Usage:
 
     python benchmarks/ablation.py [--variants "lr_scale=1,lr_scale=10,..."] [--variant "NAME=adaptor:t_rank=8"]
-        [--tasks count,...] [--lrs 0.01,0.03] [--workers N] [--output-dir runs/ablation]
+        [--tasks count,...] [--lrs 0.01,0.03] [--seeds 42,43] [--workers N] [--output-dir runs/ablation]
         [--output benchmarks/results/adaptor_ablation.md] [key=value ...]
 """
 
@@ -63,13 +65,19 @@ def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, object]]]:
     return name, (method, {key: yaml.safe_load(value) for key, _, value in pairs})
 
 
+def seed_label(name: str, seed: int, seeds: list[int]) -> str:
+    """The run folder of a variant's seed: the variant's own with one seed (as runs made before seeds were
+    an option), else one folder per seed inside it."""
+    return name if len(seeds) == 1 else f"{name}/seed_{seed}"
+
+
 def trainable(method: str, options: dict[str, object], model: str, num_classes: int) -> int:
     """Trainable parameters of the variant on ``model``, head excluded."""
     built = prepare_model(create_model(model, num_classes=num_classes), method, **options)
     return parameter_report(built).trainable_without_head
 
 
-def table(rows: dict[str, dict[str, object]], tasks: list[str], lrs: list[float], title: str) -> str:
+def table(rows: dict[str, dict[str, object]], tasks: list[str], lrs: list[float], seeds: list[int], title: str) -> str:
     head = "| variant | method | options | trainable | " + " | ".join(tasks) + " | mean | lr chosen |"
     lines = [title, "", head, "|---|---|---|---:|" + "---:|" * (len(tasks) + 2)]
     for name, row in rows.items():
@@ -81,7 +89,8 @@ def table(rows: dict[str, dict[str, object]], tasks: list[str], lrs: list[float]
         chosen = " ".join(f"{row['lr'][t]:g}" for t in tasks if t in row["lr"])
         lines.append(f"| {name} | {row['method']} | {options} | {row['trainable']:,} | {cells} | {mean} | {chosen} |")
     grid = ", ".join(f"{lr:g}" for lr in lrs)
-    lines += ["", f"Best val200 top-1 % over lr in {{{grid}}}, one seed, trained on train800.", ""]
+    over = "one seed" if len(seeds) == 1 else f"mean of seeds {', '.join(map(str, seeds))}"
+    lines += ["", f"Best val200 top-1 % over lr in {{{grid}}}, {over}, trained on train800.", ""]
     return "\n".join(lines)
 
 
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--variant", action="append", default=[], help="NAME=METHOD[:key=value,...], added")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--lrs", default="0.01,0.03")
+    parser.add_argument("--seeds", default="42", help="training seeds; the rate is chosen on their mean val")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
     parser.add_argument("--quick", action="store_true", help="the suite's tiny splits: a smoke test")
@@ -103,21 +113,29 @@ def main(argv: list[str] | None = None) -> str:
     variants = {v: VARIANTS[v] for v in args.variants.split(",") if v}
     variants.update(parse_variant(text) for text in args.variant)
     tasks, lrs = args.tasks.split(","), [float(x) for x in args.lrs.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
     overrides = [*(QUICK if args.quick else ()), *args.overrides]
     title = f"# Adaptor ablation on val200\n\n{describe()}"
     rows: dict[str, dict[str, object]] = {}
     for name, (method, options) in variants.items():
         extra = [f"method_options.{key}={value}" for key, value in options.items()]
         row = rows[name] = {"method": method, "options": options, "val": {}, "lr": {}, "trainable": 0}
-        runs = {task: selection_runs(args.output_dir, task, method, lrs, [*overrides, *extra], name) for task in tasks}
+        runs = {
+            (task, seed): selection_runs(
+                args.output_dir, task, method, lrs, [*overrides, *extra, f"seed={seed}"], seed_label(name, seed, seeds)
+            )
+            for task in tasks
+            for seed in seeds
+        }
         scores = iter(train_runs([(recipe, run) for r in runs.values() for _, run, recipe in r], args.workers))
+        val = {key: {lr: next(scores)[0]["top1"] for lr in lrs} for key in runs}
         for task in tasks:
-            val = {lr: next(scores)[0]["top1"] for lr in lrs}
-            row["lr"][task] = best = max(lrs, key=lambda lr: val[lr])
-            row["val"][task] = val[best]
-        recipe = runs[tasks[0]][0][2]
+            mean = {lr: sum(val[task, seed][lr] for seed in seeds) / len(seeds) for lr in lrs}
+            row["lr"][task] = best = max(lrs, key=lambda lr: mean[lr])
+            row["val"][task] = mean[best]
+        recipe = next(iter(runs.values()))[0][2]
         row["trainable"] = trainable(method, recipe["method_options"], recipe["model"], recipe["num_classes"])
-        text = table(rows, tasks, lrs, title)
+        text = table(rows, tasks, lrs, seeds, title)
         if args.output:
             write_atomically(args.output, text)
         print(f"{name}: " + ", ".join(f"{t} {row['val'][t]:.2f}" for t in tasks), flush=True)

@@ -203,7 +203,8 @@ def test_the_booster_trains_from_scratch_like_full_and_a_frozen_method_does_not(
         train({**recipe, "method": "adaptor"}, tmp_path / "adaptor", progress=False)
 
 
-def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_path):
+def load_ablation():
+    """benchmarks/ablation.py as a module (benchmarks/ is not a package the tests import)."""
     import importlib.util
     from pathlib import Path
 
@@ -211,6 +212,11 @@ def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_pa
     spec = importlib.util.spec_from_file_location("ablation", path)
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_path):
+    ablation = load_ablation()
     report = tmp_path / "ablation.md"
     argv = ["--quick", "--workers", "1", "--variants", "lr_scale=1", "--variant",
             "rank=adaptor:s_rank=2,t_anchor=static", "--tasks", "count", "--lrs", "1e-3,5e-2",
@@ -231,3 +237,24 @@ def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_pa
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("results.json")) == stamps
     with pytest.raises(SystemExit, match="unknown variant"):
         ablation.main(["--variants", "nonsense"])
+
+
+def test_the_ablation_benchmark_chooses_the_rate_on_the_mean_val_of_its_seeds(tmp_path):
+    ablation = load_ablation()
+    argv = ["--quick", "--workers", "1", "--variants", "lr_scale=1", "--tasks", "count", "--lrs", "1e-3,5e-2",
+            "--seeds", "1,2", "--output-dir", str(tmp_path / "runs")]  # fmt: skip
+    text = ablation.main(argv)
+    row = next(line.split(" | ") for line in text.splitlines() if "| adaptor |" in line)
+    runs = tmp_path / "runs" / "select" / "count" / "lr_scale=1"
+    val = {
+        (seed, lr): json.loads((runs / f"seed_{seed}" / f"lr_{lr}" / "results.json").read_text())["top1"]
+        for seed in (1, 2)
+        for lr in ("0.001", "0.05")
+    }
+    for seed in (1, 2):
+        recipe = yaml.safe_load((runs / f"seed_{seed}" / "lr_0.05" / "config.yaml").read_text())
+        assert recipe["seed"] == seed
+    mean = {lr: (val[1, lr] + val[2, lr]) / 2 for lr in ("0.001", "0.05")}
+    best = max(mean, key=mean.get)
+    assert float(row[4]) == pytest.approx(mean[best], abs=0.01) and row[-1].strip("| ") == f"{float(best):g}"
+    assert "mean of seeds 1, 2" in text
