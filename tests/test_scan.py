@@ -266,11 +266,11 @@ def test_backend_selection(monkeypatch):
     """The rules without Triton (tests/test_scan_triton.py has them with it)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(scan_module, "triton_backend", lambda: None)
-    monkeypatch.setattr(scan_module, "mamba_ssm_kernel", lambda: object())
+    monkeypatch.setattr(scan_module, "mamba_ssm_runs", lambda device: True)
     assert select_backend(cuda, torch.float16) == "mamba_ssm"
     assert select_backend(cuda, torch.float32, needs_states=True) == "torch"  # probes need our scan
     assert select_backend(cuda, torch.float32, requested="torch") == "torch"
-    monkeypatch.setattr(scan_module, "mamba_ssm_kernel", lambda: None)
+    monkeypatch.setattr(scan_module, "mamba_ssm_runs", lambda device: False)
     assert select_backend(cuda, torch.float32) == "torch"
     with pytest.raises(RuntimeError, match="mamba_ssm"):
         select_backend(cuda, torch.float32, requested="mamba_ssm")
@@ -285,6 +285,34 @@ def test_backend_selection(monkeypatch):
         select_backend(cuda, torch.float32, requested="native")
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BACKEND", "torch")
     assert select_backend(cpu, torch.float32) == "torch"
+
+
+def test_mamba_ssm_is_chosen_only_where_its_kernel_runs(monkeypatch):
+    """mamba-ssm 2.3 and later, installed plainly, import but raise at the first scan: such a kernel is
+    found out by one tiny call (once per device, with a warning) and plain scans go to our kernels."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("selective_scan_cuda was not built")
+
+    def working(u, delta, A, B, C, *args, **kwargs):
+        return selective_scan_reference(u, delta, A, B, C).out
+
+    cpu = torch.device("cpu")
+    assert scan_module.kernel_runs(working, cpu) and not scan_module.kernel_runs(broken, cpu)
+    monkeypatch.setattr(scan_module, "mamba_ssm_kernel", lambda: broken)
+    monkeypatch.setattr(scan_module, "triton_backend", lambda: None)
+    scan_module.mamba_ssm_runs.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="MAMBA_KEEP_CUDA_BUILD=TRUE"):
+            assert not scan_module.mamba_ssm_runs(cpu)
+        assert not scan_module.mamba_ssm_runs(cpu)  # cached: no second call, no second warning
+        with pytest.warns(RuntimeWarning, match="kernel fails on cuda"):
+            assert select_backend(torch.device("cuda"), torch.float32) == "torch"
+        monkeypatch.setattr(scan_module, "mamba_ssm_kernel", lambda: working)
+        scan_module.mamba_ssm_runs.cache_clear()
+        assert scan_module.mamba_ssm_runs(cpu)
+    finally:
+        scan_module.mamba_ssm_runs.cache_clear()
 
 
 def test_damaged_kernel_cache_is_rebuilt(monkeypatch, tmp_path):

@@ -159,10 +159,10 @@ def test_backend_selection_on_cuda(monkeypatch):
     cuda = torch.device("cuda")
     monkeypatch.setattr(dispatch.triton_backend(), "INTERPRETED", False)  # kernels built for GPUs
     assert not dispatch._triton_runs_on(torch.device("cpu"))
-    monkeypatch.setattr(dispatch, "mamba_ssm_kernel", lambda: object())
+    monkeypatch.setattr(dispatch, "mamba_ssm_runs", lambda device: True)
     assert select_backend(cuda, torch.bfloat16) == "mamba_ssm"  # plain scans: mamba-ssm where it imports
     assert select_backend(cuda, torch.float32, needs_states=True) == "triton"  # probes: always ours
-    monkeypatch.setattr(dispatch, "mamba_ssm_kernel", lambda: None)
+    monkeypatch.setattr(dispatch, "mamba_ssm_runs", lambda device: False)
     assert select_backend(cuda, torch.float32) == "triton"
     monkeypatch.setattr(dispatch, "triton_backend", lambda: None)
     assert select_backend(cuda, torch.float32, needs_states=True) == "torch"

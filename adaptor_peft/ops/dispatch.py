@@ -16,7 +16,8 @@ Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACK
   under Triton's interpreter (``TRITON_INTERPRET=1``, for tests and debugging).
 - ``native``: the compiled CPU kernel (:mod:`adaptor_peft.ops.native`), float32 / float64.
 - ``torch``: plain PyTorch (:mod:`adaptor_peft.ops.scan_torch`), any device.
-- ``auto`` (default): on CUDA, ``mamba_ssm`` for plain scans when it imports, else ``triton`` where
+- ``auto`` (default): on CUDA, ``mamba_ssm`` for plain scans when its kernel runs (a tiny call on first
+  use per device: since mamba-ssm 2.3 a plain install imports but has no kernel), else ``triton`` where
   Triton imports, else ``torch``; on CPU, ``native`` where it builds, else ``torch``.
 
 Every backend takes and gives the records of :mod:`adaptor_peft.ops.records`. Probe and snapshot
@@ -31,6 +32,7 @@ import dataclasses
 import importlib
 import math
 import os
+import warnings
 from collections.abc import Callable
 from functools import cache
 from types import ModuleType
@@ -53,6 +55,38 @@ def mamba_ssm_kernel() -> Callable | None:
     except Exception:  # ImportError, or OSError / RuntimeError from a broken CUDA extension
         return None
     return kernel
+
+
+@cache
+def mamba_ssm_runs(device: torch.device) -> bool:
+    """Whether mamba-ssm's kernel imports and runs on ``device``: one tiny scan, once per device. Since
+    mamba-ssm 2.3 a plain ``pip install mamba-ssm`` builds no Mamba-1 kernel (unless
+    ``MAMBA_KEEP_CUDA_BUILD=TRUE``): ``selective_scan_fn`` still imports, then raises at its first call."""
+    kernel = mamba_ssm_kernel()
+    if kernel is None:
+        return False
+    if kernel_runs(kernel, device):
+        return True
+    warnings.warn(
+        f"adaptor_peft: mamba-ssm imports but its selective-scan kernel fails on {device}; plain scans use the "
+        "Triton kernels instead (mamba-ssm 2.3 and later build that kernel only with MAMBA_KEEP_CUDA_BUILD=TRUE "
+        "set at install)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+def kernel_runs(kernel: Callable, device: torch.device) -> bool:
+    """Whether ``kernel`` (``selective_scan_fn``'s signature) scans a one-channel, two-step sequence on
+    ``device`` without raising."""
+    try:
+        u = torch.ones(1, 1, 2, device=device)
+        B = torch.ones(1, 1, 2, device=device)
+        out = kernel(u, u, -torch.ones(1, 1, device=device), B, B)
+        return bool(torch.isfinite(out).all())
+    except Exception:  # RuntimeError, NotImplementedError, ...: anything the broken build raises
+        return False
 
 
 @cache
@@ -175,7 +209,7 @@ def select_backend(
         )
     device = torch.device(device)
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    mamba_ok = device.type == "cuda" and not needs_states and mamba_ssm_kernel() is not None
+    mamba_ok = device.type == "cuda" and not needs_states and mamba_ssm_runs(device)
     native_ok = device.type == "cpu" and native.available(compute)
     if requested == "auto":
         if device.type == "cuda":
@@ -183,8 +217,9 @@ def select_backend(
         return "native" if native_ok else "torch"
     if requested == "mamba_ssm" and not mamba_ok:
         raise RuntimeError(
-            "selective_scan backend 'mamba_ssm' needs CUDA tensors, an importable mamba-ssm "
-            f"(importable: {mamba_ssm_kernel() is not None}) and no probes or hidden states; got device {device}"
+            "selective_scan backend 'mamba_ssm' needs CUDA tensors, a mamba-ssm whose kernel runs "
+            f"(importable: {mamba_ssm_kernel() is not None}) and no probes, snapshots or hidden states; got device "
+            f"{device}"
         )
     if requested == "triton" and not _triton_runs_on(device):
         raise RuntimeError(
