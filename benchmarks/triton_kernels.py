@@ -2,12 +2,12 @@
 bound of one scan. Needs no GPU (Triton compiles for a target it is told) but Triton's NVIDIA tools.
 
 Registers and stack bytes per thread are read from each compiled kernel with the ``cuobjdump`` that
-ships with Triton; register spills go to the stack, so a kernel that does not spill has none. The
-traffic model counts the bytes each kernel must move through GPU memory for one Vim-S scan direction
-(bf16 activations, float32 states) and divides by the memory bandwidth: the time no implementation of
-the same algorithm can beat, the bound to compare a GPU measurement with.
+ships with Triton; register spills go to the stack, so a kernel that does not spill has none. The byte
+model (:func:`traffic`) counts the bytes our kernels move through GPU memory for one scan, against the
+least any implementation must move, at Vim-S and VMamba-T shapes; divided by the memory bandwidth, the
+time no implementation of the same algorithm can beat, the bound to compare a GPU measurement with.
 
-    python benchmarks/triton_kernels.py [--batch 64 --dim 768 --length 197 --nstate 16 --probes 4] [--json]
+    python benchmarks/triton_kernels.py [--json]
 """
 
 from __future__ import annotations
@@ -43,31 +43,35 @@ def kernel_configs(nstate: int) -> dict:
     """Every kernel as the dispatcher launches it at the Vim-S layout (32 channels a program), bf16 activations."""
     activations = {name: "*bf16" for name in ("u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr")}
     activations["snap_index_ptr"] = "*i64"
+    gradients = {**activations, **{name: "*bf16" for name in ("dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")}}
     probes = {**activations, "probe_ptr": "*i64"}
     common = dict(BLOCK=st.MAX_BLOCK, NP=triton.next_power_of_2(nstate), ACC=tl.float32)
     step = dict(HAS_BIAS=True, SOFTPLUS=True)
-    scan = dict(**common, **step, HAS_D=True, STORE_LAST=False)
+    scan = dict(**common, **step, HAS_D=True, STORE_LAST=False, CHUNK=st.CHUNK)
     tile = st.MAX_BLOCK * st.TIME_BLOCK * common["NP"]
     sequential = st.MAX_BLOCK * common["NP"]
+    plain = dict(GATE=True, STORE_HIDDEN=False)
     return {
-        "scan, plain (gated, no history)": (
-            st._scan_kernel, {**scan, "GATE": True, "STORE_HIDDEN": False, "NSNAP": 0}, activations, sequential
+        "scan, plain (inference)": (
+            st._scan_kernel, {**scan, **plain, "NSNAP": 0, "CHECKPOINTS": False}, activations, sequential
         ),
-        "scan, with 4 snapshots": (
-            st._scan_kernel, {**scan, "GATE": True, "STORE_HIDDEN": False, "NSNAP": 4}, activations, sequential
+        "scan, 4 snapshots and checkpoints (training)": (
+            st._scan_kernel, {**scan, **plain, "NSNAP": 4, "CHECKPOINTS": True}, activations, sequential
         ),
-        "scan, writing the history": (
-            st._scan_kernel, {**scan, "GATE": False, "STORE_HIDDEN": True, "NSNAP": 0}, activations, sequential
+        "backward, chunked, 4 snapshots": (
+            st._backward_kernel, {**common, **step, "HAS_D": True, "GATE": True, "NSNAP": 4, "CHUNK": st.CHUNK},
+            gradients, sequential,
+        ),
+        "scan, writing the history (probes)": (
+            st._scan_kernel, {**scan, "GATE": False, "STORE_HIDDEN": True, "NSNAP": 0, "CHECKPOINTS": False},
+            activations, sequential,
         ),
         "probe readout": (
             st._readout_kernel, {**common, "TIME": st.TIME_BLOCK, "HAS_SCALE": True, "GATE": True}, probes, tile
         ),
         "probe gradients": (st._probe_grad_kernel, {**common, "TIME": st.TIME_BLOCK}, probes, tile),
-        "adjoint scan": (
+        "adjoint scan (probes)": (
             st._adjoint_kernel, {**common, **step, "SCATTERED": True, "NSNAP": 0}, activations, sequential
-        ),
-        "adjoint scan, with 4 snapshots' gradients": (
-            st._adjoint_kernel, {**common, **step, "SCATTERED": False, "NSNAP": 4}, activations, sequential
         ),
     }  # fmt: skip
 
@@ -103,45 +107,48 @@ def compile_all(nstate: int = 16) -> list[dict]:
     return rows
 
 
-def traffic(batch: int, dim: int, length: int, nstate: int, probes: int) -> dict[str, float]:
-    """Bytes one scan direction moves through GPU memory, per pass (bf16 activations, float32 states).
+SHAPES = {
+    "Vim-S direction, batch 64": dict(batch=64, dim=768, length=197, nstate=16, groups=1),
+    "VMamba-T stage 1 (4 orders), batch 64": dict(batch=64, dim=4 * 192, length=56 * 56, nstate=16, groups=4),
+}
+"""The shapes of the byte model: one Vim-S scan direction, and VMamba-T's first stage, whose four scan orders
+run as one scan of 4 x 192 channels over 56 x 56 positions, each order with its own B and C."""
 
-    Sequence tensors (batch, dim, len): u, Δ, z read as bf16; the float32 output written and cast to bf16.
-    B and C are read once per channel block from L2, so they count once. The history is float32 states.
-    Probe reads are counted two ways: from cache after a history row's first read (the probe kernels walk
-    the positions of one channel block together, so rows probed by neighbouring queries stay in L2), and
-    every read from memory (the worst case).
+
+def traffic(batch: int, dim: int, length: int, nstate: int, groups: int, snapshots: int = 4) -> dict[str, tuple]:
+    """Bytes one scan moves through GPU memory, ours against the least any implementation must move (each
+    input read once per pass, each output written once), with bf16 activations and float32 states:
+    ``{pass: (ours, minimum)}``.
+
+    Sequence tensors (batch, dim, len): u, Δ, z, the output and their gradients, bf16. B and C are read once
+    per channel block from L2, so they count once. Snapshots (Adaptor-T's memory, ``snapshots`` per channel)
+    and their gradients are float32. Ours adds: the checkpoints (the state entering every chunk of
+    ``CHUNK`` positions but the first, written in the forward and read in the backward), dB and dC summed in
+    float32 (zeroed, added to atomically in L2, read by the cast to bf16), and the per-batch-row partial sums
+    of dA, dD and the Δ bias (written, read by their sum). The backward's recomputed chunk of states is
+    written and read by one program while it is in L2, and is not counted.
     """
-    seq = batch * dim * length
-    history = seq * nstate * 4
-    bc = 2 * batch * nstate * length * 2
-    plain_forward = seq * (3 * 2 + 4 + 4 + 2) + bc
-    plain_backward = seq * (3 * 2 + 4) + bc + 3 * history + seq * (4 * 4)  # recompute, adjoint, gradients
-    rows = {"plain forward": plain_forward, "plain forward + backward": plain_forward + plain_backward}
-    for label, reads in (("cached", history), ("all from memory", seq * probes * nstate * 4)):
-        forward = plain_forward + history + reads  # history written, then probed
-        scatter = 2 * history + 2 * reads  # zeroed, atomically added to (read and write), read by the adjoint
-        rows[f"with probes, forward (probe reads {label})"] = forward
-        rows[f"with probes, forward + backward (probe reads {label})"] = forward + plain_backward + reads + scatter
-    rows["history (float32 states)"] = history
-    return rows
+    seq, act = batch * dim * length, 2
+    bc = batch * groups * nstate * length
+    snaps = batch * dim * snapshots * nstate * 4
+    checkpoints = batch * dim * (triton.cdiv(length, st.CHUNK) - 1) * nstate * 4
+    small = batch * dim * (nstate + 2) * 4
+    inference = 3 * seq * act + 2 * bc * act + seq * act
+    forward = inference + snaps
+    backward = 4 * seq * act + 2 * bc * act + snaps + 3 * seq * act + 2 * bc * act
+    ours_backward = backward + checkpoints + 2 * (2 * bc * 4) + 2 * small
+    return {
+        "inference forward": (inference, inference),
+        "training forward (snapshots)": (forward + checkpoints, forward),
+        "training forward + backward (snapshots)": (forward + checkpoints + ours_backward, forward + backward),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--dim", type=int, default=768)
-    parser.add_argument("--length", type=int, default=197)
-    parser.add_argument("--nstate", type=int, default=16)
-    parser.add_argument(
-        "--probes",
-        type=int,
-        default=4,
-        help="probe reads per position (Adaptor-T: 2 per location, 2 locations by default)",
-    )
     parser.add_argument("--json", action="store_true", help="print the compile report as JSON")
     args = parser.parse_args()
-    rows = compile_all(args.nstate)
+    rows = compile_all()
     if args.json:
         print(json.dumps(rows))
         return
@@ -149,13 +156,16 @@ def main() -> None:
     print("| kernel | target | registers | stack bytes (spills) | local bytes |\n|---|---|---:|---:|---:|")
     for row in rows:
         print(f"| {row['kernel']} | sm_{row['capability']} | {row['REG']} | {row['STACK']} | {row['LOCAL']} |")
-    shape = f"batch {args.batch}, {args.dim} channels, {args.length} positions, {args.nstate} states"
-    print(f"\nMemory traffic of one scan direction ({shape}) and its bound at each GPU's bandwidth:\n")
     gpus = list(BANDWIDTH_TBS)
-    print("| pass | MiB | " + " | ".join(f"{g} µs" for g in gpus) + " |\n|---|---:|" + "---:|" * len(gpus))
-    for name, nbytes in traffic(args.batch, args.dim, args.length, args.nstate, args.probes).items():
-        bounds = " | ".join(f"{nbytes / (BANDWIDTH_TBS[g] * 1e12) * 1e6:.0f}" for g in gpus)
-        print(f"| {name} | {nbytes / 2**20:.0f} | {bounds} |")
+    for name, shape in SHAPES.items():
+        print(f"\nBytes moved by one scan, {name} ({shape['dim']} channels, {shape['length']} positions, "
+              f"{shape['nstate']} states), against the least any implementation moves, and ours at each GPU's "
+              "bandwidth:\n")  # fmt: skip
+        print("| pass | ours MiB | minimum MiB | ratio | " + " | ".join(f"{g} µs" for g in gpus) + " |")
+        print("|---|---:|---:|---:|" + "---:|" * len(gpus))
+        for label, (ours, least) in traffic(**shape).items():
+            bounds = " | ".join(f"{ours / (BANDWIDTH_TBS[g] * 1e12) * 1e6:.0f}" for g in gpus)
+            print(f"| {label} | {ours / 2**20:.0f} | {least / 2**20:.0f} | {ours / least:.2f}x | {bounds} |")
 
 
 if __name__ == "__main__":

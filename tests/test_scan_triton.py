@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaptor_peft.ops import dispatch, selective_scan, selective_scan_fn, selective_scan_reference
 from adaptor_peft.ops.dispatch import select_backend
@@ -80,6 +81,83 @@ def test_matches_reference_with_snapshots(dtype, case):
     assert grads.keys() == expected_grads.keys()
     for name in grads:
         assert_close(grads[name], expected_grads[name], rtol, f"d{name}")
+
+
+class KernelWatch(TorchDispatchMode):
+    """Records, from a Triton scan, every kernel launch (``"triton <name>"``) and every PyTorch operation run
+    outside the kernels (the interpreter's own are not the scan's) as ``(name, numel of its largest output)``;
+    views and allocations are marked, since they launch no work."""
+
+    ALLOCATIONS = ("empty", "empty_like", "empty_strided", "new_empty")
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.launches, self.ops, self.quiet = [], [], 0
+        module = dispatch.triton_backend()
+        for name in ("_scan_kernel", "_backward_kernel"):
+            monkeypatch.setattr(module, name, self._launcher(getattr(module, name), name))
+
+    def _launcher(self, kernel, name):
+        watch = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    watch.launches.append(f"triton {name}")
+                    watch.quiet += 1
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        watch.quiet -= 1
+
+                return launch
+
+        return Launcher()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if not self.quiet:
+            leaves = [t for t in torch.utils._pytree.tree_leaves(result) if isinstance(t, torch.Tensor)]
+            self.ops.append((str(func.overloadpacket).split(".")[-1], max((t.numel() for t in leaves), default=0)))
+            if not (func.is_view or self.ops[-1][0] in self.ALLOCATIONS):
+                self.launches.append(self.ops[-1][0])
+        return result
+
+
+def test_the_backward_recomputes_chunks_from_checkpoints_and_keeps_no_state_history(monkeypatch):
+    """Chunks of 4 positions over 18 (the last one partial), snapshots at chunk edges, a gate and a skip:
+    every gradient as the reference's, and no tensor the size of the (batch, dim, len, nstate) history is
+    ever made, in the forward or the backward."""
+    monkeypatch.setattr(dispatch.triton_backend(), "CHUNK", 4)
+    batch, dim, length, nstate = 2, 32, 18, 4
+    inputs = make_inputs(batch, dim, length, nstate, 2, seed=11)
+    positions = torch.tensor([0, 3, 4, 17, 8, 8]).expand(batch, 2, 6).contiguous()
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, None, 1, positions)
+    with KernelWatch(monkeypatch) as watch:
+        actual, grads = run_with_grads(
+            lambda **kw: selective_scan(**kw, backend="triton"), inputs, torch.float64, None, 1, positions
+        )
+    assert {"triton _scan_kernel", "triton _backward_kernel"} <= set(watch.launches)
+    assert max(numel for _, numel in watch.ops) < batch * dim * length * nstate
+    assert_close(actual.out, expected.out, 1e-10, "out")
+    assert_close(actual.snapshots, expected.snapshots, 1e-10, "snapshots")
+    for name in grads:
+        assert_close(grads[name], expected_grads[name], 1e-10, f"d{name}")
+
+
+def test_a_scan_with_snapshots_takes_at_most_six_launches(monkeypatch):
+    """Forward and backward of Adaptor-T's memory scan as a Vim direction runs it: every Triton kernel
+    launch and every PyTorch operation that computes counts."""
+    inputs = make_inputs(2, 32, 9, 4, 1, bc="variable", seed=12)
+    leaves = {k: v.float().requires_grad_() for k, v in inputs.items()}
+    index = torch.tensor([[[1, 2, 7, 8]]]).expand(2, 2, 4).contiguous()
+    result = selective_scan(**leaves, delta_softplus=True, snapshot_index=index, backend="triton")
+    cotangents = [torch.ones_like(result.out), torch.ones_like(result.snapshots)]
+    with KernelWatch(monkeypatch) as watch:
+        result = selective_scan(**leaves, delta_softplus=True, snapshot_index=index, backend="triton")
+        torch.autograd.grad([result.out, result.snapshots], list(leaves.values()), cotangents)
+    assert watch.launches.count("triton _scan_kernel") == watch.launches.count("triton _backward_kernel") == 1
+    assert len(watch.launches) <= 6, watch.launches
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}")
@@ -227,7 +305,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(capsys):
     run = subprocess.run([sys.executable, str(KERNEL_REPORT), "--json"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout)
-    assert {(r["kernel"], r["capability"]) for r in rows} >= {("adjoint scan", 80), ("probe readout", 90)}
+    assert {(r["kernel"], r["capability"]) for r in rows} >= {("backward, chunked, 4 snapshots", 80),
+                                                               ("probe readout", 90)}  # fmt: skip
     assert len(rows) == 14
     with capsys.disabled():
         print("".join(f"\nsm_{r['capability']} {r['kernel']}: {r['REG']} registers, {r['STACK']} stack bytes"

@@ -241,16 +241,17 @@ class _ScanFunction(torch.autograd.Function):
     def forward(ctx, backend, inputs, want_last, want_hidden, *tensors):
         impl = _implementation(backend)
         inputs = inputs.with_tensors(tensors)
-        result = impl.forward(inputs, want_last, want_hidden)
-        ctx.impl, ctx.inputs = impl, inputs
-        ctx.save_for_backward(*tensors)
+        result, saved = impl.forward(inputs, want_last, want_hidden, any(ctx.needs_input_grad))
+        ctx.impl, ctx.inputs, ctx.inputs_saved = impl, inputs, len(tensors)
+        ctx.save_for_backward(*tensors, *saved)
         ctx.mark_non_differentiable(*(t for t in (result.last_state, result.hidden_states) if t is not None))
         return tuple(result)
 
     @staticmethod
     def backward(ctx, dout, _dlast, dreadout, _dhidden, dsnapshots):
-        inputs = ctx.inputs.with_tensors(ctx.saved_tensors)
-        grads = ctx.impl.backward(inputs, GradsOut(dout, dreadout, dsnapshots))._asdict()
+        tensors, saved = ctx.saved_tensors[: ctx.inputs_saved], ctx.saved_tensors[ctx.inputs_saved :]
+        inputs = ctx.inputs.with_tensors(tensors)
+        grads = ctx.impl.backward(inputs, GradsOut(dout, dreadout, dsnapshots), saved)._asdict()
         return None, None, None, None, *(grads.get(f.name) for f in dataclasses.fields(inputs) if f.name != "softplus")
 
 

@@ -199,7 +199,9 @@ def _run(direction: str, args: _ScanArgs, dtype: torch.dtype) -> None:
         raise MemoryError("adaptor_peft: the compiled selective scan could not allocate its work buffers")
 
 
-def forward(x: ScanInputs, want_last: bool, want_hidden: bool) -> ScanOutput:
+def forward(
+    x: ScanInputs, want_last: bool, want_hidden: bool, for_backward: bool = False
+) -> tuple[ScanOutput, tuple[()]]:
     """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`; inputs already in one float dtype, and
     A, D, the Δ bias, the probes and the snapshot positions contiguous (the dispatcher makes them so)."""
     batch, dim, length = x.u.shape
@@ -214,10 +216,10 @@ def forward(x: ScanInputs, want_last: bool, want_hidden: bool) -> ScanOutput:
     args.out, args.readout, args.last_state, args.hidden = _ptr(out), _ptr(readout), _ptr(last), _ptr(hidden)
     args.snapshots = _ptr(snapshots)
     _run("forward", args, x.u.dtype)
-    return ScanOutput(out, last, readout, hidden, snapshots)
+    return ScanOutput(out, last, readout, hidden, snapshots), ()
 
 
-def backward(x: ScanInputs, grads: GradsOut) -> ScanGrads:
+def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads:
     """Same contract as :func:`adaptor_peft.ops.scan_torch.backward`."""
     u, delta = x.u, x.delta
     dim = u.shape[1]

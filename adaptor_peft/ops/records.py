@@ -1,8 +1,9 @@
 """The records every scan backend takes and gives: one scan's inputs, its outputs and its gradients.
 
 The dispatcher (:mod:`adaptor_peft.ops.dispatch`) checks the user's tensors, puts B and C in the grouped
-layout and hands one :class:`ScanInputs` to a backend's ``forward(inputs, want_last, want_hidden)``, which
-returns a :class:`ScanOutput`, and to its ``backward(inputs, grads_out)``, which returns a
+layout and hands one :class:`ScanInputs` to a backend's ``forward(inputs, want_last, want_hidden,
+for_backward)``, which returns a :class:`ScanOutput` and a tuple of tensors its backward needs (empty for
+a backend that recomputes everything), and to its ``backward(inputs, grads_out, saved)``, which returns a
 :class:`ScanGrads`. Shapes, as a backend sees them: ``u``, ``delta``, ``z`` (batch, dim, len); ``A``
 (dim, nstate); ``B``, ``C`` (batch, groups, nstate, len); ``D``, ``delta_bias``, ``probe_scale`` (dim,);
 ``probe``, ``probe_weight`` (batch, probe_groups, len, nprobe); ``snapshot_index`` (batch, snapshot_groups,

@@ -90,8 +90,11 @@ def _snapshot_index(index: torch.Tensor, d0: int, d1: int, dim: int, nstate: int
     return index[:, _probe_group(index, d0, d1, dim)].unsqueeze(-1).expand(-1, -1, -1, nstate)
 
 
-def forward(x: ScanInputs, want_last: bool, want_hidden: bool) -> ScanOutput:
-    """The scan's :class:`ScanOutput`; fields other than ``out`` only where asked for."""
+def forward(
+    x: ScanInputs, want_last: bool, want_hidden: bool, for_backward: bool = False
+) -> tuple[ScanOutput, tuple[()]]:
+    """The scan's :class:`ScanOutput`, fields other than ``out`` only where asked for, and what the backward
+    needs from it: nothing, since it recomputes the states."""
     u, A, B, C, D, z = x.u, x.A, x.B, x.C, x.D, x.z
     probe, weight, scale, snap = x.probe, x.probe_weight, x.probe_scale, x.snapshot_index
     _, dt = _step(x.delta, x.delta_bias, x.softplus)
@@ -123,10 +126,10 @@ def forward(x: ScanInputs, want_last: bool, want_hidden: bool) -> ScanOutput:
         out += scale[:, None] * readout
     if z is not None:
         out *= F.silu(z)
-    return ScanOutput(out, last, readout, hidden, snapshots)
+    return ScanOutput(out, last, readout, hidden, snapshots), ()
 
 
-def backward(x: ScanInputs, grads: GradsOut) -> ScanGrads:
+def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads:
     """The inputs' gradients given those reaching the outputs."""
     u, A, B, C, D, z = x.u, x.A, x.B, x.C, x.D, x.z
     probe, weight, scale, snap = x.probe, x.probe_weight, x.probe_scale, x.snapshot_index
@@ -137,7 +140,7 @@ def backward(x: ScanInputs, grads: GradsOut) -> ScanGrads:
     nprobe = probe.shape[3] if probe is not None else 0
     dz = dscale = None
     if z is not None or scale is not None:
-        ungated = forward(dataclasses.replace(x, z=None, snapshot_index=None), False, False)
+        ungated, _ = forward(dataclasses.replace(x, z=None, snapshot_index=None), False, False)
         y, readout = ungated.out, ungated.readout
     if z is not None:
         sig = torch.sigmoid(z)

@@ -41,6 +41,9 @@ from .records import GradsOut, ScanGrads, ScanInputs, ScanOutput
 
 MAX_BLOCK = 32  # channels per program
 TIME_BLOCK = 8  # positions per program in the parallel probe kernels
+CHUNK = 32
+"""Positions per chunk of the plain backward: the forward keeps the state entering each chunk, and the
+backward recomputes a chunk's states from it (mamba-ssm's kernels do the same) instead of keeping them all."""
 
 
 @triton.jit
@@ -78,42 +81,65 @@ def _snapshot_rows(index_ptr, b, d, first, dim, length, nsnap, sgroups, s: tl.co
 
 
 @triton.jit
+def _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t, su_t, sd_t, sB_t, sC_t, bias, dmask, nmask,
+            ACC: tl.constexpr):  # fmt: skip
+    """One position's inputs of a channel block: u, x = delta + bias (BLOCK,), B_t and C_t (NP,)."""
+    u = tl.load(u_ptr + u_at + t * su_t, mask=dmask, other=0.0).to(ACC)
+    x = tl.load(delta_ptr + delta_at + t * sd_t, mask=dmask, other=0.0).to(ACC) + bias
+    Bt = tl.load(B_row + t * sB_t, mask=nmask, other=0.0).to(ACC)
+    Ct = tl.load(C_row + t * sC_t, mask=nmask, other=0.0).to(ACC)
+    return u, x, Bt, Ct
+
+
+@triton.jit
+def _dt(x, SOFTPLUS: tl.constexpr):
+    if SOFTPLUS:
+        return _softplus(x)
+    return x
+
+
+@triton.jit
 def _scan_kernel(
     u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr, hidden_ptr, last_ptr,
-    snap_index_ptr, snap_ptr,
-    dim, length, nstate, cpg, sgroups,
+    snap_index_ptr, snap_ptr, ckpt_ptr,
+    dim, length, nstate, cpg, sgroups, nckpt,
     su_b, su_d, su_t, sd_b, sd_d, sd_t, sz_b, sz_d, sz_t,
     sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
     BLOCK: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, GATE: tl.constexpr, STORE_HIDDEN: tl.constexpr, STORE_LAST: tl.constexpr,
-    NSNAP: tl.constexpr,
+    NSNAP: tl.constexpr, CHUNK: tl.constexpr, CHECKPOINTS: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0).to(tl.int64)
-    d = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    first = tl.program_id(1) * BLOCK
+    d = first + tl.arange(0, BLOCK)
     n = tl.arange(0, NP)
     dmask, nmask = d < dim, n < nstate
     mask2 = dmask[:, None] & nmask[None, :]
-    first = tl.program_id(1) * BLOCK
-    group = first // cpg
     A = tl.load(A_ptr + d[:, None] * nstate + n[None, :], mask=mask2, other=0.0).to(ACC)
     if HAS_D:
         Dskip = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
-    B_row = B_ptr + b * sB_b + group * sB_g + n * sB_n
-    C_row = C_ptr + b * sC_b + group * sC_g + n * sC_n
+    B_row = B_ptr + b * sB_b + (first // cpg) * sB_g + n * sB_n
+    C_row = C_ptr + b * sC_b + (first // cpg) * sC_g + n * sC_n
+    u_at, delta_at, z_at = b * su_b + d * su_d, b * sd_b + d * sd_d, b * sz_b + d * sz_d
     row = b * dim * length + d * length  # contiguous (batch, dim, len) outputs
+    states = (b * dim + d)[:, None] * nstate + n[None, :]
     bias = _bias(bias_ptr, d, dmask, BLOCK, ACC, HAS_BIAS)
     h = tl.zeros((BLOCK, NP), dtype=ACC)
+    u, x, Bt, Ct = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, 0, su_t, sd_t, sB_t, sC_t, bias, dmask,
+                           nmask, ACC)  # fmt: skip
     for t in range(0, length):
-        _, dt = _step(delta_ptr, b * sd_b + d * sd_d + t * sd_t, bias, dmask, ACC, SOFTPLUS)
-        u = tl.load(u_ptr + b * su_b + d * su_d + t * su_t, mask=dmask, other=0.0).to(ACC)
-        Bt = tl.load(B_row + t * sB_t, mask=nmask, other=0.0).to(ACC)
-        Ct = tl.load(C_row + t * sC_t, mask=nmask, other=0.0).to(ACC)
+        # the next position's loads go out before this one's arithmetic, which hides their latency
+        following = tl.minimum(t + 1, length - 1)
+        u_next, x_next, B_next, C_next = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, following, su_t,
+                                                 sd_t, sB_t, sC_t, bias, dmask, nmask, ACC)  # fmt: skip
+        if GATE:
+            zt = tl.load(z_ptr + z_at + t * sz_t, mask=dmask, other=0.0).to(ACC)
+        dt = _dt(x, SOFTPLUS)
         h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
         y = tl.sum(h * Ct[None, :], axis=1)
         if HAS_D:
             y += Dskip * u
         if GATE:
-            zt = tl.load(z_ptr + b * sz_b + d * sz_d + t * sz_t, mask=dmask, other=0.0).to(ACC)
             y = y * zt * tl.sigmoid(zt)
         tl.store(out_ptr + row + t, y, mask=dmask)
         if STORE_HIDDEN:
@@ -121,8 +147,14 @@ def _scan_kernel(
         for s in tl.static_range(NSNAP):  # a masked store: no branch, and only the due ones write
             position, rows = _snapshot_rows(snap_index_ptr, b, d, first, dim, length, NSNAP, sgroups, s)
             tl.store(snap_ptr + rows[:, None] * nstate + n[None, :], h, mask=mask2 & (position == t))
+        if CHECKPOINTS:  # the state entering each chunk but the first, for the backward's recomputation
+            chunk_end = (t + 1) % CHUNK == 0
+            slot = (t + 1) // CHUNK - 1
+            at = ((b * dim + d)[:, None] * nckpt + slot) * nstate + n[None, :]
+            tl.store(ckpt_ptr + at, h, mask=mask2 & chunk_end & (t + 1 < length))
+        u, x, Bt, Ct = u_next, x_next, B_next, C_next
     if STORE_LAST:
-        tl.store(last_ptr + (b * dim + d)[:, None] * nstate + n[None, :], h, mask=mask2)
+        tl.store(last_ptr + states, h, mask=mask2)
 
 
 @triton.jit
@@ -264,6 +296,107 @@ def _adjoint_kernel(
     tl.store(dA_ptr + (b * dim + d)[:, None] * nstate + n[None, :], dA, mask=mask2)
 
 
+@triton.jit
+def _backward_kernel(
+    u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, ckpt_ptr, scratch_ptr,
+    snap_index_ptr, dsnap_ptr, du_ptr, ddelta_ptr, dz_ptr, dBC_ptr, dsmall_ptr,
+    dim, length, nstate, cpg, blocks, sgroups, nckpt,
+    su_b, su_d, su_t, sd_b, sd_d, sd_t, sz_b, sz_d, sz_t, so_b, so_d, so_t, sg_b, sg_d, sg_t,
+    sB_b, sB_g, sB_n, sB_t, sC_b, sC_g, sC_n, sC_t,
+    BLOCK: tl.constexpr, NP: tl.constexpr, ACC: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_D: tl.constexpr, GATE: tl.constexpr, NSNAP: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    first = blk * BLOCK
+    d = first + tl.arange(0, BLOCK)
+    n = tl.arange(0, NP)
+    dmask, nmask = d < dim, n < nstate
+    mask2 = dmask[:, None] & nmask[None, :]
+    A = tl.load(A_ptr + d[:, None] * nstate + n[None, :], mask=mask2, other=0.0).to(ACC)
+    Dskip = tl.zeros((BLOCK,), dtype=ACC)
+    if HAS_D:
+        Dskip = tl.load(D_ptr + d, mask=dmask, other=0.0).to(ACC)
+    B_row = B_ptr + b * sB_b + (first // cpg) * sB_g + n * sB_n
+    C_row = C_ptr + b * sC_b + (first // cpg) * sC_g + n * sC_n
+    u_at, delta_at = b * su_b + d * su_d, b * sd_b + d * sd_d
+    row = b * dim * length + d * length  # contiguous (batch, dim, len) du and dz
+    # this program's chunk of recomputed states, CHUNK + 1 rows of (BLOCK, NP): the state entering the chunk,
+    # then the chunk's own; written and read back by the same program while it is in cache
+    scratch = scratch_ptr + (b * blocks + blk) * (CHUNK + 1) * BLOCK * NP + tl.arange(0, BLOCK)[:, None] * NP + n
+    bc_rows = (b * (dim // cpg) + first // cpg) * 2 * nstate * length + n * length  # this group's dB, dC rows
+    bias = _bias(bias_ptr, d, dmask, BLOCK, ACC, HAS_BIAS)
+    g = tl.zeros((BLOCK, NP), dtype=ACC)
+    a_next = tl.zeros((BLOCK, NP), dtype=ACC)
+    dA = tl.zeros((BLOCK, NP), dtype=ACC)
+    dD = tl.zeros((BLOCK,), dtype=ACC)
+    dbias = tl.zeros((BLOCK,), dtype=ACC)
+    chunks = tl.cdiv(length, CHUNK)
+    for done in range(0, chunks):
+        chunk = chunks - 1 - done
+        t0 = chunk * CHUNK
+        steps = tl.minimum(length - t0, CHUNK)
+        at = ((b * dim + d)[:, None] * nckpt + chunk - 1) * nstate + n[None, :]
+        h = tl.load(ckpt_ptr + at, mask=mask2 & (chunk > 0), other=0.0)
+        tl.store(scratch, h)
+        u, x, Bt, _ = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t0, su_t, sd_t, sB_t, sC_t, bias,
+                              dmask, nmask, ACC)  # fmt: skip
+        for j in range(0, steps):  # the chunk's states again, from its checkpoint
+            following = tl.minimum(t0 + j + 1, length - 1)
+            u_next, x_next, B_next, _ = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, following, su_t,
+                                                sd_t, sB_t, sC_t, bias, dmask, nmask, ACC)  # fmt: skip
+            dt = _dt(x, SOFTPLUS)
+            h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
+            tl.store(scratch + (j + 1) * BLOCK * NP, h)
+            u, x, Bt = u_next, x_next, B_next
+        tl.debug_barrier()
+        t = t0 + steps - 1
+        u, x, Bt, Ct = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t, su_t, sd_t, sB_t, sC_t, bias,
+                               dmask, nmask, ACC)  # fmt: skip
+        for back in range(0, steps):  # the adjoint recurrence through the chunk, latest position first
+            j = steps - 1 - back
+            t = t0 + j
+            earlier = tl.maximum(t - 1, 0)
+            u_next, x_next, B_next, C_next = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, earlier,
+                                                     su_t, sd_t, sB_t, sC_t, bias, dmask, nmask, ACC)  # fmt: skip
+            dout = tl.load(dout_ptr + b * so_b + d * so_d + t * so_t, mask=dmask, other=0.0).to(ACC)
+            h = tl.load(scratch + (j + 1) * BLOCK * NP)
+            h_prev = tl.load(scratch + j * BLOCK * NP)
+            dt = _dt(x, SOFTPLUS)
+            dy = dout
+            if GATE:  # the gate's gradient, from y recomputed off the state
+                zt = tl.load(z_ptr + b * sz_b + d * sz_d + t * sz_t, mask=dmask, other=0.0).to(ACC)
+                sig = tl.sigmoid(zt)
+                y = tl.sum(h * Ct[None, :], axis=1) + Dskip * u
+                tl.store(dz_ptr + row + t, dout * y * sig * (1 + zt * (1 - sig)), mask=dmask)
+                dy = dout * zt * sig
+            dD += dy * u
+            g = a_next * g + dy[:, None] * Ct[None, :]
+            for s in tl.static_range(NSNAP):  # a snapshot taken here sends its gradient into the adjoint
+                position, rows = _snapshot_rows(snap_index_ptr, b, d, first, dim, length, NSNAP, sgroups, s)
+                due = mask2 & (position == t)
+                g += tl.load(dsnap_ptr + rows[:, None] * nstate + n[None, :], mask=due, other=0.0).to(ACC)
+            a = tl.exp(dt[:, None] * A)
+            g_a_hprev = g * a * h_prev
+            ddt = tl.sum(g_a_hprev * A + g * u[:, None] * Bt[None, :], axis=1)
+            if SOFTPLUS:
+                ddt = ddt * tl.sigmoid(x)
+            dbias += ddt
+            dA += g_a_hprev * dt[:, None]
+            tl.store(du_ptr + row + t, tl.sum(g * Bt[None, :], axis=1) * dt + Dskip * dy, mask=dmask)
+            tl.store(ddelta_ptr + b * sg_b + d * sg_d + t * sg_t, ddt, mask=dmask)
+            # summed over the group's channel blocks in L2, where atomics run, not in a partial-sum tensor
+            tl.atomic_add(dBC_ptr + bc_rows + t, tl.sum(g * (dt * u)[:, None], axis=0), mask=nmask)
+            tl.atomic_add(dBC_ptr + bc_rows + nstate * length + t, tl.sum(dy[:, None] * h, axis=0), mask=nmask)
+            a_next = a
+            u, x, Bt, Ct = u_next, x_next, B_next, C_next
+        tl.debug_barrier()  # the next chunk overwrites the scratch rows this one read
+    small = (b * dim + d) * (nstate + 2)  # rows of (dA, dD, dΔ bias) per batch row, summed over batch later
+    tl.store(dsmall_ptr + small[:, None] + n[None, :], dA, mask=mask2)
+    tl.store(dsmall_ptr + small + nstate, dD, mask=dmask)
+    tl.store(dsmall_ptr + small + nstate + 1, dbias, mask=dmask)
+
+
 INTERPRETED = not isinstance(_scan_kernel, triton.runtime.JITFunction)  # built for Triton's CPU interpreter
 
 
@@ -298,25 +431,30 @@ def _snapshot_args(x: ScanInputs) -> tuple[int, int]:
     return (1, 0) if index is None else (index.shape[1], index.shape[2])
 
 
-def _scan(x: ScanInputs, gate: bool, want_hidden: bool, want_last: bool, snapshots: bool):
-    """Runs ``_scan_kernel``: (y or gated out, history or None, last state or None, snapshots or None)."""
+def _scan(x: ScanInputs, gate: bool, want_hidden: bool, want_last: bool, snapshots: bool, checkpoints: bool = False):
+    """Runs ``_scan_kernel``: (y or gated out, history, last state, snapshots, chunk checkpoints), None where
+    not asked for. The gated output is the scan's result and is written in the input's dtype (no cast
+    after); an ungated one feeds the probes and stays in the accumulation dtype."""
     batch, dim, length, nstate, cpg, _, block, np2 = _layout(x)
     acc, ACC = _accumulator(x.u)
     new = functools.partial(torch.empty, device=x.u.device, dtype=acc)
     sgroups, nsnap = _snapshot_args(x) if snapshots else (1, 0)
-    y = new(batch, dim, length)
+    nckpt = max(1, triton.cdiv(length, CHUNK) - 1)
+    y = new(batch, dim, length, dtype=x.u.dtype if gate else acc)
     hidden = new(batch, dim, length, nstate) if want_hidden else None
     last = new(batch, dim, nstate) if want_last else None
     snaps = new(batch, dim, nsnap, nstate) if nsnap else None
+    ckpt = new(batch, dim, nckpt, nstate) if checkpoints else None
     zs = x.z.stride() if x.z is not None else (0, 0, 0)
     _scan_kernel[(batch, triton.cdiv(dim, block))](
-        x.u, x.delta, x.delta_bias, x.A, x.B, x.C, x.D, x.z, y, hidden, last, x.snapshot_index, snaps,
-        dim, length, nstate, cpg, sgroups, *x.u.stride(), *x.delta.stride(), *zs, *x.B.stride(), *x.C.stride(),
+        x.u, x.delta, x.delta_bias, x.A, x.B, x.C, x.D, x.z, y, hidden, last, x.snapshot_index, snaps, ckpt,
+        dim, length, nstate, cpg, sgroups, nckpt, *x.u.stride(), *x.delta.stride(), *zs, *x.B.stride(),
+        *x.C.stride(),
         BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=x.delta_bias is not None, SOFTPLUS=bool(x.softplus),
         HAS_D=x.D is not None, GATE=gate and x.z is not None, STORE_HIDDEN=want_hidden, STORE_LAST=want_last,
-        NSNAP=nsnap, num_warps=warps(block * np2),
+        NSNAP=nsnap, CHUNK=CHUNK, CHECKPOINTS=checkpoints, num_warps=warps(block * np2),
     )  # fmt: skip
-    return y, hidden, last, snaps
+    return y, hidden, last, snaps, ckpt
 
 
 def _readout(x: ScanInputs, hidden, y, gate):
@@ -334,14 +472,52 @@ def _readout(x: ScanInputs, hidden, y, gate):
     return out, readout
 
 
-def forward(x: ScanInputs, want_last: bool, want_hidden: bool) -> ScanOutput:
-    """The scan's :class:`ScanOutput`, in the accumulation dtype."""
+def forward(x: ScanInputs, want_last: bool, want_hidden: bool, for_backward: bool = False):
+    """The scan's :class:`ScanOutput` and what :func:`backward` needs from it: the
+    states entering each chunk of :data:`CHUNK` positions (without probes, where a backward will follow)."""
     probes = x.probe is not None
-    y, hidden, last, snaps = _scan(x, not probes, want_hidden or probes, want_last, True)
+    chunked = for_backward and not probes
+    y, hidden, last, snaps, ckpt = _scan(x, not probes, want_hidden or probes, want_last, True, chunked)
+    saved = (ckpt,) if chunked else ()
     if not probes:
-        return ScanOutput(y, last, None, hidden, snaps)
+        return ScanOutput(y, last, None, hidden, snaps), saved
     out, readout = _readout(x, hidden, y, gate=True)
-    return ScanOutput(out, last, readout, hidden if want_hidden else None, snaps)
+    return ScanOutput(out, last, readout, hidden if want_hidden else None, snaps), saved
+
+
+def _chunked_backward(x: ScanInputs, grads: GradsOut, checkpoints: torch.Tensor) -> ScanGrads:
+    """One ``_backward_kernel`` launch: states recomputed chunk by chunk from ``checkpoints``, and every
+    gradient of the chunk written as the adjoint passes, the gate's and the skip's included; then one sum
+    over the batch (dA, dD, dΔ bias). dB and dC are summed over a group's channels with atomic adds, so
+    their last bits may differ between runs."""
+    u, z = x.u, x.z
+    batch, dim, length, nstate, cpg, _, block, np2 = _layout(x)
+    acc, ACC = _accumulator(u)
+    blocks = triton.cdiv(dim, block)
+    with_snapshots = grads.snapshots is not None and x.snapshot_index is not None
+    sgroups, nsnap = _snapshot_args(x) if with_snapshots else (1, 0)
+    new = functools.partial(torch.empty, device=u.device, dtype=acc)
+    du, ddelta = torch.empty(u.shape, device=u.device, dtype=u.dtype), torch.empty_like(x.delta)
+    dz = torch.empty(z.shape, device=u.device, dtype=z.dtype) if z is not None else None
+    scratch = new(batch * blocks * (CHUNK + 1) * block * np2)
+    dBC = torch.zeros(batch, x.B.shape[1], 2, nstate, length, device=u.device, dtype=acc)
+    small = new(batch, dim, nstate + 2)
+    zs = z.stride() if z is not None else (0, 0, 0)
+    _backward_kernel[(batch, blocks)](
+        u, x.delta, x.delta_bias, x.A, x.B, x.C, x.D, z, grads.out, checkpoints, scratch, x.snapshot_index,
+        grads.snapshots.contiguous() if with_snapshots else None, du, ddelta, dz, dBC, small,
+        dim, length, nstate, cpg, blocks, sgroups, checkpoints.shape[2], *u.stride(), *x.delta.stride(), *zs,
+        *grads.out.stride(), *ddelta.stride(), *x.B.stride(), *x.C.stride(),
+        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=x.delta_bias is not None, SOFTPLUS=bool(x.softplus),
+        HAS_D=x.D is not None, GATE=z is not None, NSNAP=nsnap, CHUNK=CHUNK, num_warps=warps(block * np2),
+    )  # fmt: skip
+    dBC = dBC.to(x.B.dtype)
+    small = small.sum(0)
+    return ScanGrads(
+        du, ddelta, small[:, nstate + 1].to(x.delta_bias.dtype) if x.delta_bias is not None else None,
+        small[:, :nstate].to(x.A.dtype), dBC[:, :, 0], dBC[:, :, 1].to(x.C.dtype),
+        small[:, nstate].to(x.D.dtype) if x.D is not None else None, dz, None, None,
+    )  # fmt: skip
 
 
 def _group_sum(partial: torch.Tensor, groups: int) -> torch.Tensor:
@@ -349,13 +525,16 @@ def _group_sum(partial: torch.Tensor, groups: int) -> torch.Tensor:
     return partial.view(partial.shape[0], groups, -1, *partial.shape[2:]).sum(2)
 
 
-def backward(x: ScanInputs, grads: GradsOut) -> ScanGrads:
-    """The inputs' gradients, each in its input's dtype."""
+def backward(x: ScanInputs, grads: GradsOut, saved: tuple[torch.Tensor, ...] = ()) -> ScanGrads:
+    """The inputs' gradients, each in its input's dtype; ``saved`` is what :func:`forward` kept for it."""
+    if x.probe is None:
+        checkpoints = saved[0] if saved else _scan(x, False, False, False, False, True)[4]
+        return _chunked_backward(x, grads, checkpoints)
     u, A, B, C, D, z, probe, weight, scale = x.u, x.A, x.B, x.C, x.D, x.z, x.probe, x.probe_weight, x.probe_scale
     batch, dim, length, nstate, cpg, ppg, block, np2 = _layout(x)
     acc, ACC = _accumulator(u)
     blocks = triton.cdiv(dim, block)
-    y, hidden, _, _ = _scan(x, False, True, False, False)
+    y, hidden, _, _, _ = _scan(x, False, True, False, False)
     readout = None
     if probe is not None:
         y, readout = _readout(x, hidden, y, gate=False)
