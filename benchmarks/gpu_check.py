@@ -1,20 +1,30 @@
-"""One-shot GPU check: the scan backends against the CPU float64 reference, their speed at the Vim-S shape,
-and one Vim-S training step per method. Writes one Markdown report (and prints it as it goes).
+"""One-shot GPU check: the scan backends against the CPU float64 reference, their speed on the inputs a Vim
+mixer hands them, and one training step per method. Writes one Markdown report (and prints it as it goes).
 
-For a machine with a CUDA GPU; mamba-ssm is optional (its rows appear where it imports). Runs from the
-source tree (``PYTHONPATH=.``), needs no network and no ``datasets``, and takes a few minutes:
+For a machine with a CUDA GPU, torch, triton, timm, peft and accelerate; mamba-ssm is optional (its rows
+appear where it imports). Runs from the source tree, needs no network and no ``datasets``, and is sized to
+take under 5 minutes on an H100 at its defaults (Vim-S, batch 64; an estimate, not yet measured on one):
+sections that would start after ``--budget`` seconds are skipped, not run. The report is rewritten
+(atomically) after every section, so a run cut short still leaves what it measured:
 
-    python benchmarks/gpu_check.py [--output benchmarks/results/gpu_check.md]
+    python benchmarks/gpu_check.py [--output benchmarks/results/gpu_check.md --model vim_small_patch16_224]
+
+The scans run in Vim's own layouts (:func:`vim_layout`): ``z`` a transposed half of ``in_proj``'s output,
+``delta`` a transposed ``dt_proj`` output, ``B`` and ``C`` transposed slices of ``x_proj``'s output (``u``
+is the conv's contiguous output), as :meth:`adaptor_peft.models.vim.BiMambaMixer.scan` passes them, and
+not the contiguous tensors a kernel finds easiest.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -22,13 +32,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adaptor_peft
 from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.atomic import write_atomically
+from adaptor_peft.models.vim import VisionMamba
 from adaptor_peft.ops import selective_scan, selective_scan_reference
 from adaptor_peft.ops.dispatch import mamba_ssm_kernel, triton_backend
 from benchmarks.overhead import CLASSES, batch, trained_like, trainer, training_rows
 
+DEVICE = "cuda"
+"""Where everything but the float64 reference runs (the tests run the script on the CPU, torch.cuda stubbed)."""
 STEP_METHODS = ("linear_probe", "lora", "adaptor", "full")
-ACTIVATION_DTYPES = dict.fromkeys(("u", "delta", "B", "C", "z", "probe_weight"), torch.bfloat16)  # as under autocast
+ACCURACY_BATCH = 2
+BACKBONE_BATCH = 8
+ACTIVATIONS = ("in_proj", "u", "dt_proj", "x_proj", "probe_weight")
+"""Scan inputs that are activations: bf16 under autocast, as in training; the parameters stay float32."""
+HOLDS = {"in_proj": "in_proj (z)", "dt_proj": "dt_proj (delta)", "x_proj": "x_proj (B, C)"}
+"""The layer outputs :func:`scan_inputs` holds, with the scan arguments :func:`vim_layout` takes out of each."""
 REPORT: list[str] = []
+
+
+class ScanShape(NamedTuple):
+    """The scan of one Vim mixer: ``dim`` inner channels, ``length`` tokens, ``nstate`` states, and the rank
+    of Δ (``x_proj`` outputs ``rank + 2 * nstate`` features: Δ's low-rank input, then B, then C)."""
+
+    dim: int
+    length: int
+    nstate: int
+    rank: int
+
+
+def vim_shapes(model_name: str) -> tuple[ScanShape, int]:
+    """The scan shape of Vim ``model_name``'s mixers and its image size, read off a model built on the meta
+    device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = adaptor_peft.create_model(model_name)
+    if not isinstance(model, VisionMamba):
+        raise ValueError(f"{type(model).__name__} is not a Vim model, whose scans gpu_check times")
+    mixer, (height, width) = model.layers[0].mixer, model.patch_embed.grid_size
+    shape = ScanShape(mixer.D.shape[0], height * width + 1, mixer.d_state, mixer.dt_rank)
+    return shape, model.pretrained_cfg["input_size"][-1]
 
 
 def emit(line: str = "") -> None:
@@ -64,19 +104,25 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def scan_inputs(batch_size: int, dim: int = 768, length: int = 197, nstate: int = 16, probes: bool = False):
-    """Vim-S-shaped scan inputs in float64 on the CPU; with Adaptor-T-like probes (4 groups, 4 reads)."""
+def scan_inputs(batch_size: int, shape: ScanShape, probes: bool = False) -> dict[str, torch.Tensor]:
+    """Random scan inputs in float64 on the CPU, held as the tensors a Vim mixer makes them from (``in_proj``,
+    ``dt_proj`` and ``x_proj`` outputs, (batch, len, features); ``u`` the conv's (batch, dim, len) output);
+    :func:`vim_layout` takes the scan's arguments out of them. With Adaptor-T-like probes (4 groups, 4 reads)."""
     g = torch.Generator().manual_seed(0)
+    dim, length, nstate, rank = shape
 
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+    def rand(*size: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*size, generator=g, dtype=torch.float64) * scale
 
     inputs = dict(
-        u=rand(batch_size, dim, length), delta=rand(batch_size, dim, length, scale=0.5),
-        A=-torch.rand(dim, nstate, generator=g, dtype=torch.float64) - 0.1, B=rand(batch_size, nstate, length),
-        C=rand(batch_size, nstate, length), D=rand(dim), z=rand(batch_size, dim, length),
+        in_proj=rand(batch_size, length, 2 * dim),
+        u=rand(batch_size, dim, length),
+        dt_proj=rand(batch_size, length, dim, scale=0.5),
+        x_proj=rand(batch_size, length, rank + 2 * nstate),
+        A=-torch.rand(dim, nstate, generator=g, dtype=torch.float64) - 0.1,
+        D=rand(dim),
         delta_bias=rand(dim, scale=0.1),
-    )  # fmt: skip
+    )
     if probes:
         inputs["probe_index"] = torch.randint(0, length, (batch_size, 4, length, 4), generator=g)
         inputs["probe_weight"] = torch.rand(batch_size, 4, length, 4, generator=g, dtype=torch.float64)
@@ -84,59 +130,75 @@ def scan_inputs(batch_size: int, dim: int = 768, length: int = 197, nstate: int 
     return inputs
 
 
-def leaves_of(inputs: dict, device: str, dtype: torch.dtype) -> dict:
+def vim_layout(inputs: dict[str, torch.Tensor], shape: ScanShape) -> dict[str, torch.Tensor]:
+    """:func:`selective_scan`'s arguments taken out of :func:`scan_inputs` by the views
+    :meth:`~adaptor_peft.models.vim.BiMambaMixer.scan` takes in its forward direction: ``z`` the second half
+    of ``in_proj``'s output, ``delta`` ``dt_proj``'s output and ``B``, ``C`` slices of ``x_proj``'s, each
+    transposed to (batch, features, len), so that consecutive positions lie a whole row apart."""
+    scan = {k: v for k, v in inputs.items() if k not in HOLDS}
+    _, B, C = inputs["x_proj"].split([shape.rank, shape.nstate, shape.nstate], dim=-1)
+    z = inputs["in_proj"].chunk(2, dim=-1)[1]
     return {
-        k: v.to(device) if k == "probe_index" else v.detach().to(device, dtype).requires_grad_()
+        **scan,
+        "z": z.transpose(1, 2),
+        "delta": inputs["dt_proj"].transpose(1, 2),
+        "B": B.transpose(1, 2),
+        "C": C.transpose(1, 2),
+    }
+
+
+def leaves_of(inputs: dict[str, torch.Tensor], device: str, dtype: Callable[[str], torch.dtype]) -> dict:
+    """``inputs`` on ``device`` as leaves that take gradients, each in ``dtype(name)``; probe positions as given."""
+    return {
+        k: v.to(device) if k == "probe_index" else v.detach().to(device, dtype(k)).requires_grad_()
         for k, v in inputs.items()
     }
 
 
-def scan_loss(leaves: dict, backend: str | None, cotangent: torch.Tensor) -> torch.Tensor:
-    result = selective_scan(**leaves, delta_softplus=True, backend=backend)
-    return (result.out * cotangent).sum(), result
-
-
-def check_scan_accuracy(backends: list[str]) -> None:
-    emit("## Scan against the CPU float64 reference (Vim-S shape, batch 4, float32 on the GPU)\n")
+def check_scan_accuracy(backends: list[str], shape: ScanShape) -> None:
+    """Each backend's output, probe readout and gradients in float32 against the float64 reference on the CPU."""
+    emit(
+        f"## Scan against the CPU float64 reference ({shape_text(shape)}, batch {ACCURACY_BATCH}, float32 on the "
+        f"{DEVICE} device, Vim's layouts)\n"
+    )
     emit("| backend | probes | out rel. err | readout rel. err | worst grad rel. err (input) |")
     emit("|---|---|---:|---:|---|")
     for probes in (False, True):
-        inputs = scan_inputs(4, probes=probes)
-        reference = leaves_of(inputs, "cpu", torch.float64)
-        expected = selective_scan_reference(**reference, delta_softplus=True)
+        inputs = scan_inputs(ACCURACY_BATCH, shape, probes=probes)
+        reference = leaves_of(inputs, "cpu", lambda name: torch.float64)
+        expected = selective_scan_reference(**vim_layout(reference, shape), delta_softplus=True)
         cotangent = torch.randn(expected.out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
         (expected.out * cotangent).sum().backward()
         for backend in backends:
             if probes and backend == "mamba_ssm":
                 continue
-            leaves = leaves_of(inputs, "cuda", torch.float32)
-            loss, result = scan_loss(leaves, backend, cotangent.float().cuda())
-            loss.backward()
+            leaves = leaves_of(inputs, DEVICE, lambda name: torch.float32)
+            result = selective_scan(**vim_layout(leaves, shape), delta_softplus=True, backend=backend)
+            (result.out * cotangent.float().to(DEVICE)).sum().backward()
             errors = {k: relative_error(v.grad, reference[k].grad) for k, v in leaves.items() if v.grad is not None}
             worst = max(errors, key=errors.get)
             readout = f"{relative_error(result.readout, expected.readout):.1e}" if probes else ""
-            emit(f"| {backend} | {'yes' if probes else 'no'} | {relative_error(result.out, expected.out):.1e} | "
-                 f"{readout} | {errors[worst]:.1e} ({worst}) |")  # fmt: skip
+            emit(
+                f"| {backend} | {'yes' if probes else 'no'} | {relative_error(result.out, expected.out):.1e} | "
+                f"{readout} | {errors[worst]:.1e} ({HOLDS.get(worst, worst)}) |"
+            )
 
 
-def time_scans(backends: list[str], batch_size: int) -> None:
-    emit(f"\n## Scan speed, Vim-S shape at batch {batch_size} (768 channels, 197 tokens, 16 states), bf16 inputs\n")
+def time_scans(backends: list[str], shape: ScanShape, batch_size: int) -> None:
+    """Each backend's forward and forward + backward time and peak memory, with and without probes."""
+    emit(f"\n## Scan speed, {shape_text(shape)} at batch {batch_size}, bf16 activations in Vim's layouts\n")
     emit("| backend | probes | forward ms | forward + backward ms | peak extra MiB (fwd + bwd) |")
     emit("|---|---|---:|---:|---:|")
     for probes in (False, True):
-        inputs = scan_inputs(batch_size, probes=probes)
+        inputs = scan_inputs(batch_size, shape, probes=probes)
         for backend in backends:
             if probes and backend == "mamba_ssm":
                 continue
-            leaves = {
-                k: v.cuda() if k == "probe_index" else v.to("cuda", ACTIVATION_DTYPES.get(k, torch.float32))
-                for k, v in inputs.items()
-            }
-            leaves = {k: v if k == "probe_index" else v.requires_grad_() for k, v in leaves.items()}
-            cotangent = torch.randn(batch_size, 768, 197, device="cuda", dtype=torch.bfloat16)
+            leaves = leaves_of(inputs, DEVICE, lambda name: torch.bfloat16 if name in ACTIVATIONS else torch.float32)
+            cotangent = torch.randn(batch_size, shape.dim, shape.length, device=DEVICE, dtype=torch.bfloat16)
 
             def forward(leaves=leaves, backend=backend):
-                return selective_scan(**leaves, delta_softplus=True, backend=backend).out
+                return selective_scan(**vim_layout(leaves, shape), delta_softplus=True, backend=backend).out
 
             def both(forward=forward, cotangent=cotangent):
                 (forward() * cotangent).sum().backward()
@@ -147,23 +209,23 @@ def time_scans(backends: list[str], batch_size: int) -> None:
             emit(f"| {backend} | {'yes' if probes else 'no'} | {t_fwd:.2f} | {t_both:.2f} | {peak:.0f} |")
 
 
-def time_training(model_name: str, batch_size: int) -> None:
-    emit(f"\n## {model_name}: one training step at batch {batch_size}, 224 px, bf16 autocast (AdamW)\n")
+def time_training(model_name: str, img_size: int, batch_size: int) -> None:
+    """One AdamW step per method (and the adaptor keeping every activation) under bf16 autocast."""
+    emit(f"\n## {model_name}: one training step at batch {batch_size}, {img_size} px, bf16 autocast (AdamW)\n")
     emit("| method | trainable params | ms per step | vs lora | peak MiB |")
     emit("|---|---:|---:|---:|---:|")
-    images, labels = batch(batch_size, 224)
-    images, labels = images.cuda(), labels.cuda()
+    images, labels = (t.to(DEVICE) for t in batch(batch_size, img_size))
     results = {}
     rows = training_rows(STEP_METHODS, kept=("adaptor",))
     for row, (method, keep_all) in rows.items():
         torch.manual_seed(0)
         model = adaptor_peft.create_model(model_name, num_classes=CLASSES)
         model = prepare_model(model, method)
-        model = (trained_like(model) if method.startswith("adaptor") else model).cuda()
+        model = (trained_like(model) if method.startswith("adaptor") else model).to(DEVICE)
         step = trainer(model, keep_all)
 
         def autocast_step(step=step):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
                 step(images, labels)
 
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -176,18 +238,19 @@ def time_training(model_name: str, batch_size: int) -> None:
     emit(f"\nGoal: adaptor within 1.3x of lora's step: {results['adaptor'][1] / results['lora'][1]:.2f}x.")
 
 
-def time_inference(model_name: str, batch_size: int) -> None:
-    emit(f"\n## {model_name}: inference at batch {batch_size}, 224 px, bf16 autocast\n")
+def time_inference(model_name: str, img_size: int, batch_size: int) -> None:
+    """The plain backbone's forward against the adaptor's, under bf16 autocast."""
+    emit(f"\n## {model_name}: inference at batch {batch_size}, {img_size} px, bf16 autocast\n")
     emit("| model | ms per batch | vs plain |\n|---|---:|---:|")
-    images = batch(batch_size, 224)[0].cuda()
+    images = batch(batch_size, img_size)[0].to(DEVICE)
     times = {}
     for method in ("plain", "adaptor"):
         torch.manual_seed(0)
         model = adaptor_peft.create_model(model_name, num_classes=CLASSES)
-        model = (model if method == "plain" else trained_like(prepare_model(model, method))).cuda().eval()
+        model = (model if method == "plain" else trained_like(prepare_model(model, method))).to(DEVICE).eval()
 
         def infer(model=model):
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad(), torch.autocast(DEVICE, dtype=torch.bfloat16):
                 model(images)
 
         times[method] = cuda_time(infer)
@@ -195,47 +258,90 @@ def time_inference(model_name: str, batch_size: int) -> None:
         emit(f"| {method} | {ms:.1f} | {ms / times['plain']:.2f}x |")
 
 
-def check_backbone(model_name: str = "vim_tiny_patch16_224", batch_size: int = 8) -> None:
+def check_backbone(model_name: str, img_size: int) -> None:
+    """The whole model's logits in float32 on the device against float64 on the CPU (random weights)."""
     torch.manual_seed(0)
     model = adaptor_peft.create_model(model_name).eval()
-    images = torch.randn(batch_size, 3, 224, 224)
+    images = torch.randn(BACKBONE_BATCH, 3, img_size, img_size)
     with torch.no_grad():
         expected = model.double()(images.double())
-        logits = model.float().cuda()(images.cuda())
-    emit(f"\n{model_name}, batch {batch_size}: logits rel. err vs CPU float64 {relative_error(logits, expected):.1e}")
+        logits = model.float().to(DEVICE)(images.to(DEVICE))
+    emit(
+        f"\n{model_name}, batch {BACKBONE_BATCH}, float32 on the {DEVICE} device: logits rel. err vs CPU float64 "
+        f"{relative_error(logits, expected):.1e}"
+    )
+
+
+def shape_text(shape: ScanShape) -> str:
+    return f"{shape.dim} channels, {shape.length} tokens, {shape.nstate} states"
+
+
+def installed(package: str) -> str:
+    """``package``'s installed version, or "absent"; read from its metadata, without importing it."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def report_path(parser: argparse.ArgumentParser, output: str) -> Path:
+    """``--output`` as a file path whose folder exists (made if missing), checked before any GPU time is spent."""
+    path = Path(output).expanduser()
+    if path.is_dir():
+        parser.error(f"--output {output} is a folder; give the path of the report file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        parser.error(f"--output {output}: cannot make its folder {path.parent}: {err}")
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=str(Path(__file__).parent / "results" / "gpu_check.md"))
-    parser.add_argument("--model", default="vim_small_patch16_224")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--output",
+        default=str(Path(__file__).parent / "results" / "gpu_check.md"),
+        help="the Markdown report, rewritten atomically after every section",
+    )
+    parser.add_argument("--model", default="vim_small_patch16_224", help="the Vim model whose scans and steps run")
+    parser.add_argument("--batch", type=int, default=64, help="batch of the timed scans, steps and inference")
+    parser.add_argument("--budget", type=float, default=240, help="seconds after which no further section starts")
     args = parser.parse_args()
+    output = report_path(parser, args.output)
+    try:
+        shape, img_size = vim_shapes(args.model)
+    except ValueError as err:  # an unknown model, or one that is not a Vim
+        parser.error(f"--model {args.model}: {err}")
     if not torch.cuda.is_available():
         sys.exit("gpu_check.py needs a CUDA GPU")
     start = time.perf_counter()
-    import triton
-
     emit(f"# GPU check: {torch.cuda.get_device_name()}\n")
     capability = ".".join(map(str, torch.cuda.get_device_capability()))
-    emit(f"torch {torch.__version__}, triton {triton.__version__}, capability {capability}, "
-         f"mamba-ssm: {mamba_ssm_kernel() is not None}\n")  # fmt: skip
-    backends = [b for b, ok in (("triton", triton_backend()), ("mamba_ssm", mamba_ssm_kernel()), ("torch", True)) if ok]
-    sections = (
-        lambda: check_scan_accuracy(backends),
-        lambda: time_scans(backends, args.batch),
-        lambda: time_training(args.model, args.batch),
-        lambda: time_inference(args.model, args.batch),
-        check_backbone,
+    emit(
+        f"torch {torch.__version__}, triton {installed('triton')}, capability {capability}, "
+        f"mamba-ssm: {mamba_ssm_kernel() is not None}\n"
     )
-    for section in sections:
+    write_atomically(output, "\n".join(REPORT) + "\n")
+    backends = [b for b, ok in (("triton", triton_backend()), ("mamba_ssm", mamba_ssm_kernel()), ("torch", True)) if ok]
+    sections = {
+        "scan accuracy": lambda: check_scan_accuracy(backends, shape),
+        "scan speed": lambda: time_scans(backends, shape, args.batch),
+        "training step": lambda: time_training(args.model, img_size, args.batch),
+        "inference": lambda: time_inference(args.model, img_size, args.batch),
+        "backbone": lambda: check_backbone(args.model, img_size),
+    }
+    for name, section in sections.items():
+        spent = time.perf_counter() - start
+        if spent > args.budget:
+            emit(f"\n**skipped**: {name}, {spent:.0f} s into a --budget of {args.budget:.0f} s")
+            continue
         try:
             section()
         except Exception as err:  # one failing part must not cost the rest of a lent GPU's time
-            emit(f"\n**failed**: {type(err).__name__}: {err}")
-        write_atomically(args.output, "\n".join(REPORT) + "\n")
+            emit(f"\n**failed**: {name}: {type(err).__name__}: {err}")
+        write_atomically(output, "\n".join(REPORT) + "\n")
     emit(f"\nTotal {time.perf_counter() - start:.0f} s.")
-    write_atomically(args.output, "\n".join(REPORT) + "\n")
+    write_atomically(output, "\n".join(REPORT) + "\n")
 
 
 if __name__ == "__main__":

@@ -45,21 +45,32 @@ def test_adaptors_stay_float32_in_a_bfloat16_backbone(kind, mode):
     assert all(p.grad.abs().max() > 0 for n, p in adaptors.items() if n.endswith(("gamma", "scale")))
 
 
-@pytest.mark.parametrize("method, marker", [("lora", ".lora_"), ("parallel_adapter", ".parallel_adapter.")])
-def test_lora_and_parallel_adapters_stay_float32_in_a_bfloat16_backbone(method, marker):
-    """As peft's autocast_adapter_dtype: a bf16 LoRA B would round away small updates to a zero init."""
-    model = prepare_model(tiny("vim").to(torch.bfloat16), method).train()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "method, options, marker",
+    [
+        ("lora", {}, ".lora_"),
+        ("lora", {"targets": ["in_proj", "x_proj", "dt_proj", "out_proj"]}, ".lora_"),  # dt_proj: no bias in forward
+        ("parallel_adapter", {}, ".parallel_adapter."),
+    ],
+)
+def test_lora_and_parallel_adapters_stay_float32_in_a_half_precision_backbone(dtype, method, options, marker):
+    """As peft's autocast_adapter_dtype: a bf16 LoRA B would round away small updates to a zero init. The
+    backbone's output keeps its dtype, and every added weight gets a finite float32 gradient."""
+    model = prepare_model(tiny("vim").to(dtype), method, **options).train()
     added = {n: p for n, p in model.named_parameters() if marker in f".{n}"}
     assert added and all(p.dtype == torch.float32 for p in added.values())
-    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if n not in added)
+    assert all(p.dtype == dtype for n, p in model.named_parameters() if n not in added)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {*added, "head.weight", "head.bias"}
     with torch.no_grad():
         for p in added.values():
             p.add_(torch.randn_like(p) * 0.1)
-    logits = model(torch.randn(2, 3, 32, 32, dtype=torch.bfloat16))
-    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    logits = model(torch.randn(2, 3, 32, 32, dtype=dtype))
+    assert logits.dtype == dtype and torch.isfinite(logits).all()
     logits.float().square().mean().backward()
     for name, p in added.items():
-        assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().max() > 0, name
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().max() > 0, name
 
 
 @pytest.mark.parametrize("mode", ["memory", "per_position"])

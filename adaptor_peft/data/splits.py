@@ -4,6 +4,9 @@ Each kind turns a recipe's ``data`` entry into a :class:`LabelledImages`: where 
 (a file, or a row of a ``datasets.Dataset``), its integer label, and an opener that decodes it. Errors are
 :class:`DataError` and name the list file and line, json key, row, column or option to fix, because a
 benchmark run that dies on image 7,312 of 8,000 with a bare ``OSError`` costs an afternoon.
+
+Hugging Face ``datasets`` is imported only by the ``hub`` and ``parquet`` kinds, when they read a split:
+the package, its CLI and the benchmarks run on machines without it (a lent GPU box, an offline install).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import random
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import torch
 from PIL import Image
@@ -25,6 +28,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from . import synthetic
+
+if TYPE_CHECKING:
+    import datasets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 FGVC_SPLITS = ("train", "val", "test", "trainval")
@@ -319,8 +325,22 @@ def _image_folder(source: Mapping[str, Any], split: str, root: Path, skip_bad_im
     return _from_files(f"folder {folder.name}/{split}", entries, skip_bad_images, num_classes=len(classes))
 
 
+def _import_datasets(kind: str) -> ModuleType:
+    """The ``datasets`` package, imported on first use by the ``kind`` data kind that reads through it;
+    a :class:`DataError` naming the package and the kind where it is not installed."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise DataError(
+            f"the {kind} data kind reads its splits with Hugging Face datasets, which is not installed "
+            f"({error}): pip install datasets, or use a vtab1k, fgvc or folder data entry"
+        ) from None
+    return datasets
+
+
 def _from_rows(name: str, rows: datasets.Dataset, source: Mapping[str, Any], split: str) -> LabelledImages:
     """A split of ``datasets`` rows; images stay undecoded until asked for, so errors name their row."""
+    datasets = _import_datasets(source["kind"])
     image_column, label_column = source.get("image_column", "image"), source.get("label_column", "label")
     for option, column in (("image_column", image_column), ("label_column", label_column)):
         if column not in rows.column_names:
@@ -349,6 +369,7 @@ def _hub(source: Mapping[str, Any], split: str, root: Path, skip_bad_images: boo
     if split not in splits:
         raise DataError(f"hub data entry {ident!r} has no split {split!r} in its 'splits' option: {sorted(splits)}")
     local = _resolve(root, ident)
+    datasets = _import_datasets("hub")
     try:
         rows = datasets.load_dataset(str(local) if local.is_dir() else ident, source.get("config"), split=splits[split])
     except (OSError, ValueError) as error:
@@ -370,7 +391,7 @@ def _parquet(source: Mapping[str, Any], split: str, root: Path, skip_bad_images:
             f"parquet files {resolved} for split {split!r} match nothing: point --data-root (now {root}) at "
             f"their folder, or fix the data entry's files.{split} option"
         )
-    rows = datasets.load_dataset("parquet", data_files={split: matched}, split=split)
+    rows = _import_datasets("parquet").load_dataset("parquet", data_files={split: matched}, split=split)
     return _from_rows(f"parquet {Path(patterns[0]).name} split {split!r}", rows, source, split)
 
 
