@@ -34,7 +34,7 @@ from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.models.vim import VisionMamba
 from adaptor_peft.ops import selective_scan, selective_scan_reference
-from adaptor_peft.ops.dispatch import mamba_ssm_kernel, triton_backend
+from adaptor_peft.ops.dispatch import mamba_ssm_kernel, mamba_ssm_runs, triton_backend
 from benchmarks.overhead import CLASSES, batch, trained_like, trainer, training_rows
 
 DEVICE = "cuda"
@@ -317,12 +317,13 @@ def main() -> None:
     start = time.perf_counter()
     emit(f"# GPU check: {torch.cuda.get_device_name()}\n")
     capability = ".".join(map(str, torch.cuda.get_device_capability()))
+    mamba_runs = mamba_ssm_runs(torch.device(DEVICE))
     emit(
         f"torch {torch.__version__}, triton {installed('triton')}, capability {capability}, "
-        f"mamba-ssm: {mamba_ssm_kernel() is not None}\n"
+        f"mamba-ssm imports: {mamba_ssm_kernel() is not None}, its kernel runs: {mamba_runs}\n"
     )
     write_atomically(output, "\n".join(REPORT) + "\n")
-    backends = [b for b, ok in (("triton", triton_backend()), ("mamba_ssm", mamba_ssm_kernel()), ("torch", True)) if ok]
+    backends = [b for b, ok in (("triton", triton_backend()), ("mamba_ssm", mamba_runs), ("torch", True)) if ok]
     sections = {
         "scan accuracy": lambda: check_scan_accuracy(backends, shape),
         "scan speed": lambda: time_scans(backends, shape, args.batch),
