@@ -7,8 +7,10 @@ fresh process. The native kernel runs twice on x86: built for this CPU (``-march
 AVX2 + FMA alone (``x86-64-v3``, what most laptops and older servers have); its state updates per
 second per thread are set against the arithmetic bound of one update (an exp of Δ·A, about 16 vector
 operations with the state's two FMAs and the output's one) at two vector issues per cycle. The native
-kernel also runs with the default Adaptor-T's probes (4 channel groups, 2 locations read by interpolation:
-4 state reads per position, at random positions), whose cost over the plain scan is reported.
+kernel also runs with Adaptor-T's per-position probes (4 channel groups, 2 locations read by interpolation:
+4 state reads per position, at random positions) and with its memory's snapshots (4 channel groups, each
+snapshotting the 2 neighbours of its 2 locations, with their gradients flowing back), whose costs over
+the plain scan are reported; the memory's goal is 1.1x.
 Usage (Vim-S shape by default):
 
     python benchmarks/scan.py [--batch 4 --dim 768 --length 197 --nstate 16 --rounds 7]
@@ -74,7 +76,24 @@ def probed_scan(u, *rest):
     return selective_scan(u, *rest, delta_softplus=True, backend="native", **probes(*u.shape)).out
 
 
+@functools.cache
+def snapshot_index(batch: int, length: int) -> torch.Tensor:
+    """Random snapshot positions of the default memory Adaptor-T's shape."""
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(0, length, (batch, PROBE_GROUPS, PROBE_READS), generator=g)
+
+
+def snapshot_scan(u, *rest):
+    """The scan and its snapshots, whose gradient the step sends back too."""
+    result = selective_scan(
+        u, *rest, delta_softplus=True, backend="native", snapshot_index=snapshot_index(u.shape[0], u.shape[2])
+    )
+    return result.out, result.snapshots
+
+
 METHODS[PROBED] = probed_scan
+SNAPSHOTS = "adaptor_peft native backend, with Adaptor-T's memory snapshots"
+METHODS[SNAPSHOTS] = snapshot_scan
 AVX2 = "adaptor_peft native backend, x86-64-v3 build"
 if platform.machine() in ("x86_64", "AMD64"):
     METHODS[AVX2] = METHODS[NATIVE]  # the same call, run with $ADAPTOR_PEFT_CPU_TARGET set (see step)
@@ -108,7 +127,12 @@ def step(method, inputs, cotangent, backward=True):
             with torch.no_grad():
                 METHODS[method](*inputs)
             return
-        (METHODS[method](*inputs) * cotangent).sum().backward()
+        result = METHODS[method](*inputs)
+        if isinstance(result, tuple):  # (out, snapshots): a fixed cotangent on the snapshots too
+            out, snapshots = result
+            ((out * cotangent).sum() + snapshots.sum()).backward()
+        else:
+            (result * cotangent).sum().backward()
     finally:
         if method == AVX2:
             del os.environ[native.TARGET_ENV]
@@ -137,7 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = [args.batch, args.dim, args.length, args.nstate]
     inputs, cotangent = make_inputs(*shape)
-    methods = [m for m in METHODS if m not in (NATIVE, AVX2, PROBED) or native.available()]
+    methods = [m for m in METHODS if m not in (NATIVE, AVX2, PROBED, SNAPSHOTS) or native.available()]
     try:
         import mambapy
     except ImportError:
@@ -199,6 +223,11 @@ def main() -> None:
         )
         print(f"\nAdaptor-T's probes ({PROBE_GROUPS} groups x {PROBE_READS} reads per position) on the native "
               f"kernel: forward {fwd:.2f}x, backward {backward:.2f}x, fwd+bwd {both:.2f}x the plain scan")  # fmt: skip
+    if SNAPSHOTS in median:
+        fwd, both = (median[SNAPSHOTS][k] / median[NATIVE][k] for k in ("fwd", "fwd+bwd"))
+        verdict = "met" if both <= 1.1 else "missed"
+        print(f"\nAdaptor-T's memory snapshots ({PROBE_GROUPS} groups x {PROBE_READS} positions) on the native "
+              f"kernel: forward {fwd:.2f}x, fwd+bwd {both:.2f}x the plain scan (goal 1.1x: {verdict})")  # fmt: skip
 
 
 if __name__ == "__main__":

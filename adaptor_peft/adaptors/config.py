@@ -40,7 +40,7 @@ class AdaptorConfig:
     """Adaptor-T locations (ours): "learned" = trained anchors spread over the sequence plus
     input-dependent offsets, read at fractional positions by linear interpolation; "static" = fixed,
     evenly spread anchors and no offsets (the paper's static-location ablation)."""
-    t_mode: str = "per_position"
+    t_mode: str = "memory"
     """Adaptor-T (ours): where the locations come from. "memory" = K locations per sequence and channel
     group (anchors plus an offset predicted from the mean scan input): the scan only copies out the 2K
     states they need, and every position reads them through its own ``C_i`` as one matrix product per
