@@ -42,7 +42,7 @@ DEVICE = "cuda"
 STEP_METHODS = ("linear_probe", "lora", "adaptor", "full")
 ACCURACY_BATCH = 2
 BACKBONE_BATCH = 8
-ACTIVATIONS = ("in_proj", "u", "dt_proj", "x_proj", "probe_weight")
+ACTIVATIONS = ("in_proj", "u", "dt_proj", "x_proj")
 """Scan inputs that are activations: bf16 under autocast, as in training; the parameters stay float32."""
 HOLDS = {"in_proj": "in_proj (z)", "dt_proj": "dt_proj (delta)", "x_proj": "x_proj (B, C)"}
 """The layer outputs :func:`scan_inputs` holds, with the scan arguments :func:`vim_layout` takes out of each."""
@@ -104,10 +104,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double().cpu() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def scan_inputs(batch_size: int, shape: ScanShape, probes: bool = False) -> dict[str, torch.Tensor]:
+def scan_inputs(batch_size: int, shape: ScanShape, snapshots: bool = False) -> dict[str, torch.Tensor]:
     """Random scan inputs in float64 on the CPU, held as the tensors a Vim mixer makes them from (``in_proj``,
     ``dt_proj`` and ``x_proj`` outputs, (batch, len, features); ``u`` the conv's (batch, dim, len) output);
-    :func:`vim_layout` takes the scan's arguments out of them. With Adaptor-T-like probes (4 groups, 4 reads)."""
+    :func:`vim_layout` takes the scan's arguments out of them. With the default Adaptor-T's snapshots (4 groups,
+    4 positions each)."""
     g = torch.Generator().manual_seed(0)
     dim, length, nstate, rank = shape
 
@@ -123,10 +124,8 @@ def scan_inputs(batch_size: int, shape: ScanShape, probes: bool = False) -> dict
         D=rand(dim),
         delta_bias=rand(dim, scale=0.1),
     )
-    if probes:
-        inputs["probe_index"] = torch.randint(0, length, (batch_size, 4, length, 4), generator=g)
-        inputs["probe_weight"] = torch.rand(batch_size, 4, length, 4, generator=g, dtype=torch.float64)
-        inputs["probe_scale"] = rand(dim)
+    if snapshots:
+        inputs["snapshot_index"] = torch.randint(0, length, (batch_size, 4, 4), generator=g)
     return inputs
 
 
@@ -148,65 +147,74 @@ def vim_layout(inputs: dict[str, torch.Tensor], shape: ScanShape) -> dict[str, t
 
 
 def leaves_of(inputs: dict[str, torch.Tensor], device: str, dtype: Callable[[str], torch.dtype]) -> dict:
-    """``inputs`` on ``device`` as leaves that take gradients, each in ``dtype(name)``; probe positions as given."""
+    """``inputs`` on ``device`` as leaves that take gradients, each in ``dtype(name)``; positions as given."""
     return {
-        k: v.to(device) if k == "probe_index" else v.detach().to(device, dtype(k)).requires_grad_()
+        k: v.to(device) if k == "snapshot_index" else v.detach().to(device, dtype(k)).requires_grad_()
         for k, v in inputs.items()
     }
 
 
 def check_scan_accuracy(backends: list[str], shape: ScanShape) -> None:
-    """Each backend's output, probe readout and gradients in float32 against the float64 reference on the CPU."""
+    """Each backend's output, snapshots and gradients in float32 against the float64 reference on the CPU."""
     emit(
         f"## Scan against the CPU float64 reference ({shape_text(shape)}, batch {ACCURACY_BATCH}, float32 on the "
         f"{DEVICE} device, Vim's layouts)\n"
     )
-    emit("| backend | probes | out rel. err | readout rel. err | worst grad rel. err (input) |")
+    emit("| backend | snapshots | out rel. err | snapshots rel. err | worst grad rel. err (input) |")
     emit("|---|---|---:|---:|---|")
-    for probes in (False, True):
-        inputs = scan_inputs(ACCURACY_BATCH, shape, probes=probes)
+    for snapshots in (False, True):
+        inputs = scan_inputs(ACCURACY_BATCH, shape, snapshots=snapshots)
         reference = leaves_of(inputs, "cpu", lambda name: torch.float64)
         expected = selective_scan_reference(**vim_layout(reference, shape), delta_softplus=True)
-        cotangent = torch.randn(expected.out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-        (expected.out * cotangent).sum().backward()
+        g = torch.Generator().manual_seed(1)
+        cotangents = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in used(expected)]
+        sum((t * c).sum() for t, c in zip(used(expected), cotangents, strict=True)).backward()
         for backend in backends:
-            if probes and backend == "mamba_ssm":
+            if snapshots and backend == "mamba_ssm":
                 continue
             leaves = leaves_of(inputs, DEVICE, lambda name: torch.float32)
             result = selective_scan(**vim_layout(leaves, shape), delta_softplus=True, backend=backend)
-            (result.out * cotangent.float().to(DEVICE)).sum().backward()
+            sum((t * c.float().to(DEVICE)).sum() for t, c in zip(used(result), cotangents, strict=True)).backward()
             errors = {k: relative_error(v.grad, reference[k].grad) for k, v in leaves.items() if v.grad is not None}
             worst = max(errors, key=errors.get)
-            readout = f"{relative_error(result.readout, expected.readout):.1e}" if probes else ""
+            snapshot_error = f"{relative_error(result.snapshots, expected.snapshots):.1e}" if snapshots else ""
             emit(
-                f"| {backend} | {'yes' if probes else 'no'} | {relative_error(result.out, expected.out):.1e} | "
-                f"{readout} | {errors[worst]:.1e} ({HOLDS.get(worst, worst)}) |"
+                f"| {backend} | {'yes' if snapshots else 'no'} | {relative_error(result.out, expected.out):.1e} | "
+                f"{snapshot_error} | {errors[worst]:.1e} ({HOLDS.get(worst, worst)}) |"
             )
 
 
+def used(result) -> list[torch.Tensor]:
+    """The outputs of a scan that a loss reads: ``out``, and the snapshots where there are some."""
+    return [result.out, *(t for t in (result.snapshots,) if t is not None)]
+
+
 def time_scans(backends: list[str], shape: ScanShape, batch_size: int) -> None:
-    """Each backend's forward and forward + backward time and peak memory, with and without probes."""
+    """Each backend's forward and forward + backward time and peak memory, without and with Adaptor-T's
+    snapshots (their gradient sent back too)."""
     emit(f"\n## Scan speed, {shape_text(shape)} at batch {batch_size}, bf16 activations in Vim's layouts\n")
-    emit("| backend | probes | forward ms | forward + backward ms | peak extra MiB (fwd + bwd) |")
+    emit("| backend | snapshots | forward ms | forward + backward ms | peak extra MiB (fwd + bwd) |")
     emit("|---|---|---:|---:|---:|")
-    for probes in (False, True):
-        inputs = scan_inputs(batch_size, shape, probes=probes)
+    for snapshots in (False, True):
+        inputs = scan_inputs(batch_size, shape, snapshots=snapshots)
         for backend in backends:
-            if probes and backend == "mamba_ssm":
+            if snapshots and backend == "mamba_ssm":
                 continue
             leaves = leaves_of(inputs, DEVICE, lambda name: torch.bfloat16 if name in ACTIVATIONS else torch.float32)
             cotangent = torch.randn(batch_size, shape.dim, shape.length, device=DEVICE, dtype=torch.bfloat16)
 
             def forward(leaves=leaves, backend=backend):
-                return selective_scan(**vim_layout(leaves, shape), delta_softplus=True, backend=backend).out
+                return selective_scan(**vim_layout(leaves, shape), delta_softplus=True, backend=backend)
 
             def both(forward=forward, cotangent=cotangent):
-                (forward() * cotangent).sum().backward()
+                result = forward()
+                loss = (result.out * cotangent).sum()
+                (loss if result.snapshots is None else loss + result.snapshots.sum()).backward()
 
             with torch.no_grad():
                 t_fwd = cuda_time(forward)
             t_both, peak = cuda_time(both), peak_mib(both)
-            emit(f"| {backend} | {'yes' if probes else 'no'} | {t_fwd:.2f} | {t_both:.2f} | {peak:.0f} |")
+            emit(f"| {backend} | {'yes' if snapshots else 'no'} | {t_fwd:.2f} | {t_both:.2f} | {peak:.0f} |")
 
 
 def time_training(model_name: str, img_size: int, batch_size: int) -> None:

@@ -50,8 +50,8 @@ def build(model_name: str, method: str) -> torch.nn.Module:
 
 
 def trained_like(model: torch.nn.Module) -> torch.nn.Module:
-    """Moves the trainable weights off their init (zero scales and offsets would put every probe at
-    its anchor, a cache-friendly case no trained adaptor is in)."""
+    """Moves the trainable weights off their init (zero scales and offsets would put every location at
+    its anchor, a case no trained adaptor is in)."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

@@ -7,10 +7,9 @@ fresh process. The native kernel runs twice on x86: built for this CPU (``-march
 AVX2 + FMA alone (``x86-64-v3``, what most laptops and older servers have); its state updates per
 second per thread are set against the arithmetic bound of one update (an exp of Δ·A, about 16 vector
 operations with the state's two FMAs and the output's one) at two vector issues per cycle. The native
-kernel also runs with Adaptor-T's per-position probes (4 channel groups, 2 locations read by interpolation:
-4 state reads per position, at random positions) and with its memory's snapshots (4 channel groups, each
-snapshotting the 2 neighbours of its 2 locations, with their gradients flowing back), whose costs over
-the plain scan are reported; the memory's goal is 1.1x.
+kernel also runs with the default Adaptor-T's snapshots (4 channel groups, each snapshotting the 2
+neighbours of its 2 locations, with their gradients flowing back), whose cost over the plain scan is
+reported; the goal is 1.1x.
 Usage (Vim-S shape by default):
 
     python benchmarks/scan.py [--batch 4 --dim 768 --length 197 --nstate 16 --rounds 7]
@@ -56,31 +55,14 @@ METHODS = {
     "adaptor_peft native backend": lambda *a: selective_scan(*a, delta_softplus=True, backend="native").out,
 }
 NATIVE = "adaptor_peft native backend"
-PROBED = "adaptor_peft native backend, with Adaptor-T's probes"
-PROBE_GROUPS, PROBE_READS = 4, 4  # AdaptorConfig's t_groups, and 2 reads per location for t_locations = 2
-
-
-@functools.cache
-def probes(batch: int, dim: int, length: int) -> dict[str, torch.Tensor]:
-    """Random probe positions and weights of the default Adaptor-T's shape, and its γ."""
-    g = torch.Generator().manual_seed(1)
-    shape = (batch, PROBE_GROUPS, length, PROBE_READS)
-    return {
-        "probe_index": torch.randint(0, length, shape, generator=g),
-        "probe_weight": torch.rand(shape, generator=g) / PROBE_READS,
-        "probe_scale": torch.randn(dim, generator=g) * 0.1,
-    }
-
-
-def probed_scan(u, *rest):
-    return selective_scan(u, *rest, delta_softplus=True, backend="native", **probes(*u.shape)).out
+GROUPS, SNAPSHOTS_PER_GROUP = 4, 4  # AdaptorConfig's t_groups, and 2 neighbours of each of t_locations = 2
 
 
 @functools.cache
 def snapshot_index(batch: int, length: int) -> torch.Tensor:
     """Random snapshot positions of the default memory Adaptor-T's shape."""
     g = torch.Generator().manual_seed(2)
-    return torch.randint(0, length, (batch, PROBE_GROUPS, PROBE_READS), generator=g)
+    return torch.randint(0, length, (batch, GROUPS, SNAPSHOTS_PER_GROUP), generator=g)
 
 
 def snapshot_scan(u, *rest):
@@ -91,7 +73,6 @@ def snapshot_scan(u, *rest):
     return result.out, result.snapshots
 
 
-METHODS[PROBED] = probed_scan
 SNAPSHOTS = "adaptor_peft native backend, with Adaptor-T's memory snapshots"
 METHODS[SNAPSHOTS] = snapshot_scan
 AVX2 = "adaptor_peft native backend, x86-64-v3 build"
@@ -161,7 +142,7 @@ def main() -> None:
     args = parser.parse_args()
     shape = [args.batch, args.dim, args.length, args.nstate]
     inputs, cotangent = make_inputs(*shape)
-    methods = [m for m in METHODS if m not in (NATIVE, AVX2, PROBED, SNAPSHOTS) or native.available()]
+    methods = [m for m in METHODS if m not in (NATIVE, AVX2, SNAPSHOTS) or native.available()]
     try:
         import mambapy
     except ImportError:
@@ -216,17 +197,10 @@ def main() -> None:
         if AVX2 in median:
             ratio = median[AVX2]["fwd+bwd"] / median[NATIVE]["fwd+bwd"]
             print(f"- AVX2 build: {ratio:.2f}x the native build, {'met' if ratio <= GOAL_AVX2 else 'missed'}")
-    if PROBED in median:
-        fwd, both = (median[PROBED][k] / median[NATIVE][k] for k in ("fwd", "fwd+bwd"))
-        backward = (median[PROBED]["fwd+bwd"] - median[PROBED]["fwd"]) / (
-            median[NATIVE]["fwd+bwd"] - median[NATIVE]["fwd"]
-        )
-        print(f"\nAdaptor-T's probes ({PROBE_GROUPS} groups x {PROBE_READS} reads per position) on the native "
-              f"kernel: forward {fwd:.2f}x, backward {backward:.2f}x, fwd+bwd {both:.2f}x the plain scan")  # fmt: skip
     if SNAPSHOTS in median:
         fwd, both = (median[SNAPSHOTS][k] / median[NATIVE][k] for k in ("fwd", "fwd+bwd"))
         verdict = "met" if both <= 1.1 else "missed"
-        print(f"\nAdaptor-T's memory snapshots ({PROBE_GROUPS} groups x {PROBE_READS} positions) on the native "
+        print(f"\nAdaptor-T's memory snapshots ({GROUPS} groups x {SNAPSHOTS_PER_GROUP} positions) on the native "
               f"kernel: forward {fwd:.2f}x, fwd+bwd {both:.2f}x the plain scan (goal 1.1x: {verdict})")  # fmt: skip
 
 

@@ -44,34 +44,22 @@ def kernel_configs(nstate: int) -> dict:
     activations = {name: "*bf16" for name in ("u_ptr", "delta_ptr", "z_ptr", "B_ptr", "C_ptr")}
     activations["snap_index_ptr"] = "*i64"
     gradients = {**activations, **{name: "*bf16" for name in ("dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr")}}
-    probes = {**activations, "probe_ptr": "*i64"}
     common = dict(BLOCK=st.MAX_BLOCK, NP=triton.next_power_of_2(nstate), ACC=tl.float32)
-    step = dict(HAS_BIAS=True, SOFTPLUS=True)
-    scan = dict(**common, **step, HAS_D=True, STORE_LAST=False, CHUNK=st.CHUNK)
-    tile = st.MAX_BLOCK * st.TIME_BLOCK * common["NP"]
+    step = dict(HAS_BIAS=True, SOFTPLUS=True, HAS_D=True)
+    scan = dict(**common, **step, GATE=True, STORE_LAST=False, CHUNK=st.CHUNK)
     sequential = st.MAX_BLOCK * common["NP"]
-    plain = dict(GATE=True, STORE_HIDDEN=False)
     return {
         "scan, plain (inference)": (
-            st._scan_kernel, {**scan, **plain, "NSNAP": 0, "CHECKPOINTS": False}, activations, sequential
+            st._scan_kernel, {**scan, "STORE_HIDDEN": False, "NSNAP": 0, "CHECKPOINTS": False}, activations, sequential
         ),
         "scan, 4 snapshots and checkpoints (training)": (
-            st._scan_kernel, {**scan, **plain, "NSNAP": 4, "CHECKPOINTS": True}, activations, sequential
+            st._scan_kernel, {**scan, "STORE_HIDDEN": False, "NSNAP": 4, "CHECKPOINTS": True}, activations, sequential
+        ),
+        "scan, writing the hidden states": (
+            st._scan_kernel, {**scan, "STORE_HIDDEN": True, "NSNAP": 0, "CHECKPOINTS": False}, activations, sequential
         ),
         "backward, chunked, 4 snapshots": (
-            st._backward_kernel, {**common, **step, "HAS_D": True, "GATE": True, "NSNAP": 4, "CHUNK": st.CHUNK},
-            gradients, sequential,
-        ),
-        "scan, writing the history (probes)": (
-            st._scan_kernel, {**scan, "GATE": False, "STORE_HIDDEN": True, "NSNAP": 0, "CHECKPOINTS": False},
-            activations, sequential,
-        ),
-        "probe readout": (
-            st._readout_kernel, {**common, "TIME": st.TIME_BLOCK, "HAS_SCALE": True, "GATE": True}, probes, tile
-        ),
-        "probe gradients": (st._probe_grad_kernel, {**common, "TIME": st.TIME_BLOCK}, probes, tile),
-        "adjoint scan (probes)": (
-            st._adjoint_kernel, {**common, **step, "SCATTERED": True, "NSNAP": 0}, activations, sequential
+            st._backward_kernel, {**common, **step, "GATE": True, "NSNAP": 4, "CHUNK": st.CHUNK}, gradients, sequential
         ),
     }  # fmt: skip
 

@@ -62,9 +62,9 @@ def perturb(model: torch.nn.Module, marker: str, scale: float = 0.3) -> int:
 
 
 def adaptor_t_reference(t, u, delta, A, B, C, D, z, delta_bias, direction, mask=None):
-    """``y_i = (C_i · h̃_i + D u_i) silu(z_i)`` with ``h̃_i = h_i + γ ⊙ Σ_k c_{i,k} h(p_{i,k})``, written out
-    loop by loop from the formula (plain recurrence, literal positions and interpolation, softmax per group);
-    in memory mode the offsets come from the mean of the scan input, the same for every position.
+    """``y_i = (C_i · h̃_i + D u_i) silu(z_i)`` with ``h̃_i = h_i + γ ⊙ Σ_k c_{i,k} h(p_k)``, written out
+    loop by loop from the formula (plain recurrence, literal positions and interpolation, softmax per group;
+    the offsets from the mean of the scan input, the same for every position).
     ``mask`` (batch, dim, len) multiplies the memory term, as a fixed dropout mask would."""
     batch, dim, length = u.shape
     E, S, K = t.channels, t.groups, t.locations
@@ -90,8 +90,8 @@ def adaptor_t_reference(t, u, delta, A, B, C, D, z, delta_bias, direction, mask=
         for i in range(length):
             low = u[:, j * E : (j + 1) * E, i] @ t.down[d].T  # (batch, rank)
             weight_logits = low @ t.weight_up[d].T + t.weight_bias[d]  # (batch, S*K), group-major
-            source = u[:, j * E : (j + 1) * E].mean(-1) @ t.down[d].T if t.mode == "memory" else low
-            offsets = source @ t.offset_up[d].T if t.learned else torch.zeros_like(weight_logits)
+            pooled = u[:, j * E : (j + 1) * E].mean(-1) @ t.down[d].T
+            offsets = pooled @ t.offset_up[d].T if t.learned else torch.zeros_like(weight_logits)
             for g in range(S):
                 cs = slice(j * E + g * width, j * E + (g + 1) * width)
                 c = torch.softmax(weight_logits[:, g * K : (g + 1) * K], dim=-1)
@@ -112,10 +112,10 @@ def adaptor_t_reference(t, u, delta, A, B, C, D, z, delta_bias, direction, mask=
     return out
 
 
-def random_adaptor_t(style: str, anchor: str, channels: int = 32, seed: int = 0, mode: str = "memory") -> AdaptorT:
+def random_adaptor_t(style: str, anchor: str, channels: int = 32, seed: int = 0) -> AdaptorT:
     torch.manual_seed(seed)
     directions = 2 if style == "vim" else 4
-    t = AdaptorT(channels, directions, locations=2, groups=2, rank=3, anchor=anchor, mode=mode).double()
+    t = AdaptorT(channels, directions, locations=2, groups=2, rank=3, anchor=anchor).double()
     with torch.no_grad():
         t.weight_up.normal_(0, 0.5)
         t.weight_bias.normal_(0, 0.5)
@@ -157,13 +157,12 @@ def gradients(output: torch.Tensor, tensors: dict[str, torch.Tensor], seed: int 
     return {n: torch.zeros_like(tensors[n]) if g is None else g for n, g in zip(names, grads, strict=True)}
 
 
-@pytest.mark.parametrize("mode", ["memory", "per_position"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("anchor", ["learned", "static"])
 @pytest.mark.parametrize("style", ["vim", "vmamba"])
-def test_adaptor_t_scan_equals_the_formula_with_gradients(monkeypatch, style, anchor, backend, mode):
+def test_adaptor_t_scan_equals_the_formula_with_gradients(monkeypatch, style, anchor, backend):
     monkeypatch.setenv(BACKEND_ENV, backend)
-    t = random_adaptor_t(style, anchor, mode=mode)
+    t = random_adaptor_t(style, anchor)
     inputs = scan_inputs(style, t)
     args = {k: v for k, v in inputs.items() if k not in ("delta_softplus", "direction")}
     expected = adaptor_t_reference(t, direction=inputs["direction"], **args)
@@ -183,9 +182,8 @@ def test_adaptor_t_scan_equals_the_formula_with_gradients(monkeypatch, style, an
     assert want["down"].abs().max() > 1e-3 and want["weight_up"].abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("mode", ["memory", "per_position"])
-def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test(mode):
-    t = random_adaptor_t("vim", "learned", mode=mode)
+def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test():
+    t = random_adaptor_t("vim", "learned")
     inputs = scan_inputs("vim", t)
     args = {k: v for k, v in inputs.items() if k not in ("delta_softplus", "direction")}
     with_memory = adaptor_t_reference(t, direction=1, **args)
@@ -196,10 +194,9 @@ def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test(mode):
     torch.testing.assert_close(t.scan(**inputs), without, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("mode", ["memory", "per_position"])
-def test_adaptor_t_starts_as_the_plain_scan(mode):
+def test_adaptor_t_starts_as_the_plain_scan():
     torch.manual_seed(0)
-    t = AdaptorT(32, 2, locations=2, groups=2, rank=3, mode=mode).double()
+    t = AdaptorT(32, 2, locations=2, groups=2, rank=3).double()
     inputs = scan_inputs("vim", t)
     args = {k: v for k, v in inputs.items() if k not in ("delta_softplus", "direction")}
     with torch.no_grad():
@@ -208,11 +205,10 @@ def test_adaptor_t_starts_as_the_plain_scan(mode):
     torch.testing.assert_close(t.scan(**inputs), plain, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["memory", "per_position"])
-def test_adaptor_t_gradcheck_on_its_parameters(monkeypatch, mode):
+def test_adaptor_t_gradcheck_on_its_parameters(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "torch")
     torch.manual_seed(3)
-    t = AdaptorT(4, 2, locations=2, groups=2, rank=2, mode=mode).double()
+    t = AdaptorT(4, 2, locations=2, groups=2, rank=2).double()
     with torch.no_grad():
         for p in (t.weight_up, t.weight_bias, t.offset_up, t.gamma):
             p.normal_(0, 0.5)
@@ -233,10 +229,9 @@ def test_adaptor_t_gradcheck_on_its_parameters(monkeypatch, mode):
     assert torch.autograd.gradcheck(run, params, eps=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["memory", "per_position"])
-def test_adaptor_t_dropout_path_applies_the_mask_to_the_memory_term(monkeypatch, mode):
+def test_adaptor_t_dropout_path_applies_the_mask_to_the_memory_term(monkeypatch):
     monkeypatch.setenv(BACKEND_ENV, "torch")
-    t = random_adaptor_t("vim", "learned", mode=mode)
+    t = random_adaptor_t("vim", "learned")
     inputs = scan_inputs("vim", t)
     mask = (torch.rand(inputs["u"].shape, generator=torch.Generator().manual_seed(5)) > 0.5).double() * 2
 
@@ -330,8 +325,6 @@ def test_inject_rejects_unsupported_models():
 
 
 VARIANTS = {
-    "memory": dict(t_mode="memory"),
-    "memory_static": dict(t_mode="memory", t_anchor="static"),
     "static": dict(t_anchor="static"),
     "separate_kernels": dict(s_share_kernel=False),
     "inner": dict(s_position="inner"),
@@ -369,7 +362,6 @@ def test_injection_variants_are_exact_at_init_and_their_parameters_matter(kind, 
             assert (centre == 1).all() == (config.s_init == "delta")
         if mixer.adaptor_t is not None:
             assert mixer.adaptor_t.learned == (config.t_anchor == "learned")
-            assert mixer.adaptor_t.mode == config.t_mode
             assert mixer.adaptor_t.weight_up.any() == (config.t_init > 0)
             assert not mixer.adaptor_t.gamma.any()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -761,7 +753,7 @@ def test_adapters_of_format_1_still_load(tmp_path, dtype):
     they were saved in or the float32 original of a half-precision copy; other weights are still refused."""
     from safetensors.torch import load_file
 
-    model = prepare_model(tiny("vim").to(dtype), "adaptor")
+    model = prepare_model(tiny("vim").to(dtype), "adaptor_s")
     perturb(model, ".adaptor_")
     folder = save_adaptor(model, tmp_path / "adapter")
     config = json.loads((folder / "adaptor_config.json").read_text())
@@ -776,6 +768,24 @@ def test_adapters_of_format_1_still_load(tmp_path, dtype):
         other.layers[1].mixer.x_proj.weight[0, 0] += 0.05
     with pytest.raises(AdapterFileError, match="other backbone weights"):
         load_adaptor(other.to(dtype), folder)
+
+
+@pytest.mark.parametrize("old_format", ["adaptor_peft.adapter/1", "adaptor_peft.adapter/2"])
+@pytest.mark.parametrize("method", ["adaptor", "adaptor_t", "adaptor+lora", "lora"])
+def test_adapters_of_the_per_position_adaptor_t_are_refused_by_version(tmp_path, old_format, method):
+    """Files of adaptor_peft 0.1 with an Adaptor-T (which read per-position locations) are refused with the
+    version that reads them; those without one still load."""
+    model = prepare_model(tiny("vim"), method)
+    folder = save_adaptor(model, tmp_path / "adapter")
+    config = json.loads((folder / "adaptor_config.json").read_text())
+    assert config["format"] == "adaptor_peft.adapter/3"
+    (folder / "adaptor_config.json").write_text(json.dumps({**config, "format": old_format}))
+    if method == "lora":
+        if old_format == "adaptor_peft.adapter/2":  # format 1's fingerprint is another test's
+            load_adaptor(tiny("vim"), folder)
+        return
+    with pytest.raises(AdapterFileError, match=r"adaptor_peft 0\.1 .*pip install 'adaptor-peft<0\.2'"):
+        load_adaptor(tiny("vim"), folder)
 
 
 def test_fingerprints_compare_at_the_finest_precision_both_sides_have(tmp_path):
@@ -874,7 +884,7 @@ def test_a_different_head_is_restored_on_load(tmp_path):
 def test_save_leaves_no_temporary_files(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["adaptor.safetensors", "adaptor_config.json"]
     data = json.loads((saved / "adaptor_config.json").read_text())
-    assert data["method"] == "adaptor" and data["format"] == "adaptor_peft.adapter/2"
+    assert data["method"] == "adaptor" and data["format"] == "adaptor_peft.adapter/3"
     from safetensors.torch import load_file
 
     weights = load_file(saved / "adaptor.safetensors")

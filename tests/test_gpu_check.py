@@ -59,7 +59,7 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_without_datasets(tmp_path):
     ):
         assert heading in report, heading
     rows = [line for line in report.splitlines() if line.startswith("| torch |")]
-    assert len(rows) == 4  # accuracy and speed, each without and with probes
+    assert len(rows) == 4  # accuracy and speed, each without and with snapshots
     assert "| adaptor, every activation kept |" in report
     assert sorted(p.name for p in output.parent.iterdir()) == ["gpu_check.md"]  # no temporary file left behind
 

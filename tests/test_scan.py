@@ -44,13 +44,13 @@ def make_inputs(batch, dim, length, nstate, groups, *, z=True, D=True, bias=True
     )
 
 
-def run_with_grads(fn, inputs, dtype, probe=None, seed=1, snapshots=None):
-    """Output, readout and the gradient of every tensor input for a fixed random cotangent on the output, the
-    readout (with ``probe``) and the snapshots (with ``snapshots``, their positions)."""
+def run_with_grads(fn, inputs, dtype, snapshots=None, seed=1):
+    """Output, snapshots and the gradient of every tensor input for a fixed random cotangent on the output
+    and the snapshots (with ``snapshots``, their positions)."""
     leaves = {k: (v.detach().to(dtype).clone().requires_grad_() if v is not None else None) for k, v in inputs.items()}
-    result = fn(**leaves, delta_softplus=True, probe_index=probe, snapshot_index=snapshots)
+    result = fn(**leaves, delta_softplus=True, snapshot_index=snapshots)
     g = torch.Generator().manual_seed(seed)
-    used = [result.out, *(t for t in (result.readout, result.snapshots) if t is not None)]
+    used = [result.out, *(t for t in (result.snapshots,) if t is not None)]
     loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in used)
     loss.backward()
     grads = {k: v.grad for k, v in leaves.items() if v is not None}
@@ -64,12 +64,12 @@ def assert_close(actual, expected, rtol, what):
 
 
 CASES = [
-    # batch, dim, length, nstate, B/C groups, layout, with z / D / delta_bias, probe groups
+    # batch, dim, length, nstate, B/C groups, layout, with z / D / delta_bias, snapshot groups
     (2, 32, 7, 4, 1, "grouped", True, 2),
     (1, 64, 1, 3, 2, "grouped", True, 2),  # L = 1
     (3, 32, 33, 16, 2, "variable", False, 2),  # odd L, no z / D / bias
     (2, 96, 20, 1, 3, "grouped", True, 2),  # d_state 1, three groups (VMamba-like)
-    (2, 96, 12, 4, 3, "grouped", True, 1),  # more B/C groups than probe groups
+    (2, 96, 12, 4, 3, "grouped", True, 1),  # more B/C groups than snapshot groups
     (2, 16, 9, 5, 1, "fixed", True, 2),  # time-invariant B, C of shape (dim, nstate)
     (2, 48, 9, 4, 2, "grouped", True, 2),  # 24 channels a group: lane blocks of 16 and 8 (VMamba v2 s1 stage 1)
     (2, 32, 21, 16, 1, "grouped", True, 2),  # d_state 16 (Vim's, the native kernel's unrolled loops) with z / D / bias
@@ -80,35 +80,25 @@ CASES = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
 @pytest.mark.parametrize("states", [True, False], ids=["with-states", "training"])
-@pytest.mark.parametrize("reads", ["probes", "snapshots"])
-def test_matches_reference_outputs_and_gradients(backend, dtype, case, states, reads):
+@pytest.mark.parametrize("with_snapshots", [True, False], ids=["snapshots", "plain"])
+def test_matches_reference_outputs_and_gradients(backend, dtype, case, states, with_snapshots):
     """``states``: also the last and every hidden state; without them, the path an adaptor trains on.
-    ``reads``: Adaptor-T's per-position probes, or snapshots (repeated positions included) for its memory."""
-    batch, dim, length, nstate, groups, bc, extras, pgroups = case
+    ``with_snapshots``: Adaptor-T's memory, repeated positions included."""
+    batch, dim, length, nstate, groups, bc, extras, sgroups = case
     inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=dim + length)
     g = torch.Generator().manual_seed(length)
-    probe = snapshots = None
-    if reads == "probes":
-        probe = torch.randint(0, length, (batch, pgroups, length, 3), generator=g)
-        inputs["probe_weight"] = torch.rand(batch, pgroups, length, 3, generator=g, dtype=torch.float64)
-        inputs["probe_scale"] = torch.randn(dim, generator=g, dtype=torch.float64)
-    else:
-        snapshots = torch.randint(0, length, (batch, pgroups, 5), generator=g)
-    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, probe, 1, snapshots)
+    snapshots = torch.randint(0, length, (batch, sgroups, 5), generator=g) if with_snapshots else None
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, snapshots)
     actual, grads = run_with_grads(
         lambda **kw: selective_scan(**kw, return_last_state=states, return_hidden_states=states, backend=backend),
         inputs,
         dtype,
-        probe,
-        1,
         snapshots,
     )
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
     assert actual.out.dtype == dtype
     assert_close(actual.out, expected.out, rtol, "out")
-    if probe is not None:
-        assert_close(actual.readout, expected.readout, rtol, "readout")
-    else:
+    if with_snapshots:
         assert actual.snapshots.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert_close(actual.snapshots, expected.snapshots, rtol, "snapshots")
     if states:
@@ -128,24 +118,6 @@ def test_reference_follows_mamba_semantics():
     theirs = scan_ref(inputs["u"], inputs["delta"], inputs["A"], inputs["B"], inputs["C"], inputs["D"], inputs["z"],
                       inputs["delta_bias"])  # fmt: skip
     assert_close(ours, theirs, 1e-12, "out")
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_probe_readout_is_weighted_states_seen_through_query_c(backend):
-    """readout[b, d, i] = sum_k w[b, g(d), i, k] C[b, :, i] · h[b, d, p[b, g(d), i, k]], off the hidden states."""
-    inputs = make_inputs(2, 32, 10, 4, 1, bc="variable")
-    g = torch.Generator().manual_seed(3)
-    probe = torch.randint(0, 10, (2, 2, 10, 3), generator=g)
-    weight = torch.randn(2, 2, 10, 3, generator=g, dtype=torch.float64)
-    result = selective_scan(
-        **inputs, delta_softplus=True, probe_index=probe, probe_weight=weight, return_hidden_states=True,
-        backend=backend,
-    )  # fmt: skip
-    h = result.hidden_states  # (b, d, l, n)
-    for b, d, i in [(0, 0, 0), (1, 31, 9), (0, 17, 4), (1, 16, 5)]:
-        seen = [(inputs["C"][b, :, i] * h[b, d, probe[b, d // 16, i, k]]).sum() for k in range(3)]
-        expected = sum(weight[b, d // 16, i, k] * seen[k] for k in range(3))
-        assert torch.allclose(result.readout[b, d, i], expected, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -201,14 +173,13 @@ def test_selective_scan_fn_has_mamba_return_contract():
 def test_torch_path_bounds_its_blocks(monkeypatch):
     """With a tiny element budget the PyTorch scan works channel by channel and gives the same result."""
     inputs = make_inputs(2, 24, 9, 3, 3)
-    probe = torch.randint(0, 9, (2, 3, 9, 2), generator=torch.Generator().manual_seed(0))
-    probes = dict(probe_index=probe, probe_weight=torch.rand(2, 3, 9, 2, dtype=torch.float64))
-    whole = selective_scan(**inputs, delta_softplus=True, **probes, backend="torch")
+    index = torch.randint(0, 9, (2, 3, 4), generator=torch.Generator().manual_seed(0))
+    whole = selective_scan(**inputs, delta_softplus=True, snapshot_index=index, backend="torch")
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BLOCK", "1")
-    assert len(scan_torch._blocks(2, 24, 9, 3, 2, torch.zeros(1))) == 24
-    blocked = selective_scan(**inputs, delta_softplus=True, **probes, backend="torch")
+    assert len(scan_torch._blocks(2, 24, 9, 3, torch.zeros(1))) == 24
+    blocked = selective_scan(**inputs, delta_softplus=True, snapshot_index=index, backend="torch")
     assert torch.allclose(whole.out, blocked.out, atol=1e-12)
-    assert torch.allclose(whole.readout, blocked.readout, atol=1e-12)
+    assert torch.allclose(whole.snapshots, blocked.snapshots, atol=1e-12)
 
 
 def test_torch_path_sizes_blocks_for_the_device(monkeypatch):
@@ -218,12 +189,12 @@ def test_torch_path_sizes_blocks_for_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * 2**30)  # 4 GiB cached, unused
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * 2**30)
     cuda = torch.device("cuda")
-    shape = (64, 768, 197, 16, 4)  # Vim-S at batch 64 with Adaptor-T's probes
-    assert len(scan_torch._blocks(*shape, torch.zeros(1))) == 384
+    shape = (64, 768, 197, 16)  # Vim-S at batch 64
+    assert len(scan_torch._blocks(*shape, torch.zeros(1))) == 77  # 10 channels a block
     assert scan_torch.element_budget(cuda) == 64 * 2**30 // (4 * scan_torch.LIVE_BLOCKS)
     assert scan_torch.element_budget(cuda, 8) == scan_torch.element_budget(cuda) // 2  # float64
     on_gpu = SimpleNamespace(device=cuda, element_size=lambda: 4)  # a CUDA float32 tensor, as _blocks sees it
-    assert len(scan_torch._blocks(*shape, on_gpu)) == 2
+    assert len(scan_torch._blocks(*shape, on_gpu)) == 1
     monkeypatch.setenv("ADAPTOR_PEFT_SCAN_BLOCK", "4096")
     assert scan_torch.element_budget(torch.device("cuda")) == 4096
 
@@ -244,31 +215,13 @@ def test_bad_shapes_name_the_input(change, message):
         selective_scan(**inputs)
 
 
-def test_bad_probes_are_rejected():
-    inputs = make_inputs(1, 16, 5, 2, 1, bc="variable")
-
-    def weight(*shape):
-        return torch.ones(*shape, dtype=torch.float64)
-
-    with pytest.raises(ValueError, match=r"lie in \[0, 5\)"):
-        selective_scan(**inputs, probe_index=torch.full((1, 1, 5, 1), 5), probe_weight=weight(1, 1, 5, 1))
-    with pytest.raises(TypeError, match="integer"):
-        selective_scan(**inputs, probe_index=torch.zeros(1, 1, 5, 1), probe_weight=weight(1, 1, 5, 1))
-    with pytest.raises(ValueError, match="probe_index must be"):
-        selective_scan(**inputs, probe_index=torch.zeros(1, 3, 5, 1, dtype=torch.long), probe_weight=weight(1, 3, 5, 1))
-    with pytest.raises(ValueError, match="go together"):
-        selective_scan(**inputs, probe_index=torch.zeros(1, 1, 5, 1, dtype=torch.long))
-    with pytest.raises(ValueError, match="probe_weight must have"):
-        selective_scan(**inputs, probe_index=torch.zeros(1, 1, 5, 2, dtype=torch.long), probe_weight=weight(1, 1, 5, 1))
-
-
 def test_backend_selection(monkeypatch):
     """The rules without Triton (tests/test_scan_triton.py has them with it)."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(scan_module, "triton_backend", lambda: None)
     monkeypatch.setattr(scan_module, "mamba_ssm_runs", lambda device: True)
     assert select_backend(cuda, torch.float16) == "mamba_ssm"
-    assert select_backend(cuda, torch.float32, needs_states=True) == "torch"  # probes need our scan
+    assert select_backend(cuda, torch.float32, needs_states=True) == "torch"  # snapshots need our scan
     assert select_backend(cuda, torch.float32, requested="torch") == "torch"
     monkeypatch.setattr(scan_module, "mamba_ssm_runs", lambda device: False)
     assert select_backend(cuda, torch.float32) == "torch"

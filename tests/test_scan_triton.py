@@ -29,36 +29,18 @@ def triton_scan(**kwargs):
     return selective_scan(**kwargs, return_last_state=True, return_hidden_states=True, backend="triton")
 
 
-def with_probes(inputs, batch, dim, length, pgroups, nprobe=3, seed=0, positions=None):
-    g = torch.Generator().manual_seed(seed)
-    probe = torch.randint(0, length, (batch, pgroups, length, nprobe), generator=g) if positions is None else positions
-    inputs["probe_weight"] = torch.rand(probe.shape, generator=g, dtype=torch.float64)
-    inputs["probe_scale"] = torch.randn(dim, generator=g, dtype=torch.float64)
-    return probe
-
-
-def check_against_reference(inputs, probe, dtype, rtol):
-    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, probe)
-    actual, grads = run_with_grads(triton_scan, inputs, dtype, probe)
+def check_against_reference(inputs, snapshots, dtype, rtol):
+    """Output, last and hidden states, snapshots and every gradient against the float64 reference."""
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, snapshots)
+    actual, grads = run_with_grads(triton_scan, inputs, dtype, snapshots)
     assert actual.out.dtype == dtype
     assert_close(actual.out, expected.out, rtol, "out")
     assert_close(actual.last_state, expected.last_state, rtol, "last_state")
     assert_close(actual.hidden_states, expected.hidden_states, rtol, "hidden_states")
-    if probe is not None:
-        assert_close(actual.readout, expected.readout, rtol, "readout")
+    assert_close(actual.snapshots, expected.snapshots, rtol, "snapshots")
     assert grads.keys() == expected_grads.keys()
     for name in grads:
         assert_close(grads[name], expected_grads[name], rtol, f"d{name}")
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
-def test_matches_reference_with_probes(dtype, case):
-    """Outputs, readout, states and every gradient (probe weights and scale included)."""
-    batch, dim, length, nstate, groups, bc, extras, pgroups = case
-    inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=dim + length)
-    probe = with_probes(inputs, batch, dim, length, pgroups, seed=length)
-    check_against_reference(inputs, probe, dtype, 1e-10 if dtype == torch.float64 else 2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -70,10 +52,8 @@ def test_matches_reference_with_snapshots(dtype, case):
     g = torch.Generator().manual_seed(dim)
     positions = torch.randint(0, length, (batch, sgroups, 4), generator=g)
     positions[..., 0], positions[..., 1], positions[..., 2] = 0, length - 1, positions[..., 3]
-    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, None, 1, positions)
-    actual, grads = run_with_grads(
-        lambda **kw: selective_scan(**kw, backend="triton"), inputs, dtype, None, 1, positions
-    )
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, positions)
+    actual, grads = run_with_grads(lambda **kw: selective_scan(**kw, backend="triton"), inputs, dtype, positions)
     rtol = 1e-10 if dtype == torch.float64 else 2e-5
     assert actual.snapshots.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_close(actual.out, expected.out, rtol, "out")
@@ -132,10 +112,10 @@ def test_the_backward_recomputes_chunks_from_checkpoints_and_keeps_no_state_hist
     batch, dim, length, nstate = 2, 32, 18, 4
     inputs = make_inputs(batch, dim, length, nstate, 2, seed=11)
     positions = torch.tensor([0, 3, 4, 17, 8, 8]).expand(batch, 2, 6).contiguous()
-    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, None, 1, positions)
+    expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64, positions)
     with KernelWatch(monkeypatch) as watch:
         actual, grads = run_with_grads(
-            lambda **kw: selective_scan(**kw, backend="triton"), inputs, torch.float64, None, 1, positions
+            lambda **kw: selective_scan(**kw, backend="triton"), inputs, torch.float64, positions
         )
     assert {"triton _scan_kernel", "triton _backward_kernel"} <= set(watch.launches)
     assert max(numel for _, numel in watch.ops) < batch * dim * length * nstate
@@ -162,7 +142,7 @@ def test_a_scan_with_snapshots_takes_at_most_six_launches(monkeypatch):
 
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}")
 def test_plain_scan_matches_reference(case):
-    """Without probes or hidden states the forward keeps no history; the backward recomputes it."""
+    """Without snapshots or hidden states, through mamba-ssm's entry point."""
     batch, dim, length, nstate, groups, bc, extras, _ = case
     inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=length)
     expected, expected_grads = run_with_grads(selective_scan_reference, inputs, torch.float64)
@@ -190,20 +170,9 @@ def test_raw_step_without_softplus_or_bias():
             assert_close(leaf.grad, reference[name].grad, 1e-10, f"d{name}")
 
 
-def test_probes_at_the_sequence_ends():
-    """Every query reads the first and the last state (and a position in between, twice)."""
-    batch, dim, length = 2, 32, 13
-    inputs = make_inputs(batch, dim, length, 4, 2, seed=5)
-    ends = torch.tensor([0, length - 1, length // 2, length // 2])
-    probe = ends.expand(batch, 2, length, 4).contiguous()
-    with_probes(inputs, batch, dim, length, 2, positions=probe)
-    check_against_reference(inputs, probe, torch.float64, 1e-10)
-
-
-def test_single_position_sequence_with_probes():
+def test_single_position_sequence_with_snapshots_and_states():
     inputs = make_inputs(3, 32, 1, 4, 1, bc="variable", seed=2)
-    probe = with_probes(inputs, 3, 32, 1, 2, nprobe=2)
-    check_against_reference(inputs, probe, torch.float64, 1e-10)
+    check_against_reference(inputs, torch.zeros(3, 2, 2, dtype=torch.long), torch.float64, 1e-10)
 
 
 def test_bfloat16_inputs_accumulate_in_float32():
@@ -212,22 +181,25 @@ def test_bfloat16_inputs_accumulate_in_float32():
     own bf16 rounding."""
     batch, dim, length = 2, 32, 24
     inputs = make_inputs(batch, dim, length, 8, 1, bc="variable", seed=3)
-    probe = with_probes(inputs, batch, dim, length, 2)
-    activations = ("u", "delta", "B", "C", "z", "probe_weight")
+    index = torch.randint(0, length, (batch, 2, 4), generator=torch.Generator().manual_seed(3))
+    activations = ("u", "delta", "B", "C", "z")
     rounded = {k: v.to(torch.bfloat16).double() if k in activations else v for k, v in inputs.items()}
     reference = {k: v.detach().clone().requires_grad_() for k, v in rounded.items()}
-    expected = selective_scan_reference(**reference, delta_softplus=True, probe_index=probe)
-    cotangent = torch.randn(expected.out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (expected.out * cotangent).sum().backward()
+    expected = selective_scan_reference(**reference, delta_softplus=True, snapshot_index=index)
+    g = torch.Generator().manual_seed(1)
+    cotangent = torch.randn(expected.out.shape, generator=g, dtype=torch.float64)
+    snap_cotangent = torch.randn(expected.snapshots.shape, generator=g, dtype=torch.float64)
+    ((expected.out * cotangent).sum() + (expected.snapshots * snap_cotangent).sum()).backward()
     leaves = {
         k: (v.to(torch.bfloat16) if k in activations else v.float()).detach().requires_grad_()
         for k, v in inputs.items()
     }
-    result = triton_scan(**leaves, delta_softplus=True, probe_index=probe)
-    assert result.out.dtype == torch.bfloat16 and result.hidden_states.dtype == torch.float32
+    result = triton_scan(**leaves, delta_softplus=True, snapshot_index=index)
+    assert result.out.dtype == torch.bfloat16 and result.hidden_states.dtype == result.snapshots.dtype == torch.float32
     assert_close(result.hidden_states, expected.hidden_states, 1e-5, "hidden_states (float32)")
+    assert_close(result.snapshots, expected.snapshots, 1e-5, "snapshots (float32)")
     assert_close(result.out, expected.out, 1e-2, "out (bf16)")
-    (result.out.float() * cotangent.float()).sum().backward()
+    ((result.out.float() * cotangent.float()).sum() + (result.snapshots * snap_cotangent.float()).sum()).backward()
     for name, leaf in leaves.items():
         assert leaf.grad.dtype == leaf.dtype, name
         assert_close(leaf.grad, reference[name].grad, 2e-2, f"d{name}")
@@ -239,7 +211,7 @@ def test_backend_selection_on_cuda(monkeypatch):
     assert not dispatch._triton_runs_on(torch.device("cpu"))
     monkeypatch.setattr(dispatch, "mamba_ssm_runs", lambda device: True)
     assert select_backend(cuda, torch.bfloat16) == "mamba_ssm"  # plain scans: mamba-ssm where it imports
-    assert select_backend(cuda, torch.float32, needs_states=True) == "triton"  # probes: always ours
+    assert select_backend(cuda, torch.float32, needs_states=True) == "triton"  # snapshots: always ours
     monkeypatch.setattr(dispatch, "mamba_ssm_runs", lambda device: False)
     assert select_backend(cuda, torch.float32) == "triton"
     monkeypatch.setattr(dispatch, "triton_backend", lambda: None)
@@ -257,29 +229,28 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         select_backend(cpu, torch.float32, requested="triton")
 
 
-def test_probe_range_check_does_not_stall_the_triton_backend(monkeypatch):
+def test_position_range_check_does_not_stall_the_triton_backend(monkeypatch):
     """The check reads positions back to the host, which would stall a GPU: the Triton kernels clamp them
     instead, and every other backend (which would crash on a bad position) is checked. Meta tensors stand in
     for a GPU's: reading one back fails, so any read shows."""
-    probe = torch.full((1, 1, 5, 1), 7, device="meta", dtype=torch.long)
-    dispatch._check_range("probe_index", probe, 5, "triton")
+    index = torch.full((1, 1, 2), 7, device="meta", dtype=torch.long)
+    dispatch._check_range("snapshot_index", index, 5, "triton")
     with pytest.raises((RuntimeError, NotImplementedError)):
-        dispatch._check_range("probe_index", probe, 5, "torch")
-    monkeypatch.setenv(dispatch.CHECK_PROBES_ENV, "1")
+        dispatch._check_range("snapshot_index", index, 5, "torch")
+    monkeypatch.setenv(dispatch.CHECK_POSITIONS_ENV, "1")
     with pytest.raises((RuntimeError, NotImplementedError)):
-        dispatch._check_range("probe_index", probe, 5, "triton")
-    with pytest.raises(ValueError, match=r"probe_index values must lie in \[0, 5\), got \[7, 7\]"):
-        dispatch._check_range("probe_index", torch.full((1, 1, 5, 1), 7), 5, "triton")
+        dispatch._check_range("snapshot_index", index, 5, "triton")
+    with pytest.raises(ValueError, match=r"snapshot_index values must lie in \[0, 5\), got \[7, 7\]"):
+        dispatch._check_range("snapshot_index", torch.full((1, 1, 2), 7), 5, "triton")
 
 
-def test_clamped_positions_read_the_sequence_ends():
-    """Without the check, positions past either end read the first or the last state."""
+def test_clamped_positions_snapshot_the_sequence_ends():
+    """Without the check, positions past either end snapshot the first or the last state."""
     inputs = make_inputs(1, 32, 6, 4, 1, bc="variable", seed=6)
-    weight = torch.rand(1, 1, 6, 2, dtype=torch.float64)
-    outside, clamped = (torch.tensor(p).expand(1, 1, 6, 2).contiguous() for p in ([-3, 9], [0, 5]))
-    got = selective_scan(**inputs, probe_index=outside, probe_weight=weight, backend="triton").readout
-    expected = selective_scan_reference(**inputs, probe_index=clamped, probe_weight=weight).readout
-    assert_close(got, expected, 1e-10, "readout")
+    outside, clamped = torch.tensor([[[-3, 9]]]), torch.tensor([[[0, 5]]])
+    got = selective_scan(**inputs, snapshot_index=outside, backend="triton").snapshots
+    expected = selective_scan_reference(**inputs, snapshot_index=clamped).snapshots
+    assert_close(got, expected, 1e-10, "snapshots")
 
 
 def test_non_contiguous_parameters():
@@ -305,9 +276,9 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(capsys):
     run = subprocess.run([sys.executable, str(KERNEL_REPORT), "--json"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(run.stdout)
-    assert {(r["kernel"], r["capability"]) for r in rows} >= {("backward, chunked, 4 snapshots", 80),
-                                                               ("probe readout", 90)}  # fmt: skip
-    assert len(rows) == 14
+    kernels = ("scan, plain (inference)", "scan, 4 snapshots and checkpoints (training)",
+               "scan, writing the hidden states", "backward, chunked, 4 snapshots")  # fmt: skip
+    assert sorted((r["kernel"], r["capability"]) for r in rows) == sorted((k, c) for k in kernels for c in (80, 90))
     with capsys.disabled():
         print("".join(f"\nsm_{r['capability']} {r['kernel']}: {r['REG']} registers, {r['STACK']} stack bytes"
                       for r in rows))  # fmt: skip

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ANCHOR_MODES = ("learned", "static")
-TEMPORAL_MODES = ("per_position", "memory")
 SPATIAL_POSITIONS = ("output", "inner")
 KERNEL_INITS = ("kaiming", "delta")
 
@@ -23,30 +22,24 @@ class AdaptorConfig:
     """Configuration of :func:`adaptor_peft.inject_adaptor`; JSON round-trips with ``to_dict`` / ``from_dict``."""
 
     temporal: bool = True
-    """Insert Adaptor-T (memory: mixes hidden states from learned locations into every position)."""
+    """Insert Adaptor-T (a memory of hidden states from learned locations, read by every position)."""
     spatial: bool = True
     """Insert Adaptor-S (multi-scale dilated convolution on the 2D patch map)."""
     blocks: list[int] | None = None
     """Indices of the blocks to adapt, counted over the backbone's mixers in order; None: all."""
 
     t_locations: int = 2
-    """Adaptor-T: K, hidden-state locations read per position and group (ours: 2; each costs two state
-    reads for the interpolation, and 2 keeps CPU inference within 15 % of the plain backbone)."""
+    """Adaptor-T: K, memory locations per sequence and channel group, read by every position with its own
+    weights (ours: 2; each location snapshots its two neighbouring states for the interpolation)."""
     t_groups: int = 4
     """Adaptor-T: S, channel groups with their own locations and weights, like heads (ours: 4)."""
     t_rank: int = 4
     """Adaptor-T: rank of the low-rank predictor of locations and weights from the scan input (ours: 4)."""
     t_anchor: str = "learned"
-    """Adaptor-T locations (ours): "learned" = trained anchors spread over the sequence plus
-    input-dependent offsets, read at fractional positions by linear interpolation; "static" = fixed,
-    evenly spread anchors and no offsets (the paper's static-location ablation)."""
-    t_mode: str = "memory"
-    """Adaptor-T (ours): where the locations come from. "memory" = K locations per sequence and channel
-    group (anchors plus an offset predicted from the mean scan input): the scan only copies out the 2K
-    states they need, and every position reads them through its own ``C_i`` as one matrix product per
-    group, so the adaptor costs about what the plain scan does. "per_position" = K locations predicted
-    for every position from its own input, read inside the scan (each read a state's worth of work in
-    the recurrence on a CPU; the whole state history kept on a GPU)."""
+    """Adaptor-T locations (ours): "learned" = trained anchors spread over the sequence plus offsets predicted
+    from the mean scan input (so each sequence has its own), read at fractional positions by linear
+    interpolation; "static" = fixed, evenly spread anchors and no offsets (the paper's static-location
+    ablation)."""
     t_init: float = 0.0
     """Adaptor-T (ours): standard deviation of the normal initialisation of the predictor's output layers
     (location offsets and weight logits); 0 = zero, so that every position starts reading the anchors with
@@ -97,7 +90,6 @@ class AdaptorConfig:
             "t_groups": self.t_groups >= 1,
             "t_rank": self.t_rank >= 1,
             "t_anchor": self.t_anchor in ANCHOR_MODES,
-            "t_mode": self.t_mode in TEMPORAL_MODES,
             "t_init": self.t_init >= 0,
             "s_kernel_size": self.s_kernel_size >= 1 and self.s_kernel_size % 2 == 1,
             "s_dilations": len(self.s_dilations) >= 1 and all(d >= 1 for d in self.s_dilations),
@@ -110,7 +102,6 @@ class AdaptorConfig:
         }
         allowed = {
             "t_anchor": ANCHOR_MODES,
-            "t_mode": TEMPORAL_MODES,
             "s_position": SPATIAL_POSITIONS,
             "s_init": KERNEL_INITS,
         }

@@ -38,8 +38,12 @@ from .inject import find_mixers, has_builtin_adaptors
 from .methods import BLOCK_TYPES, METHODS, is_peft_parameter, prepare_model, resolved_settings
 
 WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"
-FORMAT = "adaptor_peft.adapter/2"
+FORMAT = "adaptor_peft.adapter/3"
 LEGACY_FORMAT = "adaptor_peft.adapter/1"  # one fingerprint, taken at the dtype the adapter was saved in
+PER_POSITION_FORMATS = (LEGACY_FORMAT, "adaptor_peft.adapter/2")
+"""Formats written by adaptor_peft 0.1, whose Adaptor-T read per-position locations: its weights mean
+something else in the memory Adaptor-T of 0.2, so such an adapter with Adaptor-T is refused (other methods
+load as before)."""
 PRECISIONS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
 """Finest first; a cast from float64 or float32 rounds to every later one, bfloat16 and float16 to none."""
 REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
@@ -211,9 +215,24 @@ def read_adaptor_config(directory: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise AdapterFileError(f"adapter config {path} is corrupt: {err}") from err
     found = config.get("format") if isinstance(config, dict) else type(config).__name__
-    if found not in (FORMAT, LEGACY_FORMAT):
+    if found not in (FORMAT, *PER_POSITION_FORMATS):
         raise AdapterFileError(f"{path} is not an adaptor_peft adapter config of format {FORMAT} (found {found!r})")
+    if found in PER_POSITION_FORMATS and _has_adaptor_t(config):
+        raise AdapterFileError(
+            f"{path} holds an Adaptor-T of adaptor_peft 0.1 (format {found!r}), which read per-position "
+            "locations; this version's Adaptor-T reads a memory of per-sequence locations, and those weights "
+            "would compute something else. Load it with adaptor_peft 0.1 (pip install 'adaptor-peft<0.2'), "
+            "or retrain it"
+        )
     return config
+
+
+def _has_adaptor_t(config: dict[str, Any]) -> bool:
+    """Does the adapter record ``config`` put an Adaptor-T on the model?"""
+    try:
+        return bool(resolved_settings(config.get("method"), config.get("options", {})).get("config.temporal"))
+    except ValueError:  # a method or options this version does not know: refused later, by name
+        return False
 
 
 def _adapter_folder(source: str | Path) -> Path:

@@ -113,7 +113,6 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.dropout,
                 config.lr_scale,
                 config.t_init,
-                config.t_mode,
             ).to(weight.device, dtype)
         if config.spatial and i <= last_reaching_logits:
             width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features

@@ -1,25 +1,21 @@
-"""Adaptor-T: every position reads hidden states from K learned locations of its scan (Mamba-Adaptor).
+"""Adaptor-T: every position reads a memory of hidden states from K learned locations of its scan
+(Mamba-Adaptor).
 
 For one scan direction with inner width E, state size N and length L the scan gives
 ``y_i = C_i h_i + D u_i``. Adaptor-T makes it ``y_i = C_i h̃_i + D u_i`` with
 
     h̃_i = h_i + γ ⊙ Σ_k c_{i,k} h(p_k)
 
-where, for each of S channel groups, a low-rank predictor on the scan input gives K softmax weights
-``c_{i,k}`` from ``u_i`` and K locations. Locations may lie after ``i``, which lets a causal scan see
-later tokens; a fractional location is read by linear interpolation between its two neighbouring states.
-Two ways to choose the locations (``AdaptorConfig.t_mode``):
+where, for each of S channel groups, a low-rank predictor on the scan input gives K locations per
+sequence, ``p_k = (anchor_k + offset_k) (L - 1)`` with the offset predicted from the mean scan input, and
+every position's K softmax weights ``c_{i,k}`` from its own ``u_i``. Locations may lie after ``i``, which
+lets a causal scan see later tokens; a fractional location is read by linear interpolation between its two
+neighbouring states, so its gradient reaches the location.
 
-- ``"memory"``: K locations per sequence, ``p_k = (anchor_k + offset_k) (L - 1)`` with the offset
-  predicted from the mean scan input. The scan hands back only the 2K states they need
-  (``snapshot_index``), and every position's read is one matrix product per group,
-  ``R_g = Ĉ_g H_gᵀ`` with ``Ĉ[i, (k, n)] = c_{i,k} C_i[n]`` and ``H[e, (k, n)] = h_e(p_k)[n]``: the scan
-  costs what a plain one does, and the read runs at matrix-product speed.
-- ``"per_position"``: K locations for every position, ``p_{i,k} = (anchor_k + offset_{i,k}) (L - 1)``,
-  read inside the scan as probe readouts ``C_i · h_j``: every position reads its own states, which the
-  scan must either reach while it runs (CPU) or keep (GPU).
-
-Neither builds a (B, E, L, K, N) tensor. ``γ`` starts at zero, so an injected model computes exactly
+The scan hands back only the 2K states the locations need (``snapshot_index``), and every position's read
+is one matrix product per group, ``R_g = Ĉ_g H_gᵀ`` with ``Ĉ[i, (k, n)] = c_{i,k} C_i[n]`` and
+``H[e, (k, n)] = h_e(p_k)[n]``: the scan costs what a plain one does, the read runs at matrix-product
+speed, and no (B, E, L, K, N) tensor exists. ``γ`` starts at zero, so an injected model computes exactly
 what the pretrained one did; so do, by default (``t_init``), the predictor's offsets and weight logits.
 """
 
@@ -54,10 +50,9 @@ class AdaptorT(nn.Module):
         dropout: float = AdaptorConfig.dropout,
         lr_scale: float = AdaptorConfig.lr_scale,
         init: float = AdaptorConfig.t_init,
-        mode: str = AdaptorConfig.t_mode,
     ):
         super().__init__()
-        self.lr_scale, self.mode = lr_scale, mode
+        self.lr_scale = lr_scale
         if channels % groups:
             raise ValueError(f"Adaptor-T: t_groups={groups} must divide the scan width {channels}")
         self.channels, self.directions, self.locations, self.groups = channels, directions, locations, groups
@@ -90,46 +85,27 @@ class AdaptorT(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, directions={self.directions}, locations={self.locations}, "
-            f"groups={self.groups}, rank={self.down.shape[1]}, anchor={'learned' if self.learned else 'static'}, "
-            f"mode={self.mode}"
+            f"groups={self.groups}, rank={self.down.shape[1]}, anchor={'learned' if self.learned else 'static'}"
         )
 
-    def _predict(self, u: torch.Tensor, direction: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax weights (B, dirs, S, K, L) of every position's K locations, and the locations in [0, L - 1]:
-        (B, dirs, S, K, L) per position, or (B, dirs, S, K, 1) per sequence in memory mode."""
+    def locations_and_weights(self, u: torch.Tensor, direction: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """For scan input ``u`` (B, dirs * E, L): the K locations of every group, in [0, L - 1] (B, dirs * S,
+        K), and every position's softmax weights over them (B, dirs * S, K, L). In the parameters'
+        precision (float32), also under autocast: in bfloat16 a location above 128 would lose its fraction,
+        and with it the interpolation."""
         picked = slice(None) if direction is None else slice(direction, direction + 1)
         dirs = self.directions if direction is None else 1
         batch, _, length = u.shape
-        shape = (batch, dirs, self.groups, self.locations, length)
-        # In the parameters' precision (float32), also under autocast: in bfloat16 a position above 128
-        # would lose its fraction, and with it the interpolation.
+        groups = dirs * self.groups
         with torch.autocast(u.device.type, enabled=False):
             hidden = torch.matmul(self.down[picked], u.to(self.down.dtype).view(batch, dirs, self.channels, length))
             logits = torch.matmul(self.weight_up[picked], hidden) + self.weight_bias[picked, :, None]
-            weights = logits.view(shape).softmax(dim=3)
-            position = self.anchor[picked][None, :, :, :, None]
+            weights = logits.view(batch, groups, self.locations, length).softmax(dim=2)
+            location = self.anchor[picked].reshape(1, groups, self.locations)
             if self.learned:
-                source = hidden.mean(-1, keepdim=True) if self.mode == "memory" else hidden
-                position = position + torch.matmul(self.offset_up[picked], source).view(*shape[:4], -1)
-        position = position.expand(*shape[:4], position.shape[-1])
-        return weights, (position * (length - 1)).clamp(0, length - 1)
-
-    def probes(self, u: torch.Tensor, direction: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position mode: probe positions (B, P, L, 2K) and their weights (B, P, L, 2K) for scan input
-        ``u`` (B, dirs * E, L), with P = dirs * S groups: each location's floor and ceiling state, weighted
-        by its softmax weight times its interpolation weight."""
-        weights, position = self._predict(u, direction)
-        batch, dirs, _, _, length = weights.shape
-        position = position.expand(weights.shape)
-        floor = position.detach().floor()
-        frac = position - floor
-        index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=3).long()
-        mix = torch.cat([weights * (1 - frac), weights * frac], dim=3)
-        groups = dirs * self.groups
-        return (
-            index.view(batch, groups, -1, length).transpose(2, 3),
-            mix.view(batch, groups, -1, length).transpose(2, 3),
-        )
+                offset = torch.matmul(self.offset_up[picked], hidden.mean(-1, keepdim=True))
+                location = location + offset.view(batch, groups, self.locations)
+        return (location.expand(batch, -1, -1) * (length - 1)).clamp(0, length - 1), weights
 
     def scan(
         self,
@@ -144,45 +120,57 @@ class AdaptorT(nn.Module):
         delta_softplus: bool = False,
         direction: int | None = None,
     ) -> torch.Tensor:
-        """The selective scan's output with the adapted states, then the silu(z) gate."""
+        """The selective scan's output with the adapted states, then the silu(z) gate: an ungated scan that
+        snapshots each location's two neighbouring states; every position's read of the interpolated memory
+        (γ folded in) through its own ``C_i``, one matrix product per group that adds it to the scan's output
+        as it writes; then the gate. In float32, also under autocast."""
         gamma = self.gamma.flatten() if direction is None else self.gamma[direction]
-        if self.mode == "memory":
-            return self._memory_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, gamma)
-        index, mix = self.probes(u, direction)
-        if self.dropout.p == 0 or not self.training:  # the common case, fused into the scan
-            return selective_scan(
-                u, delta, A, B, C, D, z, delta_bias, delta_softplus, probe_index=index, probe_weight=mix,
-                probe_scale=gamma,
-            ).out  # fmt: skip
-        result = selective_scan(
-            u, delta, A, B, C, D, None, delta_bias, delta_softplus, probe_index=index, probe_weight=mix
-        )
-        out = result.out + gamma[:, None].to(result.readout.dtype) * self.dropout(result.readout)
-        return out if z is None else out * F.silu(z)
-
-    def _memory_scan(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus, direction, gamma) -> torch.Tensor:
-        """Memory mode: a plain scan that snapshots each location's two neighbouring states, then every
-        position's read of the interpolated memory through its own ``C_i``, as one matrix product per
-        group, in float32 also under autocast."""
-        weights, position = self._predict(u, direction)
-        batch, dirs, _, locations, length = weights.shape
-        groups, width = dirs * self.groups, self.channels // self.groups
-        position = position.reshape(batch, groups, locations)
-        floor = position.detach().floor()
+        location, weights = self.locations_and_weights(u, direction)
+        batch, groups, locations, length = weights.shape
+        floor = location.detach().floor()
         index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=-1).long()
-        result = selective_scan(
-            u, delta, A, B, C, D, z, delta_bias, delta_softplus, snapshot_index=index
-        )  # snapshots (B, dirs * E, 2K, N)
+        result = selective_scan(u, delta, A, B, C, D, None, delta_bias, delta_softplus, snapshot_index=index)
         with torch.autocast(u.device.type, enabled=False):
-            frac = (position - floor)[:, :, None, :, None]
+            frac = (location - floor)[:, :, None, :, None]
+            width = self.channels // self.groups
             below, above = result.snapshots.view(batch, groups, width, 2, locations, -1).unbind(3)
-            memory = (below + frac * (above - below)).flatten(3)  # (B, groups, width, K * N)
+            scale = gamma.to(below.dtype).view(1, groups, width, 1, 1)
+            memory = ((below + frac * (above - below)) * scale).view(batch * groups, width, -1)  # (·, width, K N)
             C_seen = as_grouped(C, batch, length, groups).to(memory.dtype)  # (B, groups, N, L)
-            C_hat = (weights.view(batch, groups, locations, 1, length) * C_seen[:, :, None]).flatten(2, 3)
-            readout = torch.matmul(memory, C_hat).view(batch, -1, length)
+            C_hat = (weights[:, :, :, None] * C_seen[:, :, None]).view(batch * groups, -1, length)  # (·, K N, L)
+            y = result.out.to(memory.dtype)
             if self.training and self.dropout.p:
-                readout = self.dropout(readout)
-            added = gamma[:, None] * readout
-            if z is not None:
-                added = added * F.silu(z.to(added.dtype))
-        return result.out + added.to(result.out.dtype)
+                adapted = y + self.dropout(torch.bmm(memory, C_hat).view(y.shape))
+                adapted = adapted if z is None else adapted * F.silu(z.to(adapted.dtype))
+            elif z is None:
+                adapted = _read(y, memory, C_hat)
+            else:
+                adapted = _GatedRead.apply(y, memory, C_hat, z)
+        return adapted.to(result.out.dtype)
+
+
+def _read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor) -> torch.Tensor:
+    """``y + memory @ C_hat`` for ``y`` (B, G width, L), the product written onto ``y`` as it is made."""
+    return torch.baddbmm(y.view(memory.shape[0], -1, y.shape[-1]), memory, C_hat).view(y.shape)
+
+
+class _GatedRead(torch.autograd.Function):
+    """``(y + memory @ C_hat) silu(z)``, keeping for the backward only its inputs and recomputing the read and
+    the gate there, so that no (B, E, L) intermediate is held between the passes (``z`` is the mixer's,
+    which it may rebuild itself). ``memory`` (B G, width, K N), ``C_hat`` (B G, K N, L), ``y`` and ``z``
+    (B, G width, L)."""
+
+    @staticmethod
+    def forward(ctx, y, memory, C_hat, z):
+        ctx.save_for_backward(y, memory, C_hat, z)
+        return _read(y, memory, C_hat) * F.silu(z.to(y.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, memory, C_hat, z = ctx.saved_tensors
+        zf = z.to(grad.dtype)
+        sig = torch.sigmoid(zf)
+        dz = grad * _read(y, memory, C_hat) * sig * (1 + zf * (1 - sig))
+        dy = grad * zf * sig
+        dread = dy.reshape(memory.shape[0], -1, grad.shape[-1])
+        return dy, torch.bmm(dread, C_hat.transpose(1, 2)), torch.bmm(memory.transpose(1, 2), dread), dz.to(z.dtype)

@@ -1,17 +1,13 @@
 """The selective scan entry point, and the one place that chooses how it runs.
 
 ``selective_scan_fn`` has mamba-ssm's signature and semantics. ``selective_scan`` is the full interface:
-it can also return the hidden states, or a *probe readout*: for chosen positions ``p(i, k)`` and
-weights ``w(i, k)`` of every query position ``i``, the weighted states seen through that query's ``C``,
-``r[b, d, i] = Σ_k w(i, k) C_i · h_{p(i,k)}``. Because ``C_i · h`` is linear in ``h``, a caller can mix
-hidden states from anywhere in the sequence into position ``i``'s output (what Adaptor-T does) without
-ever holding a (batch, dim, len, k, nstate) tensor, and gets gradients for the weights too. Or it can
-return *snapshots*: the states at a few chosen positions, whose gradients flow back into the recurrence
-(what Adaptor-T's memory reads, outside the scan, by matrix products).
+it can also return the hidden states, or *snapshots*: the states at a few chosen positions, whose
+gradients flow back into the recurrence. A snapshot costs one state copy, so a scan with a few costs what
+a plain one does; Adaptor-T's memory reads them outside the scan, by matrix products.
 
 Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACKEND``):
 
-- ``mamba_ssm``: mamba-ssm's CUDA kernel; CUDA tensors only, no probes or hidden states.
+- ``mamba_ssm``: mamba-ssm's CUDA kernel; CUDA tensors only, no snapshots or hidden states.
 - ``triton``: the Triton kernels (:mod:`adaptor_peft.ops.scan_triton`); CUDA tensors, or CPU tensors
   under Triton's interpreter (``TRITON_INTERPRET=1``, for tests and debugging).
 - ``native``: the compiled CPU kernel (:mod:`adaptor_peft.ops.native`), float32 / float64.
@@ -20,10 +16,10 @@ Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACK
   use per device: since mamba-ssm 2.3 a plain install imports but has no kernel), else ``triton`` where
   Triton imports, else ``torch``; on CPU, ``native`` where it builds, else ``torch``.
 
-Every backend takes and gives the records of :mod:`adaptor_peft.ops.records`. Probe and snapshot
-positions are range-checked before every backend but ``triton``, whose kernels clamp them into
-the sequence instead: on a GPU the check would stall it (it reads the positions back to the host).
-``ADAPTOR_PEFT_CHECK_PROBES=1`` checks them before ``triton`` too.
+Every backend takes and gives the records of :mod:`adaptor_peft.ops.records`. Snapshot positions are
+range-checked before every backend but ``triton``, whose kernels clamp them into the sequence instead:
+on a GPU the check would stall it (it reads the positions back to the host).
+``ADAPTOR_PEFT_CHECK_POSITIONS=1`` checks them before ``triton`` too.
 """
 
 from __future__ import annotations
@@ -43,7 +39,7 @@ from . import native, scan_torch
 from .records import GradsOut, ScanInputs, ScanOutput
 
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
-CHECK_PROBES_ENV = "ADAPTOR_PEFT_CHECK_PROBES"
+CHECK_POSITIONS_ENV = "ADAPTOR_PEFT_CHECK_POSITIONS"
 BACKENDS = ("auto", "mamba_ssm", "triton", "native", "torch")
 
 
@@ -129,7 +125,7 @@ def as_grouped(X: torch.Tensor, batch: int, length: int, groups: int | None = No
     return X
 
 
-def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight, probe_scale) -> None:
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
     if u.dim() != 3:
         raise ValueError(f"selective_scan: u must be (batch, dim, len), got shape {tuple(u.shape)}")
     batch, dim, length = u.shape
@@ -141,7 +137,6 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight
         ("z", z, u.shape),
         ("D", D, (dim,)),
         ("delta_bias", delta_bias, (dim,)),
-        ("probe_scale", probe_scale, (dim,)),
     ):
         if t is not None and tuple(t.shape) != tuple(shape):
             raise ValueError(f"selective_scan: {name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
@@ -157,22 +152,6 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight
                 f"{(batch, nstate, length)} or (batch, groups, nstate, len) with groups dividing {dim}; "
                 f"got shape {tuple(X.shape)}"
             )
-    if (probe_index is None) != (probe_weight is None) or (probe_scale is not None and probe_index is None):
-        raise ValueError("selective_scan: probe_index and probe_weight go together; probe_scale needs both")
-    if probe_index is not None:
-        p = probe_index
-        if tuple(probe_weight.shape) != tuple(p.shape):
-            raise ValueError(
-                f"selective_scan: probe_weight must have probe_index's shape {tuple(p.shape)}, "
-                f"got {tuple(probe_weight.shape)}"
-            )
-        if p.dim() != 4 or p.shape[0] != batch or p.shape[2] != length or dim % p.shape[1] != 0:
-            raise ValueError(
-                f"selective_scan: probe_index must be (batch={batch}, groups dividing {dim}, len={length}, k), "
-                f"got shape {tuple(p.shape)}"
-            )
-        if p.dtype.is_floating_point or p.dtype == torch.bool:
-            raise TypeError(f"selective_scan: probe_index must hold integer positions, got {p.dtype}")
 
 
 def _check_snapshots(index: torch.Tensor | None, shape: torch.Size) -> None:
@@ -190,7 +169,7 @@ def _check_snapshots(index: torch.Tensor | None, shape: torch.Size) -> None:
 
 def _check_range(what: str, index: torch.Tensor, length: int, backend: str) -> None:
     """Positions outside [0, length) are an error, checked unless ``backend`` clamps them (module docstring)."""
-    if (backend != "triton" or os.environ.get(CHECK_PROBES_ENV) == "1") and index.numel():
+    if (backend != "triton" or os.environ.get(CHECK_POSITIONS_ENV) == "1") and index.numel():
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= length:
             raise ValueError(f"selective_scan: {what} values must lie in [0, {length}), got [{low}, {high}]")
@@ -199,7 +178,7 @@ def _check_range(what: str, index: torch.Tensor, length: int, backend: str) -> N
 def select_backend(
     device: torch.device, dtype: torch.dtype, needs_states: bool = False, requested: str | None = None
 ) -> str:
-    """The backend that runs a scan on ``device`` (``needs_states``: with probes or hidden states); see the
+    """The backend that runs a scan on ``device`` (``needs_states``: with snapshots or hidden states); see the
     module docstring for the rules. Raises if ``requested`` (or ``$ADAPTOR_PEFT_SCAN_BACKEND``) names a
     backend that cannot run this scan."""
     requested = requested or os.environ.get(BACKEND_ENV) or "auto"
@@ -218,7 +197,7 @@ def select_backend(
     if requested == "mamba_ssm" and not mamba_ok:
         raise RuntimeError(
             "selective_scan backend 'mamba_ssm' needs CUDA tensors, a mamba-ssm whose kernel runs "
-            f"(importable: {mamba_ssm_kernel() is not None}) and no probes, snapshots or hidden states; got device "
+            f"(importable: {mamba_ssm_kernel() is not None}) and no snapshots or hidden states; got device "
             f"{device}"
         )
     if requested == "triton" and not _triton_runs_on(device):
@@ -242,16 +221,17 @@ class _ScanFunction(torch.autograd.Function):
         impl = _implementation(backend)
         inputs = inputs.with_tensors(tensors)
         result, saved = impl.forward(inputs, want_last, want_hidden, any(ctx.needs_input_grad))
-        ctx.impl, ctx.inputs, ctx.inputs_saved = impl, inputs, len(tensors)
+        # the record without its tensors: those go through save_for_backward, whose hooks may free them
+        ctx.impl, ctx.inputs, ctx.inputs_saved = impl, inputs.with_tensors((None,) * len(tensors)), len(tensors)
         ctx.save_for_backward(*tensors, *saved)
         ctx.mark_non_differentiable(*(t for t in (result.last_state, result.hidden_states) if t is not None))
         return tuple(result)
 
     @staticmethod
-    def backward(ctx, dout, _dlast, dreadout, _dhidden, dsnapshots):
+    def backward(ctx, dout, _dlast, _dhidden, dsnapshots):
         tensors, saved = ctx.saved_tensors[: ctx.inputs_saved], ctx.saved_tensors[ctx.inputs_saved :]
         inputs = ctx.inputs.with_tensors(tensors)
-        grads = ctx.impl.backward(inputs, GradsOut(dout, dreadout, dsnapshots), saved)._asdict()
+        grads = ctx.impl.backward(inputs, GradsOut(dout, dsnapshots), saved)._asdict()
         return None, None, None, None, *(grads.get(f.name) for f in dataclasses.fields(inputs) if f.name != "softplus")
 
 
@@ -266,9 +246,6 @@ def selective_scan(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     *,
-    probe_index: torch.Tensor | None = None,
-    probe_weight: torch.Tensor | None = None,
-    probe_scale: torch.Tensor | None = None,
     snapshot_index: torch.Tensor | None = None,
     return_last_state: bool = False,
     return_hidden_states: bool = False,
@@ -278,46 +255,34 @@ def selective_scan(
 
     Shapes as mamba-ssm: ``u``, ``delta``, ``z`` (batch, dim, len); ``A`` (dim, nstate); ``B``, ``C``
     (dim, nstate), (batch, nstate, len) or (batch, groups, nstate, len); ``D``, ``delta_bias`` (dim,).
-    ``probe_index`` (batch, probe_groups, len, k): integer positions whose states each query position
-    reads through its own ``C``, summed with ``probe_weight`` (same shape; differentiable) into
-    ``readout``; channels are split into ``probe_groups`` contiguous groups, each with its own positions
-    and weights. The readout is raw: no ``D`` term, no gate. With ``probe_scale`` (dim,), ``out`` is
-    ``(y + probe_scale * readout) * silu(z)``: Adaptor-T's adapted states, in one pass.
     ``snapshot_index`` (batch, snapshot_groups, nsnap): integer positions whose states come back as
-    ``snapshots`` (batch, dim, nsnap, nstate), float32 (float64 for float64 inputs), each channel's from
-    its group's positions; their gradient flows back into the recurrence. A snapshot costs one state
-    copy, so a scan with a few costs what a plain one does: Adaptor-T's memory reads them outside the scan.
+    ``snapshots`` (batch, dim, nsnap, nstate), float32 (float64 for float64 inputs); the channels are split
+    into ``snapshot_groups`` contiguous groups, each with its own positions. Their gradient flows back into
+    the recurrence. A snapshot costs one state copy, so a scan with a few costs what a plain one does.
     ``hidden_states`` is (batch, dim, len, nstate) and is only built when asked for.
     """
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias, probe_index, probe_weight, probe_scale)
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     _check_snapshots(snapshot_index, u.shape)
     batch, dim, length = u.shape
     groups = math.lcm(*(dim if X.dim() == 2 else 1 if X.dim() == 3 else X.shape[1] for X in (B, C)))
     Bg, Cg = as_grouped(B, batch, length, groups), as_grouped(C, batch, length, groups)
-    needs_states = probe_index is not None or snapshot_index is not None or return_hidden_states
+    needs_states = snapshot_index is not None or return_hidden_states
     name = select_backend(u.device, u.dtype, needs_states, backend)
-    for what, index in (("probe_index", probe_index), ("snapshot_index", snapshot_index)):
-        if index is not None:
-            _check_range(what, index, length, name)
+    if snapshot_index is not None:
+        _check_range("snapshot_index", snapshot_index, length, name)
     if name == "mamba_ssm":
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return ScanOutput(*result) if return_last_state else ScanOutput(result)
     dtype, compute = u.dtype, torch.float64 if u.dtype == torch.float64 else torch.float32
-    floats = dict(u=u, delta=delta, delta_bias=delta_bias, A=A, B=Bg, C=Cg, D=D, z=z, probe_weight=probe_weight,
-                  probe_scale=probe_scale)  # fmt: skip
+    floats = dict(u=u, delta=delta, delta_bias=delta_bias, A=A, B=Bg, C=Cg, D=D, z=z)
     if name != "triton":  # the Triton kernels read each input in its own dtype and accumulate in float32
         floats = {k: None if t is None else t.to(compute) for k, t in floats.items()}
-    flat = ("A", "D", "delta_bias", "probe_weight", "probe_scale")  # every backend indexes these flat
+    flat = ("A", "D", "delta_bias")  # every backend indexes these flat
     floats.update({k: None if floats[k] is None else floats[k].contiguous() for k in flat})
-    positions = {
-        k: None if t is None else t.long().contiguous()
-        for k, t in (("probe", probe_index), ("snapshot_index", snapshot_index))
-    }
-    inputs = ScanInputs(**floats, **positions, softplus=delta_softplus)
+    index = None if snapshot_index is None else snapshot_index.long().contiguous()
+    inputs = ScanInputs(**floats, snapshot_index=index, softplus=delta_softplus)
     result = ScanOutput(*_ScanFunction.apply(name, inputs, return_last_state, return_hidden_states, *inputs.tensors()))
-    return result._replace(
-        out=result.out.to(dtype), readout=None if result.readout is None else result.readout.to(dtype)
-    )
+    return result._replace(out=result.out.to(dtype))
 
 
 def selective_scan_fn(

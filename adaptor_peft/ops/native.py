@@ -54,13 +54,12 @@ class _ScanArgs(ctypes.Structure):
     """Mirror of ``ScanArgs`` in the C source; field order must match it exactly."""
 
     _fields_ = [
-        *[(name, ctypes.c_int64) for name in ("batch", "dim", "len", "nstate", "groups", "probe_groups", "nprobe")],
+        *[(name, ctypes.c_int64) for name in ("batch", "dim", "len", "nstate", "groups")],
         *[(name, _P) for name in ("u", "delta", "delta_bias", "A", "B", "C", "Dskip", "z")],
         ("softplus", ctypes.c_int64),
         ("u_s", _I64x3), ("delta_s", _I64x3), ("z_s", _I64x3), ("B_s", _I64x4), ("C_s", _I64x4),
-        *[(name, _P) for name in ("probe", "probe_weight", "probe_scale", "out", "readout", "last_state", "hidden",
-                                  "dout", "dreadout", "du", "ddelta", "dz", "dA", "dD", "ddelta_bias", "dB", "dC",
-                                  "dprobe_weight", "dprobe_scale")],
+        *[(name, _P) for name in ("out", "last_state", "hidden", "dout", "du", "ddelta", "dz", "dA", "dD",
+                                  "ddelta_bias", "dB", "dC")],
         ("dout_s", _I64x3), ("ddelta_s", _I64x3), ("snap_groups", ctypes.c_int64), ("nsnap", ctypes.c_int64),
         *[(name, _P) for name in ("snapshot_index", "snapshots", "dsnapshots")],
     ]  # fmt: skip
@@ -179,15 +178,12 @@ def _strides(t: torch.Tensor | None, n: int):
 
 def _args(x: ScanInputs) -> _ScanArgs:
     batch, dim, length = x.u.shape
-    probe, snap = x.probe, x.snapshot_index
+    snap = x.snapshot_index
     return _ScanArgs(
-        batch=batch, dim=dim, len=length, nstate=x.A.shape[1], groups=x.B.shape[1],
-        probe_groups=probe.shape[1] if probe is not None else 1,
-        nprobe=probe.shape[3] if probe is not None else 0,
-        u=_ptr(x.u), delta=_ptr(x.delta), delta_bias=_ptr(x.delta_bias), A=_ptr(x.A), B=_ptr(x.B), C=_ptr(x.C),
-        Dskip=_ptr(x.D), z=_ptr(x.z), softplus=int(x.softplus),
-        u_s=_strides(x.u, 3), delta_s=_strides(x.delta, 3), z_s=_strides(x.z, 3), B_s=_strides(x.B, 4),
-        C_s=_strides(x.C, 4), probe=_ptr(probe), probe_weight=_ptr(x.probe_weight), probe_scale=_ptr(x.probe_scale),
+        batch=batch, dim=dim, len=length, nstate=x.A.shape[1], groups=x.B.shape[1], u=_ptr(x.u),
+        delta=_ptr(x.delta), delta_bias=_ptr(x.delta_bias), A=_ptr(x.A), B=_ptr(x.B), C=_ptr(x.C), Dskip=_ptr(x.D),
+        z=_ptr(x.z), softplus=int(x.softplus), u_s=_strides(x.u, 3), delta_s=_strides(x.delta, 3),
+        z_s=_strides(x.z, 3), B_s=_strides(x.B, 4), C_s=_strides(x.C, 4),
         snap_groups=snap.shape[1] if snap is not None else 1, nsnap=snap.shape[2] if snap is not None else 0,
         snapshot_index=_ptr(snap),
     )  # fmt: skip
@@ -203,30 +199,26 @@ def forward(
     x: ScanInputs, want_last: bool, want_hidden: bool, for_backward: bool = False
 ) -> tuple[ScanOutput, tuple[()]]:
     """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`; inputs already in one float dtype, and
-    A, D, the Δ bias, the probes and the snapshot positions contiguous (the dispatcher makes them so)."""
+    A, D, the Δ bias and the snapshot positions contiguous (the dispatcher makes them so)."""
     batch, dim, length = x.u.shape
     n = x.A.shape[1]
     new = x.u.new_empty
     out = new(batch, dim, length)
-    readout = new(batch, dim, length) if x.probe is not None else None
     last = new(batch, dim, n) if want_last else None
     hidden = new(batch, dim, length, n) if want_hidden else None
     snapshots = new(batch, dim, x.snapshot_index.shape[2], n) if x.snapshot_index is not None else None
     args = _args(x)
-    args.out, args.readout, args.last_state, args.hidden = _ptr(out), _ptr(readout), _ptr(last), _ptr(hidden)
+    args.out, args.last_state, args.hidden = _ptr(out), _ptr(last), _ptr(hidden)
     args.snapshots = _ptr(snapshots)
     _run("forward", args, x.u.dtype)
-    return ScanOutput(out, last, readout, hidden, snapshots), ()
+    return ScanOutput(out, last, hidden, snapshots), ()
 
 
 def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads:
     """Same contract as :func:`adaptor_peft.ops.scan_torch.backward`."""
     u, delta = x.u, x.delta
     dim = u.shape[1]
-    dreadout, dsnapshots = grads.readout, grads.snapshots
-    if x.probe is not None and dreadout is None:
-        dreadout = u.new_zeros(u.shape)
-    dreadout = None if dreadout is None else dreadout.contiguous()
+    dsnapshots = grads.snapshots
     dsnapshots = None if dsnapshots is None or x.snapshot_index is None else dsnapshots.contiguous()
     # dout is read in any layout; ddelta is written in Δ's (usually a view of (batch, len, dim)), so that
     # the Δ projection's backward need not copy it
@@ -235,18 +227,14 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     dA, dB, dC = u.new_zeros(x.A.shape), u.new_zeros(x.B.shape), u.new_zeros(x.B.shape)
     dD = u.new_zeros(dim) if x.D is not None else None
     dbias = u.new_zeros(dim) if x.delta_bias is not None else None
-    dweight = torch.zeros_like(x.probe_weight) if x.probe_weight is not None else None
-    dscale = torch.zeros_like(x.probe_scale) if x.probe_scale is not None else None
     args = _args(x)
-    pointers = dict(
-        dout=grads.out, dreadout=dreadout, dsnapshots=dsnapshots, du=du, ddelta=ddelta, dz=dz, dA=dA, dD=dD,
-        ddelta_bias=dbias, dB=dB, dC=dC, dprobe_weight=dweight, dprobe_scale=dscale,
-    )  # fmt: skip
+    pointers = dict(dout=grads.out, dsnapshots=dsnapshots, du=du, ddelta=ddelta, dz=dz)
+    pointers.update(dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC)
     for name, t in pointers.items():
         setattr(args, name, _ptr(t))
     args.dout_s, args.ddelta_s = _strides(grads.out, 3), _strides(ddelta, 3)
     _run("backward", args, u.dtype)
-    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale)
+    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz)
 
 
 def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:

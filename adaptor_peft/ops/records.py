@@ -5,9 +5,9 @@ layout and hands one :class:`ScanInputs` to a backend's ``forward(inputs, want_l
 for_backward)``, which returns a :class:`ScanOutput` and a tuple of tensors its backward needs (empty for
 a backend that recomputes everything), and to its ``backward(inputs, grads_out, saved)``, which returns a
 :class:`ScanGrads`. Shapes, as a backend sees them: ``u``, ``delta``, ``z`` (batch, dim, len); ``A``
-(dim, nstate); ``B``, ``C`` (batch, groups, nstate, len); ``D``, ``delta_bias``, ``probe_scale`` (dim,);
-``probe``, ``probe_weight`` (batch, probe_groups, len, nprobe); ``snapshot_index`` (batch, snapshot_groups,
-nsnap). The step is ``dt = softplus(delta + delta_bias)`` (bias optional, softplus if ``softplus``).
+(dim, nstate); ``B``, ``C`` (batch, groups, nstate, len); ``D``, ``delta_bias`` (dim,);
+``snapshot_index`` (batch, snapshot_groups, nsnap). The step is ``dt = softplus(delta + delta_bias)``
+(bias optional, softplus if ``softplus``).
 """
 
 from __future__ import annotations
@@ -24,14 +24,13 @@ Tensor = torch.Tensor
 class ScanOutput(NamedTuple):
     """Result of a scan; fields not asked for are None.
 
-    ``out`` (batch, dim, len); ``last_state`` (batch, dim, nstate); ``readout`` (batch, dim, len), the probe
-    readout; ``hidden_states`` (batch, dim, len, nstate); ``snapshots`` (batch, dim, nsnap, nstate), the
-    states at ``snapshot_index``. ``last_state`` and ``hidden_states`` carry no gradient; ``snapshots`` does.
+    ``out`` (batch, dim, len); ``last_state`` (batch, dim, nstate); ``hidden_states`` (batch, dim, len,
+    nstate); ``snapshots`` (batch, dim, nsnap, nstate), the states at ``snapshot_index``. ``last_state`` and
+    ``hidden_states`` carry no gradient; ``snapshots`` does.
     """
 
     out: Tensor
     last_state: Tensor | None = None
-    readout: Tensor | None = None
     hidden_states: Tensor | None = None
     snapshots: Tensor | None = None
 
@@ -49,9 +48,6 @@ class ScanInputs:
     z: Tensor | None = None
     delta_bias: Tensor | None = None
     softplus: bool = False
-    probe: Tensor | None = None
-    probe_weight: Tensor | None = None
-    probe_scale: Tensor | None = None
     snapshot_index: Tensor | None = None
 
     def tensors(self) -> tuple[Tensor | None, ...]:
@@ -65,11 +61,9 @@ class ScanInputs:
 
 
 class GradsOut(NamedTuple):
-    """Gradients reaching a scan's outputs: ``out``'s, and ``readout``'s and ``snapshots``' where those were
-    used (else None)."""
+    """Gradients reaching a scan's outputs: ``out``'s, and ``snapshots``' where those were used (else None)."""
 
     out: Tensor
-    readout: Tensor | None = None
     snapshots: Tensor | None = None
 
 
@@ -85,5 +79,3 @@ class ScanGrads(NamedTuple):
     C: Tensor
     D: Tensor | None
     z: Tensor | None
-    probe_weight: Tensor | None
-    probe_scale: Tensor | None

@@ -1,8 +1,8 @@
 """A slow, obviously-correct selective scan: the test oracle for every fast path.
 
 One step per position, in whatever dtype it is given (the tests use float64); gradients come from
-autograd. Semantics follow mamba-ssm's ``selective_scan_ref``, plus the probe readout and the
-snapshots of :func:`adaptor_peft.ops.selective_scan`.
+autograd. Semantics follow mamba-ssm's ``selective_scan_ref``, plus the snapshots of
+:func:`adaptor_peft.ops.selective_scan`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,9 @@ def selective_scan_reference(
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
     *,
-    probe_index: torch.Tensor | None = None,
-    probe_weight: torch.Tensor | None = None,
-    probe_scale: torch.Tensor | None = None,
     snapshot_index: torch.Tensor | None = None,
 ) -> ScanOutput:
-    """Sequential scan; returns every field of :class:`ScanOutput` (readout only with probes, snapshots
-    only with their positions)."""
+    """Sequential scan; returns every field of :class:`ScanOutput` (snapshots only with their positions)."""
     batch, dim, length = u.shape
     if delta_bias is not None:
         delta = delta + delta_bias[:, None]
@@ -51,20 +47,10 @@ def selective_scan_reference(
     out = torch.stack(ys, dim=-1)
     if D is not None:
         out = out + D[:, None] * u
-    readout = None
-    if probe_index is not None:
-        nprobe = probe_index.shape[-1]
-        per_channel = probe_index.repeat_interleave(dim // probe_index.shape[1], dim=1)  # (batch, dim, len, k)
-        picked = hidden.gather(2, per_channel.flatten(2)[..., None].expand(-1, -1, -1, A.shape[1]))
-        picked = picked.view(batch, dim, length, nprobe, -1)
-        weight = probe_weight.repeat_interleave(dim // probe_weight.shape[1], dim=1)
-        readout = ((picked * channel_C.transpose(-1, -2)[:, :, :, None, :]).sum(-1) * weight).sum(-1)
-        if probe_scale is not None:
-            out = out + probe_scale[:, None] * readout
     if z is not None:
         out = out * F.silu(z)
     snapshots = None
     if snapshot_index is not None:
         per_channel = snapshot_index.repeat_interleave(dim // snapshot_index.shape[1], dim=1)  # (batch, dim, s)
         snapshots = hidden.gather(2, per_channel[..., None].expand(-1, -1, -1, A.shape[1]))
-    return ScanOutput(out, h, readout, hidden, snapshots)
+    return ScanOutput(out, h, hidden, snapshots)

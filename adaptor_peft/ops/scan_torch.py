@@ -7,8 +7,7 @@ recurrence ``h_t = a_t h_{t-1} + x_t`` is solved by a log-depth (Hillis-Steele) 
 handful of large tensor operations instead of one small operation per position. The backward pass
 recomputes each block's states and runs the adjoint recurrence with the same scan, reversed.
 
-Contract shared with every backend: :mod:`adaptor_peft.ops.records`. The probe readout is
-(batch, dim, len), and ``probe_scale`` adds ``probe_scale * readout`` to the output before the gate.
+Contract shared with every backend: :mod:`adaptor_peft.ops.records`.
 """
 
 from __future__ import annotations
@@ -50,10 +49,10 @@ def element_budget(device: torch.device, element_size: int = 4) -> int:
     return CPU_BUDGET
 
 
-def _blocks(batch: int, dim: int, length: int, nstate: int, nprobe: int, like: torch.Tensor):
+def _blocks(batch: int, dim: int, length: int, nstate: int, like: torch.Tensor):
     """Channel ranges whose working set fits the element budget of ``like``'s device and dtype."""
     budget = element_budget(like.device, like.element_size())
-    size = max(1, min(dim, budget // max(1, batch * length * nstate * max(1, nprobe))))
+    size = max(1, min(dim, budget // max(1, batch * length * nstate)))
     return [(d0, min(dim, d0 + size)) for d0 in range(0, dim, size)]
 
 
@@ -63,14 +62,9 @@ def _per_channel(X: torch.Tensor, d0: int, d1: int, dim: int) -> torch.Tensor:
     return X[:, group].transpose(-1, -2)
 
 
-def _probe_group(probe: torch.Tensor, d0: int, d1: int, dim: int) -> torch.Tensor:
-    return torch.arange(d0, d1, device=probe.device) // (dim // probe.shape[1])
-
-
-def _probe_index(probe: torch.Tensor, d0: int, d1: int, dim: int, nstate: int) -> torch.Tensor:
-    """Per-channel flat probe positions, expanded over the state dim for ``gather``: (b, c, len*k, n)."""
-    index = probe[:, _probe_group(probe, d0, d1, dim)].flatten(2)
-    return index.unsqueeze(-1).expand(*index.shape, nstate)
+def _group(index: torch.Tensor, d0: int, d1: int, dim: int) -> torch.Tensor:
+    """The snapshot group of each channel in [d0, d1)."""
+    return torch.arange(d0, d1, device=index.device) // (dim // index.shape[1])
 
 
 def _states(u, dt, A, B, d0, d1, dim):
@@ -87,7 +81,7 @@ def _step(delta, delta_bias, softplus):
 
 def _snapshot_index(index: torch.Tensor, d0: int, d1: int, dim: int, nstate: int) -> torch.Tensor:
     """Per-channel snapshot positions, expanded over the state dim for ``gather``: (b, c, nsnap, n)."""
-    return index[:, _probe_group(index, d0, d1, dim)].unsqueeze(-1).expand(-1, -1, -1, nstate)
+    return index[:, _group(index, d0, d1, dim)].unsqueeze(-1).expand(-1, -1, -1, nstate)
 
 
 def forward(
@@ -96,24 +90,17 @@ def forward(
     """The scan's :class:`ScanOutput`, fields other than ``out`` only where asked for, and what the backward
     needs from it: nothing, since it recomputes the states."""
     u, A, B, C, D, z = x.u, x.A, x.B, x.C, x.D, x.z
-    probe, weight, scale, snap = x.probe, x.probe_weight, x.probe_scale, x.snapshot_index
+    snap = x.snapshot_index
     _, dt = _step(x.delta, x.delta_bias, x.softplus)
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    nprobe = probe.shape[3] if probe is not None else 0
     out = u.new_empty(batch, dim, length)
-    readout = u.new_empty(batch, dim, length) if probe is not None else None
     last = u.new_empty(batch, dim, nstate) if want_last else None
     hidden = u.new_empty(batch, dim, length, nstate) if want_hidden else None
     snapshots = u.new_empty(batch, dim, snap.shape[2], nstate) if snap is not None else None
-    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u):
+    for d0, d1 in _blocks(batch, dim, length, nstate, u):
         _, _, h = _states(u, dt, A, B, d0, d1, dim)
-        Cc = _per_channel(C, d0, d1, dim)
-        out[:, d0:d1] = (h * Cc).sum(-1)
-        if probe is not None:
-            gathered = h.gather(2, _probe_index(probe, d0, d1, dim, nstate))
-            seen = (gathered.view(batch, d1 - d0, length, nprobe, nstate) * Cc.unsqueeze(3)).sum(-1)
-            readout[:, d0:d1] = (seen * weight[:, _probe_group(probe, d0, d1, dim)]).sum(-1)
+        out[:, d0:d1] = (h * _per_channel(C, d0, d1, dim)).sum(-1)
         if snap is not None:
             snapshots[:, d0:d1] = h.gather(2, _snapshot_index(snap, d0, d1, dim, nstate))
         if want_last:
@@ -122,53 +109,36 @@ def forward(
             hidden[:, d0:d1] = h
     if D is not None:
         out += D[:, None] * u
-    if scale is not None:
-        out += scale[:, None] * readout
     if z is not None:
         out *= F.silu(z)
-    return ScanOutput(out, last, readout, hidden, snapshots), ()
+    return ScanOutput(out, last, hidden, snapshots), ()
 
 
 def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads:
     """The inputs' gradients given those reaching the outputs."""
     u, A, B, C, D, z = x.u, x.A, x.B, x.C, x.D, x.z
-    probe, weight, scale, snap = x.probe, x.probe_weight, x.probe_scale, x.snapshot_index
-    dout, dreadout, dsnapshots = grads
+    snap = x.snapshot_index
+    dout, dsnapshots = grads
     pre, dt = _step(x.delta, x.delta_bias, x.softplus)
     batch, dim, length = u.shape
     nstate = A.shape[1]
-    nprobe = probe.shape[3] if probe is not None else 0
-    dz = dscale = None
-    if z is not None or scale is not None:
-        ungated, _ = forward(dataclasses.replace(x, z=None, snapshot_index=None), False, False)
-        y, readout = ungated.out, ungated.readout
+    dz = None
     if z is not None:
+        y = forward(dataclasses.replace(x, z=None, snapshot_index=None), False, False)[0].out
         sig = torch.sigmoid(z)
         dz = dout * y * sig * (1 + z * (1 - sig))
         dout = dout * z * sig
-    if scale is not None:
-        dscale = (dout * readout).sum((0, 2))
-        dreadout = dout * scale[:, None] + (dreadout if dreadout is not None else 0)
     du = dout * D[:, None] if D is not None else torch.zeros_like(u)
     dD = (dout * u).sum((0, 2)) if D is not None else None
     ddt, dA = torch.zeros_like(dt), torch.zeros_like(A)
     dB, dC = B.new_zeros(B.shape), C.new_zeros(C.shape)
-    dweight = torch.zeros_like(weight) if weight is not None else None
-    for d0, d1 in _blocks(batch, dim, length, nstate, nprobe, u):
+    for d0, d1 in _blocks(batch, dim, length, nstate, u):
         group = torch.arange(d0, d1, device=u.device) // (dim // B.shape[1])
         a, Bc, h = _states(u, dt, A, B, d0, d1, dim)
         Cc = _per_channel(C, d0, d1, dim)
         dy = dout[:, d0:d1, :, None]
         direct = Cc * dy
         dC_block = dy * h
-        if probe is not None and dreadout is not None:
-            index, pgroup = _probe_index(probe, d0, d1, dim, nstate), _probe_group(probe, d0, d1, dim)
-            gathered = h.gather(2, index).view(batch, d1 - d0, length, nprobe, nstate)
-            dr = dreadout[:, d0:d1, :, None]
-            dweight.index_add_(1, pgroup, dr * (gathered * Cc.unsqueeze(3)).sum(-1))
-            dr_k = (dr * weight[:, pgroup]).unsqueeze(-1)
-            direct = direct.scatter_add(2, index, (dr_k * Cc.unsqueeze(3)).flatten(2, 3))
-            dC_block = dC_block + (dr_k * gathered).sum(3)
         if snap is not None and dsnapshots is not None:
             direct = direct.scatter_add(2, _snapshot_index(snap, d0, d1, dim, nstate), dsnapshots[:, d0:d1])
         # Adjoint recurrence g_t = direct_t + a_{t+1} g_{t+1}, solved as a forward scan on reversed time.
@@ -184,4 +154,4 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
         dC.index_add_(1, group, dC_block.transpose(-1, -2))
     ddelta = ddt * torch.sigmoid(pre) if x.softplus else ddt
     dbias = ddelta.sum((0, 2)) if x.delta_bias is not None else None
-    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, dweight, dscale)
+    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz)

@@ -5,23 +5,21 @@
  * lanes, so every inner loop runs over lanes and vectorises without reassociation. The backward keeps an
  * item's hidden-state history (len x nstate x VL) in a per-thread buffer, so the full
  * (batch, dim, len, nstate) state tensor never exists unless the caller asks for it. The forward keeps
- * none: with the probes sorted by the position they read, each state is read while the recurrence holds it.
+ * none.
  *
  * Per channel d and state n:   dt_t = softplus(delta_t + bias) (softplus optional),
  *                              a_t = exp(dt_t A_n),   h_t = a_t h_{t-1} + dt_t B_t u_t,
  *                              y_t = sum_n C_t h_t + D u_t,   out_t = y_t silu(z_t).
- * Probes read r_i = sum_k w_{i,k} sum_n C_i h_{p(i,k)}: states at chosen positions, weighted, seen
- * through C at the query position i; with probe_scale s, y_t gains s r_t before the gate (Adaptor-T).
  * Snapshots copy the states at a few given positions out of the forward recurrence, and the backward adds
  * their gradients into the adjoint at those positions: Adaptor-T's memory, read outside the kernel.
  *
  * Compiled at first use by adaptor_peft/ops/native.py, once with SCAN_DOUBLE and once without, with
  * OpenMP where the compiler has it: linked against libgomp.so.1, it shares PyTorch's OpenMP runtime and
  * threads (same soname, already loaded), so the two never oversubscribe the cores.
- * A lane block never straddles a B/C, probe or snapshot group: the channels are cut into segments of
+ * A lane block never straddles a B/C group or a snapshot group: the channels are cut into segments of
  * the gcd of the channels per group of each, and each segment into blocks of VL lanes, the
  * last one partly filled. Idle lanes see zero inputs, add nothing to any sum, and are never stored, so
- * any channel count works; the caller guarantees probe and snapshot positions in [0, len).
+ * any channel count works; the caller guarantees snapshot positions in [0, len).
  */
 #include <math.h>
 #include <stdint.h>
@@ -101,24 +99,18 @@ static inline real softplus(real x) {
 }
 
 typedef struct {
-    int64_t batch, dim, len, nstate, groups, probe_groups, nprobe;
+    int64_t batch, dim, len, nstate, groups;
     const real *u, *delta, *delta_bias, *A, *B, *C, *Dskip, *z; /* delta_bias, Dskip, z may be NULL */
     int64_t softplus;                            /* apply softplus to delta + delta_bias */
     int64_t u_s[3], delta_s[3], z_s[3];          /* strides of (batch, dim, len) inputs */
     int64_t B_s[4], C_s[4];                      /* strides of (batch, groups, nstate, len) */
-    const int64_t *probe;                        /* (batch, probe_groups, len, nprobe) or NULL */
-    const real *probe_weight;                    /* like probe */
-    const real *probe_scale;                     /* (dim,) or NULL: adds probe_scale * readout to y */
     real *out;                                   /* (batch, dim, len) */
-    real *readout;                               /* (batch, dim, len) or NULL */
     real *last_state;                            /* (batch, dim, nstate) or NULL */
     real *hidden;                                /* (batch, dim, len, nstate) or NULL */
-    const real *dout, *dreadout;                 /* backward: like out / readout */
+    const real *dout;                            /* backward: like out */
     real *du, *ddelta, *dz;                      /* backward: (batch, dim, len); dz NULL if no z */
     real *dA, *dD, *ddelta_bias, *dB, *dC;       /* backward, accumulated into: (dim, nstate), (dim,), (dim,),
                                                     (batch, groups, nstate, len) twice */
-    real *dprobe_weight;                         /* backward, accumulated into: like probe */
-    real *dprobe_scale;                          /* backward, accumulated into: (dim,) */
     int64_t dout_s[3], ddelta_s[3];              /* backward: strides of dout (read) and ddelta (written) */
     int64_t snap_groups, nsnap;                  /* snapshot groups (dividing dim) and positions per group */
     const int64_t *snapshot_index;               /* (batch, snap_groups, nsnap) or NULL */
@@ -131,7 +123,7 @@ int64_t scan_args_size(void) {
     return (int64_t)sizeof(ScanArgs);
 }
 
-/* A gradient that sums over channels (dB, dC, the probe weights'), kept per lane: rows x VL partial sums
+/* A gradient that sums over channels (dB, dC), kept per lane: rows x VL partial sums
  * that items sharing the target add into with plain vector adds, reduced across lanes into target[0 .. rows)
  * only when an item with another target comes (or at the end), instead of once per item and row. */
 typedef struct {
@@ -140,13 +132,12 @@ typedef struct {
 } LaneSums;
 
 typedef struct {
-    real *u, *x, *dt, *z, *y, *r, *hist, *decay, *dy, *du, *ddt;
+    real *u, *x, *dt, *z, *y, *hist, *decay, *dy, *du, *ddt;
     real *h, *a, *g, *A, *cum_dA;
     real Dv[VL];    /* the block's D skip weights, zero where there is no D or no channel */
     int64_t b, d0, nv; /* the item: batch row, first channel, active lanes */
-    int64_t *first, *reads; /* probes by position read: reads[first[j] .. first[j + 1]) are the (i, k) reading j */
     int64_t *snap_at, *snap_slot, nsnap; /* the item's snapshots by position: nsnap of them, 0 when none are due */
-    LaneSums dB, dC, dW; /* backward only */
+    LaneSums dB, dC; /* backward only */
 } Work;
 
 static int64_t gcd(int64_t a, int64_t b) {
@@ -160,17 +151,12 @@ static int64_t gcd(int64_t a, int64_t b) {
 
 /* Channels per segment, and lane blocks per segment. */
 static int64_t segment(const ScanArgs *s) {
-    return gcd(gcd(s->dim / s->groups, s->dim / s->probe_groups), s->dim / s->snap_groups);
+    return gcd(s->dim / s->groups, s->dim / s->snap_groups);
 }
 
 static int64_t item_count(const ScanArgs *s) {
     const int64_t seg = segment(s);
     return s->batch * (s->dim / seg) * ((seg + VL - 1) / VL);
-}
-
-/* Where the item's probes (and their weights) start: its batch row's entries for its probe group. */
-static int64_t probe_offset(const ScanArgs *s, const Work *w) {
-    return (w->b * s->probe_groups + w->d0 / (s->dim / s->probe_groups)) * s->len * s->nprobe;
 }
 
 /* Sets the work's batch row, first channel and active lanes for one item. */
@@ -208,19 +194,16 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     const int64_t L = s->len, N = s->nstate;
     const int64_t row = L * VL, state = N * VL;
     const int64_t history = backward || s->hidden ? (L + 1) * state : 0; /* the plain forward keeps none */
-    const int64_t lane_sums = backward ? 2 * L * state + (s->probe ? L * s->nprobe * VL : 0) : 0;
-    const int64_t total = 7 * row + history + (backward ? L * state + 2 * row : 0) + 5 * state + lane_sums;
+    const int64_t lane_sums = backward ? 2 * L * state : 0;
+    const int64_t total = 6 * row + history + (backward ? L * state + 2 * row : 0) + 5 * state + lane_sums;
     real *p = calloc((size_t)total, sizeof(real));
     if (!p) return -1;
-    const int64_t positions = (s->probe ? L + 1 + L * s->nprobe : 0) + (s->snapshot_index ? 2 * s->nsnap : 0);
-    if (positions) {
-        w->first = malloc((size_t)positions * sizeof(int64_t));
-        if (!w->first) {
+    if (s->snapshot_index) {
+        w->snap_at = malloc((size_t)(2 * s->nsnap) * sizeof(int64_t));
+        if (!w->snap_at) {
             free(p);
             return -1;
         }
-        w->reads = w->first + L + 1;
-        w->snap_at = w->first + (s->probe ? L + 1 + L * s->nprobe : 0);
         w->snap_slot = w->snap_at + s->nsnap;
     }
     w->u = p; p += row;
@@ -228,7 +211,6 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     w->dt = p; p += row;
     w->z = p; p += row;
     w->y = p; p += row;
-    w->r = p; p += row;
     w->hist = history ? p + state : NULL; p += history; /* hist[-1] stays zero: the state before t = 0 */
     w->h = p; p += state;
     w->a = p; p += state;
@@ -241,8 +223,7 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
         w->dy = p; p += row;
         w->ddt = p; p += row;
         w->dB = (LaneSums){p, NULL, N * L}; p += L * state;
-        w->dC = (LaneSums){p, NULL, N * L}; p += L * state;
-        w->dW = (LaneSums){p, NULL, L * s->nprobe};
+        w->dC = (LaneSums){p, NULL, N * L};
     }
     return 0;
 }
@@ -271,20 +252,7 @@ static real *lanes_for(LaneSums *acc, real *target) {
 
 static void work_free(Work *w) {
     free(w->u);
-    free(w->first);
-}
-
-/* Sorts the item's probes by the position they read (a counting sort), so that the forward can read each
- * state while the recurrence holds it, instead of keeping every state for later reads. */
-static void sort_probes(const ScanArgs *s, Work *w, const int64_t *probe) {
-    const int64_t L = s->len, reads = L * s->nprobe;
-    int64_t *first = w->first;
-    memset(first, 0, (size_t)(L + 1) * sizeof(int64_t));
-    for (int64_t e = 0; e < reads; e++) first[probe[e] + 1]++;
-    for (int64_t j = 0; j < L; j++) first[j + 1] += first[j];
-    for (int64_t e = 0; e < reads; e++) w->reads[first[probe[e]]++] = e; /* first[j] ends at first[j + 1] */
-    for (int64_t j = L; j > 0; j--) first[j] = first[j - 1];
-    first[0] = 0;
+    free(w->snap_at);
 }
 
 static inline real silu_gate(real z, real *dgate) {
@@ -294,14 +262,11 @@ static inline real silu_gate(real z, real *dgate) {
 }
 
 /* The recurrence over one lane block; with keep, every state goes to w->hist, and with keep == 2
- * every decay exp(dt A) to w->decay as well. With probes, each state h_j is read, while it is at hand, by
- * the queries i that probe position j: w->r[i] += w_{i,k} C_i . h_j (needs sort_probes). Always inlined so
- * that each (nstate, keep, probes) combination used below compiles to its own loop with constant trip counts. */
+ * every decay exp(dt A) to w->decay as well; the snapshots that are due (sort_snapshots) are copied out
+ * as the recurrence passes their positions. Always inlined so that each (nstate, keep) combination used
+ * below compiles to its own loop with constant trip counts. */
 static inline __attribute__((always_inline)) void recurrence(
-    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, const int64_t N, const int keep,
-    const int probes) {
-    const int64_t K = s->nprobe;
-    const real *weight = probes ? s->probe_weight + probe_offset(s, w) : NULL;
+    const ScanArgs *s, Work *w, const real *Bg, const real *Cg, const int64_t N, const int keep) {
     int64_t due = 0; /* the next snapshot to take */
     for (int64_t t = 0; t < s->len; t++) {
         const real *dt = w->dt + t * VL, *u = w->u + t * VL;
@@ -332,37 +297,12 @@ static inline __attribute__((always_inline)) void recurrence(
                 real *snapshot = s->snapshots + snapshot_offset(s, w, v, w->snap_slot[due]);
                 for (int64_t n = 0; n < N; n++) snapshot[n] = w->h[n * VL + v];
             }
-        if (probes)
-            for (int64_t q = w->first[t]; q < w->first[t + 1]; q++) {
-                const int64_t e = w->reads[q], i = e / K;
-                const real *ci = Cg + i * s->C_s[3];
-                /* two named partial sums, which stay in registers: one chain would wait on FMA latency */
-                real even[VL] = {0}, odd[VL] = {0};
-                int64_t n = 0;
-                for (; n + 1 < N; n += 2) {
-                    const real c0 = ci[n * s->C_s[2]], c1 = ci[(n + 1) * s->C_s[2]];
-                    #pragma omp simd
-                    for (int v = 0; v < VL; v++) {
-                        even[v] += c0 * w->h[n * VL + v];
-                        odd[v] += c1 * w->h[(n + 1) * VL + v];
-                    }
-                }
-                if (n < N) {
-                    const real c0 = ci[n * s->C_s[2]];
-                    #pragma omp simd
-                    for (int v = 0; v < VL; v++) even[v] += c0 * w->h[n * VL + v];
-                }
-                const real wk = weight[e];
-                #pragma omp simd
-                for (int v = 0; v < VL; v++) w->r[i * VL + v] += wk * (even[v] + odd[v]);
-            }
     }
 }
 
 /* Loads the lane block's inputs into lane-major buffers (w->x holds delta + bias before softplus) and
- * runs the recurrence, leaving the pre-gate output y in w->y; with probes, also the readout in w->r and,
- * with probe_scale, its scaled addition to y. */
-static void block_forward(const ScanArgs *s, Work *w, int keep, int probes) { /* probes with keep < 2 only */
+ * runs the recurrence, leaving the pre-gate output y in w->y. */
+static void block_forward(const ScanArgs *s, Work *w, int keep) {
     const int64_t L = s->len, N = s->nstate, b = w->b, d0 = w->d0;
     const int64_t g = d0 / (s->dim / s->groups);
     for (int64_t v = 0; v < VL; v++) {
@@ -398,22 +338,10 @@ static void block_forward(const ScanArgs *s, Work *w, int keep, int probes) { /*
         memcpy(w->dt, w->x, (size_t)(L * VL) * sizeof(real));
     const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
     const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
-    if (probes) {
-        sort_probes(s, w, s->probe + probe_offset(s, w));
-        memset(w->r, 0, (size_t)(L * VL) * sizeof(real));
-    }
-    if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, 16, 2, 0);
-    else if (N == 16 && probes) keep ? recurrence(s, w, Bg, Cg, 16, 1, 1) : recurrence(s, w, Bg, Cg, 16, 0, 1);
-    else if (N == 16) keep ? recurrence(s, w, Bg, Cg, 16, 1, 0) : recurrence(s, w, Bg, Cg, 16, 0, 0);
-    else if (keep == 2) recurrence(s, w, Bg, Cg, N, 2, 0);
-    else if (probes) keep ? recurrence(s, w, Bg, Cg, N, 1, 1) : recurrence(s, w, Bg, Cg, N, 0, 1);
-    else keep ? recurrence(s, w, Bg, Cg, N, 1, 0) : recurrence(s, w, Bg, Cg, N, 0, 0);
-    if (probes && s->probe_scale) {
-        real scale[VL] = {0};
-        for (int v = 0; v < w->nv; v++) scale[v] = s->probe_scale[d0 + v];
-        for (int64_t i = 0; i < L; i++)
-            for (int v = 0; v < VL; v++) w->y[i * VL + v] += scale[v] * w->r[i * VL + v];
-    }
+    if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, 16, 2);
+    else if (N == 16) keep ? recurrence(s, w, Bg, Cg, 16, 1) : recurrence(s, w, Bg, Cg, 16, 0);
+    else if (keep == 2) recurrence(s, w, Bg, Cg, N, 2);
+    else keep ? recurrence(s, w, Bg, Cg, N, 1) : recurrence(s, w, Bg, Cg, N, 0);
 }
 
 int SCAN_FORWARD(const ScanArgs *s) {
@@ -429,16 +357,12 @@ int SCAN_FORWARD(const ScanArgs *s) {
         locate(s, &w, item);
         const int64_t b = w.b, d0 = w.d0;
         if (s->snapshot_index) sort_snapshots(s, &w);
-        block_forward(s, &w, s->hidden != NULL, s->probe != NULL);
+        block_forward(s, &w, s->hidden != NULL);
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
         for (int64_t v = 0; v < w.nv; v++) {
             real *out = s->out + (b * s->dim + d0 + v) * L;
             for (int64_t t = 0; t < L; t++) out[t] = w.y[t * VL + v];
-            if (s->probe) {
-                real *readout = s->readout + (b * s->dim + d0 + v) * L;
-                for (int64_t t = 0; t < L; t++) readout[t] = w.r[t * VL + v];
-            }
             if (s->last_state)
                 for (int64_t n = 0; n < N; n++)
                     s->last_state[(b * s->dim + d0 + v) * N + n] = w.h[n * VL + v];
@@ -453,17 +377,13 @@ int SCAN_FORWARD(const ScanArgs *s) {
     return failed ? -1 : 0;
 }
 
-/* The adjoint recurrence g_t = dL/dh_t = C_t dy_t (+ probe and snapshot gradients) + a_{t+1} g_{t+1}, run
- * backwards in time, with every parameter gradient that reads g. The probe gradient reaching h_t is
- * sum over the (i, k) that read t of w_{i,k} C_i dr_i, with dr_i in w->r (needs sort_probes); a snapshot
- * taken at t adds its own gradient (needs sort_snapshots). Inlined per (nstate, extra), extra being
- * whether either comes, like recurrence. */
+/* The adjoint recurrence g_t = dL/dh_t = C_t dy_t (+ a snapshot's gradient) + a_{t+1} g_{t+1}, run
+ * backwards in time, with every parameter gradient that reads g; a snapshot taken at t adds its gradient
+ * to g_t (needs sort_snapshots). Inlined per (nstate, snapshots), like recurrence. */
 static inline __attribute__((always_inline)) void reverse(
     const ScanArgs *s, Work *w, const real *Bg, const real *Cg, real *dBl, real *dCl, const int64_t N,
     const int extra) {
-    const int64_t L = s->len, K = s->nprobe;
-    const int probes = s->probe != NULL;
-    const real *weight = probes ? s->probe_weight + probe_offset(s, w) : NULL;
+    const int64_t L = s->len;
     int64_t due = w->nsnap - 1; /* the next snapshot, from the end */
     int stale = 1;             /* ex holds a snapshot's gradient from an earlier step */
     real ex[N][VL];
@@ -476,20 +396,10 @@ static inline __attribute__((always_inline)) void reverse(
         const real *dt = w->dt + t * VL, *u = w->u + t * VL, *dy = w->dy + t * VL;
         real ddt[VL] = {0}, du[VL] = {0}, dtu[VL];
         for (int v = 0; v < VL; v++) dtu[v] = dt[v] * u[v];
-        if (extra && (probes || stale)) {
+        if (extra && stale) {
             memset(ex, 0, sizeof ex);
             stale = 0;
         }
-        if (extra && probes)
-            for (int64_t q = w->first[t]; q < w->first[t + 1]; q++) {
-                const int64_t e = w->reads[q], i = e / K;
-                const real *dr = w->r + i * VL;
-                for (int64_t n = 0; n < N; n++) {
-                    const real wci = weight[e] * Cg[n * s->C_s[2] + i * s->C_s[3]];
-                    #pragma omp simd
-                    for (int v = 0; v < VL; v++) ex[n][v] += wci * dr[v];
-                }
-            }
         for (; extra && due >= 0 && w->snap_at[due] == t; due--, stale = 1)
             for (int64_t v = 0; v < w->nv; v++) {
                 const real *dsnapshot = s->dsnapshots + snapshot_offset(s, w, v, w->snap_slot[due]);
@@ -522,62 +432,6 @@ static inline __attribute__((always_inline)) void reverse(
     }
 }
 
-/* The probes' part of the backward of a lane block, in one pass over the probed states: per query i it
- * recomputes the readout r_i (which the forward added, scaled, to y, so the gate's gradient needs it) as
- * sum_k w_k (C_i . h_j), sends dr_i = dreadout_i + scale dy_i to each weight (dW) and to C_i (dC, through
- * the probe-mixed state), adds scale r_i to w->y, and leaves dr_i in w->r for the adjoint recurrence,
- * which sends it to the probed states. w->dy holds the gated output gradient; w->ddt holds dreadout on
- * entry. The reads go in pairs, each pair's states walked once with both partial readouts in registers;
- * inlined per nstate so that the state loop unrolls. */
-static inline __attribute__((always_inline)) void probe_backward(
-    const ScanArgs *s, Work *w, const real *Cg, real *dCl, real *dWl, real *dscale, const int64_t N) {
-    const int64_t L = s->len, K = s->nprobe, d0 = w->d0, nv = w->nv;
-    const int64_t offset = probe_offset(s, w);
-    const int64_t *probe = s->probe + offset;
-    const real *weight = s->probe_weight + offset;
-    real scale[VL] = {0}, ds[VL] = {0};
-    if (s->probe_scale)
-        for (int v = 0; v < nv; v++) scale[v] = s->probe_scale[d0 + v];
-    for (int64_t i = 0; i < L; i++) {
-        real dr[VL], r[VL] = {0};
-        const real *gated = w->dy + i * VL, *ci = Cg + i * s->C_s[3];
-        for (int v = 0; v < VL; v++) dr[v] = w->ddt[i * VL + v] + scale[v] * gated[v];
-        for (int64_t k = 0; k < K; k += 2) { /* two reads at a time; an odd last one pairs with itself, unweighted */
-            const int64_t k1 = k + 1 < K ? k + 1 : k;
-            const real w0 = weight[i * K + k], w1 = k1 > k ? weight[i * K + k1] : 0;
-            const real *h0 = w->hist + probe[i * K + k] * N * VL, *h1 = w->hist + probe[i * K + k1] * N * VL;
-            real seen0[VL] = {0}, seen1[VL] = {0};
-            for (int64_t n = 0; n < N; n++) {
-                const real c = ci[n * s->C_s[2]];
-                real *dcn = dCl + (n * L + i) * VL;
-                #pragma omp simd
-                for (int v = 0; v < VL; v++) {
-                    const real a = h0[n * VL + v], b = h1[n * VL + v];
-                    seen0[v] += c * a;
-                    seen1[v] += c * b;
-                    dcn[v] += dr[v] * (w0 * a + w1 * b);
-                }
-            }
-            real *dw0 = dWl + (i * K + k) * VL, *dw1 = dWl + (i * K + k1) * VL;
-            #pragma omp simd
-            for (int v = 0; v < VL; v++) {
-                dw0[v] += dr[v] * seen0[v];
-                r[v] += w0 * seen0[v] + w1 * seen1[v];
-            }
-            if (k1 > k)
-                #pragma omp simd
-                for (int v = 0; v < VL; v++) dw1[v] += dr[v] * seen1[v];
-        }
-        for (int v = 0; v < VL; v++) {
-            w->y[i * VL + v] += scale[v] * r[v];
-            ds[v] += gated[v] * r[v];
-            w->r[i * VL + v] = dr[v];
-        }
-    }
-    if (s->probe_scale)
-        for (int v = 0; v < nv; v++) dscale[d0 + v] += ds[v];
-}
-
 /* Adds a thread's partial parameter gradients into the shared outputs. */
 static void add_into(real *dst, const real *src, int64_t n) {
     #pragma omp critical
@@ -589,13 +443,12 @@ int SCAN_BACKWARD(const ScanArgs *s) {
     #pragma omp parallel reduction(|:failed)
     {
     Work w = {0};
-    const int64_t L = s->len, N = s->nstate, K = s->nprobe, Dm = s->dim;
+    const int64_t L = s->len, N = s->nstate, Dm = s->dim;
     const int64_t bc_size = s->batch * s->groups * N * L;
-    const int64_t probe_size = s->probe ? s->batch * s->probe_groups * L * K : 0;
-    real *dA = calloc((size_t)(Dm * N + 3 * Dm + 2 * bc_size + probe_size), sizeof(real));
+    real *dA = calloc((size_t)(Dm * N + 2 * Dm + 2 * bc_size), sizeof(real));
     failed = work_alloc(&w, s, 1) || !dA;
-    real *dD = dA + Dm * N, *dbias_acc = dD + Dm, *dscale = dbias_acc + Dm;
-    real *dB = dscale + Dm, *dC = dB + bc_size, *dW = dC + bc_size;
+    real *dD = dA + Dm * N, *dbias_acc = dD + Dm;
+    real *dB = dbias_acc + Dm, *dC = dB + bc_size;
     const int64_t items = item_count(s);
     #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; item++) {
@@ -603,7 +456,7 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         locate(s, &w, item);
         const int64_t b = w.b, d0 = w.d0, nv = w.nv;
         const int64_t g = d0 / (Dm / s->groups);
-        block_forward(s, &w, 2, 0);
+        block_forward(s, &w, 2);
         for (int64_t v = 0; v < VL; v++) {
             const real *dout = s->dout + b * s->dout_s[0] + (d0 + v) * s->dout_s[1];
             for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = v < nv ? dout[t * s->dout_s[2]] : 0;
@@ -617,23 +470,9 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 w.du[i] = w.dy[i] * dgate;
                 w.dy[i] *= gate;
             }
-
-        /* Probes: each readout sends gradient to the states it read, their weights and C at the query;
-         * the readout itself joins y, as in the forward, before the gate's gradient reads y. */
         real *dCl = lanes_for(&w.dC, dC + (b * s->groups + g) * N * L);
         const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
         const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
-        const int probes = s->probe != NULL;
-        if (probes) {
-            for (int64_t v = 0; v < VL; v++) {
-                const real *dreadout = s->dreadout + (b * Dm + d0 + v) * L;
-                for (int64_t t = 0; t < L; t++) w.ddt[t * VL + v] = v < nv ? dreadout[t] : 0; /* parked */
-            }
-            real *dWl = lanes_for(&w.dW, dW + probe_offset(s, &w));
-            sort_probes(s, &w, s->probe + probe_offset(s, &w));
-            if (N == 16) probe_backward(s, &w, Cg, dCl, dWl, dscale, 16);
-            else probe_backward(s, &w, Cg, dCl, dWl, dscale, N);
-        }
 
         /* dz (parked in ddt until the reverse pass), and the skip: gradient reaching D and u. */
         if (s->z)
@@ -654,10 +493,9 @@ int SCAN_BACKWARD(const ScanArgs *s) {
 
         real *dBl = lanes_for(&w.dB, dB + (b * s->groups + g) * N * L);
         if (s->snapshot_index && s->dsnapshots) sort_snapshots(s, &w);
-        const int extra = probes || w.nsnap;
-        if (N == 16 && extra) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 1);
+        if (N == 16 && w.nsnap) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 1);
         else if (N == 16) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 0);
-        else if (extra) reverse(s, &w, Bg, Cg, dBl, dCl, N, 1);
+        else if (w.nsnap) reverse(s, &w, Bg, Cg, dBl, dCl, N, 1);
         else reverse(s, &w, Bg, Cg, dBl, dCl, N, 0);
         if (s->softplus)
             for (int64_t t = 0; t < L * VL; t++) w.ddt[t] *= 1 / (1 + EXP(-w.x[t]));
@@ -676,7 +514,6 @@ int SCAN_BACKWARD(const ScanArgs *s) {
     }
     lanes_flush(&w.dB);
     lanes_flush(&w.dC);
-    lanes_flush(&w.dW);
     work_free(&w);
     if (!failed) {
         add_into(s->dA, dA, Dm * N);
@@ -684,8 +521,6 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         if (s->delta_bias) add_into(s->ddelta_bias, dbias_acc, Dm);
         add_into(s->dB, dB, bc_size);
         add_into(s->dC, dC, bc_size);
-        if (probe_size) add_into(s->dprobe_weight, dW, probe_size);
-        if (s->probe_scale) add_into(s->dprobe_scale, dscale, Dm);
     }
     free(dA);
     }
