@@ -138,20 +138,21 @@ class AdaptorT(nn.Module):
             memory = ((below + frac * (above - below)) * scale).view(batch * groups, width, -1)  # (·, width, K N)
             C_seen = as_grouped(C, batch, length, groups).to(memory.dtype)  # (B, groups, N, L)
             C_hat = (weights[:, :, :, None] * C_seen[:, :, None]).view(batch * groups, -1, length)  # (·, K N, L)
-            y = result.out.to(memory.dtype)
+            y = result.out
             if self.training and self.dropout.p:
-                adapted = y + self.dropout(torch.bmm(memory, C_hat).view(y.shape))
+                adapted = y.to(memory.dtype) + self.dropout(torch.bmm(memory, C_hat).view(y.shape))
                 adapted = adapted if z is None else adapted * F.silu(z.to(adapted.dtype))
             elif z is None:
                 adapted = _read(y, memory, C_hat)
-            else:
+            else:  # y kept in its own dtype (the scan's output is already rounded to it), read in float32
                 adapted = _GatedRead.apply(y, memory, C_hat, z)
         return adapted.to(result.out.dtype)
 
 
 def _read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor) -> torch.Tensor:
-    """``y + memory @ C_hat`` for ``y`` (B, G width, L), the product written onto ``y`` as it is made."""
-    return torch.baddbmm(y.view(memory.shape[0], -1, y.shape[-1]), memory, C_hat).view(y.shape)
+    """``y + memory @ C_hat`` in ``memory``'s dtype for ``y`` (B, G width, L), the product written onto ``y`` as
+    it is made."""
+    return torch.baddbmm(y.to(memory.dtype).view(memory.shape[0], -1, y.shape[-1]), memory, C_hat).view(y.shape)
 
 
 class _GatedRead(torch.autograd.Function):
@@ -163,7 +164,7 @@ class _GatedRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, memory, C_hat, z):
         ctx.save_for_backward(y, memory, C_hat, z)
-        return _read(y, memory, C_hat) * F.silu(z.to(y.dtype))
+        return _read(y, memory, C_hat) * F.silu(z.to(memory.dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -173,4 +174,5 @@ class _GatedRead(torch.autograd.Function):
         dz = grad * _read(y, memory, C_hat) * sig * (1 + zf * (1 - sig))
         dy = grad * zf * sig
         dread = dy.reshape(memory.shape[0], -1, grad.shape[-1])
-        return dy, torch.bmm(dread, C_hat.transpose(1, 2)), torch.bmm(memory.transpose(1, 2), dread), dz.to(z.dtype)
+        dmemory, dC_hat = torch.bmm(dread, C_hat.transpose(1, 2)), torch.bmm(memory.transpose(1, 2), dread)
+        return dy.to(y.dtype), dmemory, dC_hat, dz.to(z.dtype)

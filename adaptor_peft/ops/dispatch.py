@@ -229,7 +229,8 @@ class _ScanFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlast, _dhidden, dsnapshots):
-        tensors, saved = ctx.saved_tensors[: ctx.inputs_saved], ctx.saved_tensors[ctx.inputs_saved :]
+        everything = ctx.saved_tensors  # once: under activation checkpointing every access unpacks again
+        tensors, saved = everything[: ctx.inputs_saved], everything[ctx.inputs_saved :]
         inputs = ctx.inputs.with_tensors(tensors)
         grads = ctx.impl.backward(inputs, GradsOut(dout, dsnapshots), saved)._asdict()
         return None, None, None, None, *(grads.get(f.name) for f in dataclasses.fields(inputs) if f.name != "softplus")
