@@ -157,9 +157,9 @@ def _read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor) -> torch.T
 
 class _GatedRead(torch.autograd.Function):
     """``(y + memory @ C_hat) silu(z)``, keeping for the backward only its inputs and recomputing the read and
-    the gate there, so that no (B, E, L) intermediate is held between the passes (``z`` is the mixer's,
-    which it may rebuild itself). ``memory`` (B G, width, K N), ``C_hat`` (B G, K N, L), ``y`` and ``z``
-    (B, G width, L)."""
+    the gate there: of the (B, E, L) tensors only ``y``, the ungated scan output, is held between the passes
+    (``z`` is the mixer's, which it may rebuild itself). ``memory`` (B G, width, K N), ``C_hat`` (B G, K N, L),
+    ``y`` and ``z`` (B, G width, L)."""
 
     @staticmethod
     def forward(ctx, y, memory, C_hat, z):
