@@ -234,14 +234,14 @@ def test_position_range_check_does_not_stall_the_triton_backend(monkeypatch):
     instead, and every other backend (which would crash on a bad position) is checked. Meta tensors stand in
     for a GPU's: reading one back fails, so any read shows."""
     index = torch.full((1, 1, 2), 7, device="meta", dtype=torch.long)
-    dispatch._check_range("snapshot_index", index, 5, "triton")
+    dispatch._check_range(index, 5, "triton")
     with pytest.raises((RuntimeError, NotImplementedError)):
-        dispatch._check_range("snapshot_index", index, 5, "torch")
+        dispatch._check_range(index, 5, "torch")
     monkeypatch.setenv(dispatch.CHECK_POSITIONS_ENV, "1")
     with pytest.raises((RuntimeError, NotImplementedError)):
-        dispatch._check_range("snapshot_index", index, 5, "triton")
+        dispatch._check_range(index, 5, "triton")
     with pytest.raises(ValueError, match=r"snapshot_index values must lie in \[0, 5\), got \[7, 7\]"):
-        dispatch._check_range("snapshot_index", torch.full((1, 1, 2), 7), 5, "triton")
+        dispatch._check_range(torch.full((1, 1, 2), 7), 5, "triton")
 
 
 def test_clamped_positions_snapshot_the_sequence_ends():

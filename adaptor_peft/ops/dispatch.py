@@ -24,7 +24,6 @@ on a GPU the check would stall it (it reads the positions back to the host).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import math
 import os
@@ -36,7 +35,7 @@ from types import ModuleType
 import torch
 
 from . import native, scan_torch
-from .records import GradsOut, ScanInputs, ScanOutput
+from .records import TENSOR_FIELDS, GradsOut, ScanInputs, ScanOutput
 
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
 CHECK_POSITIONS_ENV = "ADAPTOR_PEFT_CHECK_POSITIONS"
@@ -167,12 +166,13 @@ def _check_snapshots(index: torch.Tensor | None, shape: torch.Size) -> None:
         raise TypeError(f"selective_scan: snapshot_index must hold integer positions, got {index.dtype}")
 
 
-def _check_range(what: str, index: torch.Tensor, length: int, backend: str) -> None:
-    """Positions outside [0, length) are an error, checked unless ``backend`` clamps them (module docstring)."""
+def _check_range(index: torch.Tensor, length: int, backend: str) -> None:
+    """Snapshot positions outside [0, length) are an error, checked unless ``backend`` clamps them (module
+    docstring)."""
     if (backend != "triton" or os.environ.get(CHECK_POSITIONS_ENV) == "1") and index.numel():
         low, high = int(index.min()), int(index.max())
         if low < 0 or high >= length:
-            raise ValueError(f"selective_scan: {what} values must lie in [0, {length}), got [{low}, {high}]")
+            raise ValueError(f"selective_scan: snapshot_index values must lie in [0, {length}), got [{low}, {high}]")
 
 
 def select_backend(
@@ -233,7 +233,7 @@ class _ScanFunction(torch.autograd.Function):
         tensors, saved = everything[: ctx.inputs_saved], everything[ctx.inputs_saved :]
         inputs = ctx.inputs.with_tensors(tensors)
         grads = ctx.impl.backward(inputs, GradsOut(dout, dsnapshots), saved)._asdict()
-        return None, None, None, None, *(grads.get(f.name) for f in dataclasses.fields(inputs) if f.name != "softplus")
+        return None, None, None, None, *(grads.get(name) for name in TENSOR_FIELDS)
 
 
 def selective_scan(
@@ -270,7 +270,7 @@ def selective_scan(
     needs_states = snapshot_index is not None or return_hidden_states
     name = select_backend(u.device, u.dtype, needs_states, backend)
     if snapshot_index is not None:
-        _check_range("snapshot_index", snapshot_index, length, name)
+        _check_range(snapshot_index, length, name)
     if name == "mamba_ssm":
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return ScanOutput(*result) if return_last_state else ScanOutput(result)

@@ -51,13 +51,16 @@ class ScanInputs:
     snapshot_index: Tensor | None = None
 
     def tensors(self) -> tuple[Tensor | None, ...]:
-        """Every tensor field, in field order (what autograd saves for the backward)."""
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "softplus")
+        """Every tensor field, in :data:`TENSOR_FIELDS` order (what autograd saves for the backward)."""
+        return tuple(getattr(self, name) for name in TENSOR_FIELDS)
 
     def with_tensors(self, tensors: tuple[Tensor | None, ...]) -> ScanInputs:
-        """This record with its tensor fields replaced, in :meth:`tensors`' order."""
-        names = [f.name for f in dataclasses.fields(self) if f.name != "softplus"]
-        return dataclasses.replace(self, **dict(zip(names, tensors, strict=True)))
+        """This record with its tensor fields replaced, in :data:`TENSOR_FIELDS` order."""
+        return dataclasses.replace(self, **dict(zip(TENSOR_FIELDS, tensors, strict=True)))
+
+
+TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(ScanInputs) if f.name != "softplus")
+"""The names of :class:`ScanInputs`' tensor fields, in field order."""
 
 
 class GradsOut(NamedTuple):
