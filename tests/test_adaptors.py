@@ -320,7 +320,7 @@ def test_injection_is_exact_at_init_and_trains_only_adaptors_and_head(kind):
 
 
 def test_inject_rejects_unsupported_models():
-    with pytest.raises(TypeError, match="no Vim"):
+    with pytest.raises(TypeError, match="no selective-scan mixers"):
         inject_adaptor(torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 

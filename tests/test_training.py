@@ -222,6 +222,26 @@ def test_metrics_are_micro_top1_top5_and_per_class():
     assert result["per_class"][0] == 100 and result["per_class"][5] == 0 and result["images"] == 8
 
 
+@pytest.mark.parametrize(
+    ("name", "exempt"),
+    [
+        ("vim_tiny_patch16_224", {"pos_embed", "cls_token", "layers.1.mixer.A_log", "layers.0.mixer.A_b_log"}),
+        ("vmamba_tiny_s1l8", {"layers.0.blocks.0.op.A_logs"}),
+    ],
+)
+def test_backbones_exempt_their_embeddings_and_A_from_weight_decay(name, exempt):
+    model = create_model(
+        name, num_classes=3, **({"depth": 2} if name.startswith("vim") else {"dims": 16, "depths": (1, 1, 1, 1)})
+    )
+    assert exempt <= model.no_weight_decay()
+    assert not any(".in_proj." in n or ".x_proj" in n for n in model.no_weight_decay())
+    model.requires_grad_(True)
+    groups = build_optimizer(model, "adamw", 1.0, 0.1).param_groups
+    named = {id(p): n for n, p in model.named_parameters()}
+    undecayed = {named[id(p)] for group in groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert exempt <= undecayed and "layers.0.mixer.in_proj.weight" not in undecayed
+
+
 def test_weight_decay_groups_and_warmup_cosine_schedule():
     model = create_model("vim_tiny_patch16_224", depth=2, num_classes=3)
     from adaptor_peft.adaptors import prepare_model

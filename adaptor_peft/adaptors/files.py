@@ -34,8 +34,9 @@ from torch import nn
 
 from ..atomic import write_atomically
 from ..models import classifier_name
-from .inject import find_mixers, has_builtin_adaptors
-from .methods import BLOCK_TYPES, METHODS, is_peft_parameter, prepare_model, resolved_settings
+from ..models.protocol import find_blocks, find_mixers
+from .inject import has_builtin_adaptors
+from .methods import METHODS, is_peft_parameter, prepare_model, resolved_settings
 
 WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"
 FORMAT = "adaptor_peft.adapter/3"
@@ -351,9 +352,8 @@ def unload_adaptor(model: nn.Module) -> nn.Module:
     if not has_builtin_adaptors(model):  # those are the backbone's own
         for _, mixer in find_mixers(model):
             mixer.adaptor_t = mixer.adaptor_s = None
-    for block in model.modules():
-        if isinstance(block, BLOCK_TYPES):
-            block.parallel_adapter = None
+    for _, block in find_blocks(model):
+        block.parallel_adapter = None
     _remove_lora(model, merge=False)
     for attribute in ("peft_method", "adaptor_config"):
         if hasattr(model, attribute):

@@ -1,7 +1,7 @@
-"""``inject_adaptor``: Adaptor-T and Adaptor-S into every mixer of a Vim or VMamba backbone.
+"""``inject_adaptor``: Adaptor-T and Adaptor-S into every selective-scan mixer of a backbone.
 
-Mixers are found by type (:class:`~adaptor_peft.models.vim.BiMambaMixer`,
-:class:`~adaptor_peft.models.vmamba.SS2D`); the adaptors become their ``adaptor_t`` / ``adaptor_s``
+Mixers are found by their base class (:class:`~adaptor_peft.models.protocol.SSMMixer`), whose
+declarations give the adaptors' shapes; the adaptors become their ``adaptor_t`` / ``adaptor_s``
 submodules, which the mixers' own forward passes call. Nothing is monkey-patched, ``print(model)``
 shows every adaptor, and a parameter's name says what it belongs to.
 """
@@ -14,26 +14,12 @@ import torch
 from torch import nn
 
 from ..models import classifier_name
-from ..models.vim import BiMambaMixer, VisionMamba
-from ..models.vmamba import SS2D
+from ..models.protocol import find_mixers
 from .config import AdaptorConfig
 from .spatial import AdaptorS
 from .temporal import AdaptorT
 
-MIXER_TYPES = (BiMambaMixer, SS2D)
 ADAPTOR_MARKERS = (".adaptor_t.", ".adaptor_s.")
-
-
-def find_mixers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every supported mixer in ``model``, in order, with its qualified name."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, MIXER_TYPES)]
-
-
-def _scan_shape(mixer: nn.Module) -> tuple[int, int]:
-    """(channels per scan direction, directions) of a mixer."""
-    if isinstance(mixer, BiMambaMixer):
-        return mixer.A_log.shape[0], 2
-    return mixer.dt_projs_weight.shape[1], mixer.dt_projs_weight.shape[0]
 
 
 def is_head(model: nn.Module) -> Callable[[str], bool]:
@@ -61,8 +47,9 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
     ``freeze_backbone=True`` (parameter-efficient fine-tuning) leaves only the adaptors and the
     classification head trainable; ``False`` keeps everything trainable (the paper's "booster" use on
     a pretrained model, or its "backbone" use when training from scratch). The adaptors start as the
-    identity: the injected model computes what it computed before, to float rounding. A Vim's last block
-    gets no Adaptor-S: the class token the head reads is not on the patch grid Adaptor-S works on.
+    identity: the injected model computes what it computed before, to float rounding. A mixer whose
+    Adaptor-S could not reach the logits gets none (a Vim's last block: the head reads the class token,
+    which is not on the patch grid Adaptor-S works on).
     In a bfloat16 / float16 backbone the adaptors' parameters stay float32 (as peft's
     ``autocast_adapter_dtype``): they take the backbone's activations and give back its dtype.
     """
@@ -71,7 +58,7 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
     if not mixers:
         children = ", ".join(f"{n}: {type(m).__name__}" for n, m in model.named_children()) or "none"
         raise TypeError(
-            f"inject_adaptor: {type(model).__name__} has no Vim (BiMambaMixer) or VMamba (SS2D) mixers "
+            f"inject_adaptor: {type(model).__name__} has no selective-scan mixers (SSMMixer) "
             f"(its children: {children}); build the backbone with adaptor_peft.create_model"
         )
     if has_builtin_adaptors(model):
@@ -90,15 +77,12 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
         raise ValueError(
             f"AdaptorConfig.blocks={config.blocks}: the model has {len(mixers)} blocks (0..{len(mixers) - 1})"
         )
-    # A Vim classifies from its class token, which Adaptor-S leaves alone (it has no place on the 2D
-    # grid): in the last block, Adaptor-S could not reach the logits, so it is not put there.
-    last_reaching_logits = len(mixers) - 2 if isinstance(model, VisionMamba) else len(mixers) - 1
     for i in chosen:
         name, mixer = mixers[i]
-        weight = mixer.out_proj.weight
+        weight = next(mixer.parameters())
         dtype = torch.promote_types(weight.dtype, torch.float32)  # float32 adaptors in a half-precision backbone
         if config.temporal:
-            channels, directions = _scan_shape(mixer)
+            channels, directions = mixer.scan_shape()
             if channels % config.t_groups:
                 raise ValueError(
                     f"AdaptorConfig.t_groups={config.t_groups} does not divide the scan width {channels} of {name}"
@@ -114,10 +98,9 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.lr_scale,
                 config.t_init,
             ).to(weight.device, dtype)
-        if config.spatial and i <= last_reaching_logits:
-            width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features
+        if config.spatial and mixer.takes_adaptor_s:
             mixer.adaptor_s = AdaptorS(
-                width,
+                mixer.spatial_width(config.s_position),
                 config.s_kernel_size,
                 config.s_dilations,
                 config.s_share_kernel,
@@ -129,8 +112,9 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
             ).to(weight.device, dtype)
     if not any(m.adaptor_t is not None or m.adaptor_s is not None for _, m in mixers):
         raise ValueError(
-            f"inject_adaptor: {config} adds nothing to {type(model).__name__}: a Vim's last block takes no "
-            "Adaptor-S (its head reads the class token only); choose other blocks or enable Adaptor-T"
+            f"inject_adaptor: {config} adds nothing to {type(model).__name__}: its chosen mixers take no "
+            "Adaptor-S (it could not reach the logits, as in a Vim's last block); choose other blocks or enable "
+            "Adaptor-T"
         )
     model.adaptor_config = config
     if freeze_backbone:

@@ -34,15 +34,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from ..models.vim import VimBlock
-from ..models.vmamba import VSSBlock
+from ..models.protocol import declared, find_blocks
 from .config import AdaptorConfig
 from .inject import ADAPTOR_MARKERS, has_builtin_adaptors, inject_adaptor, is_head, set_trainable
 
-BLOCK_TYPES = (VimBlock, VSSBlock)
-PARTIAL = re.compile(
-    r"\.(A_log|A_b_log|A_logs|D|D_b|Ds|dt_projs_bias)$|\.(conv1d|conv1d_b|conv2d)\.|\.(dt_proj|dt_proj_b)\.(base_layer\.)?bias$"
-)
 OTHER_MARKERS = (".parallel_adapter.", ".lora_")
 LORA_DEFAULTS = dict(r=8, alpha=16, dropout=0.0, targets=("in_proj",))
 PARALLEL_RANK = 32
@@ -149,13 +144,13 @@ def _lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[
 
 
 def _parallel_adapter(model: nn.Module, rank: int) -> None:
-    blocks = [m for m in model.modules() if isinstance(m, BLOCK_TYPES)]
+    blocks = find_blocks(model)
     if not blocks:
-        raise TypeError(f"parallel_adapter: {type(model).__name__} has no Vim or VMamba blocks")
-    for block in blocks:
-        dim = block.norm.weight.shape[0]
-        dtype = torch.promote_types(block.norm.weight.dtype, torch.float32)
-        block.parallel_adapter = ParallelAdapter(dim, rank).to(block.norm.weight.device, dtype)
+        raise TypeError(f"parallel_adapter: {type(model).__name__} has no blocks with a token mixer (AdaptableBlock)")
+    for _, block in blocks:
+        weight = next(block.parameters())
+        dtype = torch.promote_types(weight.dtype, torch.float32)
+        block.parallel_adapter = ParallelAdapter(block.width, rank).to(weight.device, dtype)
 
 
 class Method(NamedTuple):
@@ -163,7 +158,7 @@ class Method(NamedTuple):
     and, for the adaptor methods, which adaptors (Adaptor-T, Adaptor-S) it adds."""
 
     options: frozenset[str]
-    trains: Callable[[str], bool]
+    trains: Callable[[nn.Module], Callable[[str], bool]]
     adaptors: tuple[bool, bool] | None = None
 
 
@@ -173,22 +168,35 @@ LORA_OPTIONS = frozenset(LORA_DEFAULTS)
 NO_OPTIONS: frozenset[str] = frozenset()
 
 
-def _nothing(name: str) -> bool:
-    return False
+def _nothing(model: nn.Module) -> Callable[[str], bool]:
+    return lambda name: False
+
+
+def _everything(model: nn.Module) -> Callable[[str], bool]:
+    return lambda name: True
+
+
+def _biases(model: nn.Module) -> Callable[[str], bool]:
+    declared_biases = declared(model, "ssm_biases")
+    return lambda name: name.endswith(".bias") or name in declared_biases
+
+
+def _ssm_parameters(model: nn.Module) -> Callable[[str], bool]:
+    return declared(model, "ssm_parameters").__contains__
 
 
 METHODS: dict[str, Method] = {
     "linear_probe": Method(NO_OPTIONS, _nothing),
-    "full": Method(NO_OPTIONS, lambda name: True),
-    "bias": Method(NO_OPTIONS, lambda name: name.endswith((".bias", ".dt_projs_bias"))),  # VMamba's Δ bias too
-    "partial": Method(NO_OPTIONS, lambda name: PARTIAL.search(name) is not None),
+    "full": Method(NO_OPTIONS, _everything),
+    "bias": Method(NO_OPTIONS, _biases),
+    "partial": Method(NO_OPTIONS, _ssm_parameters),
     "lora": Method(LORA_OPTIONS, _nothing),
     "parallel_adapter": Method(frozenset({"rank"}), _nothing),
     "adaptor_t": Method(ADAPTOR_OPTIONS, _nothing, (True, False)),
     "adaptor_s": Method(ADAPTOR_OPTIONS, _nothing, (False, True)),
     "adaptor": Method(ADAPTOR_OPTIONS, _nothing, (True, True)),
     "adaptor+lora": Method(ADAPTOR_OPTIONS | LORA_OPTIONS, _nothing, (True, True)),
-    "adaptor_booster": Method(ADAPTOR_OPTIONS, lambda name: True, (True, True)),
+    "adaptor_booster": Method(ADAPTOR_OPTIONS, _everything, (True, True)),
 }
 WHOLE_BACKBONE = ("full", "adaptor_booster")
 """Methods that train every backbone parameter: they need no pretrained checkpoint, and their adapter files
@@ -257,7 +265,7 @@ def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:
     except ValueError as err:  # an option that does not fit this model: blocks, t_groups, LoRA targets
         raise MethodOptionError(f"method {method!r}: {err}") from err
     head = is_head(model)
-    trains = METHODS[method].trains
+    trains = METHODS[method].trains(model)
     set_trainable(model, lambda n: is_peft_parameter(n, model) or head(n) or trains(n))
     model.peft_method = {
         "method": method,

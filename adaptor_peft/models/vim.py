@@ -32,6 +32,7 @@ from .layers import (
     s4d_real_a_log,
     ssm,
 )
+from .protocol import AdaptableBlock, SSMMixer, declared
 from .registry import build, register
 
 TokenLayout = tuple[tuple[int, int], int]  # (patch grid (height, width), index of the class token)
@@ -92,10 +93,13 @@ class DeltaProjection(nn.Linear):
         return F.linear(x, self.weight)
 
 
-class BiMambaMixer(nn.Module):
+class BiMambaMixer(SSMMixer):
     """Bimamba-v2 mixer: one shared ``in_proj``, a forward scan and a scan over the flipped sequence,
     each with its own causal depthwise conv, ``x_proj``, ``dt_proj``, ``A`` and ``D``; the two outputs
     are averaged and projected back."""
+
+    ssm_parameters = ("A_log", "A_b_log", "D", "D_b", "conv1d", "conv1d_b", "dt_proj.bias", "dt_proj_b.bias")
+    no_decay = ("A_log", "A_b_log")
 
     def __init__(self, d_model: int, d_state: int = 16, expand: int = 2, d_conv: int = 4, dt_rank: int | None = None):
         super().__init__()
@@ -113,10 +117,14 @@ class BiMambaMixer(nn.Module):
         self.x_proj_b = nn.Linear(inner, self.dt_rank + 2 * d_state, bias=False)
         self.dt_proj_b = DeltaProjection(self.dt_rank, inner)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
-        self.adaptor_t: nn.Module | None = None
-        self.adaptor_s: nn.Module | None = None
         init_dt_(self.dt_proj.weight, self.dt_proj.bias)
         init_dt_(self.dt_proj_b.weight, self.dt_proj_b.bias)
+
+    def scan_shape(self) -> tuple[int, int]:
+        return self.A_log.shape[0], 2
+
+    def spatial_width(self, position: str) -> int:
+        return self.out_proj.out_features if position == "output" else self.out_proj.in_features
 
     def directions(self):
         """Per scan direction: (conv1d, x_proj, dt_proj, A_log, D); forward first, then flipped."""
@@ -187,7 +195,7 @@ class BiMambaMixer(nn.Module):
         return self.spatial(self.out_proj(y), layout, "output")
 
 
-class VimBlock(nn.Module):
+class VimBlock(AdaptableBlock):
     """``residual += drop_path(hidden)`` (first block: ``residual = hidden``), then
     ``hidden = mixer(norm(residual))``; the residual stream is kept in (at least) float32."""
 
@@ -196,7 +204,10 @@ class VimBlock(nn.Module):
         self.mixer = BiMambaMixer(dim, **mixer_kwargs)
         self.norm = RMSNorm(dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.parallel_adapter: nn.Module | None = None
+
+    @property
+    def width(self) -> int:
+        return self.norm.weight.shape[0]
 
     def forward(
         self, hidden: torch.Tensor, residual: torch.Tensor | None, layout: TokenLayout | None = None
@@ -251,6 +262,7 @@ class VisionMamba(Loadable, nn.Module):
         self.layers = nn.ModuleList(
             VimBlock(embed_dim, drop_path=rates[i], norm_eps=norm_eps, d_state=d_state) for i in range(depth)
         )
+        self.layers[-1].mixer.takes_adaptor_s = False  # the head reads the class token, off the 2D map
         self.norm_f = RMSNorm(embed_dim, eps=norm_eps)
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.feature_info = [dict(num_chs=embed_dim, reduction=stride, module=f"layers.{i}") for i in range(depth)]
@@ -259,6 +271,10 @@ class VisionMamba(Loadable, nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.head
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters weight decay must leave alone (timm's hook): the token and position embeddings, A."""
+        return {"cls_token", "pos_embed", *declared(self, "no_decay")}
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh head for ``num_classes`` (0: none), and the pooling if ``global_pool`` is given."""

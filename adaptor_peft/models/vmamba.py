@@ -33,6 +33,7 @@ from .layers import (
     s4d_real_a_log,
     ssm,
 )
+from .protocol import AdaptableBlock, SSMMixer, declared
 from .registry import build, register
 
 DIRECTIONS = 4  # row-major, column-major, and both reversed
@@ -53,9 +54,13 @@ def cross_merge(ys: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return rows + cols.view(batch, channels, width, height).transpose(2, 3).reshape(batch, channels, -1)
 
 
-class SS2D(nn.Module):
+class SS2D(SSMMixer):
     """2D selective scan: in_proj, depthwise 3x3 conv + SiLU, four directional scans with their own
     projections and SSM parameters, merge, LayerNorm, optional SiLU(z) gate, out_proj."""
+
+    ssm_parameters = ("A_logs", "Ds", "conv2d", "dt_projs_bias")
+    ssm_biases = ("dt_projs_bias",)
+    no_decay = ("A_logs",)
 
     def __init__(
         self,
@@ -79,11 +84,15 @@ class SS2D(nn.Module):
         self.conv2d = nn.Conv2d(inner, inner, d_conv, padding=(d_conv - 1) // 2, groups=inner, bias=conv_bias)
         self.out_norm = nn.LayerNorm(inner)
         self.out_proj = nn.Linear(inner, d_model, bias=False)
-        self.adaptor_t: nn.Module | None = None
-        self.adaptor_s: nn.Module | None = None
         bound = inner**-0.5
         nn.init.uniform_(self.x_proj_weight, -bound, bound)
         init_dt_(self.dt_projs_weight, self.dt_projs_bias)
+
+    def scan_shape(self) -> tuple[int, int]:
+        return self.dt_projs_weight.shape[1], self.dt_projs_weight.shape[0]
+
+    def spatial_width(self, position: str) -> int:
+        return self.out_proj.out_features if position == "output" else self.out_proj.in_features
 
     def scan(self, x: torch.Tensor) -> torch.Tensor:
         """(B, E, H, W) after conv → merged scan output (B, H, W, E), before out_norm."""
@@ -121,7 +130,7 @@ class SS2D(nn.Module):
         return x if self.adaptor_s is None or self.adaptor_s.position != position else self.adaptor_s(x)
 
 
-class VSSBlock(nn.Module):
+class VSSBlock(AdaptableBlock):
     """``x + drop_path(SS2D(norm(x)))``, then ``x + drop_path(mlp(norm2(x)))`` when ``mlp_ratio > 0``."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, mlp_ratio: float = 4.0, **ss2d_kwargs):
@@ -132,7 +141,10 @@ class VSSBlock(nn.Module):
         if mlp_ratio > 0:
             self.norm2 = nn.LayerNorm(dim)
             self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
-        self.parallel_adapter: nn.Module | None = None
+
+    @property
+    def width(self) -> int:
+        return self.norm.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = self.norm(x)
@@ -247,6 +259,10 @@ class VSSM(Loadable, nn.Module):
 
     def get_classifier(self) -> nn.Module:
         return self.classifier.head
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters weight decay must leave alone (timm's hook): A."""
+        return declared(self, "no_decay")
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A fresh head for ``num_classes`` (0: none), and the pooling if ``global_pool`` is given."""

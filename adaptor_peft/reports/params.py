@@ -19,7 +19,8 @@ from torch import nn
 
 from ..adaptors.files import adapter_bytes
 from ..adaptors.inject import is_head
-from ..adaptors.methods import BLOCK_TYPES, is_peft_parameter
+from ..adaptors.methods import is_peft_parameter
+from ..models.protocol import find_blocks
 
 GROUPS = {
     ".adaptor_t.": "Adaptor-T",
@@ -133,7 +134,7 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Counts ``model``'s parameters: totals, per group (Adaptor-T, Adaptor-S, LoRA, parallel adapter,
-    head, other trainable backbone parameters) and per block (Vim or VMamba blocks)."""
+    head, other trainable backbone parameters) and per block (every :class:`~adaptor_peft.models.AdaptableBlock`)."""
     head = is_head(model)
     total = trainable = head_size = added = 0
     groups: dict[str, int] = {}
@@ -147,11 +148,7 @@ def parameter_report(model: nn.Module) -> ParameterReport:
             trainable += count
             group = _group(name, in_head)
             groups[group] = groups.get(group, 0) + count
-    blocks = {
-        name: sum(p.numel() for p in block.parameters() if p.requires_grad)
-        for name, block in model.named_modules()
-        if isinstance(block, BLOCK_TYPES)
-    }
+    blocks = {name: sum(p.numel() for p in block.parameters() if p.requires_grad) for name, block in find_blocks(model)}
     method = getattr(model, "peft_method", None)
     method = method or {"method": "adaptor" if getattr(model, "adaptor_config", None) else "none"}
     return ParameterReport(

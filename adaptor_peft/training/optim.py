@@ -4,24 +4,27 @@ Weight decay pulls weights towards zero. That is a prior for matrices, but for n
 adaptors' scales and anchors zero is the wrong target: a zero scale switches an adaptor off, a zero
 anchor moves every Adaptor-T location to the first token, a zero ``A_log`` changes the SSM's decay.
 Those get no decay (as timm and the VTAB-1k PEFT code bases do for norms and biases, and Mamba and
-VMamba for ``A_log``).
+VMamba for ``A_log``). A backbone names its own through timm's ``no_weight_decay()`` hook; the adaptors'
+are named here.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
-NO_DECAY_SUFFIXES = ("bias", "gamma", "scale", "anchor", "pos_embed", "cls_token", "A_log", "A_b_log", "A_logs")
+NO_DECAY_SUFFIXES = ("bias", "gamma", "scale", "anchor")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULERS = ("cosine", "constant")
 
 
-def decays(name: str, parameter: nn.Parameter) -> bool:
-    """Does weight decay apply to this parameter? Not to vectors (norms, biases, D) nor to the names above."""
-    return parameter.ndim >= 2 and not name.rsplit(".", 1)[-1].endswith(NO_DECAY_SUFFIXES)
+def decays(name: str, parameter: nn.Parameter, exempt: Collection[str] = ()) -> bool:
+    """Does weight decay apply to this parameter? Not to vectors (norms, biases, D), nor to names ending as
+    above, nor to the ``exempt`` ones (a backbone's ``no_weight_decay()``)."""
+    return parameter.ndim >= 2 and name not in exempt and not name.rsplit(".", 1)[-1].endswith(NO_DECAY_SUFFIXES)
 
 
 def lr_scales(model: nn.Module) -> dict[int, float]:
@@ -43,7 +46,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
     if not trainable:
         raise ValueError("the model has no trainable parameters: prepare it with a method first")
     scales = lr_scales(model)
-    keys = {id(p): (decays(n, p), scales.get(id(p), 1.0)) for n, p in trainable}
+    exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    keys = {id(p): (decays(n, p, exempt), scales.get(id(p), 1.0)) for n, p in trainable}
     return [
         {"params": [p for _, p in trainable if keys[id(p)] == key], "weight_decay": weight_decay if key[0] else 0.0,
          "lr": lr * key[1]}
