@@ -1,18 +1,21 @@
 """adaptor_peft: parameter-efficient transfer of pretrained vision state-space models (Vim, VMamba).
 
 The whole workflow is here at the top level, as in HF ``peft``: ``create_model``, then ``inject_adaptor``
-(or ``prepare_model`` for any method), ``parameter_report``, ``param_groups`` for an optimizer of your own,
-``save_adaptor`` / ``load_adaptor``, and ``merge_adaptor`` / ``unload_adaptor``.
+(or ``prepare_model`` for any method; ``Method`` and ``register_method`` add your own),
+``parameter_report``, ``param_groups`` for an optimizer of your own, ``save_adaptor`` / ``load_adaptor``,
+and ``merge_adaptor`` / ``unload_adaptor``.
 """
 
 from .adaptors import (
     AdapterFileError,
     AdaptorConfig,
+    Method,
     MethodOptionError,
     inject_adaptor,
     load_adaptor,
     merge_adaptor,
     prepare_model,
+    register_method,
     save_adaptor,
     unload_adaptor,
 )
@@ -27,6 +30,7 @@ __all__ = [
     "AdapterFileError",
     "AdaptorConfig",
     "CheckpointError",
+    "Method",
     "MethodOptionError",
     "create_model",
     "inject_adaptor",
@@ -38,6 +42,7 @@ __all__ = [
     "parameter_report",
     "prepare_model",
     "read_state_dict",
+    "register_method",
     "save_adaptor",
     "selective_scan",
     "selective_scan_fn",

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft import create_model
 from adaptor_peft.adaptors import METHODS, prepare_model
 from adaptor_peft.reports import parameter_report
-from adaptor_peft.reports.params import ORDER
+from adaptor_peft.reports.params import group_order
 
 MODELS = {
     "Vim-T": "vim_tiny_patch16_224",
@@ -53,7 +53,7 @@ def main() -> None:
             + " | ".join(f"{r.trainable_without_head / 1e6:.3f} M ({r.trainable_percent:.2f} %)" for r in cells)
             + " |"
         )
-    groups = [g for g in ORDER if any(g in reports[DETAIL, m].groups for m in METHODS)]
+    groups = [g for g in group_order() if any(g in reports[DETAIL, m].groups for m in METHODS)]
     lines += [
         "",
         f"{DETAIL} ({MODELS[DETAIL]}, 100-class head) in detail",

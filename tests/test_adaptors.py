@@ -28,6 +28,7 @@ from adaptor_peft.adaptors import (
     save_adaptor,
     unload_adaptor,
 )
+from adaptor_peft.adaptors.methods import from_record
 from adaptor_peft.ops import native
 
 from .test_models import tiny
@@ -315,7 +316,7 @@ def test_injection_is_exact_at_init_and_trains_only_adaptors_and_head(kind):
     assert trainable and all(".adaptor_" in n or n.startswith(("head.", "classifier.head.")) for n in trainable)
     model.train()
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
-    with pytest.raises(RuntimeError, match="already has adaptors"):
+    with pytest.raises(RuntimeError, match="already prepared with 'adaptor'"):
         inject_adaptor(model)
 
 
@@ -410,7 +411,7 @@ def test_injected_partial_configs_round_trip_through_files(tmp_path, config):
     expected = logits(model, images)
     save_adaptor(model, tmp_path)
     fresh = load_adaptor(tiny("vim"), tmp_path)
-    assert fresh.adaptor_config == model.adaptor_config
+    assert fresh.peft_method.options == model.peft_method.options
     torch.testing.assert_close(logits(fresh, images), expected, rtol=0, atol=1e-6)
 
 
@@ -565,7 +566,7 @@ def test_prepare_model_trains_exactly_the_methods_parameters(method):
     names = {n for n, _ in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == expected_vim_trainable(method, names)
-    assert model.peft_method == {"method": method, "options": {}}
+    assert model.peft_method.record() == {"method": method, "options": {}}
     images = images_for("vim")
     plain = logits(tiny("vim"), images)
     torch.testing.assert_close(logits(model, images), plain, rtol=0, atol=1e-5)  # every method starts exact
@@ -618,9 +619,9 @@ def test_prepare_model_passes_adaptor_options():
     model = prepare_model(tiny("vim"), "adaptor", t_rank=2, config=AdaptorConfig(t_groups=2, s_kernel_size=5))
     t, s = model.layers[0].mixer.adaptor_t, model.layers[0].mixer.adaptor_s
     assert t.down.shape == (2, 2, 64) and t.groups == 2 and s.kernel.shape[-1] == 5
-    assert model.peft_method["options"]["t_rank"] == 2
-    assert model.peft_method["options"]["config"]["t_groups"] == 2
-    json.dumps(model.peft_method)  # what save_adaptor writes must be JSON
+    assert model.peft_method.record()["options"]["t_rank"] == 2
+    assert model.peft_method.record()["options"]["config"]["t_groups"] == 2
+    json.dumps(model.peft_method.record())  # what save_adaptor writes must be JSON
     model = prepare_model(tiny("vim"), "parallel_adapter", rank=3)
     assert model.layers[0].parallel_adapter.down.weight.shape == (3, 32)
 
@@ -637,9 +638,28 @@ def test_adaptor_methods_accept_agreeing_and_reject_conflicting_switches():
     for config in ({"temporal": False}, AdaptorConfig(temporal=False)):
         with pytest.raises(MethodOptionError, match=r"'adaptor': option config.temporal=False, but the method sets"):
             prepare_model(tiny("vim"), "adaptor", config=config)
-    for config in ({"spatial": True, "t_rank": 2}, {"spatial": False, "t_rank": 2}):  # on: the default, as recorded
-        model = prepare_model(tiny("vim"), "adaptor_t", config=config)
-        assert model.layers[0].mixer.adaptor_s is None and model.layers[0].mixer.adaptor_t.down.shape[1] == 2
+    model = prepare_model(tiny("vim"), "adaptor_t", config={"spatial": False, "t_rank": 2})  # repeated: fine
+    assert model.layers[0].mixer.adaptor_s is None and model.layers[0].mixer.adaptor_t.down.shape[1] == 2
+
+
+SWITCHES = [("spatial", True, "adaptor_t"), ("temporal", True, "adaptor_s"), ("temporal", False, "adaptor")]
+
+
+@pytest.mark.parametrize("switch, value, method", SWITCHES)
+def test_a_switch_behaves_alike_as_an_option_and_in_a_config_dict(switch, value, method):
+    for options, where in (({switch: value}, ""), ({"config": {switch: value}}, "config.")):
+        message = rf"'{method}': option {where}{switch}={value}, but the method sets"
+        with pytest.raises(MethodOptionError, match=message):
+            prepare_model(tiny("vim"), method, **options)
+
+
+def test_records_keep_no_default_switches_and_old_records_with_them_still_load():
+    model = prepare_model(tiny("vim"), "adaptor_t", config=AdaptorConfig(t_rank=2))
+    assert "spatial" not in model.peft_method.record()["options"]["config"]
+    old = {"method": "adaptor_t", "options": {"config": {**AdaptorConfig(t_rank=2).to_dict()}}}  # 0.2.0's record
+    assert from_record(old).settings() == model.peft_method.settings()
+    old_both = {"method": "adaptor+lora", "options": {"config": AdaptorConfig().to_dict(), "r": 4}}
+    assert from_record(old_both).settings()["lora.r"] == 4
 
 
 def test_lora_options_are_respected():
@@ -700,7 +720,7 @@ def test_a_booster_adapter_holds_the_whole_backbone_and_reloads_it_trainable(tmp
     with torch.no_grad():
         other.layers[0].mixer.in_proj.weight.add_(1.0)
     fresh = load_adaptor(other, tmp_path / "booster")
-    assert fresh.peft_method["method"] == "adaptor_booster"
+    assert fresh.peft_method.name == "adaptor_booster"
     assert all(p.requires_grad for p in fresh.parameters())  # fine-tuning can go on
     with torch.no_grad():
         assert torch.allclose(fresh(images), expected, atol=1e-6)
@@ -906,7 +926,7 @@ def failing_save(monkeypatch, saved: Path, failure: str) -> None:
     elif failure == "rename":
         monkeypatch.setattr(os, "replace", fail)
     else:  # options that JSON cannot hold: known only once the config is written
-        other.peft_method["options"]["extra"] = {"when": object()}
+        other.peft_method.given["extra"] = {"when": object()}
     with pytest.raises((OSError, TypeError)):
         save_adaptor(other, saved)
     monkeypatch.undo()
@@ -968,7 +988,7 @@ def test_an_adapter_saved_after_a_merge_belongs_to_the_merged_backbone(tmp_path)
     perturb(model, ".lora_B.")
     perturb(model, ".adaptor_")
     merge_adaptor(model)
-    assert model.peft_method == {"method": "adaptor", "options": {"t_rank": 2}}
+    assert model.peft_method.record() == {"method": "adaptor", "options": {"t_rank": 2}}
     save_adaptor(model, tmp_path / "merged")
     images = images_for("vim")
     merged_backbone = tiny("vim")
@@ -993,7 +1013,7 @@ def test_unload_restores_the_plain_backbone(kind, method):
     names = [n for n, _ in model.named_parameters()]
     assert not any(m in n for n in names for m in (".adaptor_", ".lora_", "base_layer", "parallel_adapter"))
     assert names == [n for n, _ in tiny(kind).named_parameters()]
-    assert not hasattr(model, "peft_method") and not hasattr(model, "adaptor_config")
+    assert not hasattr(model, "peft_method")
     prepare_model(model, "bias")  # a plain backbone again
 
 
@@ -1008,12 +1028,12 @@ def test_resolved_settings_spell_out_every_default_a_method_uses():
     assert resolved_settings("linear_probe", {}) == {"method": "linear_probe"}
     both = resolved_settings("adaptor+lora", {"t_rank": 2, "r": 4})
     defaults = AdaptorConfig().to_dict()
-    assert both["config.t_rank"] == 2 and both["config.lr_scale"] == defaults["lr_scale"]
-    assert both["config.s_dilations"] == list(defaults["s_dilations"])  # as JSON reads it back
+    assert both["adaptor.t_rank"] == 2 and both["adaptor.lr_scale"] == defaults["lr_scale"]
+    assert both["adaptor.s_dilations"] == list(defaults["s_dilations"])  # as JSON reads it back
     assert {k: both[k] for k in ("lora.r", "lora.alpha", "lora.targets")} == {
         "lora.r": 4, "lora.alpha": 16, "lora.targets": ["in_proj"]
     }  # fmt: skip
-    assert resolved_settings("parallel_adapter", {}) == {"method": "parallel_adapter", "rank": 32}
+    assert resolved_settings("parallel_adapter", {}) == {"method": "parallel_adapter", "parallel_adapter.rank": 32}
     assert json.loads(json.dumps(both)) == both
     with pytest.raises(MethodOptionError, match="has no option rank"):
         resolved_settings("lora", {"rank": 4})

@@ -65,8 +65,8 @@ def test_load_into_a_model_that_carries_the_same_adaptors(tmp_path, prepare):
 @pytest.mark.parametrize(
     "prepare, message",
     [
-        (lambda m: ap.inject_adaptor(m, ap.AdaptorConfig(t_rank=2)), r"config\.t_rank: model 2, adapter 4"),
-        (lambda m: ap.inject_adaptor(m, ap.AdaptorConfig(t_anchor="static")), r"config\.t_anchor: model 'static'"),
+        (lambda m: ap.inject_adaptor(m, ap.AdaptorConfig(t_rank=2)), r"adaptor\.t_rank: model 2, adapter 4"),
+        (lambda m: ap.inject_adaptor(m, ap.AdaptorConfig(t_anchor="static")), r"adaptor\.t_anchor: model 'static'"),
         (lambda m: ap.prepare_model(m, "adaptor_t"), r"method: model 'adaptor_t', adapter 'adaptor'"),
         (
             lambda m: ap.prepare_model(m, "lora"),
@@ -95,7 +95,7 @@ def test_an_adapter_trained_with_another_lr_scale_or_init_loads_the_same_weights
     torch.testing.assert_close(
         logits(model, images_for("vim")), logits(ap.load_adaptor(tiny("vim"), folder), images_for("vim"))
     )
-    with pytest.raises(ap.AdapterFileError, match=r"config\.t_rank: model 2, adapter 4"):  # shapes still count
+    with pytest.raises(ap.AdapterFileError, match=r"adaptor\.t_rank: model 2, adapter 4"):  # shapes still count
         ap.load_adaptor(ap.inject_adaptor(tiny("vim"), ap.AdaptorConfig(t_rank=2, lr_scale=1.0)), folder)
 
 

@@ -37,7 +37,7 @@ def test_the_model_is_the_default_backbone_with_every_adaptor_built_in_and_pretr
     added = set(model.state_dict()) - set(plain.state_dict())
     assert added and all(any(m in f".{k}" for m in BUILTIN) for k in added)
     assert set(plain.state_dict()) <= set(model.state_dict())
-    assert model.builtin_adaptors == BUILTIN_ADAPTORS and not hasattr(model, "adaptor_config")
+    assert model.builtin_adaptors == BUILTIN_ADAPTORS and getattr(model, "peft_method", None) is None
     gammas = [v for k, v in shipped.items() if k.endswith("adaptor_t.gamma")]
     assert len(gammas) == 8 and all(g.abs().sum() > 0 for g in gammas)  # trained, not the identity at init
     with pytest.warns(UserWarning, match="pretrained with adaptor_peft 0.1's Adaptor-T"):
@@ -52,7 +52,7 @@ def test_methods_that_add_adaptors_are_refused_before_the_model_changes(shipped)
     for method in ("adaptor", "adaptor_t", "adaptor_s", "adaptor+lora", "adaptor_booster"):
         with pytest.raises(MethodOptionError, match=re.escape(f"method {method!r}") + ".*built in.*lora"):
             ap.prepare_model(model, method)
-    with pytest.raises(RuntimeError, match="built into its backbone"):
+    with pytest.raises(MethodOptionError, match="built in"):
         ap.inject_adaptor(model)
     assert getattr(model, "peft_method", None) is None
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -66,7 +66,6 @@ def test_lora_freezes_the_builtin_adaptors_and_reports_only_what_it_added(shippe
     assert trainable == {n for n in trainable if ".lora_" in n or n.startswith("head.")}
     assert not trainable & set(builtin_names(model))
     assert not any(is_peft_parameter(n, model) for n in builtin_names(model))
-    assert all(is_peft_parameter(n) for n in builtin_names(model))  # without the model: by name alone
     report = ap.parameter_report(model)
     assert report.added == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
 

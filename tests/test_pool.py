@@ -43,7 +43,7 @@ def test_parallel_runs_match_sequential_ones_in_order_and_are_read_back(tmp_path
 def test_a_failing_run_stops_the_queued_ones_and_bad_jobs_are_refused(tmp_path):
     bad = jobs(tmp_path, "bad", ["adaptor+lora", "linear_probe", "bias", "adaptor_s", "adaptor_t", "adaptor", "full"])
     bad[0][0]["method_options"] = {"r": "eight"}
-    with pytest.raises(Exception, match="option r='eight' must be of type int"):
+    with pytest.raises(Exception, match=r"option lora\.r='eight' must be of type int"):
         train_runs(bad, 2)
     assert not (tmp_path / "bad" / "full" / "results.json").exists()  # queued behind the failure: never ran
     with pytest.raises(ValueError, match="workers must be at least 1"):

@@ -302,17 +302,17 @@ def test_a_finished_run_is_not_read_back_once_a_method_default_changed(tmp_path,
     first = train(recipe, tmp_path / "run", data, progress=False)
     record = json.loads((tmp_path / "run" / "resolved.json").read_text())
     settings = record["method"]
-    assert settings["method"] == "adaptor" and settings["config.lr_scale"] == 10.0 and settings["config.t_rank"] == 4
+    assert settings["method"] == "adaptor" and settings["adaptor.lr_scale"] == 10.0 and settings["adaptor.t_rank"] == 4
     assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)  # read back
-    before_init = {k: v for k, v in settings.items() if k != "config.t_init"}  # made before t_init existed
+    before_init = {k: v for k, v in settings.items() if k != "adaptor.t_init"}  # made before t_init existed
     (tmp_path / "run" / "resolved.json").write_text(json.dumps({**record, "method": before_init}))
     assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)  # its default keeps the run's
 
-    older = {**record, "method": {**settings, "config.lr_scale": 1.0}}  # made under an older default
+    older = {**record, "method": {**settings, "adaptor.lr_scale": 1.0}}  # made under an older default
     (tmp_path / "run" / "resolved.json").write_text(json.dumps(older))
-    with pytest.raises(TrainingError, match=r"other settings of method 'adaptor'.*config.lr_scale: run 1.0, now 10.0"):
+    with pytest.raises(TrainingError, match=r"other settings of method 'adaptor'.*adaptor.lr_scale: run 1.0, now 10.0"):
         training_loop.train_once(recipe, tmp_path / "run")
-    with pytest.raises(TrainingError, match=r"config\.lr_scale: run 1\.0, now 10\.0"):
+    with pytest.raises(TrainingError, match=r"adaptor\.lr_scale: run 1\.0, now 10\.0"):
         train(recipe, tmp_path / "run", data, progress=False)  # nor resumed or overwritten
 
     (tmp_path / "run" / "resolved.json").unlink()  # a run from before the record: its recipe is all there is

@@ -4,8 +4,17 @@ from ..models.protocol import find_mixers
 from .backbones import vim_nano_patch4_32_adaptor
 from .config import AdaptorConfig
 from .files import AdapterFileError, load_adaptor, merge_adaptor, save_adaptor, unload_adaptor
-from .inject import inject_adaptor
-from .methods import METHODS, MethodOptionError, ParallelAdapter, is_peft_parameter, prepare_model
+from .methods import (
+    METHODS,
+    Method,
+    MethodOptionError,
+    ParallelAdapter,
+    get_method,
+    inject_adaptor,
+    is_peft_parameter,
+    prepare_model,
+    register_method,
+)
 from .spatial import AdaptorS
 from .temporal import AdaptorT
 
@@ -15,14 +24,17 @@ __all__ = [
     "AdaptorConfig",
     "AdaptorS",
     "AdaptorT",
+    "Method",
     "MethodOptionError",
     "ParallelAdapter",
     "find_mixers",
+    "get_method",
     "inject_adaptor",
     "is_peft_parameter",
     "load_adaptor",
     "merge_adaptor",
     "prepare_model",
+    "register_method",
     "save_adaptor",
     "unload_adaptor",
     "vim_nano_patch4_32_adaptor",

@@ -18,7 +18,7 @@ from ..models import load_checkpoint
 from ..models.registry import build, register
 from ..models.vim import NANO, VisionMamba, embedded_cfg
 from .config import AdaptorConfig
-from .inject import inject_adaptor
+from .inject import add_adaptors
 
 BUILTIN_ADAPTORS = AdaptorConfig(
     t_locations=2, t_groups=4, t_rank=4, t_anchor="learned", t_init=0.0,
@@ -41,8 +41,7 @@ default_cfgs = generate_default_cfgs({"vim_nano_patch4_32_adaptor": embedded_cfg
 
 def with_builtin_adaptors(model: nn.Module, config: AdaptorConfig = BUILTIN_ADAPTORS) -> nn.Module:
     """Builds ``config``'s adaptors into ``model`` as backbone parameters, all trainable, and returns it."""
-    inject_adaptor(model, config, freeze_backbone=False)
-    del model.adaptor_config  # what a transfer method records; these adaptors are the architecture's
+    add_adaptors(model, config)
     model.builtin_adaptors = config
     return model
 

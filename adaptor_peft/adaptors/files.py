@@ -34,9 +34,7 @@ from torch import nn
 
 from ..atomic import write_atomically
 from ..models import classifier_name
-from ..models.protocol import find_blocks, find_mixers
-from .inject import has_builtin_adaptors
-from .methods import METHODS, is_peft_parameter, prepare_model, resolved_settings
+from .methods import from_record, is_peft_parameter, prepare_model
 
 WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"
 FORMAT = "adaptor_peft.adapter/3"
@@ -115,26 +113,20 @@ def _base_model(model: nn.Module) -> str:
 
 
 def _method_of(model: nn.Module) -> dict[str, Any] | None:
-    """The transfer method on ``model`` as ``{"method", "options"}``: what :func:`prepare_model` recorded,
-    or, for :func:`inject_adaptor`, the adaptor method that rebuilds its config; None for a plain model."""
-    if getattr(model, "peft_method", None) is not None:
-        return model.peft_method
-    config = getattr(model, "adaptor_config", None)
-    if config is None:
-        return None
-    name = "adaptor" if config.temporal and config.spatial else "adaptor_t" if config.temporal else "adaptor_s"
-    return {"method": name, "options": {"config": config.to_dict()}}
+    """The record (``{"method", "options"}``) of the transfer method on ``model``; None for a plain model."""
+    method = getattr(model, "peft_method", None)
+    return None if method is None else method.record()
 
 
-UNCOMPARED = ("config.extra", "config.lr_scale", "config.t_init", "config.s_init")
+UNCOMPARED = ("adaptor.extra", "adaptor.lr_scale", "adaptor.t_init", "adaptor.s_init")
 """AdaptorConfig fields that leave the modules and their loaded weights as they are: free-form notes, an
 optimizer setting and the initialisations, which the loaded weights replace."""
 
 
 def _settings(method: dict[str, Any]) -> dict[str, Any]:
-    """Everything a method record adds, flat and comparable (:func:`resolved_settings`) but for
+    """Everything a method record adds, flat and comparable (:meth:`~adaptor_peft.adaptors.Method.settings`) but for
     :data:`UNCOMPARED`."""
-    flat = resolved_settings(method["method"], method["options"])
+    flat = from_record(method).settings()
     return {key: value for key, value in flat.items() if key not in UNCOMPARED}
 
 
@@ -231,7 +223,7 @@ def read_adaptor_config(directory: str | Path) -> dict[str, Any]:
 def _has_adaptor_t(config: dict[str, Any]) -> bool:
     """Does the adapter record ``config`` put an Adaptor-T on the model?"""
     try:
-        return bool(resolved_settings(config.get("method"), config.get("options", {})).get("config.temporal"))
+        return bool(from_record(config).settings().get("adaptor.temporal"))
     except ValueError:  # a method or options this version does not know: refused later, by name
         return False
 
@@ -300,7 +292,8 @@ def load_adaptor(model: nn.Module, source: str | Path) -> nn.Module:
                 f"({'; '.join(differences)}); load it onto a fresh backbone"
             )
     if current is None:  # first: a method that does not fit the model leaves it as it was, head included
-        prepare_model(model, config["method"], **config["options"])
+        method = from_record(config)
+        prepare_model(model, method.name, **method.given)
     head = classifier_name(model)
     saved_classes = state.get(f"{head}.weight")
     if saved_classes is not None and saved_classes.shape[0] != getattr(model, "num_classes", None):
@@ -321,41 +314,23 @@ def load_adaptor(model: nn.Module, source: str | Path) -> nn.Module:
     return model
 
 
-def _remove_lora(model: nn.Module, merge: bool) -> None:
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            if merge:
-                module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
-
-
 def merge_adaptor(model: nn.Module) -> nn.Module:
-    """Folds LoRA into the weights it wraps and removes its wrappers. Adaptor-T, Adaptor-S and parallel
-    adapters act on activations (locations, 2D neighbourhoods) and stay as modules."""
-    _remove_lora(model, merge=True)
+    """Folds what the method on ``model`` can fold into the weights it wraps (LoRA) and removes its
+    wrappers. Adaptor-T, Adaptor-S and parallel adapters act on activations (locations, 2D
+    neighbourhoods) and stay as modules. The merged weights are now the backbone: what is left to save is
+    the rest of the method, and its adapter file belongs to the merged backbone (whose fingerprint it
+    records)."""
     method = getattr(model, "peft_method", None)
-    if method is not None and method["method"] in ("lora", "adaptor+lora"):
-        # The merged weights are now the backbone: what is left to save is the rest of the method, and its
-        # adapter file belongs to the merged backbone (whose fingerprint it records).
-        rest = "linear_probe" if method["method"] == "lora" else "adaptor"
-        options = {k: v for k, v in method["options"].items() if k in METHODS[rest].options}
-        model.peft_method = {"method": rest, "options": options}
+    if method is not None:
+        model.peft_method = method.merge(model)
     return model
 
 
 def unload_adaptor(model: nn.Module) -> nn.Module:
-    """Removes every transfer module (adaptors, parallel adapters, unmerged LoRA): the plain backbone, with
-    any adaptors built into it."""
-    if not has_builtin_adaptors(model):  # those are the backbone's own
-        for _, mixer in find_mixers(model):
-            mixer.adaptor_t = mixer.adaptor_s = None
-    for _, block in find_blocks(model):
-        block.parallel_adapter = None
-    _remove_lora(model, merge=False)
-    for attribute in ("peft_method", "adaptor_config"):
-        if hasattr(model, attribute):
-            delattr(model, attribute)
+    """Removes every module the transfer method on ``model`` added (adaptors, parallel adapters, unmerged
+    LoRA): the plain backbone, with any adaptors built into it."""
+    method = getattr(model, "peft_method", None)
+    if method is not None:
+        method.unload(model)
+        del model.peft_method
     return model

@@ -1,4 +1,5 @@
-"""``inject_adaptor``: Adaptor-T and Adaptor-S into every selective-scan mixer of a backbone.
+"""Adaptor-T and Adaptor-S into every selective-scan mixer of a backbone: the module work of the adaptor
+methods, of :func:`adaptor_peft.inject_adaptor` and of backbones with adaptors built in.
 
 Mixers are found by their base class (:class:`~adaptor_peft.models.protocol.SSMMixer`), whose
 declarations give the adaptors' shapes; the adaptors become their ``adaptor_t`` / ``adaptor_s``
@@ -18,8 +19,6 @@ from ..models.protocol import find_mixers
 from .config import AdaptorConfig
 from .spatial import AdaptorS
 from .temporal import AdaptorT
-
-ADAPTOR_MARKERS = (".adaptor_t.", ".adaptor_s.")
 
 
 def is_head(model: nn.Module) -> Callable[[str], bool]:
@@ -41,19 +40,16 @@ def set_trainable(model: nn.Module, trainable: Callable[[str], bool]) -> nn.Modu
     return model
 
 
-def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze_backbone: bool = True) -> nn.Module:
-    """Inserts the adaptors of ``config`` (default :class:`AdaptorConfig`) into ``model`` and returns it.
+def add_adaptors(model: nn.Module, config: AdaptorConfig) -> nn.Module:
+    """Builds ``config``'s adaptors into ``model``'s mixers and returns it; trainability and the method
+    record are the caller's (:func:`adaptor_peft.inject_adaptor`, :func:`adaptor_peft.prepare_model`).
+    Every check runs before the first adaptor goes in, so a refused config leaves the model as it was.
 
-    ``freeze_backbone=True`` (parameter-efficient fine-tuning) leaves only the adaptors and the
-    classification head trainable; ``False`` keeps everything trainable (the paper's "booster" use on
-    a pretrained model, or its "backbone" use when training from scratch). The adaptors start as the
-    identity: the injected model computes what it computed before, to float rounding. A mixer whose
-    Adaptor-S could not reach the logits gets none (a Vim's last block: the head reads the class token,
-    which is not on the patch grid Adaptor-S works on).
-    In a bfloat16 / float16 backbone the adaptors' parameters stay float32 (as peft's
-    ``autocast_adapter_dtype``): they take the backbone's activations and give back its dtype.
-    """
-    config = config or AdaptorConfig()
+    The adaptors start as the identity: the model computes what it computed before, to float rounding.
+    A mixer whose Adaptor-S could not reach the logits gets none (a Vim's last block: the head reads the
+    class token, which is not on the patch grid Adaptor-S works on). In a bfloat16 / float16 backbone the
+    adaptors' parameters stay float32 (as peft's ``autocast_adapter_dtype``): they take the backbone's
+    activations and give back its dtype."""
     mixers = find_mixers(model)
     if not mixers:
         children = ", ".join(f"{n}: {type(m).__name__}" for n, m in model.named_children()) or "none"
@@ -61,32 +57,35 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
             f"inject_adaptor: {type(model).__name__} has no selective-scan mixers (SSMMixer) "
             f"(its children: {children}); build the backbone with adaptor_peft.create_model"
         )
-    if has_builtin_adaptors(model):
-        raise RuntimeError(
-            f"inject_adaptor: {type(model).__name__} has Adaptor-T and Adaptor-S built into its backbone; "
-            "transfer it with prepare_model(model, 'lora') or another method that adds no adaptors"
-        )
     injected = [name for name, m in mixers if m.adaptor_t is not None or m.adaptor_s is not None]
     if injected:
         raise RuntimeError(
             f"inject_adaptor: {type(model).__name__} already has adaptors ({injected[0]} and "
             f"{len(injected) - 1} more mixers); inject once, or start from a fresh backbone"
         )
-    chosen = range(len(mixers)) if config.blocks is None else config.blocks
-    if any(not 0 <= i < len(mixers) for i in chosen):
+    indices = range(len(mixers)) if config.blocks is None else config.blocks
+    if any(not 0 <= i < len(mixers) for i in indices):
         raise ValueError(
             f"AdaptorConfig.blocks={config.blocks}: the model has {len(mixers)} blocks (0..{len(mixers) - 1})"
         )
-    for i in chosen:
-        name, mixer = mixers[i]
+    chosen = [mixers[i] for i in indices]
+    for name, mixer in chosen:
+        if config.temporal and mixer.scan_shape()[0] % config.t_groups:
+            raise ValueError(
+                f"AdaptorConfig.t_groups={config.t_groups} does not divide the scan width "
+                f"{mixer.scan_shape()[0]} of {name}"
+            )
+    if not config.temporal and not any(mixer.takes_adaptor_s for _, mixer in chosen):
+        raise ValueError(
+            f"inject_adaptor: {config} adds nothing to {type(model).__name__}: its chosen mixers take no "
+            "Adaptor-S (it could not reach the logits, as in a Vim's last block); choose other blocks or enable "
+            "Adaptor-T"
+        )
+    for _, mixer in chosen:
         weight = next(mixer.parameters())
         dtype = torch.promote_types(weight.dtype, torch.float32)  # float32 adaptors in a half-precision backbone
         if config.temporal:
             channels, directions = mixer.scan_shape()
-            if channels % config.t_groups:
-                raise ValueError(
-                    f"AdaptorConfig.t_groups={config.t_groups} does not divide the scan width {channels} of {name}"
-                )
             mixer.adaptor_t = AdaptorT(
                 channels,
                 directions,
@@ -110,14 +109,4 @@ def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze
                 config.lr_scale,
                 config.s_init,
             ).to(weight.device, dtype)
-    if not any(m.adaptor_t is not None or m.adaptor_s is not None for _, m in mixers):
-        raise ValueError(
-            f"inject_adaptor: {config} adds nothing to {type(model).__name__}: its chosen mixers take no "
-            "Adaptor-S (it could not reach the logits, as in a Vim's last block); choose other blocks or enable "
-            "Adaptor-T"
-        )
-    model.adaptor_config = config
-    if freeze_backbone:
-        head = is_head(model)
-        set_trainable(model, lambda n: any(m in f".{n}" for m in ADAPTOR_MARKERS) or head(n))
     return model

@@ -1,65 +1,359 @@
-"""``prepare_model``: every transfer method — the adaptors and the baselines — through one code path.
+"""Transfer methods as classes in one registry, and ``prepare_model``, which applies one.
 
 | method | trains (besides the head) |
 |---|---|
 | ``linear_probe`` | nothing |
 | ``full`` | everything |
 | ``bias`` | every bias |
-| ``partial`` | the SSM's own parameters: ``A_log`` / ``D`` / conv / Δ bias (MambaPEFT's partial tuning) |
+| ``partial`` | the SSM's own parameters: A / D / conv / Δ bias (MambaPEFT's partial tuning) |
 | ``lora`` | HF ``peft`` LoRA on ``targets`` (default ``in_proj``) |
 | ``parallel_adapter`` | a bottleneck MLP beside every mixer, zero-initialised output (``rank``, default 32) |
 | ``adaptor_t`` / ``adaptor_s`` / ``adaptor`` | Adaptor-T, Adaptor-S, both (options: :class:`AdaptorConfig` fields) |
-| ``adaptor+lora`` | both adaptors and LoRA (options of both) |
-| ``adaptor_booster`` | everything, with both adaptors added (the paper's "booster"; options: :class:`AdaptorConfig`) |
+| ``adaptor+lora`` | both adaptors and LoRA (options of both; ``lora={...}`` / ``adaptor={...}`` name the part) |
+| ``adaptor_booster`` | everything, with the adaptors added (the paper's "booster"; options: :class:`AdaptorConfig`) |
+
+A method is a :class:`Method` subclass registered with :func:`register_method`, as peft's tuners are: it
+owns its name, its options (a dataclass that checks its values), how it changes a model, which backbone
+parameters it trains, how its parameters are grouped in reports, how it merges and unloads, and what an
+adapter file records of it. ``prepare_model``, the reports, adapter files, the process pool and the suite
+read the registry, so a new method is one class.
 
 Options are checked before the model changes: an unknown option, a value of the wrong type or range, or
-one that contradicts the method raises :class:`MethodOptionError`, one line naming the option and what
-is allowed (a recipe's ``method_options`` arrive here unchanged). The method and its options are recorded
-on the model (``model.peft_method``), which is what :func:`adaptor_peft.save_adaptor` writes next to
-the weights; :func:`resolve_options` fills in every default, so that two records can be compared.
+one that contradicts the method raises :class:`MethodOptionError`, one line naming the option and what is
+allowed (a recipe's ``method_options`` arrive here unchanged). The applied method is recorded on the model
+as ``model.peft_method``; everything that asks what a model was prepared with reads that attribute.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import inspect
-import json
-import re
-import types
-import typing
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..models.protocol import declared, find_blocks
+from ..models.protocol import declared, find_blocks, find_mixers
 from .config import AdaptorConfig
-from .inject import ADAPTOR_MARKERS, has_builtin_adaptors, inject_adaptor, is_head, set_trainable
+from .inject import add_adaptors, has_builtin_adaptors, is_head, set_trainable
+from .options import MethodOptionError, as_json, build_options, check_options, field_types
 
-OTHER_MARKERS = (".parallel_adapter.", ".lora_")
-LORA_DEFAULTS = dict(r=8, alpha=16, dropout=0.0, targets=("in_proj",))
-PARALLEL_RANK = 32
-OPTION_TYPES: dict[str, Any] = {
-    **typing.get_type_hints(AdaptorConfig),
-    "config": AdaptorConfig | dict[str, Any],
-    "r": int,
-    "alpha": float,
-    "targets": list[str],
-    "rank": int,
-}
-"""The type of every method option (LoRA's ``dropout`` shares AdaptorConfig's, a float)."""
+__all__ = ["METHODS", "Method", "MethodOptionError", "get_method", "prepare_model", "register_method"]
 
 
-class MethodOptionError(ValueError):
-    """An unknown transfer method, or an option it does not take, of the wrong type or out of range."""
+class Method:
+    """A transfer method. A subclass sets :attr:`name` and, if it takes options, :attr:`Options`, and
+    overrides what it does differently from this base (which adds nothing and trains nothing)."""
+
+    name: ClassVar[str]
+    """What users, recipes and adapter files call the method."""
+    key: ClassVar[str] = ""
+    """The namespace of its options: in flat settings (``lora.r``) and in a combination (``lora={...}``)."""
+    Options: ClassVar[type | None] = None
+    """A dataclass whose fields are the options and whose ``__post_init__`` raises ``ValueError`` for a bad
+    value, naming the field; None: no options."""
+    groups: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """(marker in the names of the parameters it adds, their group in parameter reports) pairs."""
+    trains_backbone: ClassVar[bool] = False
+    """Does it train every backbone parameter? Then it needs no pretrained checkpoint, and its adapter files
+    hold the whole backbone."""
+    step_cost: ClassVar[float] = 3.0
+    """A training step's cost relative to a frozen backbone's forward pass (forward + backward is about 3):
+    the process pool starts the most expensive runs first."""
+
+    def __init__(self, **options: Any):
+        self.given = self.recorded(options)
+        """The options as the user gave them: what adapter files and ``model.peft_method`` record."""
+        self.options = self.parse(options)
+
+    @classmethod
+    def recorded(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """``options`` as a record keeps them: JSON-ready."""
+        return as_json(options)
+
+    @classmethod
+    def normalised(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """A record's options as this version reads them (older records spelled some differently)."""
+        return options
+
+    @classmethod
+    def part_of(cls, combination: str, options: dict[str, Any]) -> Method:
+        """The method as a part of ``combination``, which names it in errors, its options under its key."""
+        member = cls.__new__(cls)
+        member.given = cls.recorded(options)
+        member.options = cls.parse(options, combination, f"{cls.key}.")
+        return member
+
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        """Option name -> type."""
+        return field_types(cls.Options) if cls.Options is not None else {}
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], method: str | None = None, prefix: str = "") -> Any:
+        """The checked options (an :attr:`Options` instance, or None); ``method`` and ``prefix`` name them
+        in errors when the method is part of a combination. Raises :class:`MethodOptionError`."""
+        method = method or cls.name
+        if cls.Options is None:
+            check_options(method, options, {}, prefix)
+            return None
+        return build_options(method, cls.Options, options, prefix)
+
+    def check(self, model: nn.Module) -> None:
+        """Raises ``ValueError`` if the options do not fit ``model``; runs before anything changes."""
+
+    def apply(self, model: nn.Module) -> None:
+        """Adds the method's modules to ``model``."""
+
+    def trains(self, model: nn.Module) -> Callable[[str], bool]:
+        """Which of ``model``'s backbone parameters (by name) it trains, besides those it adds and the head."""
+        return lambda name: self.trains_backbone
+
+    def adds(self, name: str) -> bool:
+        """Was parameter (or buffer) ``name`` added by this method?"""
+        return any(marker in f".{name}" for marker, _ in self.groups)
+
+    def merge(self, model: nn.Module) -> Method:
+        """Folds what it can into the backbone's weights and returns the method left on the model."""
+        return self
+
+    def unload(self, model: nn.Module) -> None:
+        """Removes the modules it added."""
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting with its default filled in, flat and JSON-ready (``lora.r``): two methods with
+        equal settings train the same modules the same way."""
+        return {"method": self.name, **{f"{self.key}.{k}": v for k, v in as_json(self.options or {}).items()}}
+
+    def record(self) -> dict[str, Any]:
+        """``{"method", "options"}``, JSON-ready: what an adapter file stores to rebuild the method."""
+        return {"method": self.name, "options": self.given}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.given})"
+
+
+METHODS: dict[str, type[Method]] = {}
+"""Every registered method by name, in registration order."""
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: makes ``cls`` available to :func:`prepare_model`, recipes and the CLI by its name."""
+    if cls.name in METHODS:
+        raise ValueError(f"register_method: a method named {cls.name!r} is registered already ({METHODS[cls.name]})")
+    METHODS[cls.name] = cls
+    return cls
+
+
+def get_method(name: str) -> type[Method]:
+    """The registered method ``name``; raises :class:`MethodOptionError` naming the choices."""
+    if name not in METHODS:
+        raise MethodOptionError(f"unknown method {name!r}; choose from {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def report_groups() -> dict[str, str]:
+    """Marker -> report group of every registered method's parameters."""
+    return {marker: group for method in METHODS.values() for marker, group in method.groups}
+
+
+@register_method
+class LinearProbe(Method):
+    name = "linear_probe"
+    step_cost = 1.0  # a frozen backbone needs no backward
+
+
+@register_method
+class FullTuning(Method):
+    name = "full"
+    trains_backbone = True
+
+
+@register_method
+class BiasTuning(Method):
+    name = "bias"
+
+    def trains(self, model: nn.Module) -> Callable[[str], bool]:
+        extra = declared(model, "ssm_biases")  # VMamba's Δ bias
+        return lambda name: name.endswith(".bias") or name in extra
+
+
+@register_method
+class PartialTuning(Method):
+    name = "partial"
+
+    def trains(self, model: nn.Module) -> Callable[[str], bool]:
+        return declared(model, "ssm_parameters").__contains__
+
+
+class AdaptorMethod(Method):
+    """Adds Adaptor-T and/or Adaptor-S. Options: :class:`AdaptorConfig`'s fields, and ``config`` (an
+    AdaptorConfig or a dict of its fields) which they override. ``switches`` fixes ``temporal`` and
+    ``spatial``: an option or a config dict may repeat them but not contradict them, and an AdaptorConfig
+    may not turn off an adaptor the method adds (its switches are on by default, so on says nothing, and
+    a record leaves them out)."""
+
+    key = "adaptor"
+    Options = AdaptorConfig
+    groups = ((".adaptor_t.", "Adaptor-T"), (".adaptor_s.", "Adaptor-S"))
+    switches: ClassVar[tuple[tuple[str, bool], ...]] = ()
+    """(``temporal`` / ``spatial``, the value the method sets) pairs."""
+
+    @classmethod
+    def option_types(cls) -> dict[str, Any]:
+        return {**field_types(AdaptorConfig), "config": AdaptorConfig | dict[str, Any]}
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], method: str | None = None, prefix: str = "") -> AdaptorConfig:
+        method = method or cls.name
+        check_options(method, options, cls.option_types(), prefix)
+        chosen = dict(options)
+        config = chosen.pop("config", None) or {}
+        if isinstance(config, dict):
+            check_options(method, config, field_types(AdaptorConfig), f"{prefix}config.")
+            stated = config
+        else:
+            config = config.to_dict()
+            stated = {name: False for name in ("temporal", "spatial") if config[name] is False}
+        for name, value in cls.switches:
+            for source, where in ((chosen, prefix), (stated, f"{prefix}config.")):
+                if source.get(name, value) != value:
+                    raise MethodOptionError(
+                        f"method {method!r}: option {where}{name}={source[name]!r}, but the method sets {value!r}"
+                    )
+        return build_options(method, AdaptorConfig, {**config, **chosen, **dict(cls.switches)}, prefix)
+
+    @classmethod
+    def recorded(cls, options: dict[str, Any]) -> dict[str, Any]:
+        options = dict(options)
+        if isinstance(options.get("config"), AdaptorConfig):
+            config = options["config"].to_dict()
+            options["config"] = {k: v for k, v in config.items() if k not in ("temporal", "spatial") or v is False}
+        return as_json(options)
+
+    @classmethod
+    def normalised(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Without the switches in a recorded ``config``: records written by adaptor_peft 0.2.0 kept an
+        AdaptorConfig's, on or off, and the method's name decides them."""
+        config = options.get("config")
+        if not isinstance(config, dict):
+            return options
+        return {**options, "config": {k: v for k, v in config.items() if k not in ("temporal", "spatial")}}
+
+    def check(self, model: nn.Module) -> None:
+        if has_builtin_adaptors(model):
+            plain = ", ".join(name for name, m in METHODS.items() if not issubclass(m, AdaptorMethod | Combination))
+            raise ValueError(f"the backbone has Adaptor-T and Adaptor-S built in; transfer it with {plain}")
+
+    def apply(self, model: nn.Module) -> None:
+        add_adaptors(model, self.options)
+
+    def unload(self, model: nn.Module) -> None:
+        for _, mixer in find_mixers(model):
+            mixer.adaptor_t = mixer.adaptor_s = None
+
+
+@register_method
+class AdaptorTOnly(AdaptorMethod):
+    name = "adaptor_t"
+    switches = (("temporal", True), ("spatial", False))
+    step_cost = 3.3  # the memory read adds about a tenth (benchmarks/overhead.py)
+
+
+@register_method
+class AdaptorSOnly(AdaptorMethod):
+    name = "adaptor_s"
+    switches = (("temporal", False), ("spatial", True))
+
+
+@register_method
+class Adaptors(AdaptorMethod):
+    name = "adaptor"
+    switches = (("temporal", True), ("spatial", True))
+    step_cost = 3.3
+
+
+@register_method
+class AdaptorBooster(AdaptorMethod):
+    """The adaptors on a backbone that trains too; which adaptors is the options' choice (both by default)."""
+
+    name = "adaptor_booster"
+    trains_backbone = True
+    step_cost = 3.3
+
+
+@dataclass
+class LoRAOptions:
+    r: int = 8
+    """Rank of the update."""
+    alpha: float = 16.0
+    """Scale: the update is ``alpha / r * B A``."""
+    dropout: float = 0.0
+    """Dropout on LoRA's input."""
+    targets: list[str] = field(default_factory=lambda: ["in_proj"])
+    """Module names (or name endings) to wrap."""
+
+    def __post_init__(self) -> None:
+        self.targets = list(self.targets)
+        valid = {
+            "r": self.r >= 1,
+            "alpha": self.alpha > 0,
+            "dropout": 0 <= self.dropout < 1,
+            "targets": bool(self.targets),
+        }
+        for name, ok in valid.items():
+            if not ok:
+                raise ValueError(f"LoRA option {name}: invalid value {getattr(self, name)!r}")
+
+
+def _remove_lora(model: nn.Module, merge: bool) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            if merge:
+                module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+
+
+@register_method
+class LoRA(Method):
+    """HF ``peft``'s LoRA, with its weights float32 in a half-precision backbone (as the adaptors)."""
+
+    name = key = "lora"
+    Options = LoRAOptions
+    groups = ((".lora_", "LoRA"),)
+
+    def check(self, model: nn.Module) -> None:
+        names = [name for name, _ in model.named_modules()]
+        missing = [t for t in self.options.targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            raise ValueError(f"LoRA targets {missing} match no module of the model")
+
+    def apply(self, model: nn.Module) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        o = self.options
+        inject_adapter_in_model(
+            LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.targets), model
+        )
+        for name, parameter in model.named_parameters():
+            if self.adds(name):
+                parameter.data = parameter.data.to(torch.promote_types(parameter.dtype, torch.float32))
+
+    def merge(self, model: nn.Module) -> Method:
+        _remove_lora(model, merge=True)
+        return LinearProbe()
+
+    def unload(self, model: nn.Module) -> None:
+        _remove_lora(model, merge=False)
 
 
 class ParallelAdapter(nn.Module):
     """Bottleneck MLP on the mixer's input whose output is added to the mixer's (zero at init)."""
 
-    def __init__(self, dim: int, rank: int = PARALLEL_RANK):
+    def __init__(self, dim: int, rank: int = 32):
         super().__init__()
         self.down = nn.Linear(dim, rank)
         self.act = nn.GELU()
@@ -72,203 +366,168 @@ class ParallelAdapter(nn.Module):
         return self.up(self.act(self.down(x.to(self.down.weight.dtype)))).to(x.dtype)
 
 
-def is_peft_parameter(name: str, model: nn.Module | None = None) -> bool:
-    """Was this parameter (of ``model``) added by a transfer method (adaptors, LoRA, parallel adapters)?
-    Adaptors built into ``model``'s backbone (:mod:`adaptor_peft.adaptors.backbones`) were not."""
-    markers = OTHER_MARKERS if has_builtin_adaptors(model) else (*ADAPTOR_MARKERS, *OTHER_MARKERS)
-    return any(marker in f".{name}" for marker in markers)
+@dataclass
+class ParallelAdapterOptions:
+    rank: int = 32
+    """Width of the bottleneck."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"parallel adapter option rank: invalid value {self.rank!r}")
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Is ``value`` of type ``hint``? Lists and tuples stand for each other (JSON and YAML have only lists),
-    an int is a float, and a bool is not a number."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (types.UnionType, typing.Union):
-        return any(_fits(value, arg) for arg in args)
-    if origin in (list, tuple):
-        return isinstance(value, (list, tuple)) and all(_fits(item, args[0]) for item in value)
-    if hint is Any:
-        return True
-    if origin is dict:
-        return isinstance(value, dict)
-    if hint in (int, float):
-        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+@register_method
+class ParallelAdapterTuning(Method):
+    name = key = "parallel_adapter"
+    Options = ParallelAdapterOptions
+    groups = ((".parallel_adapter.", "parallel adapter"),)
+
+    def check(self, model: nn.Module) -> None:
+        if not find_blocks(model):
+            raise TypeError(f"parallel_adapter: {type(model).__name__} has no blocks with a mixer (AdaptableBlock)")
+
+    def apply(self, model: nn.Module) -> None:
+        for _, block in find_blocks(model):
+            weight = next(block.parameters())
+            dtype = torch.promote_types(weight.dtype, torch.float32)
+            block.parallel_adapter = ParallelAdapter(block.width, self.options.rank).to(weight.device, dtype)
+
+    def unload(self, model: nn.Module) -> None:
+        for _, block in find_blocks(model):
+            block.parallel_adapter = None
 
 
-def _check(method: str, options: dict[str, Any], allowed: frozenset[str], prefix: str = "") -> None:
-    """Raises :class:`MethodOptionError` for an option not in ``allowed`` or of the wrong type; ``prefix``
-    names the option the ones checked sit in (``config.``)."""
-    for name in sorted(set(options) - allowed):
-        close = difflib.get_close_matches(name, allowed, n=1)
-        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-        takes = ", ".join(sorted(allowed)) or "none"
-        raise MethodOptionError(f"method {method!r} has no option {prefix}{name}{hint}; it takes: {takes}")
-    for name, value in options.items():
-        if not _fits(value, OPTION_TYPES[name]):
-            expected = re.sub(r"\b(\w+\.)+(?=\w)", "", inspect.formatannotation(OPTION_TYPES[name]))  # no modules
-            raise MethodOptionError(f"method {method!r}: option {prefix}{name}={value!r} must be of type {expected}")
+class Combination(Method):
+    """Methods applied together. Each part's options go under its key (``lora={"dropout": 0.1}``); a flat
+    option goes to the one part that takes it, and one that several parts take must be given under a key."""
 
+    parts: ClassVar[tuple[type[Method], ...]]
 
-def _adaptor_config(method: str, options: dict[str, Any], temporal: bool, spatial: bool) -> AdaptorConfig:
-    """The AdaptorConfig of ``options`` (a ``config`` and field overrides, taken out of ``options``) with
-    the method's switches, which an option may only repeat. A ``config`` (dict or AdaptorConfig) gives the
-    shapes and the method which adaptors, but one that turns off an adaptor the method adds is refused.
-    (A switch left on is AdaptorConfig's default, and what files recorded before this check hold.)"""
-    config = options.pop("config", None) or AdaptorConfig()
-    if isinstance(config, dict):
-        _check(method, config, ADAPTOR_FIELDS, "config.")
-    switches = config if isinstance(config, dict) else dataclasses.asdict(config)
-    given = {name: False for name in ("temporal", "spatial") if switches.get(name) is False}
-    chosen = {k: options.pop(k) for k in list(options) if k in ADAPTOR_FIELDS}
-    for name, value in dict(temporal=temporal, spatial=spatial).items():
-        for source, prefix in ((chosen, ""), (given, "config.")):
-            if source.get(name, value) != value:
+    def __init__(self, **options: Any):
+        self.given = as_json(options)
+        self.members = self._split(options)
+        self.options = None
+
+    @classmethod
+    def normalised(cls, options: dict[str, Any]) -> dict[str, Any]:
+        for part in cls.parts:
+            options = part.normalised(options)
+            if isinstance(options.get(part.key), dict):
+                options = {**options, part.key: part.normalised(options[part.key])}
+        return options
+
+    def _split(self, options: dict[str, Any]) -> list[Method]:
+        keys = {part.key: part for part in self.parts}
+        nested = {key: options[key] for key in keys if key in options}
+        for key, value in nested.items():
+            if not isinstance(value, dict):
+                raise MethodOptionError(f"method {self.name!r}: option {key} must be a mapping of {key}'s options")
+        flat: dict[str, dict[str, Any]] = {key: {} for key in keys}
+        for name, value in options.items():
+            if name in nested:
+                continue
+            owners = [key for key, part in keys.items() if name in part.option_types()]
+            if len(owners) > 1:
+                spelled = " or ".join(f"{key}={{{name!r}: ...}}" for key in owners)
+                raise MethodOptionError(f"method {self.name!r}: option {name} is ambiguous; give it as {spelled}")
+            if not owners:
+                takes = sorted({*keys, *(n for part in self.parts for n in part.option_types())})
+                raise MethodOptionError(f"method {self.name!r} has no option {name}; it takes: {', '.join(takes)}")
+            flat[owners[0]][name] = value
+        members = []
+        for key, part in keys.items():
+            both = set(flat[key]) & set(nested.get(key, {}))
+            if both:
                 raise MethodOptionError(
-                    f"method {method!r}: option {prefix}{name}={source[name]!r}, but the method sets {value!r}"
+                    f"method {self.name!r}: option {sorted(both)[0]} is given twice, flat and in {key}"
                 )
-    try:
-        config = AdaptorConfig.from_dict(config) if isinstance(config, dict) else config
-        return dataclasses.replace(config, **{**chosen, "temporal": temporal, "spatial": spatial})
-    except ValueError as err:  # AdaptorConfig's own checks of values, naming the field
-        raise MethodOptionError(f"method {method!r}: {err}") from None
+            members.append(part.part_of(self.name, {**flat[key], **nested.get(key, {})}))
+        return members
+
+    def check(self, model: nn.Module) -> None:
+        for member in self.members:
+            member.check(model)
+
+    def apply(self, model: nn.Module) -> None:
+        for member in self.members:
+            member.apply(model)
+
+    def trains(self, model: nn.Module) -> Callable[[str], bool]:
+        tests = [member.trains(model) for member in self.members]
+        return lambda name: any(test(name) for test in tests)
+
+    def adds(self, name: str) -> bool:
+        return any(member.adds(name) for member in self.members)
+
+    def merge(self, model: nn.Module) -> Method:
+        left = [kept for member in self.members if not isinstance(kept := member.merge(model), LinearProbe)]
+        return left[0] if len(left) == 1 else LinearProbe() if not left else self
+
+    def unload(self, model: nn.Module) -> None:
+        for member in self.members:
+            member.unload(model)
+
+    def settings(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for member in self.members:
+            merged.update(member.settings())
+        return {**merged, "method": self.name}
 
 
-def _lora(model: nn.Module, r: int, alpha: float, dropout: float, targets: list[str]) -> None:
-    from peft import LoraConfig, inject_adapter_in_model
-
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets), model)
-    for name, parameter in model.named_parameters():  # float32 in a half-precision backbone, as the adaptors
-        if ".lora_" in f".{name}":
-            parameter.data = parameter.data.to(torch.promote_types(parameter.dtype, torch.float32))
-
-
-def _parallel_adapter(model: nn.Module, rank: int) -> None:
-    blocks = find_blocks(model)
-    if not blocks:
-        raise TypeError(f"parallel_adapter: {type(model).__name__} has no blocks with a token mixer (AdaptableBlock)")
-    for _, block in blocks:
-        weight = next(block.parameters())
-        dtype = torch.promote_types(weight.dtype, torch.float32)
-        block.parallel_adapter = ParallelAdapter(block.width, rank).to(weight.device, dtype)
-
-
-class Method(NamedTuple):
-    """A transfer method: the options it takes, which backbone parameters it trains besides what it adds,
-    and, for the adaptor methods, which adaptors (Adaptor-T, Adaptor-S) it adds."""
-
-    options: frozenset[str]
-    trains: Callable[[nn.Module], Callable[[str], bool]]
-    adaptors: tuple[bool, bool] | None = None
-
-
-ADAPTOR_FIELDS = frozenset(f.name for f in dataclasses.fields(AdaptorConfig))
-ADAPTOR_OPTIONS = ADAPTOR_FIELDS | {"config"}
-LORA_OPTIONS = frozenset(LORA_DEFAULTS)
-NO_OPTIONS: frozenset[str] = frozenset()
-
-
-def _nothing(model: nn.Module) -> Callable[[str], bool]:
-    return lambda name: False
-
-
-def _everything(model: nn.Module) -> Callable[[str], bool]:
-    return lambda name: True
-
-
-def _biases(model: nn.Module) -> Callable[[str], bool]:
-    declared_biases = declared(model, "ssm_biases")
-    return lambda name: name.endswith(".bias") or name in declared_biases
-
-
-def _ssm_parameters(model: nn.Module) -> Callable[[str], bool]:
-    return declared(model, "ssm_parameters").__contains__
-
-
-METHODS: dict[str, Method] = {
-    "linear_probe": Method(NO_OPTIONS, _nothing),
-    "full": Method(NO_OPTIONS, _everything),
-    "bias": Method(NO_OPTIONS, _biases),
-    "partial": Method(NO_OPTIONS, _ssm_parameters),
-    "lora": Method(LORA_OPTIONS, _nothing),
-    "parallel_adapter": Method(frozenset({"rank"}), _nothing),
-    "adaptor_t": Method(ADAPTOR_OPTIONS, _nothing, (True, False)),
-    "adaptor_s": Method(ADAPTOR_OPTIONS, _nothing, (False, True)),
-    "adaptor": Method(ADAPTOR_OPTIONS, _nothing, (True, True)),
-    "adaptor+lora": Method(ADAPTOR_OPTIONS | LORA_OPTIONS, _nothing, (True, True)),
-    "adaptor_booster": Method(ADAPTOR_OPTIONS, _everything, (True, True)),
-}
-WHOLE_BACKBONE = ("full", "adaptor_booster")
-"""Methods that train every backbone parameter: they need no pretrained checkpoint, and their adapter files
-hold the whole backbone (see :func:`adaptor_peft.save_adaptor`)."""
-
-
-def resolve_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Everything ``prepare_model(model, method, **options)`` adds, with every default filled in:
-    ``config`` (an :class:`AdaptorConfig`), ``lora`` (r, alpha, dropout, targets) and ``rank`` (parallel
-    adapter), as the method takes them. Two calls that resolve equal add the same modules. In
-    ``adaptor+lora``, ``dropout`` is the adaptors' (LoRA keeps none). Raises :class:`MethodOptionError`."""
-    if method not in METHODS:
-        raise MethodOptionError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    spec = METHODS[method]
-    _check(method, options, spec.options)
-    rest = dict(options)
-    settings: dict[str, Any] = {}
-    if spec.adaptors is not None:
-        settings["config"] = _adaptor_config(method, rest, *spec.adaptors)
-    if spec.options >= LORA_OPTIONS:
-        settings["lora"] = {k: rest.pop(k, default) for k, default in LORA_DEFAULTS.items()}
-        settings["lora"]["targets"] = list(settings["lora"]["targets"])
-    if "rank" in spec.options:
-        settings["rank"] = rest.pop("rank", PARALLEL_RANK)
-    return settings
+@register_method
+class AdaptorsWithLoRA(Combination):
+    name = "adaptor+lora"
+    parts = (Adaptors, LoRA)
+    groups = (*Adaptors.groups, *LoRA.groups)
+    step_cost = Adaptors.step_cost
 
 
 def resolved_settings(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Every setting ``prepare_model(model, method, **options)`` uses, flat and JSON-ready: ``method``,
-    ``config.<AdaptorConfig field>``, ``lora.<r, alpha, dropout, targets>`` and ``rank``, as the method
-    takes them. Two equal results train the same modules the same way. Raises :class:`MethodOptionError`."""
-    flat: dict[str, Any] = {"method": method}
-    for key, value in resolve_options(method, options).items():
-        value = value.to_dict() if isinstance(value, AdaptorConfig) else value
-        if isinstance(value, dict):
-            flat.update({f"{key}.{name}": item for name, item in value.items()})
-        else:
-            flat[key] = value
-    return json.loads(json.dumps(flat))  # tuples as lists, as they read back from a file
+    """``get_method(method)(**options).settings()``: every setting, flat (see :meth:`Method.settings`)."""
+    return get_method(method)(**options).settings()
+
+
+def from_record(record: dict[str, Any]) -> Method:
+    """The method of an adapter file's record ``{"method", "options"}``. Raises :class:`MethodOptionError`."""
+    method = get_method(record.get("method"))
+    return method(**method.normalised(record.get("options", {})))
+
+
+def is_peft_parameter(name: str, model: nn.Module) -> bool:
+    """Was this parameter (or buffer) of ``model`` added by the transfer method on it? Adaptors built into
+    the backbone (:mod:`adaptor_peft.adaptors.backbones`) were not."""
+    method = getattr(model, "peft_method", None)
+    return method is not None and method.adds(name)
 
 
 def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:
     """Applies transfer ``method`` to ``model`` (see the module docstring) and returns it, with exactly the
     method's parameters and the classification head trainable. Raises :class:`MethodOptionError` for
-    options the method does not take, before the model changes (a corrected call can follow on it)."""
-    settings = resolve_options(method, options)
+    options the method does not take or that do not fit the model, before the model changes (a corrected
+    call can follow on it)."""
+    chosen = get_method(method)(**options)
     if getattr(model, "peft_method", None) is not None:
-        raise RuntimeError(f"prepare_model: the model was already prepared with {model.peft_method['method']!r}")
-    if "config" in settings and has_builtin_adaptors(model):
-        plain = ", ".join(m for m, spec in METHODS.items() if spec.adaptors is None)
-        raise MethodOptionError(
-            f"method {method!r}: the backbone has Adaptor-T and Adaptor-S built in; transfer it with {plain}"
-        )
-    if "lora" in settings:  # checked first: an adaptor injected before LoRA failed would stay behind
-        names = [name for name, _ in model.named_modules()]
-        missing = [t for t in settings["lora"]["targets"] if not any(n == t or n.endswith(f".{t}") for n in names)]
-        if missing:
-            raise MethodOptionError(f"method {method!r}: LoRA targets {missing} match no module of the model")
+        raise RuntimeError(f"prepare_model: the model was already prepared with {model.peft_method.name!r}")
     try:
-        if "config" in settings:
-            inject_adaptor(model, settings["config"], freeze_backbone=False)
-        if "lora" in settings:
-            _lora(model, **settings["lora"])
-        if "rank" in settings:
-            _parallel_adapter(model, settings["rank"])
+        chosen.check(model)
+        chosen.apply(model)
     except ValueError as err:  # an option that does not fit this model: blocks, t_groups, LoRA targets
         raise MethodOptionError(f"method {method!r}: {err}") from err
-    head = is_head(model)
-    trains = METHODS[method].trains(model)
-    set_trainable(model, lambda n: is_peft_parameter(n, model) or head(n) or trains(n))
-    model.peft_method = {
-        "method": method,
-        "options": {k: (v.to_dict() if isinstance(v, AdaptorConfig) else v) for k, v in options.items()},
-    }
+    model.peft_method = chosen
+    head, trains = is_head(model), chosen.trains(model)
+    set_trainable(model, lambda name: chosen.adds(name) or head(name) or trains(name))
     return model
+
+
+def inject_adaptor(model: nn.Module, config: AdaptorConfig | None = None, freeze_backbone: bool = True) -> nn.Module:
+    """Inserts the adaptors of ``config`` (default :class:`AdaptorConfig`) into ``model`` and returns it:
+    ``prepare_model`` with the adaptor method that ``config``'s switches name (``adaptor``, ``adaptor_t``,
+    ``adaptor_s``), or with ``freeze_backbone=False`` the booster, which keeps every parameter trainable
+    (the paper's "booster" use on a pretrained model, or its "backbone" use when training from scratch).
+    The adaptors start as the identity: the injected model computes what it computed before."""
+    config = config or AdaptorConfig()
+    if not freeze_backbone:
+        return prepare_model(model, AdaptorBooster.name, config=config)
+    switches = (("temporal", config.temporal), ("spatial", config.spatial))
+    name = next(m.name for m in (Adaptors, AdaptorTOnly, AdaptorSOnly) if m.switches == switches)
+    return prepare_model(model, name, config=config)

@@ -19,24 +19,22 @@ from torch import nn
 
 from ..adaptors.files import adapter_bytes
 from ..adaptors.inject import is_head
-from ..adaptors.methods import is_peft_parameter
+from ..adaptors.methods import is_peft_parameter, report_groups
 from ..models.protocol import find_blocks
 
-GROUPS = {
-    ".adaptor_t.": "Adaptor-T",
-    ".adaptor_s.": "Adaptor-S",
-    ".lora_": "LoRA",
-    ".parallel_adapter.": "parallel adapter",
-}
 HEAD, OTHER = "head", "other trainable"
-ORDER = (*GROUPS.values(), OTHER, HEAD)
 
 
-def _group(name: str, head: bool) -> str:
-    """Which report group a trainable parameter belongs to."""
+def group_order() -> list[str]:
+    """Report groups in the order tables show them: every registered method's, then the rest, then the head."""
+    return [*dict.fromkeys(report_groups().values()), OTHER, HEAD]
+
+
+def _group(name: str, head: bool, groups: dict[str, str]) -> str:
+    """Which report group a trainable parameter belongs to (``groups``: marker -> group of every method)."""
     if head:
         return HEAD
-    return next((group for marker, group in GROUPS.items() if marker in f".{name}"), OTHER)
+    return next((group for marker, group in groups.items() if marker in f".{name}"), OTHER)
 
 
 @dataclass
@@ -135,7 +133,7 @@ class ParameterReport:
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Counts ``model``'s parameters: totals, per group (Adaptor-T, Adaptor-S, LoRA, parallel adapter,
     head, other trainable backbone parameters) and per block (every :class:`~adaptor_peft.models.AdaptableBlock`)."""
-    head = is_head(model)
+    head, markers = is_head(model), report_groups()
     total = trainable = head_size = added = 0
     groups: dict[str, int] = {}
     for name, p in model.named_parameters():
@@ -146,20 +144,20 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         added += count if is_peft_parameter(name, model) else 0
         if p.requires_grad:
             trainable += count
-            group = _group(name, in_head)
+            group = _group(name, in_head, markers)
             groups[group] = groups.get(group, 0) + count
     blocks = {name: sum(p.numel() for p in block.parameters() if p.requires_grad) for name, block in find_blocks(model)}
     method = getattr(model, "peft_method", None)
-    method = method or {"method": "adaptor" if getattr(model, "adaptor_config", None) else "none"}
+    order = group_order()
     return ParameterReport(
         model=getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
-        method=method["method"],
+        method=method.name if method is not None else "none",
         total=total,
         trainable=trainable,
         backbone=total - head_size - added,
         head=head_size,
         added=added,
-        groups=dict(sorted(groups.items(), key=lambda item: ORDER.index(item[0]))),
+        groups=dict(sorted(groups.items(), key=lambda item: order.index(item[0]))),
         blocks=blocks,
         adapter_file_bytes=len(adapter_bytes(model)),
     )

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 
 from ..adaptors import load_adaptor, prepare_model, save_adaptor
 from ..adaptors.files import backbone_fingerprints
-from ..adaptors.methods import WHOLE_BACKBONE, resolved_settings
+from ..adaptors.methods import get_method, resolved_settings
 from ..atomic import write_atomically
 from ..data import LabelledImages, build_transform, data_config, load_split
 from ..models import CheckpointError, create_model
@@ -340,7 +340,7 @@ def train(
                 f"{key}={recipe[key]} is the global batch, split across {accelerator.num_processes} processes: "
                 "it must be a multiple of the process count"
             )
-    if recipe["checkpoint"] is None and recipe["method"] not in WHOLE_BACKBONE:
+    if recipe["checkpoint"] is None and not get_method(recipe["method"]).trains_backbone:
         raise RecipeError(
             f"method {recipe['method']!r} freezes the backbone, but the recipe has no checkpoint: pass "
             "--checkpoint FILE, an https URL or 'pretrained' (a frozen random backbone learns nothing)"

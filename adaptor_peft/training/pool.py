@@ -47,14 +47,10 @@ def default_workers(jobs: int) -> int:
 
 
 def expected_cost(recipe: dict[str, Any]) -> float:
-    """A run's training time relative to other runs of the same data, for starting the longest first: a
-    frozen backbone (linear probe) needs no backward, about a third of another method's step, and
-    Adaptor-T's memory read adds about a tenth (``benchmarks/overhead.py``, ``benchmarks/results/demo_cpu.md``)."""
-    method = recipe.get("method")
-    spec = METHODS.get(method)  # an unknown method gets its clear error from the run itself
-    step = 1.0 if method == "linear_probe" else 3.0
-    temporal = spec is not None and spec.adaptors is not None and spec.adaptors[0]
-    return recipe.get("epochs", 1) * step * (1.1 if temporal else 1.0)
+    """A run's training time relative to other runs of the same data, for starting the longest first: its
+    epochs times its method's :attr:`~adaptor_peft.adaptors.methods.Method.step_cost`."""
+    method = METHODS.get(recipe.get("method"))  # an unknown method gets its clear error from the run itself
+    return recipe.get("epochs", 1) * (method.step_cost if method is not None else 3.0)
 
 
 def _share_cores(threads: int) -> None:
