@@ -1,6 +1,6 @@
 """Backbones (Vim, VMamba) with the official state-dict layouts, and checkpoint loading."""
 
-from . import vim, vmamba
+from . import mambavision, vim, vmamba
 from .checkpoint import CheckpointError, classifier_name, load_checkpoint, read_state_dict
 from .layers import keep_activations
 from .protocol import AdaptableBlock, SSMMixer, find_blocks, find_mixers
@@ -21,6 +21,7 @@ __all__ = [
     "keep_activations",
     "list_models",
     "load_checkpoint",
+    "mambavision",
     "read_state_dict",
     "resolve_checkpoint",
     "vim",
