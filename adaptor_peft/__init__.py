@@ -1,4 +1,5 @@
-"""adaptor_peft: parameter-efficient transfer of pretrained vision state-space models (Vim, VMamba).
+"""adaptor_peft: parameter-efficient transfer of pretrained vision state-space models (Vim, VMamba,
+MambaVision).
 
 The whole workflow is here at the top level, as in HF ``peft``: ``create_model``, then ``inject_adaptor``
 (or ``prepare_model`` for any method; ``Method`` and ``register_method`` add your own),

@@ -1,4 +1,4 @@
-"""Backbones (Vim, VMamba) with the official state-dict layouts, and checkpoint loading."""
+"""Backbones (Vim, VMamba, MambaVision) with the official state-dict layouts, and checkpoint loading."""
 
 from . import mambavision, vim, vmamba
 from .checkpoint import CheckpointError, classifier_name, load_checkpoint, read_state_dict

@@ -194,6 +194,15 @@ def full_precision(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+class DeltaProjection(nn.Linear):
+    """The Δ projection ``dt_proj``: a Linear whose forward leaves its bias out. The bias is the scan's
+    ``delta_bias``, added in float32 inside the scan as the official kernel does, so that under autocast
+    it is not rounded to half precision (in bfloat16 a bias near -6.9, Δ = 0.001, rounds to 1/32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a weight and no bias, computed in (at least) float32 and returned in the
     weight's dtype, the model's: as mamba-ssm's fused kernel, which returns the blocks' dtype from a

@@ -28,10 +28,9 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from .checkpoint import Loadable
-from .layers import checkpointed, drop_path_rates, full_precision, pool_choice, s4d_real_a_log, ssm
+from .layers import DeltaProjection, checkpointed, drop_path_rates, full_precision, pool_choice, s4d_real_a_log, ssm
 from .protocol import AdaptableBlock, SSMMixer, declared
 from .registry import build, register
-from .vim import DeltaProjection
 
 Grid = tuple[int, int]  # (height, width) of the token map a block's tokens come from: a window's
 Indices = int | list[int] | None  # forward_intermediates' choice of levels: the last n, these, or all
@@ -63,7 +62,7 @@ class MambaVisionMixer(SSMMixer):
 
     The official forward adds ``dt_proj``'s bias to Δ twice, once in the Linear and once as the scan's
     ``delta_bias``, and the released weights were trained so: here Δ's projection leaves its bias out
-    (:class:`~adaptor_peft.models.vim.DeltaProjection`) and the scan adds it twice, in float32."""
+    (:class:`~adaptor_peft.models.layers.DeltaProjection`) and the scan adds it twice, in float32."""
 
     ssm_parameters = ("A_log", "D", "conv1d_x", "conv1d_z", "dt_proj.bias")
     no_decay = ("A_log",)

@@ -21,6 +21,7 @@ from torch import nn
 
 from .checkpoint import Loadable
 from .layers import (
+    DeltaProjection,
     Recompute,
     RMSNorm,
     causal_conv1d,
@@ -82,15 +83,6 @@ class PatchEmbed(nn.Module):
             )
         x = self.proj(x)
         return x.flatten(2).transpose(1, 2), tuple(x.shape[-2:])
-
-
-class DeltaProjection(nn.Linear):
-    """The Δ projection ``dt_proj``: a Linear whose forward leaves its bias out. The bias is the scan's
-    ``delta_bias``, added in float32 inside the scan as the official kernel does, so that under autocast
-    it is not rounded to half precision (in bfloat16 a bias near -6.9, Δ = 0.001, rounds to 1/32)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
 
 
 class BiMambaMixer(SSMMixer):
