@@ -17,9 +17,9 @@ from .adaptors import (
     merge_adaptor,
     prepare_model,
     register_method,
-    save_adaptor,
     unload_adaptor,
 )
+from .hub import save_adaptor
 from .models import CheckpointError, create_model, list_models, load_checkpoint, read_state_dict
 from .ops import selective_scan, selective_scan_fn
 from .reports import parameter_report

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from rich.console import Console
 from torch.utils.data import DataLoader
 
-from adaptor_peft import create_model, param_groups
-from adaptor_peft.adaptors import prepare_model, save_adaptor
+from adaptor_peft import create_model, param_groups, save_adaptor
+from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.data import build_transform, data_config, load_split
 from adaptor_peft.reports import parameter_report
 

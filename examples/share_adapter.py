@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from adaptor_peft import create_model, param_groups
-from adaptor_peft.adaptors import AdapterFileError, load_adaptor, prepare_model, save_adaptor
+from adaptor_peft import create_model, param_groups, save_adaptor
+from adaptor_peft.adaptors import AdapterFileError, load_adaptor, prepare_model
 from adaptor_peft.data import build_transform, data_config, load_split
 
 MODEL = "vim_nano_patch4_32"

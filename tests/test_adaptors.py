@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adaptor_peft import save_adaptor
 from adaptor_peft.adaptors import (
     METHODS,
     AdapterFileError,
@@ -25,7 +26,6 @@ from adaptor_peft.adaptors import (
     load_adaptor,
     merge_adaptor,
     prepare_model,
-    save_adaptor,
     unload_adaptor,
 )
 from adaptor_peft.adaptors.methods import from_record
@@ -922,7 +922,7 @@ def failing_save(monkeypatch, saved: Path, failure: str) -> None:
         raise OSError("disk full")
 
     if failure == "serialize":
-        monkeypatch.setattr("adaptor_peft.adaptors.files.save", fail)
+        monkeypatch.setattr("adaptor_peft.adaptors.state.save", fail)
     elif failure == "rename":
         monkeypatch.setattr(os, "replace", fail)
     else:  # options that JSON cannot hold: known only once the config is written

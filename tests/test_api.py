@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import adaptor_peft as ap
-from adaptor_peft import adaptors, reports
+from adaptor_peft import adaptors, hub, reports
 from adaptor_peft.cli import main
 
 from .test_adaptors import images_for, logits, perturb
@@ -23,9 +23,10 @@ PACKAGE = Path(ap.__file__).parent
 
 
 def test_the_workflow_is_at_the_top_level():
-    names = ("inject_adaptor", "prepare_model", "AdaptorConfig", "save_adaptor", "load_adaptor", "merge_adaptor")
+    names = ("inject_adaptor", "prepare_model", "AdaptorConfig", "load_adaptor", "merge_adaptor", "register_method")
     for name in names:
         assert name in ap.__all__ and getattr(ap, name) is getattr(adaptors, name)
+    assert "save_adaptor" in ap.__all__ and ap.save_adaptor is hub.save_adaptor
     assert "parameter_report" in ap.__all__ and ap.parameter_report is reports.parameter_report
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from adaptor_peft.adaptors import inject_adaptor, prepare_model, save_adaptor
+from adaptor_peft import save_adaptor
+from adaptor_peft.adaptors import inject_adaptor, prepare_model
 from adaptor_peft.reports import ParameterReport, parameter_report
 from adaptor_peft.reports.results import VTAB1K_GROUPS, VTAB1K_TASKS, combine, summarize
 

@@ -1,9 +1,10 @@
-"""The transfer methods: Adaptor-T, Adaptor-S, their injection, the baselines, and adapter files."""
+"""The transfer methods: Adaptor-T, Adaptor-S, their injection, the baselines, and adapter files
+(saving with a hub push is :func:`adaptor_peft.save_adaptor`, above the reports it puts in its card)."""
 
 from ..models.protocol import find_mixers
 from .backbones import vim_nano_patch4_32_adaptor
 from .config import AdaptorConfig
-from .files import AdapterFileError, load_adaptor, merge_adaptor, save_adaptor, unload_adaptor
+from .files import AdapterFileError, load_adaptor, merge_adaptor, unload_adaptor, write_adaptor
 from .methods import (
     METHODS,
     Method,
@@ -35,7 +36,7 @@ __all__ = [
     "merge_adaptor",
     "prepare_model",
     "register_method",
-    "save_adaptor",
     "unload_adaptor",
     "vim_nano_patch4_32_adaptor",
+    "write_adaptor",
 ]

@@ -15,8 +15,8 @@ from timm.models import generate_default_cfgs
 from torch import nn
 
 from ..models import load_checkpoint
-from ..models.registry import build, register
-from ..models.vim import NANO, VisionMamba, embedded_cfg
+from ..models.registry import register
+from ..models.vim import build_nano, embedded_cfg
 from .config import AdaptorConfig
 from .inject import add_adaptors
 
@@ -47,14 +47,14 @@ def with_builtin_adaptors(model: nn.Module, config: AdaptorConfig = BUILTIN_ADAP
 
 
 @register
-def vim_nano_patch4_32_adaptor(pretrained: bool = False, **kwargs) -> VisionMamba:
+def vim_nano_patch4_32_adaptor(pretrained: bool = False, **kwargs) -> nn.Module:
     """``vim_nano_patch4_32`` with Adaptor-T and Adaptor-S in every block, pretrained with them from random
     weights on the same data and budget as the embedded default (``examples/pretrain_tiny.py --adaptor``;
     model card in ``adaptor_peft/models/weights/vim_nano_patch4_32_adaptor.md``): 81.5 % held-out top-1
     against the default's 60.8 %."""
     if kwargs.get("features_only"):
         raise TypeError("vim_nano_patch4_32_adaptor: features_only is not supported; use forward_intermediates")
-    model = build(VisionMamba, "vim_nano_patch4_32_adaptor", False, **{**NANO, **kwargs})
+    model = build_nano("vim_nano_patch4_32_adaptor", **kwargs)
     with_builtin_adaptors(model)
     if pretrained:
         warnings.warn(STALE_WEIGHTS, UserWarning, stacklevel=2)

@@ -1,12 +1,12 @@
 """Adapter files: only what was trained, plus what it takes to put it back on the right backbone.
 
-``save_adaptor(model, dir)`` writes ``adaptor.safetensors`` (the trainable parameters and the adaptors'
-buffers) and ``adaptor_config.json`` (method, options, base model, and fingerprints of the frozen
-backbone weights), each to a temporary file first and then renamed, so an interrupted save never
-leaves a half-written adapter behind; ``push_to_hub="user/name"`` also uploads both to the Hugging Face
-hub with a model card. ``load_adaptor(model, source)`` reads a local folder or, where no such folder
-exists, a hub repo; checks the fingerprint; applies the method unless the model already carries the
-same one; and loads the weights.
+``write_adaptor(model, dir)`` (what :func:`adaptor_peft.save_adaptor` calls) writes
+``adaptor.safetensors`` (the trainable parameters and the adaptors' buffers) and ``adaptor_config.json``
+(method, options, base model, and fingerprints of the frozen backbone weights), each to a temporary file
+first and then renamed, so an interrupted save never leaves a half-written adapter behind
+(:mod:`adaptor_peft.hub` also uploads both to the Hugging Face hub with a model card).
+``load_adaptor(model, source)`` reads a local folder or, where no such folder exists, a hub repo; checks
+the fingerprint; applies the method unless the model already carries the same one; and loads the weights.
 
 The fingerprint identifies the backbone's values, not the precision they are held in. It is a SHA-256
 over the parameters' names, shapes and values cast to one dtype, recorded for the model's own dtype and
@@ -21,76 +21,31 @@ bfloat16 rounding boundary rounds to it in float16), so that pair is refused wit
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 from torch import nn
 
 from ..atomic import write_atomically
 from ..models import classifier_name
-from .methods import from_record, is_peft_parameter, prepare_model
+from .methods import from_record, prepare_model
+from .state import FORMAT, adapter_bytes, adapter_state, backbone_fingerprints, canonical
 
-WEIGHTS, CONFIG, CARD = "adaptor.safetensors", "adaptor_config.json", "README.md"
-FORMAT = "adaptor_peft.adapter/3"
+WEIGHTS, CONFIG = "adaptor.safetensors", "adaptor_config.json"
 LEGACY_FORMAT = "adaptor_peft.adapter/1"  # one fingerprint, taken at the dtype the adapter was saved in
 PER_POSITION_FORMATS = (LEGACY_FORMAT, "adaptor_peft.adapter/2")
 """Formats written by adaptor_peft 0.1, whose Adaptor-T read per-position locations: its weights mean
 something else in the memory Adaptor-T of 0.2, so such an adapter with Adaptor-T is refused (other methods
 load as before)."""
-PRECISIONS = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
-"""Finest first; a cast from float64 or float32 rounds to every later one, bfloat16 and float16 to none."""
 REPO_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
-HUB_URL = re.compile(r"https://huggingface\.co/([\w.-]+/[\w.-]+)/")
 
 
 class AdapterFileError(ValueError):
     """An adapter directory or hub repo that is missing, corrupt, or made for another backbone."""
-
-
-def _canonical(name: str) -> str:
-    """A backbone parameter's name without peft's ``base_layer`` wrapping."""
-    return name.replace(".base_layer.", ".")
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What an adapter file holds: every trainable parameter and the adaptors' buffers."""
-    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    state.update({n: b for n, b in model.named_buffers() if is_peft_parameter(n, model)})
-    return state
-
-
-def adapter_bytes(model: nn.Module) -> bytes:
-    """The exact contents of the adapter's ``adaptor.safetensors``."""
-    state = {n: t.detach().cpu().contiguous() for n, t in adapter_state(model).items()}
-    return save(state, metadata={"format": FORMAT})
-
-
-def _roundings(dtype: torch.dtype) -> tuple[torch.dtype, ...]:
-    """The dtypes a fingerprint of ``dtype`` values can be taken at: itself and those a cast rounds it to."""
-    return PRECISIONS[PRECISIONS.index(dtype) :] if dtype in PRECISIONS[:2] else (dtype,)
-
-
-def backbone_fingerprints(model: nn.Module, exclude: set[str] = frozenset()) -> dict[str, str]:
-    """SHA-256 per dtype, finest first, over the names, shapes and values cast to that dtype of the
-    backbone's parameters, leaving out the head, anything a transfer method added, and the ``exclude``
-    names (those an adapter file carries); taken at each dtype that a cast from every parameter's own
-    dtype reaches (module docstring)."""
-    head = classifier_name(model)
-    named = sorted((_canonical(n), p) for n, p in model.named_parameters() if not is_peft_parameter(n, model))
-    named = [(n, p) for n, p in named if n not in exclude and not (head is not None and n.startswith(head + "."))]
-    common = set(PRECISIONS).intersection(*(_roundings(p.dtype) for _, p in named))
-    digests = {dtype: hashlib.sha256() for dtype in PRECISIONS if dtype in common}
-    for name, p in named:
-        for dtype, digest in digests.items():
-            digest.update(f"{name}:{tuple(p.shape)}:{dtype}".encode())  # as format 1 hashed its own dtype
-            digest.update(p.detach().to("cpu", dtype).contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return {str(dtype).removeprefix("torch."): digest.hexdigest() for dtype, digest in digests.items()}
 
 
 def _refuse_sharded(model: nn.Module, action: str) -> None:
@@ -108,7 +63,8 @@ def _refuse_sharded(model: nn.Module, action: str) -> None:
         )
 
 
-def _base_model(model: nn.Module) -> str:
+def base_model(model: nn.Module) -> str:
+    """The model's architecture name, as adapter configs record it."""
     return getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
 
 
@@ -130,51 +86,9 @@ def _settings(method: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in flat.items() if key not in UNCOMPARED}
 
 
-def model_card(model: nn.Module, config: dict[str, Any], repo_id: str) -> str:
-    """The hub README of the adapter ``config`` of ``model`` in ``repo_id``: HF model-card front matter
-    (library, base model where it is on the hub, tags), how to load it, its fingerprints and the
-    parameter report."""
-    from ..reports import parameter_report  # reports reads this module: imported when needed
-
-    hub = HUB_URL.match(getattr(model, "pretrained_cfg", {}).get("url") or "")
-    front = {
-        "library_name": "adaptor-peft",
-        **({"base_model": hub.group(1), "base_model_relation": "adapter"} if hub else {}),
-        "tags": ["adaptor-peft", "mamba-adaptor", "image-classification", config["method"]],
-    }
-    fingerprints = "\n".join(f"- {dtype}: `{digest}`" for dtype, digest in config["backbone_fingerprints"].items())
-    return (
-        f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
-        f"# {config['method']} adapter for {config['base_model']}\n\n"
-        f"An adaptor_peft adapter: method `{config['method']}` with "
-        f"options `{json.dumps(config['options'])}`, {config['num_classes']} classes, on the backbone "
-        f"`{config['base_model']}`{f' ({hub.group(1)})' if hub else ''}. It holds only the trained weights "
-        f"({config['parameters']:,} values).\n\n"
-        "```python\nimport adaptor_peft\n\n"
-        f'model = adaptor_peft.create_model("{config["base_model"]}", checkpoint=...)  # its backbone\n'
-        f'adaptor_peft.load_adaptor(model, "{repo_id}")\n```\n\n'
-        "`load_adaptor` refuses other backbone weights: the frozen weights must have these fingerprints "
-        f"(SHA-256 per dtype; a copy cast to bfloat16 or float16 matches too):\n\n{fingerprints}\n\n"
-        f"## Parameters\n\n{parameter_report(model).to_markdown()}"
-    )
-
-
-def _push(directory: Path, repo_id: str, card: str, method: str) -> None:
-    """Uploads the adapter files and ``card`` (as README.md) to the hub model repo ``repo_id`` in one commit."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    files = [CommitOperationAdd(name, str(directory / name)) for name in (WEIGHTS, CONFIG)]
-    api.create_commit(
-        repo_id, [*files, CommitOperationAdd(CARD, card.encode())], commit_message=f"adaptor-peft {method} adapter"
-    )
-
-
-def save_adaptor(model: nn.Module, directory: str | Path, push_to_hub: str | None = None) -> Path:
+def write_adaptor(model: nn.Module, directory: str | Path) -> dict[str, Any]:
     """Writes the adapter of a model prepared with :func:`prepare_model` (or :func:`inject_adaptor`) to
-    ``directory`` and returns it. ``push_to_hub="user/name"`` then uploads it to that hub model repo
-    (created if needed) with a model card as its README.md, replacing the repo's files of those names."""
+    ``directory`` and returns the config it wrote (:func:`adaptor_peft.save_adaptor` also shares it)."""
     _refuse_sharded(model, "save_adaptor")
     method = _method_of(model)
     if method is None:
@@ -185,8 +99,8 @@ def save_adaptor(model: nn.Module, directory: str | Path, push_to_hub: str | Non
     config = {
         "format": FORMAT,
         **method,
-        "base_model": _base_model(model),
-        "backbone_fingerprints": backbone_fingerprints(model, {_canonical(n) for n in state}),
+        "base_model": base_model(model),
+        "backbone_fingerprints": backbone_fingerprints(model, {canonical(n) for n in state}),
         "num_classes": getattr(model, "num_classes", None),
         "tensors": len(state),
         "parameters": sum(t.numel() for t in state.values()),
@@ -194,9 +108,7 @@ def save_adaptor(model: nn.Module, directory: str | Path, push_to_hub: str | Non
     weights, text = adapter_bytes(model), json.dumps(config, indent=2) + "\n"  # both before either file is replaced
     write_atomically(directory / WEIGHTS, weights)
     write_atomically(directory / CONFIG, text)
-    if push_to_hub is not None:
-        _push(directory, push_to_hub, model_card(model, config, push_to_hub), method["method"])
-    return directory
+    return config
 
 
 def read_adaptor_config(directory: str | Path) -> dict[str, Any]:
@@ -259,7 +171,7 @@ def _check_backbone(model: nn.Module, directory: Path, config: dict[str, Any], e
     if ours[dtype] != saved[dtype]:
         raise AdapterFileError(
             f"adapter {directory} was trained on other backbone weights: {config['base_model']} with {dtype} "
-            f"fingerprint {saved[dtype][:12]}, this model is {_base_model(model)} with {ours[dtype][:12]}"
+            f"fingerprint {saved[dtype][:12]}, this model is {base_model(model)} with {ours[dtype][:12]}"
         )
 
 
@@ -278,7 +190,7 @@ def load_adaptor(model: nn.Module, source: str | Path) -> nn.Module:
         raise AdapterFileError(f"no adapter weights at {directory / WEIGHTS}") from None
     except Exception as err:
         raise AdapterFileError(f"adapter weights {directory / WEIGHTS} are corrupt: {err}") from err
-    _check_backbone(model, directory, config, {_canonical(n) for n in state})
+    _check_backbone(model, directory, config, {canonical(n) for n in state})
     current = _method_of(model)
     if current is not None:
         ours, theirs = _settings(current), _settings(config)

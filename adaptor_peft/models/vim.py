@@ -384,6 +384,12 @@ NANO = dict(img_size=32, patch_size=4, stride=4, embed_dim=96, depth=8)
 """The architecture of the embedded 32x32 backbones."""
 
 
+def build_nano(variant: str, **kwargs) -> VisionMamba:
+    """An unloaded model of the embedded backbones' architecture under timm variant ``variant`` (whose
+    pretrained config its registering module gives), for backbones built on it elsewhere."""
+    return build(VisionMamba, variant, False, **{**NANO, **kwargs})
+
+
 def embedded_cfg(name: str) -> dict:
     """The pretrained config of a backbone whose weights ship in ``weights/`` (``<name>.safetensors``, model
     card ``<name>.md``), trained on 32x32 images normalised to [-1, 1]."""

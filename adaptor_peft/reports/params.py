@@ -17,9 +17,9 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from torch import nn
 
-from ..adaptors.files import adapter_bytes
 from ..adaptors.inject import is_head
 from ..adaptors.methods import is_peft_parameter, report_groups
+from ..adaptors.state import adapter_bytes
 from ..models.protocol import find_blocks
 
 HEAD, OTHER = "head", "other trainable"

@@ -43,11 +43,12 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..adaptors import load_adaptor, prepare_model, save_adaptor
-from ..adaptors.files import backbone_fingerprints
+from ..adaptors import load_adaptor, prepare_model
 from ..adaptors.methods import get_method, resolved_settings
+from ..adaptors.state import backbone_fingerprints
 from ..atomic import write_atomically
 from ..data import LabelledImages, build_transform, data_config, load_split
+from ..hub import save_adaptor
 from ..models import CheckpointError, create_model
 from ..reports import parameter_report
 from .metrics import ClassificationMetrics
