@@ -939,17 +939,27 @@ def test_a_failed_save_leaves_the_existing_adapter_intact(saved, monkeypatch, fa
     load_adaptor(tiny("vim"), saved)
 
 
-def test_a_model_sharded_by_fsdp_is_refused_not_read_shard_by_shard(saved, tmp_path):
+@pytest.mark.parametrize("wrapper", ["fully_shard", "FSDP1", "FSDP1 use_orig_params"])
+def test_a_model_sharded_by_fsdp_is_refused_not_read_shard_by_shard(saved, tmp_path, wrapper):
     from torch import distributed
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
 
     distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        model = fully_shard(prepare_model(tiny("vim"), "adaptor"), mesh=init_device_mesh("cpu", (1,)))
-        with pytest.raises(AdapterFileError, match=r"save_adaptor: \S+ is sharded by FSDP; .* whole parameters"):
+        model = prepare_model(tiny("vim"), "adaptor_booster" if wrapper == "FSDP1" else "adaptor")  # flat: one grad
+        if wrapper == "fully_shard":
+            model = fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        else:  # FSDP1 with one process falls back to no sharding (a warning), but is refused all the same
+            with pytest.warns(UserWarning, match="NO_SHARD"):
+                model = FullyShardedDataParallel(
+                    model, use_orig_params="orig" in wrapper, device_id=torch.device("cpu")
+                )
+        with pytest.raises(
+            AdapterFileError, match=r"save_adaptor: (\S+|the model) is sharded by FSDP; .* whole parameters"
+        ):
             save_adaptor(model, tmp_path / "sharded")
-        with pytest.raises(AdapterFileError, match=r"load_adaptor: \S+ is sharded by FSDP"):
+        with pytest.raises(AdapterFileError, match=r"load_adaptor: (\S+|the model) is sharded by FSDP"):
             load_adaptor(model, saved)
     finally:
         distributed.destroy_process_group()

@@ -49,17 +49,20 @@ class AdapterFileError(ValueError):
 
 
 def _refuse_sharded(model: nn.Module, action: str) -> None:
-    """Adapter files and fingerprints need whole parameters: a model sharded by FSDP (DTensors, FSDP1's flat
-    parameters) is refused rather than read shard by shard."""
+    """Adapter files and fingerprints need whole parameters: a model sharded by FSDP (DTensors of
+    ``fully_shard``; FSDP1's wrapper, whose flat parameters and, with ``use_orig_params=True``, views into
+    them are shards) is refused rather than read shard by shard."""
     if not torch.distributed.is_available():
         return
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor) or "_flat_param" in n]
+    sharded = [n for n, m in model.named_modules() if isinstance(m, FullyShardedDataParallel)]
+    sharded += [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
     if sharded:
         raise AdapterFileError(
-            f"{action}: {sharded[0]} is sharded by FSDP; adapter files need whole parameters: use the model "
-            "before sharding, with the gathered weights (FSDP training is not supported; DDP is)"
+            f"{action}: {sharded[0] or 'the model'} is sharded by FSDP; adapter files need whole parameters: use "
+            "the model before sharding, with the gathered weights (FSDP training is not supported; DDP is)"
         )
 
 
