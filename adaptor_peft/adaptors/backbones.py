@@ -21,10 +21,20 @@ from .config import AdaptorConfig
 from .inject import add_adaptors
 
 BUILTIN_ADAPTORS = AdaptorConfig(
-    t_locations=2, t_groups=4, t_rank=4, t_anchor="learned", t_init=0.0,
-    s_kernel_size=3, s_dilations=(1, 2, 3), s_share_kernel=True, s_rank=0, s_position="output", s_init="kaiming",
-    dropout=0.0, lr_scale=1.0,
-)  # fmt: skip
+    t_locations=2,
+    t_groups=4,
+    t_rank=4,
+    t_anchor="learned",
+    t_init=0.0,
+    s_kernel_size=3,
+    s_dilations=(1, 2, 3),
+    s_share_kernel=True,
+    s_rank=0,
+    s_position="output",
+    s_init="kaiming",
+    dropout=0.0,
+    lr_scale=1.0,
+)
 """The adaptors of the built-in backbones, every field spelled out so that a change of AdaptorConfig's
 defaults cannot change the architecture; ``lr_scale`` 1 since they are pretrained, not zero."""
 

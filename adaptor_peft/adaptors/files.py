@@ -217,8 +217,11 @@ def load_adaptor(model: nn.Module, source: str | Path) -> nn.Module:
         model.get_classifier().to(backbone.device, backbone.dtype)
     own = model.state_dict()
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{n}: file {tuple(t.shape)} vs model {tuple(own[n].shape)}" for n, t in state.items()
-                  if n in own and own[n].shape != t.shape]  # fmt: skip
+    mismatched = [
+        f"{n}: file {tuple(t.shape)} vs model {tuple(own[n].shape)}"
+        for n, t in state.items()
+        if n in own and own[n].shape != t.shape
+    ]
     missing = sorted(n for n in adapter_state(model) if n not in state)
     if unexpected or mismatched or missing:
         raise AdapterFileError(

@@ -160,8 +160,18 @@ def _cells(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return _finish(canvas, rng, 0.06), labels
 
 
-LAND_COVER = ("annual crop", "forest", "herbaceous", "highway", "industrial", "pasture", "permanent crop",
-              "residential", "river", "sea or lake")  # fmt: skip
+LAND_COVER = (
+    "annual crop",
+    "forest",
+    "herbaceous",
+    "highway",
+    "industrial",
+    "pasture",
+    "permanent crop",
+    "residential",
+    "river",
+    "sea or lake",
+)
 """EuroSAT's ten classes, in its order."""
 
 

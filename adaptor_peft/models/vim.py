@@ -393,8 +393,13 @@ def build_nano(variant: str, **kwargs) -> VisionMamba:
 def embedded_cfg(name: str) -> dict:
     """The pretrained config of a backbone whose weights ship in ``weights/`` (``<name>.safetensors``, model
     card ``<name>.md``), trained on 32x32 images normalised to [-1, 1]."""
-    return _cfg(file=str(EMBEDDED_WEIGHTS / f"{name}.safetensors"), input_size=(3, 32, 32), crop_pct=1.0,
-                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))  # fmt: skip
+    return _cfg(
+        file=str(EMBEDDED_WEIGHTS / f"{name}.safetensors"),
+        input_size=(3, 32, 32),
+        crop_pct=1.0,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    )
 
 
 default_cfgs = generate_default_cfgs(

@@ -180,13 +180,29 @@ def _args(x: ScanInputs) -> _ScanArgs:
     batch, dim, length = x.u.shape
     snap = x.snapshot_index
     return _ScanArgs(
-        batch=batch, dim=dim, len=length, nstate=x.A.shape[1], groups=x.B.shape[1], u=_ptr(x.u),
-        delta=_ptr(x.delta), delta_bias=_ptr(x.delta_bias), A=_ptr(x.A), B=_ptr(x.B), C=_ptr(x.C), Dskip=_ptr(x.D),
-        z=_ptr(x.z), softplus=int(x.softplus), u_s=_strides(x.u, 3), delta_s=_strides(x.delta, 3),
-        z_s=_strides(x.z, 3), B_s=_strides(x.B, 4), C_s=_strides(x.C, 4),
-        snap_groups=snap.shape[1] if snap is not None else 1, nsnap=snap.shape[2] if snap is not None else 0,
+        batch=batch,
+        dim=dim,
+        len=length,
+        nstate=x.A.shape[1],
+        groups=x.B.shape[1],
+        u=_ptr(x.u),
+        delta=_ptr(x.delta),
+        delta_bias=_ptr(x.delta_bias),
+        A=_ptr(x.A),
+        B=_ptr(x.B),
+        C=_ptr(x.C),
+        Dskip=_ptr(x.D),
+        z=_ptr(x.z),
+        softplus=int(x.softplus),
+        u_s=_strides(x.u, 3),
+        delta_s=_strides(x.delta, 3),
+        z_s=_strides(x.z, 3),
+        B_s=_strides(x.B, 4),
+        C_s=_strides(x.C, 4),
+        snap_groups=snap.shape[1] if snap is not None else 1,
+        nsnap=snap.shape[2] if snap is not None else 0,
         snapshot_index=_ptr(snap),
-    )  # fmt: skip
+    )
 
 
 def _run(direction: str, args: _ScanArgs, dtype: torch.dtype) -> None:

@@ -68,8 +68,9 @@ def _snapshot_rows(index_ptr, b, d, first, dim, length, nsnap, sgroups, s: tl.co
 
 
 @triton.jit
-def _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t, su_t, sd_t, sB_t, sC_t, bias, dmask, nmask,
-            ACC: tl.constexpr):  # fmt: skip
+def _inputs(
+    u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t, su_t, sd_t, sB_t, sC_t, bias, dmask, nmask, ACC: tl.constexpr
+):
     """One position's inputs of a channel block: u, x = delta + bias (BLOCK,), B_t and C_t (NP,)."""
     u = tl.load(u_ptr + u_at + t * su_t, mask=dmask, other=0.0).to(ACC)
     x = tl.load(delta_ptr + delta_at + t * sd_t, mask=dmask, other=0.0).to(ACC) + bias
@@ -112,13 +113,15 @@ def _scan_kernel(
     states = (b * dim + d)[:, None] * nstate + n[None, :]
     bias = _bias(bias_ptr, d, dmask, BLOCK, ACC, HAS_BIAS)
     h = tl.zeros((BLOCK, NP), dtype=ACC)
-    u, x, Bt, Ct = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, 0, su_t, sd_t, sB_t, sC_t, bias, dmask,
-                           nmask, ACC)  # fmt: skip
+    u, x, Bt, Ct = _inputs(
+        u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, 0, su_t, sd_t, sB_t, sC_t, bias, dmask, nmask, ACC
+    )
     for t in range(0, length):
         # the next position's loads go out before this one's arithmetic, which hides their latency
         following = tl.minimum(t + 1, length - 1)
-        u_next, x_next, B_next, C_next = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, following, su_t,
-                                                 sd_t, sB_t, sC_t, bias, dmask, nmask, ACC)  # fmt: skip
+        u_next, x_next, B_next, C_next = _inputs(
+            u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, following, su_t, sd_t, sB_t, sC_t, bias, dmask, nmask, ACC
+        )
         if GATE:
             zt = tl.load(z_ptr + z_at + t * sz_t, mask=dmask, other=0.0).to(ACC)
         dt = _dt(x, SOFTPLUS)
@@ -187,26 +190,44 @@ def _backward_kernel(
         at = ((b * dim + d)[:, None] * nckpt + chunk - 1) * nstate + n[None, :]
         h = tl.load(ckpt_ptr + at, mask=mask2 & (chunk > 0), other=0.0)
         tl.store(scratch, h)
-        u, x, Bt, _ = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t0, su_t, sd_t, sB_t, sC_t, bias,
-                              dmask, nmask, ACC)  # fmt: skip
+        u, x, Bt, _ = _inputs(
+            u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t0, su_t, sd_t, sB_t, sC_t, bias, dmask, nmask, ACC
+        )
         for j in range(0, steps):  # the chunk's states again, from its checkpoint
             following = tl.minimum(t0 + j + 1, length - 1)
-            u_next, x_next, B_next, _ = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, following, su_t,
-                                                sd_t, sB_t, sC_t, bias, dmask, nmask, ACC)  # fmt: skip
+            u_next, x_next, B_next, _ = _inputs(
+                u_ptr,
+                delta_ptr,
+                B_row,
+                C_row,
+                u_at,
+                delta_at,
+                following,
+                su_t,
+                sd_t,
+                sB_t,
+                sC_t,
+                bias,
+                dmask,
+                nmask,
+                ACC,
+            )
             dt = _dt(x, SOFTPLUS)
             h = tl.exp(dt[:, None] * A) * h + (dt * u)[:, None] * Bt[None, :]
             tl.store(scratch + (j + 1) * BLOCK * NP, h)
             u, x, Bt = u_next, x_next, B_next
         tl.debug_barrier()
         t = t0 + steps - 1
-        u, x, Bt, Ct = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t, su_t, sd_t, sB_t, sC_t, bias,
-                               dmask, nmask, ACC)  # fmt: skip
+        u, x, Bt, Ct = _inputs(
+            u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, t, su_t, sd_t, sB_t, sC_t, bias, dmask, nmask, ACC
+        )
         for back in range(0, steps):  # the adjoint recurrence through the chunk, latest position first
             j = steps - 1 - back
             t = t0 + j
             earlier = tl.maximum(t - 1, 0)
-            u_next, x_next, B_next, C_next = _inputs(u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, earlier,
-                                                     su_t, sd_t, sB_t, sC_t, bias, dmask, nmask, ACC)  # fmt: skip
+            u_next, x_next, B_next, C_next = _inputs(
+                u_ptr, delta_ptr, B_row, C_row, u_at, delta_at, earlier, su_t, sd_t, sB_t, sC_t, bias, dmask, nmask, ACC
+            )
             dout = tl.load(dout_ptr + b * so_b + d * so_d + t * so_t, mask=dmask, other=0.0).to(ACC)
             h = tl.load(scratch + (j + 1) * BLOCK * NP)
             h_prev = tl.load(scratch + j * BLOCK * NP)
@@ -293,13 +314,45 @@ def _scan(x: ScanInputs, want_hidden: bool, want_last: bool, snapshots: bool, ch
     ckpt = new(batch, dim, nckpt, nstate) if checkpoints else None
     zs = x.z.stride() if x.z is not None else (0, 0, 0)
     _scan_kernel[(batch, triton.cdiv(dim, block))](
-        x.u, x.delta, x.delta_bias, x.A, x.B, x.C, x.D, x.z, out, hidden, last, x.snapshot_index, snaps, ckpt,
-        dim, length, nstate, cpg, sgroups, nckpt, *x.u.stride(), *x.delta.stride(), *zs, *x.B.stride(),
+        x.u,
+        x.delta,
+        x.delta_bias,
+        x.A,
+        x.B,
+        x.C,
+        x.D,
+        x.z,
+        out,
+        hidden,
+        last,
+        x.snapshot_index,
+        snaps,
+        ckpt,
+        dim,
+        length,
+        nstate,
+        cpg,
+        sgroups,
+        nckpt,
+        *x.u.stride(),
+        *x.delta.stride(),
+        *zs,
+        *x.B.stride(),
         *x.C.stride(),
-        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=x.delta_bias is not None, SOFTPLUS=bool(x.softplus),
-        HAS_D=x.D is not None, GATE=x.z is not None, STORE_HIDDEN=want_hidden, STORE_LAST=want_last,
-        NSNAP=nsnap, CHUNK=CHUNK, CHECKPOINTS=checkpoints, num_warps=warps(block * np2),
-    )  # fmt: skip
+        BLOCK=block,
+        NP=np2,
+        ACC=ACC,
+        HAS_BIAS=x.delta_bias is not None,
+        SOFTPLUS=bool(x.softplus),
+        HAS_D=x.D is not None,
+        GATE=x.z is not None,
+        STORE_HIDDEN=want_hidden,
+        STORE_LAST=want_last,
+        NSNAP=nsnap,
+        CHUNK=CHUNK,
+        CHECKPOINTS=checkpoints,
+        num_warps=warps(block * np2),
+    )
     return out, hidden, last, snaps, ckpt
 
 
@@ -330,20 +383,61 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[torch.Tensor, ...] = (
     small = torch.empty(batch, dim, nstate + 2, device=u.device, dtype=acc)
     zs = z.stride() if z is not None else (0, 0, 0)
     _backward_kernel[(batch, blocks)](
-        u, x.delta, x.delta_bias, x.A, x.B, x.C, x.D, z, grads.out, checkpoints, scratch, x.snapshot_index,
-        grads.snapshots.contiguous() if with_snapshots else None, du, ddelta, dz, dBC, small,
-        dim, length, nstate, cpg, blocks, sgroups, checkpoints.shape[2], *u.stride(), *x.delta.stride(), *zs,
-        *grads.out.stride(), *ddelta.stride(), *x.B.stride(), *x.C.stride(),
-        BLOCK=block, NP=np2, ACC=ACC, HAS_BIAS=x.delta_bias is not None, SOFTPLUS=bool(x.softplus),
-        HAS_D=x.D is not None, GATE=z is not None, NSNAP=nsnap, CHUNK=CHUNK, num_warps=warps(block * np2),
-    )  # fmt: skip
+        u,
+        x.delta,
+        x.delta_bias,
+        x.A,
+        x.B,
+        x.C,
+        x.D,
+        z,
+        grads.out,
+        checkpoints,
+        scratch,
+        x.snapshot_index,
+        grads.snapshots.contiguous() if with_snapshots else None,
+        du,
+        ddelta,
+        dz,
+        dBC,
+        small,
+        dim,
+        length,
+        nstate,
+        cpg,
+        blocks,
+        sgroups,
+        checkpoints.shape[2],
+        *u.stride(),
+        *x.delta.stride(),
+        *zs,
+        *grads.out.stride(),
+        *ddelta.stride(),
+        *x.B.stride(),
+        *x.C.stride(),
+        BLOCK=block,
+        NP=np2,
+        ACC=ACC,
+        HAS_BIAS=x.delta_bias is not None,
+        SOFTPLUS=bool(x.softplus),
+        HAS_D=x.D is not None,
+        GATE=z is not None,
+        NSNAP=nsnap,
+        CHUNK=CHUNK,
+        num_warps=warps(block * np2),
+    )
     dBC = dBC.to(x.B.dtype)
     small = small.sum(0)
     return ScanGrads(
-        du, ddelta, small[:, nstate + 1].to(x.delta_bias.dtype) if x.delta_bias is not None else None,
-        small[:, :nstate].to(x.A.dtype), dBC[:, :, 0], dBC[:, :, 1].to(x.C.dtype),
-        small[:, nstate].to(x.D.dtype) if x.D is not None else None, dz,
-    )  # fmt: skip
+        du,
+        ddelta,
+        small[:, nstate + 1].to(x.delta_bias.dtype) if x.delta_bias is not None else None,
+        small[:, :nstate].to(x.A.dtype),
+        dBC[:, :, 0],
+        dBC[:, :, 1].to(x.C.dtype),
+        small[:, nstate].to(x.D.dtype) if x.D is not None else None,
+        dz,
+    )
 
 
 __all__ = ["backward", "block_size", "forward"]

@@ -113,8 +113,11 @@ def summarize(results: list[dict[str, Any]], groups: Mapping[str, Sequence[str]]
             summary.trainable[column] = result["parameters"]["trainable_without_head"]
             summary.trainable_percent[column] = result["parameters"]["trainable_percent"]
         if result["task"] in summary.top1[column]:
-            where = [r.get("run_dir", "?") for r in results if r["task"] == result["task"]
-                     and f"{r['model']} / {r['method']}" == column]  # fmt: skip
+            where = [
+                r.get("run_dir", "?")
+                for r in results
+                if r["task"] == result["task"] and f"{r['model']} / {r['method']}" == column
+            ]
             raise ValueError(
                 f"two runs of {column} on {result['task']} ({', '.join(where)}): summarize the folders of "
                 "different recipes separately"
@@ -151,8 +154,12 @@ def combine(summaries: Sequence[Summary]) -> Summary:
             return None, None
         return statistics.fmean(cells), statistics.stdev(cells) if len(cells) > 1 else 0.0
 
-    combined = Summary(list(first.columns), list(first.tasks), trainable=dict(first.trainable),
-                       trainable_percent=dict(first.trainable_percent))  # fmt: skip
+    combined = Summary(
+        list(first.columns),
+        list(first.tasks),
+        trainable=dict(first.trainable),
+        trainable_percent=dict(first.trainable_percent),
+    )
     for column in first.columns:
         cells = {t: spread([s.top1[column].get(t) for s in summaries]) for t in first.tasks}
         labels = {k: spread([s.averages[column][k] for s in summaries]) for k in first.averages[column]}

@@ -49,10 +49,13 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
     exempt = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     keys = {id(p): (decays(n, p, exempt), scales.get(id(p), 1.0)) for n, p in trainable}
     return [
-        {"params": [p for _, p in trainable if keys[id(p)] == key], "weight_decay": weight_decay if key[0] else 0.0,
-         "lr": lr * key[1]}
+        {
+            "params": [p for _, p in trainable if keys[id(p)] == key],
+            "weight_decay": weight_decay if key[0] else 0.0,
+            "lr": lr * key[1],
+        }
         for key in dict.fromkeys(keys.values())
-    ]  # fmt: skip
+    ]
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
