@@ -25,7 +25,7 @@ from .ops import selective_scan, selective_scan_fn
 from .reports import parameter_report
 from .training.optim import param_groups
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AdapterFileError",

@@ -32,7 +32,6 @@ VARIANTS = {
     "lora": ("lora", {}),
     "lr_scale=1": ("adaptor", {"lr_scale": 1.0}),
     "lr_scale=10": ("adaptor", {"lr_scale": 10.0}),
-    "s_rank=8 lr_scale=10": ("adaptor", {"s_rank": 8, "lr_scale": 10.0}),
     "K=1 lr_scale=10": ("adaptor", {"t_locations": 1, "lr_scale": 10.0}),
     "t_anchor=static": ("adaptor", {"t_anchor": "static", "lr_scale": 10}),
     "lr_scale=3": ("adaptor", {"lr_scale": 3}),
@@ -41,8 +40,6 @@ VARIANTS = {
     "t_rank=8": ("adaptor", {"t_rank": 8, "lr_scale": 10}),
     "s_position=inner": ("adaptor", {"s_position": "inner", "lr_scale": 10}),
     "s_share_kernel=False": ("adaptor", {"s_share_kernel": False, "lr_scale": 10}),
-    "t_init=0.1": ("adaptor", {"t_init": 0.1, "lr_scale": 10}),
-    "s_init=delta": ("adaptor", {"s_init": "delta", "lr_scale": 10}),
 }
 """name -> (method, options): LoRA as the bar, the adaptor before the study (lr_scale=1), the default it
 chose (lr_scale=10), and one more choice changed at a time. lr_scale is spelled out in every row; should

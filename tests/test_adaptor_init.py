@@ -25,7 +25,6 @@ CONFIG_FIELDS = {  # constructor argument -> AdaptorConfig field
         share_kernel="s_share_kernel",
         position="s_position",
         dropout="dropout",
-        rank="s_rank",
         lr_scale="lr_scale",
     ),
 }

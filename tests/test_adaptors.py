@@ -262,13 +262,10 @@ def test_adaptor_t_rejects_groups_that_do_not_divide_the_width():
 @pytest.mark.parametrize("dilations", [(1, 2, 3), (1,)])
 @pytest.mark.parametrize("kernel_size", [3, 5])
 @pytest.mark.parametrize("share", [True, False])
-@pytest.mark.parametrize("rank", [0, 4])
-def test_adaptor_s_equals_the_sum_of_dilated_depthwise_convolutions(share, kernel_size, dilations, rank):
-    """With a rank, the same convolutions run between the down and up projections."""
+def test_adaptor_s_equals_the_sum_of_dilated_depthwise_convolutions(share, kernel_size, dilations):
     torch.manual_seed(0)
-    channels = 6
-    width = rank or channels
-    s = AdaptorS(channels, kernel_size, dilations, share_kernel=share, rank=rank).double()
+    channels = width = 6
+    s = AdaptorS(channels, kernel_size, dilations, share_kernel=share).double()
     x = torch.randn(2, 9, 11, channels, dtype=torch.float64)
     assert torch.equal(s(x), x)  # zero scale at init: the identity
     with torch.no_grad():
@@ -276,11 +273,7 @@ def test_adaptor_s_equals_the_sum_of_dilated_depthwise_convolutions(share, kerne
     assert s.kernel.shape == (1 if share else len(dilations), width, 1, kernel_size, kernel_size)
     assert s.scale.shape == (len(dilations) if share else 1, width)
     tensors = {"kernel": s.kernel, "scale": s.scale}
-    maps = x
-    if rank:
-        tensors |= {"down": s.down.weight, "up": s.up.weight}
-        maps = maps @ s.down.weight.T
-    maps = maps.permute(0, 3, 1, 2)
+    maps = x.permute(0, 3, 1, 2)
     branches = []
     for i, d in enumerate(dilations):
         kernel = s.kernel[0 if share else i]
@@ -288,7 +281,7 @@ def test_adaptor_s_equals_the_sum_of_dilated_depthwise_convolutions(share, kerne
         conv = F.conv2d(maps, kernel, dilation=d, padding=d * (kernel_size // 2), groups=width)
         branches.append(conv * scale[None, :, None, None])
     added = sum(branches).permute(0, 2, 3, 1)
-    expected = x + (added @ s.up.weight.T if rank else added)
+    expected = x + added
     got = s(x)
     assert got.shape == x.shape
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
@@ -329,9 +322,6 @@ VARIANTS = {
     "static": dict(t_anchor="static"),
     "separate_kernels": dict(s_share_kernel=False),
     "inner": dict(s_position="inner"),
-    "spatial_rank": dict(s_rank=4),
-    "random_predictor": dict(t_init=0.5),
-    "delta_kernels": dict(s_init="delta"),
     "block0": dict(blocks=[0]),
     "spatial_only": dict(temporal=False),
     "temporal_only": dict(spatial=False),
@@ -358,12 +348,10 @@ def test_injection_variants_are_exact_at_init_and_their_parameters_matter(kind, 
             assert mixer.adaptor_s.share_kernel == config.s_share_kernel
             width = mixer.out_proj.out_features if config.s_position == "output" else mixer.out_proj.in_features
             assert mixer.adaptor_s.channels == width
-            assert mixer.adaptor_s.kernel.shape[1] == (config.s_rank or width)
-            centre = mixer.adaptor_s.kernel[..., 1, 1]
-            assert (centre == 1).all() == (config.s_init == "delta")
+            assert mixer.adaptor_s.kernel.shape[1] == width
         if mixer.adaptor_t is not None:
             assert mixer.adaptor_t.learned == (config.t_anchor == "learned")
-            assert mixer.adaptor_t.weight_up.any() == (config.t_init > 0)
+            assert not mixer.adaptor_t.weight_up.any()
             assert not mixer.adaptor_t.gamma.any()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert all(".adaptor_" in n or n.startswith(("head.", "classifier.head.")) for n in names)
@@ -424,8 +412,6 @@ def test_injected_partial_configs_round_trip_through_files(tmp_path, config):
         (dict(s_dilations=()), "s_dilations"),
         (dict(t_locations=0), "t_locations"),
         (dict(dropout=1.0), "dropout"),
-        (dict(t_init=-0.1), "t_init"),
-        (dict(s_init="zeros"), "s_init"),
         (dict(temporal=False, spatial=False), "temporal/spatial"),
     ],
 )

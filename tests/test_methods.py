@@ -15,7 +15,7 @@ from adaptor_peft import (
     save_adaptor,
 )
 from adaptor_peft.adaptors import METHODS, MethodOptionError, merge_adaptor, unload_adaptor
-from adaptor_peft.adaptors.methods import LoRA, LoRAOptions, resolved_settings
+from adaptor_peft.adaptors.methods import LoRA, LoRAOptions, from_record, resolved_settings
 from adaptor_peft.training.pool import expected_cost
 
 
@@ -126,3 +126,16 @@ def test_a_method_without_options_refuses_any():
 
     with pytest.raises(MethodOptionError, match="'test_frozen' has no option r; it takes: none"):
         Frozen(r=2)
+
+
+def test_records_of_removed_options_load_when_they_change_nothing_and_are_refused_by_name_otherwise():
+    plain = {
+        "method": "adaptor",
+        "options": {"config": {"t_init": 0.0, "s_init": "kaiming", "s_rank": 0}, "t_init": 0.1},
+    }
+    assert from_record(plain).settings() == prepare_model(vim(), "adaptor").peft_method.settings()
+    for options in ({"s_rank": 8}, {"config": {"s_rank": 8}}):
+        with pytest.raises(MethodOptionError, match=r"s_rank=8: Adaptor-S's channel bottleneck was removed"):
+            from_record({"method": "adaptor", "options": options})
+    with pytest.raises(MethodOptionError, match="has no option t_init"):
+        prepare_model(vim(), "adaptor", t_init=0.1)  # no longer an option of this version

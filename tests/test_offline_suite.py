@@ -219,12 +219,12 @@ def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_pa
     ablation = load_ablation()
     report = tmp_path / "ablation.md"
     argv = ["--quick", "--workers", "1", "--variants", "lr_scale=1", "--variant",
-            "rank=adaptor:s_rank=2,t_anchor=static", "--tasks", "count", "--lrs", "1e-3,5e-2",
+            "rank=adaptor:t_rank=2,t_anchor=static", "--tasks", "count", "--lrs", "1e-3,5e-2",
             "--output-dir", str(tmp_path / "runs"), "--output", str(report)]  # fmt: skip
     text = ablation.main(argv)
     assert report.read_text() == text
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if "| adaptor |" in line}
-    assert rows["rank"][2] == "s_rank=2, t_anchor=static" and rows["lr_scale=1"][2] == "lr_scale=1.0"
+    assert rows["rank"][2] == "t_rank=2, t_anchor=static" and rows["lr_scale=1"][2] == "lr_scale=1.0"
     assert int(rows["rank"][3].replace(",", "")) != int(rows["lr_scale=1"][3].replace(",", ""))
     for name in ("lr_scale=1", "rank"):
         runs = tmp_path / "runs" / "select" / "count" / name

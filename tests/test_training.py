@@ -304,8 +304,8 @@ def test_a_finished_run_is_not_read_back_once_a_method_default_changed(tmp_path,
     settings = record["method"]
     assert settings["method"] == "adaptor" and settings["adaptor.lr_scale"] == 10.0 and settings["adaptor.t_rank"] == 4
     assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)  # read back
-    before_init = {k: v for k, v in settings.items() if k != "adaptor.t_init"}  # made before t_init existed
-    (tmp_path / "run" / "resolved.json").write_text(json.dumps({**record, "method": before_init}))
+    before_field = {k: v for k, v in settings.items() if k != "adaptor.s_position"}  # made before it existed
+    (tmp_path / "run" / "resolved.json").write_text(json.dumps({**record, "method": before_field}))
     assert training_loop.train_once(recipe, tmp_path / "run") == (first, None)  # its default keeps the run's
 
     older = {**record, "method": {**settings, "adaptor.lr_scale": 1.0}}  # made under an older default

@@ -25,13 +25,10 @@ BUILTIN_ADAPTORS = AdaptorConfig(
     t_groups=4,
     t_rank=4,
     t_anchor="learned",
-    t_init=0.0,
     s_kernel_size=3,
     s_dilations=(1, 2, 3),
     s_share_kernel=True,
-    s_rank=0,
     s_position="output",
-    s_init="kaiming",
     dropout=0.0,
     lr_scale=1.0,
 )

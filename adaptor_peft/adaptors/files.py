@@ -77,9 +77,9 @@ def _method_of(model: nn.Module) -> dict[str, Any] | None:
     return None if method is None else method.record()
 
 
-UNCOMPARED = ("adaptor.extra", "adaptor.lr_scale", "adaptor.t_init", "adaptor.s_init")
-"""AdaptorConfig fields that leave the modules and their loaded weights as they are: free-form notes, an
-optimizer setting and the initialisations, which the loaded weights replace."""
+UNCOMPARED = ("adaptor.extra", "adaptor.lr_scale")
+"""AdaptorConfig fields that leave the modules and their loaded weights as they are: free-form notes and an
+optimizer setting."""
 
 
 def _settings(method: dict[str, Any]) -> dict[str, Any]:

@@ -95,7 +95,6 @@ def add_adaptors(model: nn.Module, config: AdaptorConfig) -> nn.Module:
                 config.t_anchor,
                 config.dropout,
                 config.lr_scale,
-                config.t_init,
             ).to(weight.device, dtype)
         if config.spatial and mixer.takes_adaptor_s:
             mixer.adaptor_s = AdaptorS(
@@ -105,8 +104,6 @@ def add_adaptors(model: nn.Module, config: AdaptorConfig) -> nn.Module:
                 config.s_share_kernel,
                 config.s_position,
                 config.dropout,
-                config.s_rank,
                 config.lr_scale,
-                config.s_init,
             ).to(weight.device, dtype)
     return model

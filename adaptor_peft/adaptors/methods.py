@@ -233,12 +233,24 @@ class AdaptorMethod(Method):
 
     @classmethod
     def normalised(cls, options: dict[str, Any]) -> dict[str, Any]:
-        """Without the switches in a recorded ``config``: records written by adaptor_peft 0.2.0 kept an
-        AdaptorConfig's, on or off, and the method's name decides them."""
-        config = options.get("config")
-        if not isinstance(config, dict):
-            return options
-        return {**options, "config": {k: v for k, v in config.items() if k not in ("temporal", "spatial")}}
+        """As this version reads a record of adaptor_peft 0.2.0: without the switches its records kept in
+        ``config`` (the method's name decides them), and without the options since removed that leave the
+        loaded modules as they are (``t_init``, ``s_init``: initialisations the weights replace, and
+        ``s_rank=0``). An Adaptor-S with a channel bottleneck (``s_rank`` > 0) is refused by name."""
+        dropped = ("t_init", "s_init")
+        config = options.get("config") if isinstance(options.get("config"), dict) else {}
+        for where, values in (("", options), ("config.", config)):
+            if values.get("s_rank", 0):
+                raise MethodOptionError(
+                    f"method {cls.name!r}: option {where}s_rank={values['s_rank']}: Adaptor-S's channel "
+                    "bottleneck was removed after adaptor_peft 0.2.0 (it lost the ablation); load this adapter "
+                    "with that version (pip install 'adaptor-peft==0.2.0')"
+                )
+        options = {k: v for k, v in options.items() if k not in (*dropped, "s_rank")}
+        if config:
+            gone = (*dropped, "s_rank", "temporal", "spatial")
+            options["config"] = {k: v for k, v in config.items() if k not in gone}
+        return options
 
     def check(self, model: nn.Module) -> None:
         if has_builtin_adaptors(model):

@@ -7,10 +7,6 @@ computing exactly what the pretrained one did. The branches are summed in weight
 entry times its branch's scale is one tap of a single depthwise convolution
 (:func:`adaptor_peft.ops.depthwise.depthwise_taps`), the same sum as separate dilated convolutions and,
 on CPU, an order of magnitude faster forward and backward.
-
-With ``rank`` r > 0 (ours) the branches run on a learned rank-r projection of the channels and are mixed
-back up to all of them: the dilated kernels then see every channel, not one each (a bottleneck around the
-convolution, as Convpass does for ViTs). The paper names multi-scale dilated kernels, not depthwise ones.
 """
 
 from __future__ import annotations
@@ -23,10 +19,9 @@ from .config import AdaptorConfig
 
 
 class AdaptorS(nn.Module):
-    """Adaptor-S on (B, H, W, C) maps; ``position`` says where in the mixer it sits, ``rank`` (0: none)
-    the width of the channel bottleneck around the convolution, ``lr_scale`` the learning-rate multiple of
-    the scales (read by :func:`adaptor_peft.training.optim.build_optimizer`). The arguments
-    are :class:`AdaptorConfig`'s ``s_*`` fields and ``dropout``, with its defaults."""
+    """Adaptor-S on (B, H, W, C) maps; ``position`` says where in the mixer it sits, ``lr_scale`` the
+    learning-rate multiple of the scales (read by :func:`adaptor_peft.training.optim.build_optimizer`). The
+    arguments are :class:`AdaptorConfig`'s ``s_*`` fields and ``dropout``, with its defaults."""
 
     def __init__(
         self,
@@ -36,26 +31,18 @@ class AdaptorS(nn.Module):
         share_kernel: bool = AdaptorConfig.s_share_kernel,
         position: str = AdaptorConfig.s_position,
         dropout: float = AdaptorConfig.dropout,
-        rank: int = AdaptorConfig.s_rank,
         lr_scale: float = AdaptorConfig.lr_scale,
-        init: str = AdaptorConfig.s_init,
     ):
         super().__init__()
         self.lr_scale = lr_scale
         self.dilations, self.position, self.share_kernel = tuple(dilations), position, share_kernel
-        self.channels, width = channels, rank or channels
+        self.channels = channels
         kernels = 1 if share_kernel else len(self.dilations)
-        self.kernel = nn.Parameter(torch.empty(kernels, width, 1, kernel_size, kernel_size))
-        self.scale = nn.Parameter(torch.zeros(len(self.dilations) if share_kernel else 1, width))
-        # With a rank, the zero scale alone keeps the identity at init; down and up start as nn.Linear does.
-        self.down = nn.Linear(channels, rank, bias=False) if rank else None
-        self.up = nn.Linear(rank, channels, bias=False) if rank else None
+        self.kernel = nn.Parameter(torch.empty(kernels, channels, 1, kernel_size, kernel_size))
+        self.scale = nn.Parameter(torch.zeros(len(self.dilations) if share_kernel else 1, channels))
         self.dropout = nn.Dropout(dropout)
-        for k in self.kernel:
-            if init == "delta":
-                nn.init.dirac_(k, groups=width)
-            else:
-                nn.init.kaiming_uniform_(k, a=5**0.5)
+        for k in self.kernel:  # as nn.Conv2d initialises its weight
+            nn.init.kaiming_uniform_(k, a=5**0.5)
         reach = range(-(kernel_size // 2), kernel_size // 2 + 1)
         self.offsets = tuple((dy * d, dx * d) for d in self.dilations for dy in reach for dx in reach)
 
@@ -65,8 +52,7 @@ class AdaptorS(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.channels}, rank={self.down.out_features if self.down else 0}, "
-            f"kernel_size={self.kernel.shape[-1]}, dilations={self.dilations}, "
+            f"channels={self.channels}, kernel_size={self.kernel.shape[-1]}, dilations={self.dilations}, "
             f"share_kernel={self.share_kernel}, position={self.position!r}"
         )
 
@@ -80,10 +66,5 @@ class AdaptorS(nn.Module):
         """``x`` plus the branches, computed in the parameters' precision (float32 in a half-precision
         backbone, as peft's adapters) and added back in ``x``'s."""
         weights, offsets = self.taps()
-        mixed = x.to(weights.dtype)
-        if self.down is not None:
-            mixed = self.down(mixed)
-        mixed = depthwise_taps(mixed, weights, offsets)
-        if self.up is not None:
-            mixed = self.up(mixed)
+        mixed = depthwise_taps(x.to(weights.dtype), weights, offsets)
         return x + self.dropout(mixed).to(x.dtype)

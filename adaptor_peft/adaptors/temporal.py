@@ -16,7 +16,8 @@ The scan hands back only the 2K states the locations need (``snapshot_index``), 
 is one matrix product per group, ``R_g = Ĉ_g H_gᵀ`` with ``Ĉ[i, (k, n)] = c_{i,k} C_i[n]`` and
 ``H[e, (k, n)] = h_e(p_k)[n]``: the scan costs what a plain one does, the read runs at matrix-product
 speed, and no (B, E, L, K, N) tensor exists. ``γ`` starts at zero, so an injected model computes exactly
-what the pretrained one did; so do, by default (``t_init``), the predictor's offsets and weight logits.
+what the pretrained one did; the predictor's offsets and weight logits start at zero too, so every position
+first reads the anchors with equal weights.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ class AdaptorT(nn.Module):
         anchor: str = AdaptorConfig.t_anchor,
         dropout: float = AdaptorConfig.dropout,
         lr_scale: float = AdaptorConfig.lr_scale,
-        init: float = AdaptorConfig.t_init,
     ):
         super().__init__()
         self.lr_scale = lr_scale
@@ -71,14 +71,10 @@ class AdaptorT(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # per direction as nn.Linear(channels, rank) is: uniform in ±1/sqrt(fan-in), fan-in = channels
         nn.init.uniform_(self.down, -(channels**-0.5), channels**-0.5)
-        if init:  # the predictor's output layers; γ stays zero
-            nn.init.normal_(self.weight_up, std=init)
-            if self.learned:
-                nn.init.normal_(self.offset_up, std=init)
 
     def zero_initialised(self) -> list[nn.Parameter]:
-        """The parameters that start at zero (the predictor's output layers unless ``init``), whose learning
-        rate ``lr_scale`` multiplies."""
+        """The parameters that start at zero (γ and the predictor's output layers), whose learning rate
+        ``lr_scale`` multiplies."""
         names = ("gamma", "weight_up", "weight_bias", "offset_up")
         return [getattr(self, n) for n in names if isinstance(getattr(self, n, None), nn.Parameter)]
 
