@@ -52,3 +52,19 @@ def test_every_optional_dependency_is_imported_somewhere():
         for requirement in requirements:
             module = re.match(r"[\w-]+", requirement).group().replace("-", "_")
             assert re.search(rf"(import|from) {module}\b|find_spec\(\"{module}\"\)", code), f"[{extra}] {requirement}"
+
+
+def test_the_extending_guide_runs():
+    """docs/extending.md's example registers a method and prepares a model with it, as written."""
+    from adaptor_peft.adaptors import METHODS
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "extending.md").read_text(), re.S)
+    namespace: dict = {}
+    try:
+        exec(compile("\n".join(blocks), "docs/extending.md", "exec"), namespace)
+        model = namespace["model"]
+        assert model.peft_method.name == "lora_x_proj"
+        trained = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
+        assert trained and all(".x_proj" in n for n in trained)
+    finally:
+        METHODS.pop("lora_x_proj", None)
