@@ -532,6 +532,8 @@ def expected_vim_trainable(method: str, names: set[str]) -> set[str]:
         "adaptor_s": VIM_BLOCK["adaptor_s"],
         "adaptor": VIM_BLOCK["adaptor_t"] + VIM_BLOCK["adaptor_s"],
         "adaptor+lora": VIM_BLOCK["adaptor_t"] + VIM_BLOCK["adaptor_s"] + VIM_BLOCK["lora"],
+        "lora_x_proj": [f"{p}.lora_{ab}.default.weight" for p in ("x_proj", "x_proj_b") for ab in "AB"],
+        "lora_p_x": ["in_proj.lora_A.weight", "in_proj.lora_B.weight"],
     }[method]
     if mixer is None:
         return names
@@ -561,8 +563,10 @@ def test_prepare_model_trains_exactly_the_methods_parameters(method):
 
 
 def test_every_method_has_an_expected_trainable_set():
-    assert set(METHODS) == {"linear_probe", "full", "bias", "partial", "lora", "parallel_adapter", "adaptor_t",
-                            "adaptor_s", "adaptor", "adaptor+lora", "adaptor_booster"}  # fmt: skip
+    assert set(METHODS) == {
+        *("linear_probe", "full", "bias", "partial", "lora", "parallel_adapter", "lora_x_proj", "lora_p_x"),
+        *("adaptor_t", "adaptor_s", "adaptor", "adaptor+lora", "adaptor_booster"),
+    }
 
 
 @pytest.mark.parametrize("kind, blocks, conv_bias", [("vmamba_v2", 5, False), ("vmamba_v0", 5, True)])
@@ -1029,7 +1033,11 @@ def test_resolved_settings_spell_out_every_default_a_method_uses():
     assert {k: both[k] for k in ("lora.r", "lora.alpha", "lora.targets")} == {
         "lora.r": 4, "lora.alpha": 16, "lora.targets": ["in_proj"]
     }  # fmt: skip
-    assert resolved_settings("parallel_adapter", {}) == {"method": "parallel_adapter", "parallel_adapter.rank": 32}
+    assert resolved_settings("parallel_adapter", {}) == {
+        "method": "parallel_adapter",
+        "parallel_adapter.rank": 32,
+        "parallel_adapter.lr_scale": 1.0,
+    }
     assert json.loads(json.dumps(both)) == both
     with pytest.raises(MethodOptionError, match="has no option rank"):
         resolved_settings("lora", {"rank": 4})

@@ -63,8 +63,8 @@ def test_the_extending_guide_runs():
     try:
         exec(compile("\n".join(blocks), "docs/extending.md", "exec"), namespace)
         model = namespace["model"]
-        assert model.peft_method.name == "lora_x_proj"
+        assert model.peft_method.name == "lora_out_proj"
         trained = [n for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n]
-        assert trained and all(".x_proj" in n for n in trained)
+        assert trained and all(".out_proj" in n for n in trained)
     finally:
-        METHODS.pop("lora_x_proj", None)
+        METHODS.pop("lora_out_proj", None)

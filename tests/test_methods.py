@@ -95,7 +95,8 @@ def test_a_combination_takes_namespaced_options_and_refuses_ambiguous_ones():
     with pytest.raises(MethodOptionError, match=r"option dropout is ambiguous; give it as adaptor=\{'dropout'"):
         prepare_model(vim(), "adaptor+lora", dropout=0.1)
     with pytest.raises(
-        MethodOptionError, match=r"'adaptor\+lora' has no option lora\.rank; it takes: alpha, dropout, r, targets"
+        MethodOptionError,
+        match=r"'adaptor\+lora' has no option lora\.rank; it takes: alpha, dropout, lr_scale, r, targets",
     ):
         prepare_model(vim(), "adaptor+lora", lora={"rank": 2})
     with pytest.raises(MethodOptionError, match="option r is given twice, flat and in lora"):

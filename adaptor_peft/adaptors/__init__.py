@@ -2,6 +2,7 @@
 (saving with a hub push is :func:`adaptor_peft.save_adaptor`, above the reports it puts in its card)."""
 
 from ..models.protocol import find_mixers
+from . import mambapeft  # registers MambaPEFT's LoRA variants
 from .backbones import vim_nano_patch4_32_adaptor
 from .config import AdaptorConfig
 from .files import AdapterFileError, load_adaptor, merge_adaptor, unload_adaptor, write_adaptor
@@ -33,6 +34,7 @@ __all__ = [
     "inject_adaptor",
     "is_peft_parameter",
     "load_adaptor",
+    "mambapeft",
     "merge_adaptor",
     "prepare_model",
     "register_method",

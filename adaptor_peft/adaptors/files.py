@@ -77,9 +77,9 @@ def _method_of(model: nn.Module) -> dict[str, Any] | None:
     return None if method is None else method.record()
 
 
-UNCOMPARED = ("adaptor.extra", "adaptor.lr_scale")
-"""AdaptorConfig fields that leave the modules and their loaded weights as they are: free-form notes and an
-optimizer setting."""
+UNCOMPARED = ("adaptor.extra", "adaptor.lr_scale", "lora.lr_scale", "parallel_adapter.lr_scale")
+"""Settings that leave the modules and their loaded weights as they are: free-form notes and the learning-rate
+multiples of zero-initialised parameters (optimizer settings)."""
 
 
 def _settings(method: dict[str, Any]) -> dict[str, Any]:

@@ -113,6 +113,12 @@ class Method:
         """Was parameter (or buffer) ``name`` added by this method?"""
         return any(marker in f".{name}" for marker, _ in self.groups)
 
+    def lr_scales(self, model: nn.Module) -> dict[int, float]:
+        """``id(parameter)`` -> learning-rate multiple for parameters of ``model`` it adds that do not say their
+        own (modules with ``zero_initialised()`` and ``lr_scale`` do; see
+        :func:`adaptor_peft.training.optim.lr_scales`)."""
+        return {}
+
     def merge(self, model: nn.Module) -> Method:
         """Folds what it can into the backbone's weights and returns the method left on the model."""
         return self
@@ -304,6 +310,9 @@ class LoRAOptions:
     """Dropout on LoRA's input."""
     targets: list[str] = field(default_factory=lambda: ["in_proj"])
     """Module names (or name endings) to wrap."""
+    lr_scale: float = 1.0
+    """Learning rate of the zero-initialised B as a multiple of the recipe's (LoRA+, Hayou et al., 2024,
+    as the adaptors' ``lr_scale``); 1: plain LoRA."""
 
     def __post_init__(self) -> None:
         self.targets = list(self.targets)
@@ -312,6 +321,7 @@ class LoRAOptions:
             "alpha": self.alpha > 0,
             "dropout": 0 <= self.dropout < 1,
             "targets": bool(self.targets),
+            "lr_scale": self.lr_scale > 0,
         }
         for name, ok in valid.items():
             if not ok:
@@ -337,9 +347,13 @@ class LoRA(Method):
     Options = LoRAOptions
     groups = ((".lora_", "LoRA"),)
 
+    def targets(self, model: nn.Module) -> list[str]:
+        """The targets to wrap in ``model``: every one given, each of which must match a module."""
+        return self.options.targets
+
     def check(self, model: nn.Module) -> None:
         names = [name for name, _ in model.named_modules()]
-        missing = [t for t in self.options.targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        missing = [t for t in self.targets(model) if not any(n == t or n.endswith(f".{t}") for n in names)]
         if missing:
             raise ValueError(f"LoRA targets {missing} match no module of the model")
 
@@ -347,12 +361,14 @@ class LoRA(Method):
         from peft import LoraConfig, inject_adapter_in_model
 
         o = self.options
-        inject_adapter_in_model(
-            LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=o.targets), model
-        )
+        config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout, target_modules=self.targets(model))
+        inject_adapter_in_model(config, model)
         for name, parameter in model.named_parameters():
             if self.adds(name):
                 parameter.data = parameter.data.to(torch.promote_types(parameter.dtype, torch.float32))
+
+    def lr_scales(self, model: nn.Module) -> dict[int, float]:
+        return {id(p): self.options.lr_scale for n, p in model.named_parameters() if ".lora_B." in f".{n}"}
 
     def merge(self, model: nn.Module) -> Method:
         _remove_lora(model, merge=True)
@@ -365,13 +381,18 @@ class LoRA(Method):
 class ParallelAdapter(nn.Module):
     """Bottleneck MLP on the mixer's input whose output is added to the mixer's (zero at init)."""
 
-    def __init__(self, dim: int, rank: int = 32):
+    def __init__(self, dim: int, rank: int = 32, lr_scale: float = 1.0):
         super().__init__()
+        self.lr_scale = lr_scale
         self.down = nn.Linear(dim, rank)
         self.act = nn.GELU()
         self.up = nn.Linear(rank, dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+
+    def zero_initialised(self) -> list[nn.Parameter]:
+        """The up-projection, zero at init, whose learning rate ``lr_scale`` multiplies."""
+        return [self.up.weight, self.up.bias]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """In the adapter's precision (float32 in a half-precision backbone), given back in ``x``'s."""
@@ -382,10 +403,13 @@ class ParallelAdapter(nn.Module):
 class ParallelAdapterOptions:
     rank: int = 32
     """Width of the bottleneck."""
+    lr_scale: float = 1.0
+    """Learning rate of the zero-initialised up-projection as a multiple of the recipe's; 1: plain."""
 
     def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ValueError(f"parallel adapter option rank: invalid value {self.rank!r}")
+        for name, ok in {"rank": self.rank >= 1, "lr_scale": self.lr_scale > 0}.items():
+            if not ok:
+                raise ValueError(f"parallel adapter option {name}: invalid value {getattr(self, name)!r}")
 
 
 @register_method
@@ -402,7 +426,8 @@ class ParallelAdapterTuning(Method):
         for _, block in find_blocks(model):
             weight = next(block.parameters())
             dtype = torch.promote_types(weight.dtype, torch.float32)
-            block.parallel_adapter = ParallelAdapter(block.width, self.options.rank).to(weight.device, dtype)
+            adapter = ParallelAdapter(block.width, self.options.rank, self.options.lr_scale)
+            block.parallel_adapter = adapter.to(weight.device, dtype)
 
     def unload(self, model: nn.Module) -> None:
         for _, block in find_blocks(model):

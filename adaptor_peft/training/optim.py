@@ -28,14 +28,17 @@ def decays(name: str, parameter: nn.Parameter, exempt: Collection[str] = ()) -> 
 
 
 def lr_scales(model: nn.Module) -> dict[int, float]:
-    """``id(parameter)`` -> learning-rate multiple, for the zero-initialised parameters of modules with an
-    ``lr_scale`` (the adaptors, :attr:`adaptor_peft.AdaptorConfig.lr_scale`); the rest take 1."""
-    return {
+    """``id(parameter)`` -> learning-rate multiple of the zero-initialised parameters: those of modules with an
+    ``lr_scale`` (the adaptors, :attr:`adaptor_peft.AdaptorConfig.lr_scale`, the parallel adapter) and those
+    the model's method names (LoRA's B); the rest take 1."""
+    scales = {
         id(p): module.lr_scale
         for module in model.modules()
         if hasattr(module, "zero_initialised")
         for p in module.zero_initialised()
     }
+    method = getattr(model, "peft_method", None)
+    return scales if method is None else {**scales, **method.lr_scales(model)}
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
