@@ -7,7 +7,8 @@ and a recipe whose options do not fit fails here with the recipe key at fault, b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,27 +17,39 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ..adaptors import prepare_model
+from ..adaptors import MethodOptionError, prepare_model
 from ..data import LabelledImages, build_transform, data_config, load_split
-from ..models import CheckpointError, create_model
+from ..models import create_model, list_models
 from .recipe import RecipeError
+
+_UNEXPECTED_KEYWORD = re.compile(r"got an unexpected keyword argument '(\w+)'")
+
+
+def _takes_no(error: Exception, options: dict[str, Any]) -> bool:
+    """Is ``error`` a constructor's refusal of one of ``options`` (Python's "unexpected keyword argument")?"""
+    match = _UNEXPECTED_KEYWORD.search(str(error)) if isinstance(error, TypeError) else None
+    return match is not None and match.group(1) in options
 
 
 @contextmanager
-def _blamed_on(recipe: dict[str, Any], options: str, of: str) -> Iterator[None]:
-    """Turns a TypeError or ValueError into a RecipeError naming the recipe's keys ``of`` and ``options`` with
-    their values (a CheckpointError keeps its own message): what the user wrote is at fault."""
+def _blamed_on(recipe: dict[str, Any], options: str, of: str, caused: Callable[[Exception], bool]) -> Iterator[None]:
+    """Turns an error that the recipe's ``options`` caused (``caused(error)``) into a RecipeError naming the
+    recipe's keys ``of`` and ``options`` with their values. Any other error, a bug or a checkpoint that
+    cannot be read, is raised unchanged: blaming the options would send the user to change what is fine."""
     try:
         yield
-    except CheckpointError:
-        raise
-    except (TypeError, ValueError) as error:
+    except Exception as error:
+        if not caused(error):
+            raise
         raise RecipeError(f"{of}={recipe[of]!r} with {options}={recipe[options]!r}: {error}") from error
 
 
 def build_backbone(recipe: dict[str, Any]) -> nn.Module:
-    """The recipe's backbone with its checkpoint and a fresh head for the task."""
-    with _blamed_on(recipe, "model_options", "model"):
+    """The recipe's backbone with its checkpoint and a fresh head for the task. A ``model_options`` key
+    that the backbone's constructor does not take is a RecipeError; the constructor checks the values."""
+    if recipe["model"] not in list_models():
+        raise RecipeError(f"model={recipe['model']!r} is not a backbone of this package; choose from {list_models()}")
+    with _blamed_on(recipe, "model_options", "model", lambda error: _takes_no(error, recipe["model_options"])):
         return create_model(
             recipe["model"],
             checkpoint=recipe["checkpoint"],
@@ -48,9 +61,10 @@ def build_backbone(recipe: dict[str, Any]) -> nn.Module:
 
 
 def build_model(recipe: dict[str, Any]) -> nn.Module:
-    """The recipe's backbone with its method applied: what a run trains."""
+    """The recipe's backbone with its method applied: what a run trains. A method or ``method_options`` that
+    :func:`~adaptor_peft.prepare_model` refuses (:class:`~adaptor_peft.MethodOptionError`) is a RecipeError."""
     backbone = build_backbone(recipe)
-    with _blamed_on(recipe, "method_options", "method"):
+    with _blamed_on(recipe, "method_options", "method", lambda error: isinstance(error, MethodOptionError)):
         return prepare_model(backbone, recipe["method"], **recipe["method_options"])
 
 
