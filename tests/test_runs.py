@@ -4,6 +4,7 @@ checkpoints count, and that nothing of another recipe is resumed, read back or o
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -94,9 +95,27 @@ def test_a_damaged_run_config_is_named_not_a_traceback(tmp_path, recipes, checkp
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_bytes(damage)
-    with pytest.raises(TrainingError, match=rf"{run / 'config.yaml'} is not a readable recipe .*damaged"):
+    with pytest.raises(
+        TrainingError, match=rf"{re.escape(str(run / 'config.yaml'))} is damaged, not a readable recipe"
+    ):
         train(tiny_recipe(checkpoint, "epochs=1"), run, vtab_task(tmp_path / "vtab-1k"), progress=False)
     assert (run / "config.yaml").read_bytes() == damage  # left as it was
+
+
+@pytest.mark.parametrize(
+    "name, damage, what",
+    [("config.yaml", b"a: [unclosed", "recipe"), ("config.yaml", b"- a list\n", "recipe"),
+     ("results.json", b"{not json", "results")],
+)  # fmt: skip
+def test_evaluating_a_damaged_run_names_the_file_and_changes_nothing(tmp_path, name, damage, what):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: cifar\n")
+    (run / name).write_bytes(damage)
+    message = rf"TrainingError: {re.escape(str(run / name))} is damaged, not a readable {what} .*move the run folder"
+    with pytest.raises(SystemExit, match=message):
+        main(["eval", str(run), "--no-progress"])
+    assert (run / name).read_bytes() == damage
 
 
 def test_a_folder_where_no_epoch_finished_takes_a_corrected_recipe(tmp_path, recipes, checkpoint):

@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -51,6 +50,8 @@ from .runs import (
     claim_run_folder,
     keep_trained_state,
     load_trained_state,
+    read_config,
+    read_results,
     same_recipe,
     save_checkpoint,
 )
@@ -233,7 +234,7 @@ def train_once(
     ``minutes`` added to ``results.json``. What the suites and the demo run, so a rerun skips finished runs."""
     run = Path(output_dir)
     if (run / RESULTS).is_file() and same_recipe(run, recipe):
-        return json.loads((run / RESULTS).read_text()), None
+        return read_results(run), None
     started = time.perf_counter()
     results = train(recipe, run, data_root, progress=progress)
     results["minutes"] = round((time.perf_counter() - started) / 60, 3)
@@ -257,8 +258,8 @@ def evaluate_run(
     if not (run / CONFIG).is_file() or not (run / ADAPTER).is_dir():
         raise TrainingError(f"{run} is not a finished run folder (it needs {CONFIG} and {ADAPTER}/)")
     if data_root is None and (run / RESULTS).is_file():
-        data_root = json.loads((run / RESULTS).read_text()).get("data_root")
-    recipe = yaml.safe_load((run / CONFIG).read_text())
+        data_root = read_results(run).get("data_root")
+    recipe = read_config(run)
     if split is not None:
         recipe["eval_split"] = split
     recorded = checkpoint_file(recipe["checkpoint"])

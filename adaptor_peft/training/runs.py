@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,23 +113,39 @@ def as_recorded(recipe: dict[str, Any]) -> dict[str, Any]:
     return {**recipe, "checkpoint": file} if file else recipe
 
 
+def _read_mapping(path: Path, parse: Callable[[str], Any], what: str) -> dict[str, Any]:
+    """The mapping that the run folder's file ``path`` holds, read with ``parse``. A file that cannot be read
+    or holds something else is a TrainingError naming it: the folder is left as it is for the user to mend
+    or move, never overwritten."""
+    try:
+        content = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as error:  # JSON and Unicode decoding errors are ValueErrors
+        content = error
+    if not isinstance(content, dict):
+        raise TrainingError(
+            f"{path} is damaged, not a readable {what} ({content!r:.200}); nothing was changed. Restore the file, "
+            "or move the run folder away and train again, or choose another --output-dir"
+        )
+    return content
+
+
+def read_config(run: Path) -> dict[str, Any]:
+    """The recipe that the run folder ``run`` records (``config.yaml``)."""
+    return _read_mapping(run / CONFIG, yaml.safe_load, "recipe")
+
+
+def read_results(run: Path) -> dict[str, Any]:
+    """The results that the finished run folder ``run`` records (``results.json``)."""
+    return _read_mapping(run / RESULTS, json.loads, "results")
+
+
 def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
     """Does the run folder hold ``recipe``? Raises if it holds another one that got anywhere (a finished
     epoch or results), which must not be mixed with or overwritten by this one."""
     recipe = as_recorded(recipe)
-    written = run / CONFIG
-    if not written.is_file():
+    if not (run / CONFIG).is_file():
         return False
-    try:
-        previous = yaml.safe_load(written.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        previous = error
-    if not isinstance(previous, dict):
-        raise TrainingError(
-            f"{written} is not a readable recipe ({previous!r:.200}); the run folder is damaged: move it away "
-            "or choose another --output-dir"
-        )
-    previous = as_recorded(previous)  # older runs recorded a path as given
+    previous = as_recorded(read_config(run))  # older runs recorded a path as given
     started = bool(checkpoints(run)) or (run / RESULTS).is_file()
     if previous != recipe and started:
         changed = sorted(k for k in {*previous, *recipe} if previous.get(k) != recipe.get(k))
@@ -161,15 +178,7 @@ def _recorded(run: Path) -> dict[str, Any]:
     (:func:`~adaptor_peft.adaptors.methods.resolved_settings`), and ``backbone``, the fingerprint of the
     backbone weights it started from (:func:`~adaptor_peft.adaptors.state.backbone_fingerprints`); empty
     for a folder made before the record."""
-    try:
-        recorded = json.loads((run / RESOLVED).read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        recorded = error
-    if not isinstance(recorded, dict):
-        raise TrainingError(f"{run / RESOLVED} is damaged ({recorded!r:.200}): move the run folder away")
-    return recorded
+    return _read_mapping(run / RESOLVED, json.loads, "run record") if (run / RESOLVED).is_file() else {}
 
 
 def claim_run_folder(run: Path, recipe: dict[str, Any], model: nn.Module) -> None:
