@@ -216,12 +216,13 @@ def calibrate(
     lines = [header, "|---|---|---|" + "---:|" * (len(methods) + 2)]
     for task in tasks:
         scores = [results[task, method]["top1"] for method in methods]
-        took = sum(results[task, method]["minutes"] for method in methods)
+        took = [results[task, method].get("minutes") for method in methods]
+        minutes = "–" if None in took else f"{sum(took):.1f}"  # None: an epoch logged by an older version
         console.print(
             f"{task}: val200 top-1 " + ", ".join(f"{m} {s:.2f} %" for m, s in zip(methods, scores, strict=True))
         )
         cells, entry, gap = " | ".join(f"{s:.2f}" for s in scores), TASKS[task], scores[-1] - scores[0]
-        lines.append(f"| {task} | {entry.group} | {entry.stands_in_for} | {cells} | {gap:.2f} | {took:.1f} |")
+        lines.append(f"| {task} | {entry.group} | {entry.stands_in_for} | {cells} | {gap:.2f} | {minutes} |")
     table = "\n".join(lines) + "\n"
     write_atomically(output / "calibration.md", table)
     console.print(table)

@@ -10,6 +10,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,9 +100,33 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path, recipes, chec
         train(recipe, tmp_path / "resumed", data, progress=False, after_epoch=interrupt)
     assert [r["epoch"] for r in logged(tmp_path / "resumed")] == [1]
     resumed = train(recipe, tmp_path / "resumed", data, progress=False)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in logged(tmp_path / "whole")]
-    assert [{k: v for k, v in r.items() if k != "seconds"} for r in logged(tmp_path / "resumed")] == strip
+    strip = [{k: v for k, v in r.items() if k != "train_seconds"} for r in logged(tmp_path / "whole")]
+    assert [{k: v for k, v in r.items() if k != "train_seconds"} for r in logged(tmp_path / "resumed")] == strip
     assert resumed["top1"] == whole["top1"] and resumed["per_class"] == whole["per_class"]
+
+
+def test_minutes_are_the_training_time_of_every_session_of_a_run(tmp_path, recipes, checkpoint, monkeypatch):
+    """results.json's minutes: the epochs' training steps summed over every session that trained them, without
+    set-up or evaluation (slow here), so that methods compare by what training them costs."""
+    data, run = vtab_task(tmp_path / "vtab-1k"), tmp_path / "run"
+    recipe = tiny_recipe(checkpoint, "epochs=2")
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, run, data, progress=False, after_epoch=interrupt)
+    evaluate = training_loop.evaluate
+
+    def slow(*args):
+        time.sleep(2)
+        return evaluate(*args)
+
+    monkeypatch.setattr(training_loop, "evaluate", slow)
+    started = time.perf_counter()
+    results, minutes = training_loop.train_once(recipe, run, data)
+    wall = time.perf_counter() - started
+    epochs = logged(run)
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(r["train_seconds"] > 0 for r in epochs)
+    assert epochs[1]["train_seconds"] < wall - 2  # the second session's epoch, without its evaluation
+    assert minutes == results["minutes"] == round(sum(r["train_seconds"] for r in epochs) / 60, 3)
+    assert json.loads((run / "results.json").read_text())["minutes"] == minutes
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, recipes, checkpoint, monkeypatch):

@@ -54,6 +54,7 @@ from .runs import (
     read_results,
     same_recipe,
     save_checkpoint,
+    training_minutes,
 )
 
 
@@ -90,7 +91,11 @@ def train(
 ) -> dict[str, Any]:
     """Trains ``recipe`` into the run folder ``output_dir`` (resuming it if it holds the same recipe) and
     returns the final results, also written to ``results.json``. ``after_epoch(epoch)`` runs after each
-    epoch's checkpoint (a hook for tests and callers that watch a run)."""
+    epoch's checkpoint (a hook for tests and callers that watch a run).
+
+    The results' ``minutes`` are the time the run's epochs spent in training steps (forward, backward,
+    optimizer), summed over every session that trained them (:func:`~.runs.training_minutes`): set-up,
+    evaluation and checkpoints are left out, so that methods compare by what training them costs."""
     run, recipe = Path(output_dir), as_recorded(recipe)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = build_accelerator(
@@ -158,7 +163,6 @@ def train(
         accelerator.load_state(str(finished[-1]))
         start_epoch = int(finished[-1].name.split("_")[1])
         accelerator.print(f"resuming {run} after epoch {start_epoch}")
-    started = time.perf_counter()
     metrics: dict[str, Any] = {}
     with _progress(progress and accelerator.is_local_main_process) as bar:
         for epoch in range(start_epoch + 1, recipe["epochs"] + 1):
@@ -166,6 +170,7 @@ def train(
             train_loader.set_epoch(epoch)
             task = bar.add_task(f"epoch {epoch}/{recipe['epochs']}", total=len(train_loader), info="")
             loss_sum, batches = torch.zeros((), device=accelerator.device), 0
+            started = time.perf_counter()
             for images, labels in train_loader:
                 with accelerator.accumulate(model):
                     loss = F.cross_entropy(model(images), labels, label_smoothing=recipe["label_smoothing"])
@@ -186,21 +191,22 @@ def train(
                 loss_sum += loss.detach()
                 batches += 1
                 bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
+            train_seconds = round(time.perf_counter() - started, 3)
             bar.remove_task(task)
             record: dict[str, Any] = {
                 "epoch": epoch,
                 "lr": scheduler.get_last_lr()[0],
                 "train_loss": accelerator.reduce(loss_sum / max(batches, 1), "mean").item(),
+                "train_seconds": train_seconds,
             }
             if epoch == recipe["epochs"] or (recipe["eval_every"] and epoch % recipe["eval_every"] == 0):
                 metrics = evaluate(model, eval_loader, accelerator, recipe["num_classes"])
                 record.update(eval_top1=metrics["top1"], eval_top5=metrics["top5"])
-            record["seconds"] = round(time.perf_counter() - started, 2)
+            if accelerator.is_main_process:  # before the checkpoint, so that every complete epoch has its line
+                append_log(run, record)
             save_checkpoint(accelerator, run, epoch)
             accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            if accelerator.is_main_process:
-                append_log(run, record)
-                accelerator.print(json.dumps(record))
+            accelerator.print(json.dumps(record))
             if after_epoch is not None:
                 after_epoch(epoch)
     if not metrics:  # resumed after the last epoch's checkpoint: evaluate again
@@ -215,6 +221,7 @@ def train(
         "skipped_images": {"train": train_set.skipped, "eval": eval_set.skipped},
         "parameters": report.to_dict(),
         "epochs": recipe["epochs"],
+        "minutes": training_minutes(run, recipe["epochs"]),
         "checkpoint": recipe["checkpoint"],
         "processes": accelerator.num_processes,
     }
@@ -229,16 +236,13 @@ def train(
 def train_once(
     recipe: dict[str, Any], output_dir: str | Path, data_root: str | Path | None = None, *, progress: bool = False
 ) -> tuple[dict[str, Any], float | None]:
-    """The results of ``recipe`` in the run folder ``output_dir`` and the minutes it took to train: read back
-    (minutes None) when the folder holds this recipe's results, else trained (resuming what is there), with
-    ``minutes`` added to ``results.json``. What the suites and the demo run, so a rerun skips finished runs."""
+    """The results of ``recipe`` in the run folder ``output_dir`` and its training minutes (:func:`train`):
+    read back (minutes None) when the folder holds this recipe's results, else trained (resuming what is
+    there). What the suites and the demo run, so a rerun skips finished runs."""
     run = Path(output_dir)
     if (run / RESULTS).is_file() and same_recipe(run, recipe):
         return read_results(run), None
-    started = time.perf_counter()
     results = train(recipe, run, data_root, progress=progress)
-    results["minutes"] = round((time.perf_counter() - started) / 60, 3)
-    write_atomically(run / RESULTS, json.dumps(results, indent=2) + "\n")
     return results, results["minutes"]
 
 

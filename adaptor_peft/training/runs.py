@@ -2,10 +2,12 @@
 
 A run folder holds ``config.yaml`` (the resolved recipe), ``resolved.json`` (every setting of its method,
 defaults included, and a fingerprint of the backbone weights it started from), ``log.jsonl`` (one line per
-epoch), ``checkpoints/epoch_NNN/`` (the training state after each epoch, the last two kept), ``adapter/`` (what
-:func:`~adaptor_peft.save_adaptor` writes: only the trained weights) and ``results.json``. A folder that holds
-the same recipe is resumed after its last complete checkpoint; one that holds another recipe that got
-anywhere is refused, so that no finished work is mixed with or overwritten by another recipe's.
+epoch trained, with its ``train_seconds``; an epoch trained again after an interruption has a second line, and
+the last one counts), ``checkpoints/epoch_NNN/`` (the training state after each epoch, the last two kept),
+``adapter/`` (what :func:`~adaptor_peft.save_adaptor` writes: only the trained weights) and ``results.json``.
+A folder that holds the same recipe is resumed after its last complete checkpoint; one that holds another
+recipe that got anywhere is refused, so that no finished work is mixed with or overwritten by another
+recipe's.
 
 An epoch checkpoint is accelerate's ``save_state`` (optimizer, scheduler, random states and, where it has
 any, the sampler's) with the model's part cut down to what training changes: the trainable parameters and
@@ -205,3 +207,19 @@ def append_log(run: Path, record: dict[str, Any]) -> None:
     """Appends one epoch's record to the run's ``log.jsonl``."""
     with (run / LOG).open("a") as log:
         log.write(json.dumps(record) + "\n")
+
+
+def training_minutes(run: Path, epochs: int) -> float | None:
+    """Minutes that the run folder's ``epochs`` spent training: the ``train_seconds`` of each epoch's last
+    line in ``log.jsonl``, so that a resumed run counts the epochs of its earlier sessions once each. None
+    where an epoch has no such line (logged before lines held it, or cut short by a crash)."""
+    seconds: dict[int, float | None] = {}
+    lines = (run / LOG).read_text().splitlines() if (run / LOG).is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash; its epoch was trained again
+            continue
+        seconds[record["epoch"]] = record.get("train_seconds")
+    counted = [seconds.get(epoch) for epoch in range(1, epochs + 1)]
+    return None if None in counted else round(sum(counted) / 60, 3)
