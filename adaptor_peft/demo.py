@@ -22,6 +22,7 @@ from .atomic import write_atomically
 from .reports import parameter_report, summarize
 from .training import build_model, load_recipe
 from .training.pool import default_workers, train_runs
+from .training.progress import show_runs
 
 RECIPE = "demo/digits"
 METHODS = ("linear_probe", "adaptor_t", "adaptor_s", "adaptor", "lora", "full")
@@ -74,7 +75,8 @@ def run_demo(
         console.print(f"{method}: top-1 {result['top1']:.2f} % ({took})")
 
     jobs = [(recipe, output / method) for method, recipe in recipes.items()]
-    rows, results = [], [r for r, _ in train_runs(jobs, workers, finished, progress=progress)]
+    with show_runs(names, live=progress, console=console) as show:  # one labelled line per running method
+        rows, results = [], [r for r, _ in train_runs(jobs, workers, finished, show=show)]
     for method, result in zip(recipes, results, strict=True):
         parameters = result["parameters"]
         rows.append(

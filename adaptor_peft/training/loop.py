@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -37,6 +37,7 @@ from ..reports import parameter_report
 from .build import build_accelerator, build_backbone, build_model, build_split, data_source
 from .metrics import ClassificationMetrics
 from .optim import build_optimizer, build_scheduler
+from .progress import Report, Update, quiet, reporting
 from .recipe import RecipeError
 from .runs import (
     ADAPTER,
@@ -58,18 +59,6 @@ from .runs import (
 )
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=True,
-    )
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num_classes: int) -> dict[str, Any]:
     """Top-1, top-5 and per-class accuracy of ``model`` over ``loader`` (every process's share gathered)."""
@@ -88,10 +77,13 @@ def train(
     *,
     progress: bool = True,
     after_epoch: Callable[[int], None] | None = None,
+    report: Report | None = None,
 ) -> dict[str, Any]:
     """Trains ``recipe`` into the run folder ``output_dir`` (resuming it if it holds the same recipe) and
     returns the final results, also written to ``results.json``. ``after_epoch(epoch)`` runs after each
-    epoch's checkpoint (a hook for tests and callers that watch a run).
+    epoch's checkpoint (a hook for tests and callers that watch a run). ``report`` takes the run's progress
+    (:class:`~.progress.Update`); by default it is shown here, live if ``progress`` and stdout is a terminal,
+    else as one labelled line per epoch.
 
     The results' ``minutes`` are the time the run's epochs spent in training steps (forward, backward,
     optimizer), summed over every session that trained them (:func:`~.runs.training_minutes`): set-up,
@@ -122,7 +114,7 @@ def train(
         )
     set_seed(recipe["seed"])
     model = build_model(recipe)
-    report = parameter_report(model)
+    parameters = parameter_report(model)
     source, entry, _ = data_source(recipe, data_root)
     if source == "hub" and recipe.get("benchmark") == "vtab1k" and accelerator.is_main_process:
         warnings.warn(
@@ -164,11 +156,12 @@ def train(
         start_epoch = int(finished[-1].name.split("_")[1])
         accelerator.print(f"resuming {run} after epoch {start_epoch}")
     metrics: dict[str, Any] = {}
-    with _progress(progress and accelerator.is_local_main_process) as bar:
-        for epoch in range(start_epoch + 1, recipe["epochs"] + 1):
+    shown = report if accelerator.is_local_main_process else quiet
+    epochs, total = recipe["epochs"], len(train_loader)
+    with reporting(shown, f"{recipe['task']}/{recipe['method']}", live=progress) as report:
+        for epoch in range(start_epoch + 1, epochs + 1):
             model.train()
             train_loader.set_epoch(epoch)
-            task = bar.add_task(f"epoch {epoch}/{recipe['epochs']}", total=len(train_loader), info="")
             loss_sum, batches = torch.zeros((), device=accelerator.device), 0
             started = time.perf_counter()
             for images, labels in train_loader:
@@ -190,23 +183,22 @@ def train(
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
                 batches += 1
-                bar.update(task, advance=1, info=f"loss {loss.item():.4f}")
+                report(Update(epoch, epochs, batches, total, loss.item()))
             train_seconds = round(time.perf_counter() - started, 3)
-            bar.remove_task(task)
             record: dict[str, Any] = {
                 "epoch": epoch,
                 "lr": scheduler.get_last_lr()[0],
                 "train_loss": accelerator.reduce(loss_sum / max(batches, 1), "mean").item(),
                 "train_seconds": train_seconds,
             }
-            if epoch == recipe["epochs"] or (recipe["eval_every"] and epoch % recipe["eval_every"] == 0):
+            if epoch == epochs or (recipe["eval_every"] and epoch % recipe["eval_every"] == 0):
                 metrics = evaluate(model, eval_loader, accelerator, recipe["num_classes"])
                 record.update(eval_top1=metrics["top1"], eval_top5=metrics["top5"])
             if accelerator.is_main_process:  # before the checkpoint, so that every complete epoch has its line
                 append_log(run, record)
             save_checkpoint(accelerator, run, epoch)
             accelerator.log({k: v for k, v in record.items() if k != "epoch"}, step=epoch)
-            accelerator.print(json.dumps(record))
+            report(Update(epoch, epochs, batches, total, record["train_loss"], record))
             if after_epoch is not None:
                 after_epoch(epoch)
     if not metrics:  # resumed after the last epoch's checkpoint: evaluate again
@@ -219,7 +211,7 @@ def train(
         **metrics,
         "train_images": len(train_set),
         "skipped_images": {"train": train_set.skipped, "eval": eval_set.skipped},
-        "parameters": report.to_dict(),
+        "parameters": parameters.to_dict(),
         "epochs": recipe["epochs"],
         "minutes": training_minutes(run, recipe["epochs"]),
         "checkpoint": recipe["checkpoint"],
@@ -234,15 +226,21 @@ def train(
 
 
 def train_once(
-    recipe: dict[str, Any], output_dir: str | Path, data_root: str | Path | None = None, *, progress: bool = False
+    recipe: dict[str, Any],
+    output_dir: str | Path,
+    data_root: str | Path | None = None,
+    *,
+    progress: bool = False,
+    report: Report | None = None,
 ) -> tuple[dict[str, Any], float | None]:
     """The results of ``recipe`` in the run folder ``output_dir`` and its training minutes (:func:`train`):
     read back (minutes None) when the folder holds this recipe's results, else trained (resuming what is
-    there). What the suites and the demo run, so a rerun skips finished runs."""
+    there), showing or passing on its progress as :func:`train` does. What the suites and the demo run, so a
+    rerun skips finished runs."""
     run = Path(output_dir)
     if (run / RESULTS).is_file() and same_recipe(run, recipe):
         return read_results(run), None
-    results = train(recipe, run, data_root, progress=progress)
+    results = train(recipe, run, data_root, progress=progress, report=report)
     return results, results["minutes"]
 
 
@@ -280,8 +278,9 @@ def evaluate_run(
     images = build_split(recipe, model, False, data_root)
     loader = DataLoader(images, recipe["eval_batch_size"], num_workers=recipe["num_workers"])
     model, loader = accelerator.prepare(model, loader)
-    with _progress(progress and accelerator.is_local_main_process) as bar:
-        bar.add_task(f"evaluating {recipe['task']} {recipe['eval_split']}", total=None, info="")
+    shown = progress and accelerator.is_local_main_process
+    with Progress(TextColumn("{task.description}"), BarColumn(), disable=not shown, transient=True) as bar:
+        bar.add_task(f"evaluating {recipe['task']} {recipe['eval_split']}", total=None)
         metrics = evaluate(model, loader, accelerator, recipe["num_classes"])
     results = {
         "task": recipe["task"],
