@@ -17,7 +17,14 @@ from safetensors.torch import load_file, save_file
 from adaptor_peft.cli import main
 from adaptor_peft.training import TrainingError, build_model, train
 from adaptor_peft.training.loop import train_once
-from adaptor_peft.training.runs import COMPLETE, as_recorded, checkpoints, same_recipe
+from adaptor_peft.training.runs import (
+    COMPLETE,
+    append_log,
+    as_recorded,
+    checkpoints,
+    same_recipe,
+    training_minutes,
+)
 
 from .test_training import TINY, interrupt, tiny_recipe, vtab_task
 
@@ -30,6 +37,21 @@ def test_only_complete_checkpoints_count_oldest_first(tmp_path):
             (folder / COMPLETE).write_text(f"{epoch}\n")
     assert [p.name for p in checkpoints(tmp_path)] == ["epoch_002", "epoch_009", "epoch_010"]  # by number
     assert checkpoints(tmp_path / "elsewhere") == []
+
+
+def test_training_minutes_count_the_last_line_of_each_epoch_once(tmp_path):
+    for epoch, seconds in [(1, 60), (2, 30)]:
+        append_log(tmp_path, {"epoch": epoch, "train_seconds": seconds})
+    with (tmp_path / "log.jsonl").open("a") as log:
+        log.write('{"epoch": 3, "tra')  # a crash while writing a line
+    for epoch, seconds in [(2, 40), (3, 20)]:  # resumed after epoch 1's checkpoint: epoch 2's never completed
+        append_log(tmp_path, {"epoch": epoch, "train_seconds": seconds})
+    assert training_minutes(tmp_path, 3) == 2.0  # epoch 2 trained again after a crash: its last line counts
+    assert training_minutes(tmp_path, 4) is None  # an epoch without a line
+    with (tmp_path / "log.jsonl").open("a") as log:
+        log.write(json.dumps({"epoch": 1, "train_loss": 0.5}) + "\n")  # logged before lines held the time
+    assert training_minutes(tmp_path, 3) is None
+    assert training_minutes(tmp_path / "elsewhere", 1) is None
 
 
 def test_a_recipe_is_recorded_with_its_checkpoint_file_absolute(tmp_path, monkeypatch):

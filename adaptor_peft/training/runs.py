@@ -204,9 +204,11 @@ def claim_run_folder(run: Path, recipe: dict[str, Any], model: nn.Module) -> Non
 
 
 def append_log(run: Path, record: dict[str, Any]) -> None:
-    """Appends one epoch's record to the run's ``log.jsonl``."""
+    """Appends one epoch's record to the run's ``log.jsonl``, on a line of its own after a line that a crash
+    cut short (which :func:`training_minutes` then passes over)."""
+    before = (run / LOG).read_bytes() if (run / LOG).is_file() else b""
     with (run / LOG).open("a") as log:
-        log.write(json.dumps(record) + "\n")
+        log.write(("\n" if before and not before.endswith(b"\n") else "") + json.dumps(record) + "\n")
 
 
 def training_minutes(run: Path, epochs: int) -> float | None:
