@@ -33,6 +33,7 @@ from .training.recipe import list_recipes
 
 USER_ERRORS = (RecipeError, DataError, TrainingError, AdapterFileError, CheckpointError, FileNotFoundError, SuiteError)
 """Errors caused by what the user asked for: reported as one message, without a traceback."""
+PLAIN_PROGRESS = "one plain labelled line per epoch, not live progress lines (as when stdout is not a terminal)"
 
 
 def _parts(model: torch.nn.Module) -> dict[str, int]:
@@ -211,7 +212,7 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=list(METHODS), help="transfer method (default: the recipe's)")
     p.add_argument("--data-root", help="folder holding the recipe's local data layout (default: its hub copy)")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help=PLAIN_PROGRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. epochs=1 lr=5e-4")
 
 
@@ -252,7 +253,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--output-dir", default="adaptor-peft-demo")
     p.add_argument("--methods", help=f"comma-separated methods (default: {','.join(METHODS_OF_DEMO)})")
     _workers_option(p)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=PLAIN_PROGRESS)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. epochs=5")
     p.set_defaults(run=demo_command)
     p = commands.add_parser("suite", help="offline VTAB-1k-style suite: lr chosen on val200, 3 seeds on test, report")

@@ -4,8 +4,9 @@ The embedded backbone (``vim_nano_patch4_32``, pretrained by this package on fra
 transferred to scikit-learn's handwritten digits with every method on the same split, seed and recipe
 (``recipes/demo/digits.yaml``), each through the same training loop as the benchmarks. It prints what
 each method trains and what it scores, and writes ``demo.md`` and ``demo.png`` (top-1 against trainable
-parameters). Finished methods are skipped when the command is run again in the same folder. On a CPU the
-methods train side by side, one process per core (:mod:`adaptor_peft.training.pool`).
+parameters); its ``minutes`` are each method's training time (:func:`~adaptor_peft.training.train`), not
+the command's wall time. Finished methods are skipped when the command is run again in the same folder. On
+a CPU the methods train side by side, one process per core (:mod:`adaptor_peft.training.pool`).
 """
 
 from __future__ import annotations
@@ -21,16 +22,28 @@ from .atomic import write_atomically
 from .reports import parameter_report, summarize
 from .training import build_model, load_recipe
 from .training.pool import default_workers, train_runs
+from .training.progress import show_runs
 
 RECIPE = "demo/digits"
 METHODS = ("linear_probe", "adaptor_t", "adaptor_s", "adaptor", "lora", "full")
+
+
+def _minutes(value: float | None) -> str:
+    """A run's training minutes; a dash where its log does not give them (an epoch logged by an older version)."""
+    return "–" if value is None else str(value)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
     header = "| method | trainable w/o head | % of backbone | top-1 % | top-5 % | minutes |"
     lines = [header, "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        cells = (f"{r['trainable']:,}", f"{r['percent']:.2f}", f"{r['top1']:.2f}", f"{r['top5']:.2f}", r["minutes"])
+        cells = (
+            f"{r['trainable']:,}",
+            f"{r['percent']:.2f}",
+            f"{r['top1']:.2f}",
+            f"{r['top5']:.2f}",
+            _minutes(r["minutes"]),
+        )
         lines.append(f"| {r['method']} | " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -58,11 +71,12 @@ def run_demo(
 
     def finished(index: int, result: dict[str, Any], minutes: float | None) -> None:
         method = names[index]
-        took = f"trained in {minutes:.2f} min" if minutes is not None else f"finished before in {output / method}"
+        took = f"trained for {minutes:.2f} min" if minutes is not None else f"finished before in {output / method}"
         console.print(f"{method}: top-1 {result['top1']:.2f} % ({took})")
 
     jobs = [(recipe, output / method) for method, recipe in recipes.items()]
-    rows, results = [], [r for r, _ in train_runs(jobs, workers, finished, progress=progress)]
+    with show_runs(names, live=progress, console=console) as show:  # one labelled line per running method
+        rows, results = [], [r for r, _ in train_runs(jobs, workers, finished, show=show)]
     for method, result in zip(recipes, results, strict=True):
         parameters = result["parameters"]
         rows.append(
@@ -79,7 +93,9 @@ def run_demo(
     for column in ("method", "trainable w/o head", "% of backbone", "top-1 %", "minutes"):
         table.add_column(column, justify="left" if column == "method" else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['trainable']:,}", f"{r['percent']:.2f}", f"{r['top1']:.2f}", str(r["minutes"]))
+        table.add_row(
+            r["method"], f"{r['trainable']:,}", f"{r['percent']:.2f}", f"{r['top1']:.2f}", _minutes(r["minutes"])
+        )
     console.print(table)
     write_atomically(output / "demo.md", _table(rows))
     summarize(results).plot(output / "demo.png")

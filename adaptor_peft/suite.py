@@ -32,6 +32,7 @@ from .data.synthetic import TASKS, suite_groups
 from .reports import combine, summarize
 from .training import load_recipe
 from .training.pool import train_runs
+from .training.progress import show_runs
 
 SUITE = "offline_vtab"
 METHODS = ("linear_probe", "bias", "lora", "parallel_adapter", "adaptor_t", "adaptor_s", "adaptor", "adaptor+lora",
@@ -93,11 +94,15 @@ def run_suite(
         job = bar.add_task("offline_vtab suite", total=total, run="")
 
         def stage(jobs: list[tuple[dict[str, Any], Path]]) -> list[dict[str, Any]]:
+            labels = [str(run.relative_to(output)) for _, run in jobs]
+
             def finished(index: int, result: dict[str, Any], took: float | None) -> None:
                 minutes.extend([took] if took is not None else [])
-                bar.update(job, advance=1, run=str(jobs[index][1].relative_to(output)))
+                bar.update(job, advance=1, run=labels[index])
 
-            return [result for result, _ in train_runs(jobs, workers, finished)]
+            with show_runs(labels, live=False, console=console) as lines:  # on a terminal the bar stands for them
+                shown = None if progress and console.is_terminal else lines
+                return [result for result, _ in train_runs(jobs, workers, finished, show=shown)]
 
         pairs = [(task, method) for task in tasks for method in methods]
         selection = {pair: selection_runs(output, *pair, learning_rates, overrides) for pair in pairs}
@@ -216,12 +221,13 @@ def calibrate(
     lines = [header, "|---|---|---|" + "---:|" * (len(methods) + 2)]
     for task in tasks:
         scores = [results[task, method]["top1"] for method in methods]
-        took = sum(results[task, method]["minutes"] for method in methods)
+        took = [results[task, method].get("minutes") for method in methods]
+        minutes = "–" if None in took else f"{sum(took):.1f}"  # None: an epoch logged by an older version
         console.print(
             f"{task}: val200 top-1 " + ", ".join(f"{m} {s:.2f} %" for m, s in zip(methods, scores, strict=True))
         )
         cells, entry, gap = " | ".join(f"{s:.2f}" for s in scores), TASKS[task], scores[-1] - scores[0]
-        lines.append(f"| {task} | {entry.group} | {entry.stands_in_for} | {cells} | {gap:.2f} | {took:.1f} |")
+        lines.append(f"| {task} | {entry.group} | {entry.stands_in_for} | {cells} | {gap:.2f} | {minutes} |")
     table = "\n".join(lines) + "\n"
     write_atomically(output / "calibration.md", table)
     console.print(table)

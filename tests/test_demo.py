@@ -38,6 +38,7 @@ def test_demo_trains_each_method_writes_the_table_and_skips_finished_runs(tmp_pa
     assert (tmp_path / "demo.png").read_bytes()[:4] == b"\x89PNG"
     text = console.export_text()
     assert "Adaptor-T" in text and "top-1 %" in text  # the parameter report and the results table
+    assert "[linear_probe] epoch 1/1: " in text and "[adaptor] epoch 1/1: " in text  # off a terminal: plain lines
     again = run_demo(tmp_path, ["adaptor"], QUICK, progress=False, console=console)
     text = console.export_text().replace("\n", "")
     assert again[0]["top1"] == rows[1]["top1"] and f"adaptor: top-1 {rows[1]['top1']:.2f} %" in text

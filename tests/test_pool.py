@@ -21,11 +21,21 @@ def jobs(tmp_path, folder, methods):
     return [(load_recipe("offline_vtab/count", [f"method={m}", *QUICK]), tmp_path / folder / m) for m in methods]
 
 
-def test_parallel_runs_match_sequential_ones_in_order_and_are_read_back(tmp_path):
+def test_parallel_runs_match_sequential_ones_in_order_and_are_read_back(tmp_path, capfd):
     methods = ["linear_probe", "bias", "adaptor_s"]
-    calls = []
-    parallel = train_runs(jobs(tmp_path, "two", methods), 2, lambda i, r, m: calls.append((i, r["method"], m)))
-    sequential = train_runs(jobs(tmp_path, "one", methods), 1)
+    calls, shown = [], {"two": [], "one": []}
+    parallel = train_runs(
+        jobs(tmp_path, "two", methods),
+        2,
+        lambda i, r, m: calls.append((i, r["method"], m)),
+        show=lambda i, update: shown["two"].append((i, update)),
+    )
+    sequential = train_runs(jobs(tmp_path, "one", methods), 1, show=lambda i, u: shown["one"].append((i, u)))
+    for updates in shown.values():  # each run's progress reaches the parent, by run, ending with its epoch's line
+        assert {i for i, _ in updates} == {0, 1, 2}
+        last = {i: update for i, update in updates}
+        assert all(u.record is not None and u.record["epoch"] == u.epochs == 1 for u in last.values())
+    assert not [line for line in capfd.readouterr().out.splitlines() if line.startswith("{")]  # no bare JSON
     assert [r["method"] for r, _ in parallel] == methods
     assert sorted(i for i, _, _ in calls) == [0, 1, 2] and all(methods[i] == m for i, m, _ in calls)
     assert all(minutes is not None for _, _, minutes in calls)  # trained, not read back

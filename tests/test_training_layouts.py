@@ -13,7 +13,7 @@ import yaml
 from adaptor_peft.cli import main
 
 from .test_data import offline_datasets, write_parquet  # noqa: F401  (autouse: datasets stays offline)
-from .test_training import TINY, checkpoint, picture  # noqa: F401  (checkpoint is a fixture)
+from .test_training import TINY, picture
 
 TRAIN, TEST = 24, 12
 FGVC_IDS = (17, 5, 200)  # sparse VPT class ids, mapped to 0, 1, 2 in sorted order: 5 -> 0, 17 -> 1, 200 -> 2
@@ -71,7 +71,7 @@ def hub(root: Path) -> dict:
 
 
 @pytest.mark.parametrize("layout", [fgvc, folder, parquet, hub], ids=lambda layout: layout.__name__)
-def test_train_and_eval_through_the_cli(layout, tmp_path, checkpoint):  # noqa: F811
+def test_train_and_eval_through_the_cli(layout, tmp_path, checkpoint):
     root, run = tmp_path / "data", tmp_path / "run"
     recipe = {"task": f"tiny_{layout.__name__}", "benchmark": "test", "num_classes": 3, **layout(root)}
     yaml_path = tmp_path / "tiny.yaml"
@@ -89,7 +89,7 @@ def test_train_and_eval_through_the_cli(layout, tmp_path, checkpoint):  # noqa: 
     assert evaluated["images"] == TEST
 
 
-def test_a_vtab_recipe_on_its_hub_copy_warns_that_its_numbers_are_not_comparable(tmp_path, checkpoint):  # noqa: F811
+def test_a_vtab_recipe_on_its_hub_copy_warns_that_its_numbers_are_not_comparable(tmp_path, checkpoint):
     """The hub stands in for VTAB-1k without --data-root; here a local copy stands in for the hub."""
     recipe = {"task": "tiny_vtab", "benchmark": "vtab1k", "num_classes": 3, **hub(tmp_path / "data")}
     yaml_path = tmp_path / "tiny.yaml"

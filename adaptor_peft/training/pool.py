@@ -5,6 +5,9 @@ well), so on a CPU ``workers`` processes train one run each, with the cores shar
 run is :func:`~adaptor_peft.training.loop.train_once`, so finished runs are read back, not retrained,
 and every run gives the numbers it gives alone up to the rounding of its thread count.
 
+Each worker sends its run's progress (:class:`~.progress.Update`) to this process, which alone shows it,
+so that runs side by side never interleave their lines on the screen.
+
 The workers are started with ``spawn``: a script that calls this (or ``run_demo`` / ``run_suite``) must
 do so under ``if __name__ == "__main__":``, as for any ``multiprocessing`` code; notebooks need nothing.
 """
@@ -17,6 +20,9 @@ import signal
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
+from multiprocessing.context import SpawnContext
+from multiprocessing.queues import SimpleQueue
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,7 @@ import torch
 
 from ..adaptors.methods import METHODS
 from .loop import train_once
+from .progress import Show, Update, quiet
 
 Job = tuple[dict[str, Any], Path]
 """A recipe and its run folder."""
@@ -53,8 +60,45 @@ def expected_cost(recipe: dict[str, Any]) -> float:
     return recipe.get("epochs", 1) * (method.step_cost if method is not None else 3.0)
 
 
-def _share_cores(threads: int) -> None:
+_UPDATES: SimpleQueue | None = None
+"""In a worker: where its run's updates go to the parent, None where the parent shows nothing."""
+
+
+def _start_worker(threads: int, updates: SimpleQueue | None) -> None:
+    global _UPDATES
     torch.set_num_threads(threads)
+    _UPDATES = updates
+
+
+def _send(updates: SimpleQueue, index: int, update: Update) -> None:
+    """Puts a worker's update on the parent's queue; SimpleQueue writes it before ``put`` returns, so none
+    is still buffered when the run's result reaches the parent."""
+    updates.put((index, update))
+
+
+@contextmanager
+def _relayed(context: SpawnContext, show: Show | None) -> Iterator[SimpleQueue | None]:
+    """A queue for the workers' ``(index, update)`` pairs, passed on to ``show`` by a thread of this process
+    until the block ends and the queue is drained; None (and no thread) without ``show``."""
+    if show is None:
+        yield None
+        return
+    updates, stop = context.SimpleQueue(), threading.Event()
+
+    def relay() -> None:
+        while not (stop.is_set() and updates.empty()):
+            if updates.empty():
+                stop.wait(0.05)
+            else:
+                show(*updates.get())
+
+    thread = threading.Thread(target=relay, name="progress relay", daemon=True)
+    thread.start()
+    try:
+        yield updates
+    finally:
+        stop.set()
+        thread.join(timeout=5)  # a worker killed mid-message can leave one unfinished: then it is left behind
 
 
 def _exit(signum: int, frame: object) -> None:
@@ -78,15 +122,16 @@ def _stopped_by_sigterm() -> Iterator[None]:
 
 def _train_indexed(item: tuple[int, dict[str, Any], Path]) -> tuple[int, tuple[dict[str, Any], float | None]]:
     index, recipe, run = item
-    return index, train_once(recipe, run)
+    return index, train_once(recipe, run, report=quiet if _UPDATES is None else partial(_send, _UPDATES, index))
 
 
 def train_runs(
-    jobs: Sequence[Job], workers: int | None = None, done: Done | None = None, *, progress: bool = False
+    jobs: Sequence[Job], workers: int | None = None, done: Done | None = None, *, show: Show | None = None
 ) -> list[tuple[dict[str, Any], float | None]]:
     """Trains (or reads back) every job, ``workers`` at a time (default :func:`default_workers`), and
-    returns ``(results, minutes)`` per job in order. With one worker the runs go one after another in
-    this process, with a progress bar each if ``progress``. The first failure, or an interrupt, stops
+    returns ``(results, minutes)`` per job in order. ``show(index, update)`` takes each run's progress in
+    this process (:func:`~.progress.show_runs`); without it the runs show nothing. With one worker the runs
+    go one after another in this process. The first failure, or an interrupt, stops
     every run still going or queued and is raised; so does SIGTERM. Two jobs may not share a run folder.
     Several workers start the runs longest first (:func:`expected_cost`), which shortens the wait for the last one."""
     workers = default_workers(len(jobs)) if workers is None else workers
@@ -99,7 +144,7 @@ def train_runs(
     outcomes: list[Any] = [None] * len(jobs)
     if workers == 1 or len(jobs) <= 1:
         for index, (recipe, run) in enumerate(jobs):
-            outcomes[index] = train_once(recipe, run, progress=progress)
+            outcomes[index] = train_once(recipe, run, report=quiet if show is None else partial(show, index))
             if done:
                 done(index, *outcomes[index])
         return outcomes
@@ -109,7 +154,11 @@ def train_runs(
     order = sorted(range(len(jobs)), key=lambda index: -expected_cost(jobs[index][0]))
     items = [(index, *jobs[index]) for index in order]
     # Leaving the block terminates the workers: on a failure or an interrupt nothing trains on behind it.
-    with _stopped_by_sigterm(), context.Pool(workers, _share_cores, (max(1, cores() // workers),)) as pool:
+    with (
+        _stopped_by_sigterm(),
+        _relayed(context, show) as updates,
+        context.Pool(workers, _start_worker, (max(1, cores() // workers), updates)) as pool,
+    ):
         for index, outcome in pool.imap_unordered(_train_indexed, items):
             outcomes[index] = outcome
             if done:
