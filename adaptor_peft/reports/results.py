@@ -82,11 +82,11 @@ class Summary:
             accuracy = self.averages[column].get(average) if average else None
             if accuracy is None:
                 continue
-            x = max(self.trainable[column], 1)
-            axes.scatter(x, accuracy)
             label = column.split(" / ")[-1] if len(models) == 1 else column
-            axes.annotate(label, (x, accuracy), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            axes.scatter(max(self.trainable[column], 1), accuracy, label=label)
         axes.set_xscale("log")
+        if axes.collections:  # a legend, not labels at the points: methods of close size and score overlap there
+            axes.legend(fontsize=8, loc="best")
         axes.set_xlabel("trainable parameters without head (log; none drawn at 1)")
         if len(models) == 1:
             axes.set_title(models.pop(), fontsize=9)
