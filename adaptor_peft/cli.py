@@ -191,8 +191,16 @@ def suite_command(args: argparse.Namespace) -> None:
     if args.calibrate:
         calibrate(args.output_dir, overrides=args.overrides, quick=args.quick, workers=args.workers, **split)
     else:
-        run_suite(args.output_dir, seeds=args.seeds, learning_rates=args.lrs, overrides=args.overrides,
-                  quick=args.quick, workers=args.workers, progress=not args.no_progress, **split)  # fmt: skip
+        run_suite(
+            args.output_dir,
+            seeds=args.seeds,
+            learning_rates=args.lrs,
+            overrides=args.overrides,
+            quick=args.quick,
+            workers=args.workers,
+            progress=not args.no_progress,
+            **split,
+        )
 
 
 def _learning_rates(text: str) -> list[float]:

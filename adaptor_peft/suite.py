@@ -35,16 +35,32 @@ from .training.pool import train_runs
 from .training.progress import show_runs
 
 SUITE = "offline_vtab"
-METHODS = ("linear_probe", "bias", "lora", "parallel_adapter", "adaptor_t", "adaptor_s", "adaptor", "adaptor+lora",
-           "full", "adaptor_booster")  # fmt: skip
+METHODS = (
+    "linear_probe",
+    "bias",
+    "lora",
+    "parallel_adapter",
+    "adaptor_t",
+    "adaptor_s",
+    "adaptor",
+    "adaptor+lora",
+    "full",
+    "adaptor_booster",
+)
 """Every method of the suite's table (``--methods all``)."""
 DEFAULT_METHODS = ("linear_probe", "lora", "adaptor", "full")
 """The default run: the adaptor against its references, as many methods as fit in 90 minutes on 2 CPU cores."""
 LEARNING_RATES = (3e-3, 1e-2)
 """The grid every method's learning rate is chosen from on val200; it holds the recipes' own (3e-3), so the
 calibration runs count as selection runs."""
-QUICK = ("data.builtin.sizes.train800=8", "data.builtin.sizes.val200=4", "data.builtin.sizes.test=8", "epochs=1",
-         "batch_size=4", "eval_batch_size=8")  # fmt: skip
+QUICK = (
+    "data.builtin.sizes.train800=8",
+    "data.builtin.sizes.val200=4",
+    "data.builtin.sizes.test=8",
+    "epochs=1",
+    "batch_size=4",
+    "eval_batch_size=8",
+)
 """``--quick``: tiny splits and one epoch, a smoke test of the whole protocol in seconds per run."""
 SELECT = ("train_split=train800", "eval_split=val200")
 
@@ -213,9 +229,11 @@ def calibrate(
     methods, tasks = list(dict.fromkeys(methods)), list(dict.fromkeys(tasks))
     _check(methods, tasks)
     pairs = [(task, method) for task in tasks for method in methods]
-    jobs = [(recipe, run) for task, method in pairs
-            for _, run, recipe in selection_runs(output, task, method, [_recipe(task, method, overrides)["lr"]],
-                                                 overrides)]  # fmt: skip
+    jobs = [
+        (recipe, run)
+        for task, method in pairs
+        for _, run, recipe in selection_runs(output, task, method, [_recipe(task, method, overrides)["lr"]], overrides)
+    ]
     results = dict(zip(pairs, (result for result, _ in train_runs(jobs, workers)), strict=True))
     header = "| task | group | stands in for | " + " | ".join(methods) + " | gap (last − first) | minutes training |"
     lines = [header, "|---|---|---|" + "---:|" * (len(methods) + 2)]

@@ -108,3 +108,13 @@ def test_no_model_class_is_named_outside_models():
                 if name in classes:
                     named.append(f"{path.relative_to(PACKAGE)}: {name}")
     assert classes >= {"VisionMamba", "SS2D", "VimBlock"} and named == []
+
+
+def test_formatting_is_skipped_only_where_a_table_reads_better():
+    skipped = [
+        p.relative_to(PACKAGE)
+        for p in PACKAGE.rglob("*.py")
+        for line in p.read_text().splitlines()
+        if "# fmt: skip" in line
+    ]
+    assert len(skipped) <= 5, skipped

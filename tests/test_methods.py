@@ -140,3 +140,19 @@ def test_records_of_removed_options_load_when_they_change_nothing_and_are_refuse
             from_record({"method": "adaptor", "options": options})
     with pytest.raises(MethodOptionError, match="has no option t_init"):
         prepare_model(vim(), "adaptor", t_init=0.1)  # no longer an option of this version
+
+
+def test_an_error_inside_a_method_is_not_blamed_on_its_options():
+    class Broken(Method):
+        name = "test_broken"
+
+        def apply(self, model):
+            raise ValueError("a bug in apply")
+
+    register_method(Broken)
+    try:
+        with pytest.raises(ValueError, match="a bug in apply") as raised:
+            prepare_model(vim(), "test_broken")
+        assert not isinstance(raised.value, MethodOptionError)
+    finally:
+        del METHODS["test_broken"]

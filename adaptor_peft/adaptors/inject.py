@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..models import classifier_name
-from ..models.protocol import find_mixers
+from ..models.protocol import SSMMixer, find_mixers
 from .config import AdaptorConfig
 from .spatial import AdaptorS
 from .temporal import AdaptorT
@@ -40,16 +40,10 @@ def set_trainable(model: nn.Module, trainable: Callable[[str], bool]) -> nn.Modu
     return model
 
 
-def add_adaptors(model: nn.Module, config: AdaptorConfig) -> nn.Module:
-    """Builds ``config``'s adaptors into ``model``'s mixers and returns it; trainability and the method
-    record are the caller's (:func:`adaptor_peft.inject_adaptor`, :func:`adaptor_peft.prepare_model`).
-    Every check runs before the first adaptor goes in, so a refused config leaves the model as it was.
-
-    The adaptors start as the identity: the model computes what it computed before, to float rounding.
-    A mixer whose Adaptor-S could not reach the logits gets none (a Vim's last block: the head reads the
-    class token, which is not on the patch grid Adaptor-S works on). In a bfloat16 / float16 backbone the
-    adaptors' parameters stay float32 (as peft's ``autocast_adapter_dtype``): they take the backbone's
-    activations and give back its dtype."""
+def chosen_mixers(model: nn.Module, config: AdaptorConfig) -> list[tuple[str, SSMMixer]]:
+    """The mixers of ``model`` that ``config`` adapts. Raises ``TypeError`` for a model without selective-scan
+    mixers, ``RuntimeError`` for one that has adaptors already, and ``ValueError`` for a config that does not
+    fit it (blocks out of range, ``t_groups`` not dividing a scan's width, nothing to add)."""
     mixers = find_mixers(model)
     if not mixers:
         children = ", ".join(f"{n}: {type(m).__name__}" for n, m in model.named_children()) or "none"
@@ -81,7 +75,21 @@ def add_adaptors(model: nn.Module, config: AdaptorConfig) -> nn.Module:
             "Adaptor-S (it could not reach the logits, as in a Vim's last block); choose other blocks or enable "
             "Adaptor-T"
         )
-    for _, mixer in chosen:
+    return chosen
+
+
+def add_adaptors(model: nn.Module, config: AdaptorConfig) -> nn.Module:
+    """Builds ``config``'s adaptors into ``model``'s mixers and returns it; trainability and the method
+    record are the caller's (:func:`adaptor_peft.inject_adaptor`, :func:`adaptor_peft.prepare_model`).
+    Every check (:func:`chosen_mixers`) runs before the first adaptor goes in, so a refused config leaves
+    the model as it was.
+
+    The adaptors start as the identity: the model computes what it computed before, to float rounding.
+    A mixer whose Adaptor-S could not reach the logits gets none (a Vim's last block: the head reads the
+    class token, which is not on the patch grid Adaptor-S works on). In a bfloat16 / float16 backbone the
+    adaptors' parameters stay float32 (as peft's ``autocast_adapter_dtype``): they take the backbone's
+    activations and give back its dtype."""
+    for _, mixer in chosen_mixers(model, config):
         weight = next(mixer.parameters())
         dtype = torch.promote_types(weight.dtype, torch.float32)  # float32 adaptors in a half-precision backbone
         if config.temporal:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..models.protocol import declared, find_blocks, find_mixers
 from .config import AdaptorConfig
-from .inject import add_adaptors, has_builtin_adaptors, is_head, set_trainable
+from .inject import add_adaptors, chosen_mixers, has_builtin_adaptors, is_head, set_trainable
 from .options import MethodOptionError, as_json, build_options, check_options, field_types
 
 __all__ = ["METHODS", "Method", "MethodOptionError", "get_method", "prepare_model", "register_method"]
@@ -262,6 +262,7 @@ class AdaptorMethod(Method):
         if has_builtin_adaptors(model):
             plain = ", ".join(name for name, m in METHODS.items() if not issubclass(m, AdaptorMethod | Combination))
             raise ValueError(f"the backbone has Adaptor-T and Adaptor-S built in; transfer it with {plain}")
+        chosen_mixers(model, self.options)
 
     def apply(self, model: nn.Module) -> None:
         add_adaptors(model, self.options)
@@ -547,9 +548,9 @@ def prepare_model(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise RuntimeError(f"prepare_model: the model was already prepared with {model.peft_method.name!r}")
     try:
         chosen.check(model)
-        chosen.apply(model)
     except ValueError as err:  # an option that does not fit this model: blocks, t_groups, LoRA targets
         raise MethodOptionError(f"method {method!r}: {err}") from err
+    chosen.apply(model)
     model.peft_method = chosen
     head, trains = is_head(model), chosen.trains(model)
     set_trainable(model, lambda name: chosen.adds(name) or head(name) or trains(name))
