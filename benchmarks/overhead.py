@@ -32,7 +32,7 @@ from adaptor_peft.adaptors import AdaptorS, prepare_model
 from adaptor_peft.models import keep_activations
 from adaptor_peft.reports import parameter_report
 from benchmarks.machine import describe
-from benchmarks.memory import PeakTensorMemory, in_fresh_process
+from tests.support.memory import PeakTensorMemory, in_fresh_process
 
 INFERENCE = ("plain", "adaptor", "adaptor_t", "adaptor_s")
 GOALS = {"inference vs plain": 1.07, "step vs full": 0.9, "step vs lora": 1.1, "peak memory vs full": 0.6}
@@ -108,7 +108,7 @@ def training_peak_mb(model_name: str, method: str, size: int, img_size: int, kee
         return None
     code = (
         "import sys, json; from pathlib import Path; sys.argv = ['overhead.py']; from benchmarks.overhead import *\n"
-        "from benchmarks.memory import rss_kb\n"
+        "from tests.support.memory import rss_kb\n"
         f"step = trainer(build({model_name!r}, {method!r}), {keep_all}); data = batch({size}, {img_size})\n"
         "base = rss_kb('VmRSS'); Path('/proc/self/clear_refs').write_text('5')\n"
         "step(*data); step(*data); print(json.dumps((rss_kb('VmHWM') - base) / 1024))"

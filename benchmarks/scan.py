@@ -32,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.ops import native, selective_scan, selective_scan_reference
 from benchmarks.machine import FLOAT_LANES, cpu_fields, cpu_ghz, describe, vector_isa
-from benchmarks.memory import in_fresh_process
-from tests.official import scan_ref
+from tests.support.memory import in_fresh_process
+from tests.support.official import scan_ref
 
 
 def mambapy_scan(u, delta, A, B, C, D, z, delta_bias):
@@ -125,7 +125,7 @@ def peak_memory_mb(method: str, shape: list[int]) -> float | None:
         return None
     code = (
         "import sys, json; sys.argv = ['scan.py']; from benchmarks.scan import *\n"
-        "from benchmarks.memory import rss_kb\n"
+        "from tests.support.memory import rss_kb\n"
         f"inputs, cot = make_inputs(*{shape}); base = rss_kb('VmRSS'); step({method!r}, inputs, cot)\n"
         "print(json.dumps((rss_kb('VmHWM') - base) / 1024))"
     )

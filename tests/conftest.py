@@ -38,3 +38,12 @@ def recipes(tmp_path, monkeypatch) -> Path:
         (folder / "vtab1k" / f"{task}.yaml").write_text(yaml.safe_dump(recipe))
     monkeypatch.setenv("ADAPTOR_PEFT_RECIPES", str(folder))
     return folder
+
+
+@pytest.fixture
+def offline_datasets(tmp_path, monkeypatch):
+    """Keep ``datasets`` off the network and its cache inside the test's folder."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")

@@ -15,9 +15,7 @@ import torch
 import adaptor_peft as ap
 from adaptor_peft import adaptors, hub, reports
 from adaptor_peft.cli import main
-
-from .test_adaptors import images_for, logits, perturb
-from .test_models import tiny
+from tests.support.models import images_for, logits, perturb, tiny
 
 PACKAGE = Path(ap.__file__).parent
 

@@ -41,7 +41,7 @@ def test_scans_are_timed_in_the_layouts_vim_hands_them(monkeypatch):
 
 def test_gpu_check_runs_end_to_end_on_the_cpu_without_datasets(tmp_path):
     output = tmp_path / "made" / "gpu_check.md"  # its folder is made
-    command = [sys.executable, "-m", "tests.offline", "--output", str(output), "--model", MODEL, "--batch", "2"]
+    command = [sys.executable, "-m", "tests.support.offline", "--output", str(output), "--model", MODEL, "--batch", "2"]
     # One thread: on a busy two-core machine, torch's threads wait on each other for every small operation.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

@@ -13,9 +13,7 @@ import yaml
 from huggingface_hub import constants
 
 import adaptor_peft as ap
-
-from .test_adaptors import images_for, logits, perturb
-from .test_models import tiny
+from tests.support.models import images_for, logits, perturb, tiny
 
 REPO = "someone/vim-digits"
 

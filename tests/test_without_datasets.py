@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_package_and_cli_import_and_run_without_datasets():
     code = (
-        "from tests.offline import hide_datasets; hide_datasets()\n"
+        "from tests.support.offline import hide_datasets; hide_datasets()\n"
         "import sys, adaptor_peft, adaptor_peft.cli, adaptor_peft.training\n"
         f"assert adaptor_peft.__file__.startswith({str(ROOT)!r}), adaptor_peft.__file__\n"
         "assert sys.modules['datasets'] is None\n"

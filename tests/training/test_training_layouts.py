@@ -11,9 +11,8 @@ import pytest
 import yaml
 
 from adaptor_peft.cli import main
-
-from .test_data import offline_datasets, write_parquet  # noqa: F401  (autouse: datasets stays offline)
-from .test_training import TINY, picture
+from tests.support.data import write_parquet
+from tests.support.training import TINY_RECIPE, picture
 
 TRAIN, TEST = 24, 12
 FGVC_IDS = (17, 5, 200)  # sparse VPT class ids, mapped to 0, 1, 2 in sorted order: 5 -> 0, 17 -> 1, 200 -> 2
@@ -78,7 +77,7 @@ def test_train_and_eval_through_the_cli(layout, tmp_path, checkpoint):
     yaml_path.write_text(yaml.safe_dump(recipe))
     where = ["--data-root", str(root)] if "local" in recipe["data"] else []
     main(["train", "--recipe", str(yaml_path), "--checkpoint", str(checkpoint), "--output-dir", str(run),
-          "--no-progress", *TINY, "epochs=1", *where])  # fmt: skip
+          "--no-progress", *TINY_RECIPE, "epochs=1", *where])  # fmt: skip
     results = json.loads((run / "results.json").read_text())
     assert results["train_images"] == TRAIN and results["images"] == TEST and len(results["per_class"]) == 3
     assert results["task"] == recipe["task"] and results["eval_split"] == recipe["eval_split"]
@@ -96,5 +95,5 @@ def test_a_vtab_recipe_on_its_hub_copy_warns_that_its_numbers_are_not_comparable
     yaml_path.write_text(yaml.safe_dump(recipe))
     with pytest.warns(UserWarning, match=r"tiny_vtab: no --data-root.*hub.*not comparable with published VTAB-1k"):
         main(["train", "--recipe", str(yaml_path), "--checkpoint", str(checkpoint), "--output-dir",
-              str(tmp_path / "run"), "--no-progress", *TINY, "epochs=1"])  # fmt: skip
+              str(tmp_path / "run"), "--no-progress", *TINY_RECIPE, "epochs=1"])  # fmt: skip
     assert json.loads((tmp_path / "run" / "results.json").read_text())["data_source"] == "hub"

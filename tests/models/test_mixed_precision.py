@@ -8,8 +8,7 @@ import torch
 
 import adaptor_peft.models.layers
 from adaptor_peft.adaptors import AdaptorConfig, AdaptorT, inject_adaptor, prepare_model
-
-from .test_models import tiny
+from tests.support.models import tiny
 
 SIZES = {"vim": 32, "vmamba_v2": 64}
 MARKERS = (".adaptor_t.", ".adaptor_s.")

@@ -12,8 +12,7 @@ from adaptor_peft import save_adaptor
 from adaptor_peft.adaptors import inject_adaptor, prepare_model
 from adaptor_peft.reports import ParameterReport, parameter_report
 from adaptor_peft.reports.results import VTAB1K_GROUPS, VTAB1K_TASKS, combine, summarize
-
-from .test_models import tiny
+from tests.support.models import tiny
 
 HEADS = ("head.", "classifier.head.")
 MARKERS = {

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.models import keep_activations
 from adaptor_peft.models.layers import Recompute, causal_conv1d
-from benchmarks.memory import PeakTensorMemory
-
-from .test_models import tiny
+from tests.support.memory import PeakTensorMemory
+from tests.support.models import tiny
 
 
 def toy(x: torch.Tensor, w: torch.Tensor, calls: list[str], rebuilt: bool = True):

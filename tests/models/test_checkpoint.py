@@ -13,8 +13,7 @@ from safetensors.torch import save_file
 
 import adaptor_peft
 from adaptor_peft import CheckpointError, load_checkpoint, read_state_dict
-
-from .test_models import tiny
+from tests.support.models import tiny
 
 
 class _FakeCfgNode(dict):

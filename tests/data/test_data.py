@@ -6,7 +6,6 @@ import io
 import json
 import pickle
 
-import datasets
 import numpy as np
 import pytest
 import torch
@@ -14,16 +13,11 @@ from PIL import Image
 
 from adaptor_peft import create_model
 from adaptor_peft.data import DataError, build_transform, data_config, load_split
+from tests.support.data import write_parquet
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
-
-
-@pytest.fixture(autouse=True)
-def offline_datasets(tmp_path, monkeypatch):
-    """Keep ``datasets`` off the network and its cache inside the test's folder."""
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+pytestmark = pytest.mark.usefixtures("offline_datasets")
 
 
 def draw(path, colour=RED, mode="RGB", size=(12, 10)):
@@ -60,14 +54,6 @@ def vtab_root(tmp_path):
 
 def vtab(root, split="train800val200", **kwargs):
     return load_split({"kind": "vtab1k", "dir": "cifar"}, split, root=root, **kwargs)
-
-
-def write_parquet(path, images, labels, image_column="image", label_column="label", names=None):
-    label_feature = datasets.ClassLabel(names=names) if names else datasets.Value("int64")
-    features = datasets.Features({image_column: datasets.Image(), label_column: label_feature})
-    rows = {image_column: [{"bytes": data, "path": None} for data in images], label_column: labels}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
 
 
 def test_vtab1k_labels_rgb_and_shapes(vtab_root):

@@ -30,33 +30,10 @@ from adaptor_peft.adaptors import (
 )
 from adaptor_peft.adaptors.methods import from_record
 from adaptor_peft.ops import native
+from tests.support.models import SIZES, images_for, logits, perturb, tiny
 
-from .test_models import tiny
-
-SIZES = {"vim": 32, "vmamba_v2": 64, "vmamba_v0": 64}
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
 BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="no C compiler"))]
-
-
-def images_for(kind: str, batch: int = 2, seed: int = 1) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, SIZES[kind], SIZES[kind], generator=generator)
-
-
-def logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(images.to(next(model.parameters()).dtype))
-
-
-def perturb(model: torch.nn.Module, marker: str, scale: float = 0.3) -> int:
-    """Adds noise to every parameter whose name contains ``marker``; returns how many were changed."""
-    changed = 0
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if marker in name:
-                p.add_(torch.randn_like(p) * scale)
-                changed += 1
-    return changed
 
 
 # --- Adaptor-T against the formula -------------------------------------------------------------------------

@@ -15,8 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from adaptor_peft.ops import dispatch, selective_scan, selective_scan_fn, selective_scan_reference
 from adaptor_peft.ops.dispatch import select_backend
-
-from .test_scan import CASES, assert_close, make_inputs, run_with_grads
+from tests.support.scans import CASES, assert_close, make_inputs, run_with_grads
 
 triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(
@@ -265,7 +264,7 @@ def test_non_contiguous_parameters():
 
 # --- compiled for real GPUs ---------------------------------------------------------------------------------
 
-KERNEL_REPORT = Path(__file__).resolve().parents[1] / "benchmarks" / "triton_kernels.py"
+KERNEL_REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "triton_kernels.py"
 NVIDIA_TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 

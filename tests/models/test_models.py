@@ -12,10 +12,10 @@ import torch
 import adaptor_peft
 from adaptor_peft.models.vim import BiMambaMixer, resample_pos_embed
 from adaptor_peft.models.vmamba import cross_merge, cross_scan
+from tests.support.models import TINY, tiny
+from tests.support.official import vim_forward, vmamba_forward
 
-from .official import vim_forward, vmamba_forward
-
-REFERENCE = Path(__file__).with_name("reference")  # copies of the official state-dict listings
+REFERENCE = Path(__file__).parents[1] / "support" / "reference"  # copies of the official state-dict listings
 OFFICIAL_NAMES = {
     "vim_tiny_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_patch16_224",
     "vim_tiny_patch16_stride8_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2": "vim_tiny_patch16_stride8_224",  # noqa: E501
@@ -26,13 +26,6 @@ OFFICIAL_NAMES = {
     "vmamba_small_s2l15": "vmamba_small_s2l15",
     "vmamba_base_s2l15": "vmamba_base_s2l15",
     "vanilla_vmamba_tiny": "vmamba_tiny_v0",
-}
-TINY = {
-    "vim": dict(name="vim_tiny_patch16_224", embed_dim=32, depth=2, img_size=32, patch_size=8, stride=8),
-    "vim_stride": dict(name="vim_tiny_patch16_stride8_224", embed_dim=32, depth=2, img_size=32, patch_size=8, stride=4),
-    "vmamba_v2": dict(name="vmamba_tiny_s1l8", dims=16, depths=(1, 2, 1, 1)),
-    "vmamba_v2_ratio2": dict(name="vmamba_tiny_s2l5", dims=16, depths=(1, 1, 2, 1)),
-    "vmamba_v0": dict(name="vmamba_tiny_v0", dims=16, depths=(1, 1, 2, 1)),
 }
 
 
@@ -46,16 +39,6 @@ def official_listing() -> dict[str, dict[str, tuple[int, ...]]]:
             elif (m := re.match(r"\s+(\S+) \(([\d, ]*)\)", line)) and current is not None:
                 current[m.group(1)] = tuple(int(x) for x in m.group(2).split(",") if x.strip())
     return listing
-
-
-def tiny(kind: str, **kwargs) -> torch.nn.Module:
-    config = {**TINY[kind], **kwargs}
-    torch.manual_seed(0)
-    model = adaptor_peft.create_model(config.pop("name"), **config).eval()
-    with torch.no_grad():  # move every parameter off its init so that a wrong formula shows
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 @pytest.mark.parametrize("official", list(OFFICIAL_NAMES))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -16,59 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from adaptor_peft import create_model
 from adaptor_peft.cli import main
 from adaptor_peft.training import ClassificationMetrics, TrainingError, load_recipe, train
 from adaptor_peft.training import loop as training_loop
 from adaptor_peft.training.optim import build_optimizer, build_scheduler, decays, param_groups
-
-COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
-TINY = ["model=vim_tiny_patch16_224", "model_options.depth=2", "img_size=32", "epochs=2", "warmup_epochs=1",
-        "batch_size=8", "eval_batch_size=8", "num_workers=0", "drop_path=0"]  # fmt: skip
-
-
-def picture(path: Path, label: int, rng: random.Random) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    colour = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in COLOURS[label])
-    Image.new("RGB", (24, 20), colour).save(path)
-
-
-def vtab_task(root: Path, task: str = "cifar", train: int = 32, test: int = 12) -> Path:
-    """A VTAB-1k task folder in the NOAH layout with three colour classes."""
-    rng = random.Random(task)
-    folder = root / task
-    lines: dict[str, list[str]] = {"train800": [], "val200": [], "test": []}
-    sizes = {"train800": train * 3 // 4, "val200": train - train * 3 // 4, "test": test}
-    for split, count in sizes.items():
-        for i in range(count):
-            name = f"images/{split}_{i}.png"
-            picture(folder / name, i % 3, rng)
-            lines[split].append(f"{name} {i % 3}")
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split, entries in lines.items():
-        (folder / f"{split}.txt").write_text("\n".join(entries) + "\n")
-    return root
-
-
-def tiny_recipe(checkpoint: Path, *overrides: str, name: str = "vtab1k/cifar") -> dict:
-    return load_recipe(name, [*TINY, f"checkpoint={checkpoint}", *overrides])
+from tests.support.training import TINY_RECIPE, interrupt, tiny_recipe, vtab_task
 
 
 def logged(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
-def interrupt(epoch: int) -> None:
-    """An ``after_epoch`` hook that kills the run after its first epoch's checkpoint."""
-    raise KeyboardInterrupt
-
-
 def test_train_eval_summarize_through_the_cli(tmp_path, recipes, checkpoint, capsys):
     data, run = vtab_task(tmp_path / "vtab-1k"), tmp_path / "runs" / "cifar"
     main(["train", "--recipe", "vtab1k/cifar", "--checkpoint", str(checkpoint), "--method", "adaptor",
-          "--data-root", str(data), "--output-dir", str(run), "--no-progress", *TINY, "lr=5e-3"])  # fmt: skip
+          "--data-root", str(data), "--output-dir", str(run), "--no-progress", *TINY_RECIPE, "lr=5e-3"])  # fmt: skip
     assert "top-1" in capsys.readouterr().out
     results = json.loads((run / "results.json").read_text())
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -148,7 +111,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, recipes, ch
 
 def test_bad_labels_bad_images_and_bad_keys_get_clear_errors(tmp_path, recipes, checkpoint):
     data = vtab_task(tmp_path / "vtab-1k")
-    run = ["--data-root", str(data), "--no-progress", *TINY, f"checkpoint={checkpoint}", "epochs=1"]
+    run = ["--data-root", str(data), "--no-progress", *TINY_RECIPE, f"checkpoint={checkpoint}", "epochs=1"]
     with pytest.raises(SystemExit, match=r"unknown key 'epochz'.*did you mean 'epochs'"):
         main(["train", "--recipe", "vtab1k/cifar", "--output-dir", str(tmp_path / "a"), *run, "epochz=3"])
 
@@ -170,7 +133,7 @@ def test_bad_labels_bad_images_and_bad_keys_get_clear_errors(tmp_path, recipes, 
 def test_vtab_runs_tasks_in_a_row_and_skips_finished_ones(tmp_path, recipes, checkpoint, capsys):
     data = vtab_task(vtab_task(tmp_path / "vtab-1k", "cifar"), "dtd")
     command = ["vtab", "--tasks", "cifar,dtd", "--checkpoint", str(checkpoint), "--data-root", str(data),
-               "--output-dir", str(tmp_path / "runs"), "--no-progress", *TINY, "epochs=1"]  # fmt: skip
+               "--output-dir", str(tmp_path / "runs"), "--no-progress", *TINY_RECIPE, "epochs=1"]  # fmt: skip
     main(command)
     assert {p.parent.name for p in (tmp_path / "runs").glob("*/results.json")} == {"cifar", "dtd"}
     capsys.readouterr()
@@ -185,7 +148,7 @@ def test_two_processes_agree_with_one(tmp_path, recipes, checkpoint):
     (32 training images split 4 + 4 per batch of 8, so no batch is padded)."""
     data = vtab_task(tmp_path / "vtab-1k")
     args = ["train", "--recipe", "vtab1k/cifar", "--checkpoint", str(checkpoint), "--data-root", str(data),
-            "--no-progress", *TINY, "eval_every=1"]  # fmt: skip
+            "--no-progress", *TINY_RECIPE, "eval_every=1"]  # fmt: skip
     main([*args, "--output-dir", str(tmp_path / "one")])
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]  # fmt: skip
@@ -298,7 +261,7 @@ def test_recipes_refuse_impossible_numbers_and_frozen_random_backbones(tmp_path,
             tiny_recipe(checkpoint, override)
     data = vtab_task(tmp_path / "vtab-1k")
     with pytest.raises(RecipeError, match="freezes the backbone"):
-        train(load_recipe("vtab1k/cifar", [*TINY, "epochs=1"]), tmp_path / "random", data, progress=False)
+        train(load_recipe("vtab1k/cifar", [*TINY_RECIPE, "epochs=1"]), tmp_path / "random", data, progress=False)
     assert not (tmp_path / "random").exists()
 
 
@@ -308,16 +271,16 @@ def test_named_options_are_taken_literally_and_given_once(tmp_path, recipes, che
     shutil.copy(checkpoint, odd)
     data = vtab_task(tmp_path / "vtab-1k")
     args = ["train", "--recipe", "vtab1k/cifar", "--data-root", str(data), "--no-progress"]
-    main([*args, "--checkpoint", str(odd), "--output-dir", str(tmp_path / "a"), *TINY, "epochs=1"])
+    main([*args, "--checkpoint", str(odd), "--output-dir", str(tmp_path / "a"), *TINY_RECIPE, "epochs=1"])
     assert yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())["checkpoint"] == str(odd)
     with pytest.raises(SystemExit, match="both as --method and as method="):
-        main([*args, "--method", "lora", "--output-dir", str(tmp_path / "b"), *TINY, "method=bias"])
+        main([*args, "--method", "lora", "--output-dir", str(tmp_path / "b"), *TINY_RECIPE, "method=bias"])
 
 
 def test_vtab_does_not_take_a_finished_run_of_another_recipe_for_this_one(tmp_path, recipes, checkpoint, capsys):
     data = vtab_task(tmp_path / "vtab-1k", "cifar")
     command = ["vtab", "--tasks", "cifar", "--checkpoint", str(checkpoint), "--data-root", str(data),
-               "--output-dir", str(tmp_path / "runs"), "--no-progress", *TINY, "epochs=1"]  # fmt: skip
+               "--output-dir", str(tmp_path / "runs"), "--no-progress", *TINY_RECIPE, "epochs=1"]  # fmt: skip
     main(command)
     with pytest.raises(SystemExit, match="1 task"):
         main([*command, "--method", "lora"])

@@ -14,9 +14,8 @@ import pytest
 import timm
 import torch
 
-from benchmarks.memory import PeakTensorMemory
-
-from .test_models import TINY, tiny
+from tests.support.memory import PeakTensorMemory
+from tests.support.models import TINY, tiny
 
 VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)  # the shape of TINY["vim"]
 METHODS = ("forward_head", "prune_intermediate_layers", "reset_classifier", "set_grad_checkpointing")

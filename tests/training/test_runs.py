@@ -25,8 +25,7 @@ from adaptor_peft.training.runs import (
     same_recipe,
     training_minutes,
 )
-
-from .test_training import TINY, interrupt, tiny_recipe, vtab_task
+from tests.support.training import TINY_RECIPE, interrupt, tiny_recipe, vtab_task
 
 
 def test_only_complete_checkpoints_count_oldest_first(tmp_path):
@@ -185,7 +184,7 @@ def test_a_run_records_its_checkpoint_as_an_absolute_path_and_evaluates_anywhere
     shutil.copy(checkpoint, work / "weights" / "tiny.pth")
     monkeypatch.chdir(work)
     command = ["vtab", "--tasks", "cifar", "--checkpoint", "weights/tiny.pth", "--data-root", str(data),
-               "--output-dir", "runs", "--no-progress", *TINY, "epochs=1"]  # fmt: skip
+               "--output-dir", "runs", "--no-progress", *TINY_RECIPE, "epochs=1"]  # fmt: skip
     main(command)
     run = work / "runs" / "cifar"
     recorded = Path(yaml.safe_load((run / "config.yaml").read_text())["checkpoint"])
