@@ -34,6 +34,7 @@ from .training.recipe import list_recipes
 USER_ERRORS = (RecipeError, DataError, TrainingError, AdapterFileError, CheckpointError, FileNotFoundError, SuiteError)
 """Errors caused by what the user asked for: reported as one message, without a traceback."""
 PLAIN_PROGRESS = "one plain labelled line per epoch, not live progress lines (as when stdout is not a terminal)"
+OTHER_VERSION = "reuse (read back or resume) runs that another code version trained; refused by default"
 
 
 def _parts(model: torch.nn.Module) -> dict[str, int]:
@@ -118,7 +119,8 @@ def _recipe(args: argparse.Namespace, name: str) -> dict:
 
 def train_command(args: argparse.Namespace) -> None:
     """Trains one recipe into a run folder (resuming it if it holds the same recipe)."""
-    results = train(_recipe(args, args.recipe), args.output_dir, args.data_root, progress=not args.no_progress)
+    recipe, allow = _recipe(args, args.recipe), args.allow_other_version
+    results = train(recipe, args.output_dir, args.data_root, progress=not args.no_progress, allow_other_version=allow)
     print(f"{results['task']}: top-1 {results['top1']:.2f} %, top-5 {results['top5']:.2f} % -> {args.output_dir}")
 
 
@@ -139,7 +141,13 @@ def vtab_command(args: argparse.Namespace) -> None:
     for task in tasks:
         try:
             recipe = _recipe(args, f"vtab1k/{task}")
-            _, minutes = train_once(recipe, Path(args.output_dir) / task, args.data_root, progress=not args.no_progress)
+            _, minutes = train_once(
+                recipe,
+                Path(args.output_dir) / task,
+                args.data_root,
+                progress=not args.no_progress,
+                allow_other_version=args.allow_other_version,
+            )
             if minutes is None:
                 print(f"{task}: finished before, skipped")
         except USER_ERRORS as error:
@@ -221,6 +229,7 @@ def _training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", help="folder holding the recipe's local data layout (default: its hub copy)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--no-progress", action="store_true", help=PLAIN_PROGRESS)
+    p.add_argument("--allow-other-version", action="store_true", help=OTHER_VERSION)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. epochs=1 lr=5e-4")
 
 

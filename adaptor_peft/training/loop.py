@@ -46,6 +46,7 @@ from .runs import (
     TrainingError,
     append_log,
     as_recorded,
+    check_code_version,
     checkpoint_file,
     checkpoints,
     claim_run_folder,
@@ -53,6 +54,7 @@ from .runs import (
     load_trained_state,
     read_config,
     read_results,
+    recorded_code_version,
     same_recipe,
     save_checkpoint,
     training_minutes,
@@ -78,6 +80,7 @@ def train(
     progress: bool = True,
     after_epoch: Callable[[int], None] | None = None,
     report: Report | None = None,
+    allow_other_version: bool = False,
 ) -> dict[str, Any]:
     """Trains ``recipe`` into the run folder ``output_dir`` (resuming it if it holds the same recipe) and
     returns the final results, also written to ``results.json``. ``after_epoch(epoch)`` runs after each
@@ -87,8 +90,11 @@ def train(
 
     The results' ``minutes`` are the time the run's epochs spent in training steps (forward, backward,
     optimizer), summed over every session that trained them (:func:`~.runs.training_minutes`): set-up,
-    evaluation and checkpoints are left out, so that methods compare by what training them costs."""
+    evaluation and checkpoints are left out, so that methods compare by what training them costs. A folder
+    that got anywhere under another code version is refused unless ``allow_other_version``
+    (:func:`~.runs.check_code_version`)."""
     run, recipe = Path(output_dir), as_recorded(recipe)
+    check_code_version(run, allow_other_version)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     accelerator = build_accelerator(
         recipe,
@@ -216,6 +222,7 @@ def train(
         "minutes": training_minutes(run, recipe["epochs"]),
         "checkpoint": recipe["checkpoint"],
         "processes": accelerator.num_processes,
+        "code": recorded_code_version(run),
     }
     if accelerator.is_main_process:
         save_adaptor(accelerator.unwrap_model(model), run / ADAPTER)
@@ -232,15 +239,18 @@ def train_once(
     *,
     progress: bool = False,
     report: Report | None = None,
+    allow_other_version: bool = False,
 ) -> tuple[dict[str, Any], float | None]:
     """The results of ``recipe`` in the run folder ``output_dir`` and its training minutes (:func:`train`):
     read back (minutes None) when the folder holds this recipe's results, else trained (resuming what is
     there), showing or passing on its progress as :func:`train` does. What the suites and the demo run, so a
-    rerun skips finished runs."""
+    rerun skips finished runs, but refuses one of another code version unless ``allow_other_version``; the
+    results carry the ``code`` version of the run."""
     run = Path(output_dir)
+    check_code_version(run, allow_other_version)
     if (run / RESULTS).is_file() and same_recipe(run, recipe):
-        return read_results(run), None
-    results = train(recipe, run, data_root, progress=progress, report=report)
+        return {**read_results(run), "code": recorded_code_version(run)}, None
+    results = train(recipe, run, data_root, progress=progress, report=report, allow_other_version=allow_other_version)
     return results, results["minutes"]
 
 

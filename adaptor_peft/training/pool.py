@@ -120,20 +120,27 @@ def _stopped_by_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _train_indexed(item: tuple[int, dict[str, Any], Path]) -> tuple[int, tuple[dict[str, Any], float | None]]:
-    index, recipe, run = item
-    return index, train_once(recipe, run, report=quiet if _UPDATES is None else partial(_send, _UPDATES, index))
+def _train_indexed(item: tuple[int, dict[str, Any], Path, bool]) -> tuple[int, tuple[dict[str, Any], float | None]]:
+    index, recipe, run, allow = item
+    report = quiet if _UPDATES is None else partial(_send, _UPDATES, index)
+    return index, train_once(recipe, run, report=report, allow_other_version=allow)
 
 
 def train_runs(
-    jobs: Sequence[Job], workers: int | None = None, done: Done | None = None, *, show: Show | None = None
+    jobs: Sequence[Job],
+    workers: int | None = None,
+    done: Done | None = None,
+    *,
+    show: Show | None = None,
+    allow_other_version: bool = False,
 ) -> list[tuple[dict[str, Any], float | None]]:
     """Trains (or reads back) every job, ``workers`` at a time (default :func:`default_workers`), and
     returns ``(results, minutes)`` per job in order. ``show(index, update)`` takes each run's progress in
     this process (:func:`~.progress.show_runs`); without it the runs show nothing. With one worker the runs
     go one after another in this process. The first failure, or an interrupt, stops
     every run still going or queued and is raised; so does SIGTERM. Two jobs may not share a run folder.
-    Several workers start the runs longest first (:func:`expected_cost`), which shortens the wait for the last one."""
+    Several workers start the runs longest first (:func:`expected_cost`), which shortens the wait for the last one.
+    A finished run of another code version is refused unless ``allow_other_version`` (:func:`train_once`)."""
     workers = default_workers(len(jobs)) if workers is None else workers
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
@@ -144,7 +151,8 @@ def train_runs(
     outcomes: list[Any] = [None] * len(jobs)
     if workers == 1 or len(jobs) <= 1:
         for index, (recipe, run) in enumerate(jobs):
-            outcomes[index] = train_once(recipe, run, report=quiet if show is None else partial(show, index))
+            report = quiet if show is None else partial(show, index)
+            outcomes[index] = train_once(recipe, run, report=report, allow_other_version=allow_other_version)
             if done:
                 done(index, *outcomes[index])
         return outcomes
@@ -152,7 +160,7 @@ def train_runs(
     context = multiprocessing.get_context("spawn")  # no forked copy of this process's threads and locks
     # Longest first: the last runs to start are short ones, so no worker is left with a long run alone.
     order = sorted(range(len(jobs)), key=lambda index: -expected_cost(jobs[index][0]))
-    items = [(index, *jobs[index]) for index in order]
+    items = [(index, *jobs[index], allow_other_version) for index in order]
     # Leaving the block terminates the workers: on a failure or an interrupt nothing trains on behind it.
     with (
         _stopped_by_sigterm(),

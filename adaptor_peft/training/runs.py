@@ -7,7 +7,8 @@ the last one counts), ``checkpoints/epoch_NNN/`` (the training state after each 
 ``adapter/`` (what :func:`~adaptor_peft.save_adaptor` writes: only the trained weights) and ``results.json``.
 A folder that holds the same recipe is resumed after its last complete checkpoint; one that holds another
 recipe that got anywhere is refused, so that no finished work is mixed with or overwritten by another
-recipe's.
+recipe's. So is one that got anywhere under another code version (:func:`check_code_version`), unless
+the caller allows it.
 
 An epoch checkpoint is accelerate's ``save_state`` (optimizer, scheduler, random states and, where it has
 any, the sampler's) with the model's part cut down to what training changes: the trainable parameters and
@@ -39,9 +40,11 @@ from torch import nn
 from ..adaptors.methods import resolved_settings
 from ..adaptors.state import backbone_fingerprints
 from ..atomic import write_atomically
+from ..provenance import code_version
 
 CONFIG, LOG, RESULTS, ADAPTER, CHECKPOINTS = "config.yaml", "log.jsonl", "results.json", "adapter", "checkpoints"
 RESOLVED = "resolved.json"
+UNRECORDED = "unrecorded (a run from before runs recorded it)"
 KEEP_CHECKPOINTS = 2
 COMPLETE = "complete"  # marker written after a checkpoint is fully saved
 
@@ -171,26 +174,47 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
     return False
 
 
+def recorded_code_version(run: Path) -> str:
+    """The code version (:func:`~adaptor_peft.provenance.code_version`) that started the run folder ``run``,
+    or :data:`UNRECORDED`."""
+    return _recorded(run).get("code", UNRECORDED)
+
+
+def check_code_version(run: Path, allow: bool = False) -> None:
+    """Refuses a run folder that got anywhere (a finished epoch or results) under another code version than
+    this one, so that no table mixes numbers of different code unawares; ``allow`` lets it be read back or
+    resumed (the option ``--allow-other-version``)."""
+    if allow or not (checkpoints(run) or (run / RESULTS).is_file()):
+        return
+    recorded, now = recorded_code_version(run), code_version()
+    if recorded != now:
+        raise TrainingError(
+            f"{run} was trained by code version {recorded}, not this one ({now}); train it again in another "
+            "--output-dir, or pass --allow-other-version (allow_other_version=True) to reuse it"
+        )
+
+
 def _method_settings(recipe: dict[str, Any]) -> dict[str, Any]:
     return resolved_settings(recipe["method"], dict(recipe["method_options"]))
 
 
 def _recorded(run: Path) -> dict[str, Any]:
     """What a run folder records beyond its recipe: ``method``, every setting of the method
-    (:func:`~adaptor_peft.adaptors.methods.resolved_settings`), and ``backbone``, the fingerprint of the
-    backbone weights it started from (:func:`~adaptor_peft.adaptors.state.backbone_fingerprints`); empty
-    for a folder made before the record."""
+    (:func:`~adaptor_peft.adaptors.methods.resolved_settings`), ``backbone``, the fingerprint of the
+    backbone weights it started from (:func:`~adaptor_peft.adaptors.state.backbone_fingerprints`), and
+    ``code``, the code version that started it; empty for a folder made before the record."""
     return _read_mapping(run / RESOLVED, json.loads, "run record") if (run / RESOLVED).is_file() else {}
 
 
 def claim_run_folder(run: Path, recipe: dict[str, Any], model: nn.Module) -> None:
     """Creates the run folder with the recipe, or checks that an existing one holds the same recipe (a
     folder where no epoch finished takes the new recipe: a corrected retry) and, if an epoch finished, was
-    started from the same backbone weights: a checkpoint file replaced mid-run must not be resumed."""
+    started from the same backbone weights: a checkpoint file replaced mid-run must not be resumed. A folder
+    where no epoch finished takes this code's record (:func:`check_code_version` decides the others)."""
     backbone = next(iter(backbone_fingerprints(model).values()))  # at the finest dtype
-    if same_recipe(run, recipe):
+    if same_recipe(run, recipe) and checkpoints(run):  # else the record is written anew, for this code
         recorded = _recorded(run).get("backbone")
-        if recorded is not None and recorded != backbone and checkpoints(run):
+        if recorded is not None and recorded != backbone:
             raise TrainingError(
                 f"{run} started from other backbone weights than {recipe['checkpoint']!r} holds now (fingerprint "
                 f"{recorded[:12]}, now {backbone[:12]}): resume it with the weights it started from, or choose "
@@ -198,7 +222,7 @@ def claim_run_folder(run: Path, recipe: dict[str, Any], model: nn.Module) -> Non
             )
         return
     run.mkdir(parents=True, exist_ok=True)
-    record = {"method": _method_settings(recipe), "backbone": backbone}
+    record = {"method": _method_settings(recipe), "backbone": backbone, "code": code_version()}
     write_atomically(run / RESOLVED, json.dumps(record, indent=2) + "\n")
     write_atomically(run / CONFIG, yaml.safe_dump(recipe, sort_keys=False))
 
