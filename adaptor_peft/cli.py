@@ -196,18 +196,17 @@ def suite_command(args: argparse.Namespace) -> None:
     split = {key: getattr(args, key).split(",") for key in ("methods", "tasks") if getattr(args, key)}
     if args.methods == "all":
         split["methods"] = SUITE_METHODS
+    common = dict(quick=args.quick, workers=args.workers, allow_other_version=args.allow_other_version, **split)
     if args.calibrate:
-        calibrate(args.output_dir, overrides=args.overrides, quick=args.quick, workers=args.workers, **split)
+        calibrate(args.output_dir, overrides=args.overrides, **common)
     else:
         run_suite(
             args.output_dir,
             seeds=args.seeds,
             learning_rates=args.lrs,
             overrides=args.overrides,
-            quick=args.quick,
-            workers=args.workers,
             progress=not args.no_progress,
-            **split,
+            **common,
         )
 
 
@@ -286,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--quick", action="store_true", help="tiny splits and one epoch: a smoke test of the protocol")
     p.add_argument("--calibrate", action="store_true", help="only linear_probe and full at the recipe lr, on val200")
+    p.add_argument("--allow-other-version", action="store_true", help=OTHER_VERSION)
     _workers_option(p)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides for every run")

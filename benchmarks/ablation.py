@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft import create_model
 from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.atomic import write_atomically
+from adaptor_peft.data.synthetic import task_roles
 from adaptor_peft.reports import parameter_report
 from adaptor_peft.suite import QUICK, selection_runs
 from adaptor_peft.training.pool import train_runs
@@ -45,9 +46,10 @@ VARIANTS = {
 chose (lr_scale=10), and one more choice changed at a time. lr_scale is spelled out in every row; should
 another default change, the run folders' records refuse the old runs instead of reading them back as
 the new setting."""
-TASKS = ("digits", "landcover", "count", "distance")
-"""One natural and one specialized task and two structured ones: the largest linear-to-full gaps of each
-group in ``benchmarks/results/suite_calibration.md``."""
+TASKS = task_roles()["design"]
+"""The design tasks (digits, landcover, count, distance): one natural and one specialized task and two
+structured ones, the largest linear-to-full gaps of each group in ``benchmarks/results/suite_calibration.md``.
+Only these are tuned on; the suite's held-out tasks must never be."""
 
 
 def parse_variant(text: str) -> tuple[str, tuple[str, dict[str, object]]]:

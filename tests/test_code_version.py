@@ -10,6 +10,7 @@ import yaml
 
 from adaptor_peft import provenance
 from adaptor_peft.adaptors.methods import resolved_settings
+from adaptor_peft.cli import main
 from adaptor_peft.suite import QUICK
 from adaptor_peft.training import TrainingError, load_recipe
 from adaptor_peft.training.loop import train_once
@@ -65,3 +66,10 @@ def test_a_finished_run_of_this_code_is_read_back(tmp_path):
     run = finished_run(tmp_path / "run", recipe, provenance.code_version())
     assert train_once(recipe, run) == ({"task": "count", "top1": 12.5, "code": provenance.code_version()}, None)
 
+
+def test_suite_passes_allow_other_version_on(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("adaptor_peft.cli.run_suite", lambda *a, **k: calls.append(k))
+    main(["suite", "--quick", "--output-dir", str(tmp_path)])
+    main(["suite", "--quick", "--output-dir", str(tmp_path), "--allow-other-version"])
+    assert [c["allow_other_version"] for c in calls] == [False, True]

@@ -15,9 +15,6 @@ from adaptor_peft.data import DataError, load_split
 from adaptor_peft.data.synthetic import TASKS, generate, suite_groups
 from adaptor_peft.training import RecipeError, load_recipe, recipes_dir, train
 
-QUICK_CLI = ["--quick", "--no-progress", "--methods", "linear_probe,adaptor", "--tasks", "digits,count", "--seeds", "2",
-             "--lrs", "1e-3,5e-2"]  # fmt: skip
-
 
 def test_tasks_cover_the_three_vtab_groups():
     groups = suite_groups()
@@ -91,38 +88,6 @@ def test_load_split_builds_the_noah_splits_and_names_bad_options():
         load_split({**source, "task": "cont"}, "test")
     with pytest.raises(DataError, match=r"needs option 'sizes'"):
         load_split({"kind": "synthetic", "task": "count"}, "test")
-
-
-def test_suite_quick_chooses_lr_on_val_reports_seeds_and_resumes(tmp_path, capsys):
-    out = tmp_path / "suite"
-    main(["suite", "--output-dir", str(out), *QUICK_CLI])
-    report = json.loads((out / "suite.json").read_text())
-    assert report["protocol"]["seeds"] == 2 and report["runs_trained_now"] == 2 * 2 * (2 + 2)
-    for task in ("digits", "count"):
-        for method in ("linear_probe", "adaptor"):
-            select = {lr: json.loads((out / "select" / task / method / f"lr_{lr}" / "results.json").read_text())
-                      for lr in ("0.001", "0.05")}  # fmt: skip
-            assert all(r["eval_split"] == "val200" and r["train_images"] == 8 for r in select.values())
-            best = max(select, key=lambda lr: select[lr]["top1"])  # the first of equals
-            assert report["learning_rate"][task][method] == float(best)
-            for seed in (0, 1):
-                config = yaml.safe_load((out / "test" / f"seed_{seed}" / task / method / "config.yaml").read_text())
-                assert (config["eval_split"], config["train_split"]) == ("test", "train800val200")
-                assert config["lr"] == float(best) and config["seed"] == 42 + seed
-    column = "vim_nano_patch4_32 / adaptor"
-    seeds = [json.loads((out / "test" / f"seed_{s}" / "count" / "adaptor" / "results.json").read_text())["top1"]
-             for s in (0, 1)]  # fmt: skip
-    assert report["top1"][column]["count"] == pytest.approx(np.mean(seeds))
-    assert report["spread"][column]["count"] == pytest.approx(np.std(seeds, ddof=1))
-    assert report["averages"][column]["mean of 8 tasks"] is None  # not every task ran: no average
-    table = (out / "suite.md").read_text()
-    assert " ± " in table and "mean of 3 group means" in table and "Learning rate chosen on val200" in table
-    assert (out / "suite.png").read_bytes()[:4] == b"\x89PNG"
-    capsys.readouterr()
-    main(["suite", "--output-dir", str(out), *QUICK_CLI])  # finished runs are skipped
-    assert json.loads((out / "suite.json").read_text())["runs_trained_now"] == 0
-    main(["summarize", str(out / "test" / "seed_0")])  # one seed's table through the ordinary summary
-    assert "| count |" in capsys.readouterr().out
 
 
 def test_calibration_reads_val_at_the_recipe_lr_and_its_runs_are_reused(tmp_path):
