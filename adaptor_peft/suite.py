@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -41,8 +42,11 @@ from .reports import combine, paired_difference, summarize
 from .training import load_recipe
 from .training.pool import train_runs
 from .training.progress import show_runs
+from .training.recipe import recipes_dir
 
 SUITE = "offline_vtab"
+TUNED = "_tuned.yaml"
+"""The suite's tuned method options, in its recipes folder."""
 METHODS = (
     "linear_probe",
     "bias",
@@ -86,9 +90,21 @@ class SuiteError(ValueError):
     """A suite asked for with an unknown method or task, no seed or too small a learning-rate grid."""
 
 
+def tuned_options() -> dict[str, dict[str, Any]]:
+    """Method -> the options chosen for it on the design tasks' val (``recipes/offline_vtab/tuned.yaml``,
+    written by ``benchmarks/ablation.py --choose``), so that every method is tuned with the same budget."""
+    path = recipes_dir() / SUITE / TUNED
+    tuned = yaml.safe_load(path.read_text()) if path.exists() else None
+    if not isinstance(tuned or {}, dict) or not all(isinstance(v, dict) for v in (tuned or {}).values()):
+        raise SuiteError(f"{path}: expected a mapping of method to its options")
+    return tuned or {}
+
+
 def _recipe(task: str, method: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """The task's recipe with ``method`` and ``overrides``."""
-    return load_recipe(f"{SUITE}/{task}", [f"method={method}", *overrides])
+    """The task's recipe with ``method``, the method's tuned options under the recipe's, and ``overrides``."""
+    recipe = load_recipe(f"{SUITE}/{task}", [f"method={method}", *overrides])
+    recipe["method_options"] = {**tuned_options().get(method, {}), **recipe["method_options"]}
+    return recipe
 
 
 def _progress(enabled: bool, console: Console) -> Progress:
@@ -215,6 +231,7 @@ def run_suite(
             "quick": quick,
             "learning_rates": list(learning_rates),
             "overrides": list(overrides),
+            "tuned_options": {method: options for method, options in tuned_options().items() if method in methods},
         },
         "code_versions": sorted({str(result.get("code")) for result in results}),
         "roles": {role: [t for t in names if t in tasks] for role, names in task_roles().items()},

@@ -46,6 +46,38 @@ VARIANTS = {
 chose (lr_scale=10), and one more choice changed at a time. lr_scale is spelled out in every row; should
 another default change, the run folders' records refuse the old runs instead of reading them back as
 the new setting."""
+FAMILIES = {
+    "adaptor": VARIANTS,
+    "lora": {
+        "lora r=8": ("lora", {"r": 8, "lr_scale": 1.0}),
+        "lora lr_scale=4": ("lora", {"r": 8, "lr_scale": 4.0}),
+        "lora lr_scale=16": ("lora", {"r": 8, "lr_scale": 16.0}),
+        "lora r=4": ("lora", {"r": 4, "lr_scale": 1.0}),
+        "lora r=16": ("lora", {"r": 16, "lr_scale": 1.0}),
+        "lora in+out_proj": ("lora", {"r": 8, "lr_scale": 1.0, "targets": ["in_proj", "out_proj"]}),
+        "lora_x_proj": ("lora_x_proj", {"r": 8, "lr_scale": 1.0}),
+        "lora_x_proj lr_scale=16": ("lora_x_proj", {"r": 8, "lr_scale": 16.0}),
+        "lora_p_x": ("lora_p_x", {"r": 8, "lr_scale": 1.0}),
+        "lora_p_x lr_scale=16": ("lora_p_x", {"r": 8, "lr_scale": 16.0}),
+    },
+    "parallel_adapter": {
+        "rank=32": ("parallel_adapter", {"rank": 32, "lr_scale": 1.0}),
+        "rank=32 lr_scale=4": ("parallel_adapter", {"rank": 32, "lr_scale": 4.0}),
+        "rank=32 lr_scale=16": ("parallel_adapter", {"rank": 32, "lr_scale": 16.0}),
+        "rank=8": ("parallel_adapter", {"rank": 8, "lr_scale": 1.0}),
+        "rank=8 lr_scale=16": ("parallel_adapter", {"rank": 8, "lr_scale": 16.0}),
+        "rank=16": ("parallel_adapter", {"rank": 16, "lr_scale": 1.0}),
+        "rank=64": ("parallel_adapter", {"rank": 64, "lr_scale": 1.0}),
+        "rank=64 lr_scale=16": ("parallel_adapter", {"rank": 64, "lr_scale": 16.0}),
+        "rank=32 lr_scale=64": ("parallel_adapter", {"rank": 32, "lr_scale": 64.0}),
+        "rank=128": ("parallel_adapter", {"rank": 128, "lr_scale": 1.0}),
+    },
+}
+"""The same budget for every method's own choices: ten variants each (the adaptor's ten after LoRA), each at
+every learning rate and seed, on the design tasks' val. LoRA's placement (in_proj, x_proj, the x half of
+in_proj, in and out projections), rank and LoRA+ rate of B; the parallel adapter's rank and rate of its
+up-projection. ``--choose`` writes each method's best row into the suite's tuned options."""
+TUNED = Path(__file__).resolve().parents[1] / "recipes" / "offline_vtab" / "_tuned.yaml"
 TASKS = task_roles()["design"]
 """The design tasks (digits, landcover, count, distance): one natural and one specialized task and two
 structured ones, the largest linear-to-full gaps of each group in ``benchmarks/results/suite_calibration.md``.
@@ -95,7 +127,9 @@ def table(rows: dict[str, dict[str, object]], tasks: list[str], lrs: list[float]
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="built-in variants to run, in order")
+    parser.add_argument("--family", choices=list(FAMILIES), default="adaptor", help="whose variants to run")
+    parser.add_argument("--variants", help="built-in variants of the family to run, in order (default: all)")
+    parser.add_argument("--choose", action="store_true", help=f"write each method's best variant to {TUNED.name}")
     parser.add_argument("--variant", action="append", default=[], help="NAME=METHOD[:key=value,...], added")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--lrs", default="0.01,0.03")
@@ -106,15 +140,17 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--workers", type=int, help="runs trained at once (default: one per CPU core)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    unknown = [v for v in args.variants.split(",") if v and v not in VARIANTS]
+    family = FAMILIES[args.family]
+    chosen = args.variants.split(",") if args.variants else list(family)
+    unknown = [v for v in chosen if v and v not in family]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; built-in: {', '.join(VARIANTS)}")
-    variants = {v: VARIANTS[v] for v in args.variants.split(",") if v}
+        raise SystemExit(f"unknown variant(s) {unknown}; {args.family}'s: {', '.join(family)}")
+    variants = {v: family[v] for v in chosen if v}
     variants.update(parse_variant(text) for text in args.variant)
     tasks, lrs = args.tasks.split(","), [float(x) for x in args.lrs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     overrides = [*(QUICK if args.quick else ()), *args.overrides]
-    title = f"# Adaptor ablation on val200\n\n{describe()}"
+    title = f"# {args.family} variants on the design tasks' val200\n\n{describe()}"
     rows: dict[str, dict[str, object]] = {}
     for name, (method, options) in variants.items():
         extra = [f"method_options.{key}={value}" for key, value in options.items()]
@@ -138,8 +174,30 @@ def main(argv: list[str] | None = None) -> str:
         if args.output:
             write_atomically(args.output, text)
         print(f"{name}: " + ", ".join(f"{t} {row['val'][t]:.2f}" for t in tasks), flush=True)
+    if args.choose:  # the family's own methods only: the adaptor's rows hold LoRA as a bar, untuned
+        best = {m: o for m, o in best_options(rows, tasks).items() if m.startswith(args.family)}
+        write_tuned(best, f"benchmarks/ablation.py {' '.join(argv or sys.argv[1:])}")
     print(text)
     return text
+
+
+def best_options(rows: dict[str, dict[str, object]], tasks: list[str]) -> dict[str, dict[str, object]]:
+    """Each method's options of its row with the best mean val over ``tasks`` (the first row on a tie)."""
+    best: dict[str, tuple[float, dict[str, object]]] = {}
+    for row in rows.values():
+        mean = sum(row["val"][t] for t in tasks) / len(tasks)
+        if row["method"] not in best or mean > best[row["method"]][0]:
+            best[row["method"]] = (mean, row["options"])
+    return {method: options for method, (_, options) in best.items()}
+
+
+def write_tuned(chosen: dict[str, dict[str, object]], command: str, path: Path = TUNED) -> None:
+    """Merges ``chosen`` into the suite's tuned options (other methods' entries stay), saying what chose them."""
+    import yaml
+
+    tuned = {**(yaml.safe_load(path.read_text()) or {} if path.exists() else {}), **chosen}
+    header = f"# Method options chosen on the design tasks' val200; the suite applies them. Last: {command}\n"
+    write_atomically(path, header + yaml.safe_dump(tuned, sort_keys=True))
 
 
 if __name__ == "__main__":

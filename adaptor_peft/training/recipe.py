@@ -46,10 +46,11 @@ def recipes_dir() -> Path:
 
 
 def list_recipes() -> list[str]:
-    """Names of all recipes, such as ``vtab1k/cifar``, sorted."""
+    """Names of all recipes, such as ``vtab1k/cifar``, sorted; a file whose name starts with ``_`` holds
+    something else (the offline suite's tuned method options)."""
     base = recipes_dir()
     names = (path.relative_to(base).with_suffix("").as_posix() for path in base.rglob("*.yaml"))
-    return sorted(name for name in names if name != DEFAULTS)
+    return sorted(name for name in names if name != DEFAULTS and not name.rsplit("/", 1)[-1].startswith("_"))
 
 
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
