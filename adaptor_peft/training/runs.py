@@ -41,6 +41,7 @@ from ..adaptors.methods import resolved_settings
 from ..adaptors.state import backbone_fingerprints
 from ..atomic import write_atomically
 from ..provenance import code_version
+from .recipe import REQUIRED_KEYS
 
 CONFIG, LOG, RESULTS, ADAPTER, CHECKPOINTS = "config.yaml", "log.jsonl", "results.json", "adapter", "checkpoints"
 RESOLVED = "resolved.json"
@@ -134,9 +135,20 @@ def _read_mapping(path: Path, parse: Callable[[str], Any], what: str) -> dict[st
     return content
 
 
+RECORDED_KEYS = (*REQUIRED_KEYS, "model", "model_options", "method", "method_options", "checkpoint", "seed")
+"""What every recorded recipe holds, old or new: a run folder's ``config.yaml`` without one is damaged."""
+
+
 def read_config(run: Path) -> dict[str, Any]:
     """The recipe that the run folder ``run`` records (``config.yaml``)."""
-    return _read_mapping(run / CONFIG, yaml.safe_load, "recipe")
+    recipe = _read_mapping(run / CONFIG, yaml.safe_load, "recipe")
+    missing = [key for key in RECORDED_KEYS if key not in recipe]
+    if missing:
+        raise TrainingError(
+            f"{run / CONFIG} lacks {missing}, which every recorded recipe holds; nothing was changed. Restore the "
+            "file, or move the run folder away and train again, or choose another --output-dir"
+        )
+    return recipe
 
 
 def read_results(run: Path) -> dict[str, Any]:

@@ -141,6 +141,16 @@ def test_evaluating_a_damaged_run_names_the_file_and_changes_nothing(tmp_path, n
     assert (run / name).read_bytes() == damage
 
 
+def test_evaluating_a_run_whose_recipe_lacks_keys_names_them_and_changes_nothing(tmp_path):
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: cifar\nseed: 3\n")
+    message = rf"TrainingError: {re.escape(str(run / 'config.yaml'))} lacks .*'model'.*'method'.*'checkpoint'"
+    with pytest.raises(SystemExit, match=message):
+        main(["eval", str(run), "--no-progress"])
+    assert (run / "config.yaml").read_text() == "task: cifar\nseed: 3\n"
+
+
 def test_a_folder_where_no_epoch_finished_takes_a_corrected_recipe(tmp_path, recipes, checkpoint):
     data = vtab_task(tmp_path / "vtab-1k")
     run = tmp_path / "run"
