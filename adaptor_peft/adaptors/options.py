@@ -6,6 +6,7 @@ names the method, the option and what is allowed, and suggests the closest name 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import inspect
@@ -25,7 +26,7 @@ def fits(value: Any, hint: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (types.UnionType, typing.Union):
         return any(fits(value, arg) for arg in args)
-    if origin in (list, tuple):
+    if origin in (list, tuple, collections.abc.Sequence):
         return isinstance(value, (list, tuple)) and all(fits(item, args[0]) for item in value)
     if hint is Any:
         return True
@@ -34,6 +35,11 @@ def fits(value: Any, hint: Any) -> bool:
     if hint in (int, float):
         return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
     return isinstance(value, hint)
+
+
+def describe_type(hint: Any) -> str:
+    """``hint`` as an error message spells it: ``list[str]``, ``AdaptorConfig | dict[str, Any]``."""
+    return re.sub(r"\b(\w+\.)+(?=\w)", "", inspect.formatannotation(hint))  # without module names
 
 
 def check_options(method: str, options: dict[str, Any], types_: dict[str, Any], prefix: str = "") -> None:
@@ -46,7 +52,7 @@ def check_options(method: str, options: dict[str, Any], types_: dict[str, Any], 
         raise MethodOptionError(f"method {method!r} has no option {prefix}{name}{hint}; it takes: {takes}")
     for name, value in options.items():
         if not fits(value, types_[name]):
-            expected = re.sub(r"\b(\w+\.)+(?=\w)", "", inspect.formatannotation(types_[name]))  # no modules
+            expected = describe_type(types_[name])
             raise MethodOptionError(f"method {method!r}: option {prefix}{name}={value!r} must be of type {expected}")
 
 

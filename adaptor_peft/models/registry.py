@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import timm
 import torch
 from timm.models import build_model_with_cfg, register_model
+from timm.models._registry import model_entrypoint
 from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint
@@ -62,6 +65,15 @@ def resolve_checkpoint(value: str | None, model_name: str) -> str | None:
     if not Path(value).expanduser().is_file():
         raise CheckpointError(f"checkpoint {value!r} is not a file (nor an URL, nor 'pretrained')")
     return str(Path(value).expanduser())
+
+
+def option_types(name: str) -> dict[str, Any]:
+    """Keyword -> type of the constructor of the class that model ``name`` builds (as its entry point
+    declares it); empty where the entry point does not name the class."""
+    built = typing.get_type_hints(model_entrypoint(name)).get("return")
+    if not isinstance(built, type) or built is nn.Module:
+        return {}
+    return {key: hint for key, hint in typing.get_type_hints(built.__init__).items() if key != "return"}
 
 
 def list_models() -> list[str]:

@@ -18,8 +18,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from ..adaptors import MethodOptionError, prepare_model
+from ..adaptors.options import describe_type, fits
 from ..data import LabelledImages, build_transform, data_config, load_split
 from ..models import create_model, list_models
+from ..models.registry import option_types
 from .recipe import RecipeError
 
 _UNEXPECTED_KEYWORD = re.compile(r"got an unexpected keyword argument '(\w+)'")
@@ -49,6 +51,11 @@ def build_backbone(recipe: dict[str, Any]) -> nn.Module:
     that the backbone's constructor does not take is a RecipeError; the constructor checks the values."""
     if recipe["model"] not in list_models():
         raise RecipeError(f"model={recipe['model']!r} is not a backbone of this package; choose from {list_models()}")
+    types = option_types(recipe["model"])
+    for key, value in recipe["model_options"].items():
+        if key in types and not fits(value, types[key]):
+            expected = describe_type(types[key])
+            raise RecipeError(f"model={recipe['model']!r}: model_options.{key}={value!r} must be of type {expected}")
     with _blamed_on(recipe, "model_options", "model", lambda error: _takes_no(error, recipe["model_options"])):
         return create_model(
             recipe["model"],

@@ -47,6 +47,18 @@ def test_options_the_backbone_or_method_does_not_take_are_blamed_on_the_recipe()
         build_model(load_recipe("vtab1k/cifar", [*TINY, "model=vim_tiny"]))
 
 
+@pytest.mark.parametrize(
+    "model, option, expected",
+    [("vim_tiny_patch16_224", "d_state=two", "int"), ("vmamba_tiny_s1l8", "depths=two", r"tuple\[int, \.\.\.\]"),
+     ("mambavision_tiny_1k", "depths=two", r"Sequence\[int\]")],
+)  # fmt: skip
+def test_a_model_option_of_the_wrong_type_is_named_before_the_model_is_built(model, option, expected):
+    key, _, value = option.partition("=")
+    message = rf"model='{model}': model_options\.{key}='{value}' must be of type {expected}$"
+    with pytest.raises(RecipeError, match=message):
+        build_model(load_recipe("vtab1k/cifar", [*TINY, f"model={model}", f"model_options.{option}"]))
+
+
 def test_an_error_that_the_options_did_not_cause_is_not_blamed_on_them(monkeypatch, checkpoint):
     """A bug or a failing checkpoint read is raised as it is: a RecipeError would send the user to fix
     options that are fine."""
