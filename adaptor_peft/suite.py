@@ -181,8 +181,9 @@ def run_suite(
             with show_runs(labels, live=False, console=console) as lines:  # on a terminal the bar stands for them
                 shown = None if progress and console.is_terminal else lines
                 outcomes = train_runs(jobs, workers, finished, show=shown, allow_other_version=allow_other_version)
-            results.extend(result for result, _ in outcomes)
-            return [result for result, _ in outcomes]
+            found = [result for result, _ in outcomes]
+            results.extend(found)
+            return found
 
         val: dict[tuple[str, str], dict[float, list[float]]] = {pair: {} for pair in pairs}
 

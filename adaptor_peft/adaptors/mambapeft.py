@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .methods import LinearProbe, LoRA, LoRAOptions, Method, register_method
+from .methods import LinearProbe, LoRA, LoRAOptions, Method, names_target, register_method, replace_module
 
 
 @dataclass
@@ -35,7 +35,7 @@ class LoRAXProj(LoRA):
 
     def targets(self, model: nn.Module) -> list[str]:
         names = [name for name, _ in model.named_modules()]
-        found = [t for t in self.options.targets if any(n == t or n.endswith(f".{t}") for n in names)]
+        found = [t for t in self.options.targets if any(names_target(n, t) for n in names)]
         return found or self.options.targets  # none found: check names them all
 
 
@@ -78,7 +78,7 @@ class LoRAPartialX(LoRA):
         return [
             (name, m)
             for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and any(name == t or name.endswith(f".{t}") for t in self.options.targets)
+            if isinstance(m, nn.Linear) and any(names_target(name, t) for t in self.options.targets)
         ]
 
     def check(self, model: nn.Module) -> None:
@@ -92,15 +92,12 @@ class LoRAPartialX(LoRA):
     def apply(self, model: nn.Module) -> None:
         o = self.options
         for name, linear in self._targets(model):
-            wrapped = HalfLoRALinear(linear, linear.out_features // 2, o.r, o.alpha, o.dropout)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, wrapped)
+            replace_module(model, name, HalfLoRALinear(linear, linear.out_features // 2, o.r, o.alpha, o.dropout))
 
     def _replace(self, model: nn.Module, merge: bool) -> None:
         for name, module in list(model.named_modules()):
             if isinstance(module, HalfLoRALinear):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, module.merged() if merge else module.base_layer)
+                replace_module(model, name, module.merged() if merge else module.base_layer)
 
     def merge(self, model: nn.Module) -> Method:
         self._replace(model, merge=True)

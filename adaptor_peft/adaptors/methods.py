@@ -329,6 +329,17 @@ class LoRAOptions:
                 raise ValueError(f"LoRA option {name}: invalid value {getattr(self, name)!r}")
 
 
+def names_target(name: str, target: str) -> bool:
+    """Does module ``name`` match ``target``, a module name or a name ending (as peft's ``target_modules``)?"""
+    return name == target or name.endswith(f".{target}")
+
+
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts ``module`` in the place of ``model``'s submodule ``name``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
 def _remove_lora(model: nn.Module, merge: bool) -> None:
     from peft.tuners.lora import LoraLayer
 
@@ -336,8 +347,7 @@ def _remove_lora(model: nn.Module, merge: bool) -> None:
         if isinstance(module, LoraLayer):
             if merge:
                 module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+            replace_module(model, name, module.get_base_layer())
 
 
 @register_method
@@ -354,7 +364,7 @@ class LoRA(Method):
 
     def check(self, model: nn.Module) -> None:
         names = [name for name, _ in model.named_modules()]
-        missing = [t for t in self.targets(model) if not any(n == t or n.endswith(f".{t}") for n in names)]
+        missing = [t for t in self.targets(model) if not any(names_target(n, t) for n in names)]
         if missing:
             raise ValueError(f"LoRA targets {missing} match no module of the model")
 

@@ -13,6 +13,7 @@ import adaptor_peft as ap
 from adaptor_peft.adaptors import MethodOptionError, is_peft_parameter
 from adaptor_peft.adaptors.backbones import BUILTIN_ADAPTORS
 from adaptor_peft.training.optim import param_groups
+from tests.support.models import perturb
 
 NAME = "vim_nano_patch4_32_adaptor"
 BUILTIN = (".adaptor_t.", ".adaptor_s.")
@@ -78,10 +79,7 @@ def test_full_trains_the_builtin_adaptors_at_the_backbones_learning_rate(shipped
 
 def test_an_adapter_file_fingerprints_the_builtin_adaptors_as_backbone(shipped, tmp_path):
     model = ap.prepare_model(fresh(shipped), "lora")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B" in name:
-                p.normal_()
+    perturb(model, ".lora_B.", scale=1.0)  # B starts at zero
     x = torch.randn(2, 3, 32, 32)
     expected = model(x)
     ap.save_adaptor(model, tmp_path / "lora")

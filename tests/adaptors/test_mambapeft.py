@@ -6,6 +6,7 @@ import torch
 from adaptor_peft import create_model, load_adaptor, param_groups, prepare_model, save_adaptor
 from adaptor_peft.adaptors import MethodOptionError, merge_adaptor, unload_adaptor
 from adaptor_peft.adaptors.mambapeft import HalfLoRALinear
+from tests.support.models import perturb
 
 
 def vim(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -39,9 +40,7 @@ def test_lora_p_x_is_exact_at_init_merges_unloads_and_round_trips(tmp_path):
     model = prepare_model(vim(), "lora_p_x", r=4, lr_scale=16.0)
     with torch.no_grad():
         torch.testing.assert_close(model(images), plain)
-        for name, p in model.named_parameters():
-            if ".lora_B." in name:
-                p.normal_(std=0.1)
+        perturb(model, ".lora_B.", scale=0.1)  # B starts at zero
         tuned = model(images)
     assert (tuned - plain).abs().max() > 1e-3
     groups = param_groups(model, 1e-3, 0.0)

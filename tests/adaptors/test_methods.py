@@ -17,6 +17,7 @@ from adaptor_peft import (
 from adaptor_peft.adaptors import METHODS, MethodOptionError, merge_adaptor, unload_adaptor
 from adaptor_peft.adaptors.methods import LoRA, LoRAOptions, from_record, resolved_settings
 from adaptor_peft.training.pool import expected_cost
+from tests.support.models import perturb
 
 
 def vim() -> torch.nn.Module:
@@ -55,10 +56,7 @@ def test_a_method_of_one_class_works_everywhere(registered, tmp_path):
     )
     assert resolved_settings("test_lora_x_proj", {"r": 2})["lora.targets"] == ["x_proj", "x_proj_b"]
     assert expected_cost({"method": "test_lora_x_proj", "epochs": 2}) == 5.0
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if ".lora_B" in n:
-                p.normal_()
+    perturb(model, ".lora_B.", scale=1.0)  # B starts at zero
     images = torch.randn(2, 3, 32, 32)
     expected = model(images)
     save_adaptor(model, tmp_path)
