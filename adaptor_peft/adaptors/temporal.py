@@ -116,16 +116,18 @@ class AdaptorT(nn.Module):
         delta_softplus: bool = False,
         direction: int | None = None,
     ) -> torch.Tensor:
-        """The selective scan's output with the adapted states, then the silu(z) gate: an ungated scan that
-        snapshots each location's two neighbouring states; every position's read of the interpolated memory
-        (γ folded in) through its own ``C_i``, one matrix product per group that adds it to the scan's output
-        as it writes; then the gate. In float32, also under autocast."""
+        """The selective scan's output with the adapted states, then the silu(z) gate: a scan, gated as a plain
+        one is, that snapshots each location's two neighbouring states; then every position's read of the
+        interpolated memory (γ folded in) through its own ``C_i``, one matrix product per group, gated and added
+        to the scan's output as it is written. The gate is linear in what it gates, so the scan gates its own
+        part and backpropagates through it without keeping its ungated output. In float32, also under
+        autocast."""
         gamma = self.gamma.flatten() if direction is None else self.gamma[direction]
         location, weights = self.locations_and_weights(u, direction)
         batch, groups, locations, length = weights.shape
         floor = location.detach().floor()
         index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=-1).long()
-        result = selective_scan(u, delta, A, B, C, D, None, delta_bias, delta_softplus, snapshot_index=index)
+        result = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, snapshot_index=index)
         with torch.autocast(u.device.type, enabled=False):
             frac = (location - floor)[:, :, None, :, None]
             width = self.channels // self.groups
@@ -133,41 +135,46 @@ class AdaptorT(nn.Module):
             scale = gamma.to(below.dtype).view(1, groups, width, 1, 1)
             memory = ((below + frac * (above - below)) * scale).view(batch * groups, width, -1)  # (·, width, K N)
             C_seen = as_grouped(C, batch, length, groups).to(memory.dtype)  # (B, groups, N, L)
-            C_hat = (weights[:, :, :, None] * C_seen[:, :, None]).view(batch * groups, -1, length)  # (·, K N, L)
-            y = result.out
+            y = result.out.to(memory.dtype)
             if self.training and self.dropout.p:
-                adapted = y.to(memory.dtype) + self.dropout(torch.bmm(memory, C_hat).view(y.shape))
-                adapted = adapted if z is None else adapted * F.silu(z.to(adapted.dtype))
+                read = self.dropout(torch.bmm(memory, _weighted(weights, C_seen)).view(y.shape))
+                adapted = y + (read if z is None else read * F.silu(z.to(read.dtype)))
             elif z is None:
-                adapted = _read(y, memory, C_hat)
-            else:  # y kept in its own dtype (the scan's output is already rounded to it), read in float32
-                adapted = _GatedRead.apply(y, memory, C_hat, z)
+                read_onto = torch.baddbmm(y.view(memory.shape[0], -1, length), memory, _weighted(weights, C_seen))
+                adapted = read_onto.view(y.shape)
+            else:
+                adapted = _GatedRead.apply(y, memory, weights, C_seen, z)
         return adapted.to(result.out.dtype)
 
 
-def _read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor) -> torch.Tensor:
-    """``y + memory @ C_hat`` in ``memory``'s dtype for ``y`` (B, G width, L), the product written onto ``y`` as
-    it is made."""
-    return torch.baddbmm(y.to(memory.dtype).view(memory.shape[0], -1, y.shape[-1]), memory, C_hat).view(y.shape)
+def _weighted(weights: torch.Tensor, C_seen: torch.Tensor) -> torch.Tensor:
+    """``Ĉ`` (B G, K N, L): every position's ``C_i`` (B, G, N, L) times its weight on each location (B, G, K, L)."""
+    batch, groups, _, length = weights.shape
+    return (weights[:, :, :, None] * C_seen[:, :, None]).view(batch * groups, -1, length)
 
 
 class _GatedRead(torch.autograd.Function):
-    """``(y + memory @ C_hat) silu(z)``, keeping for the backward only its inputs and recomputing the read and
-    the gate there: of the (B, E, L) tensors only ``y``, the ungated scan output, is held between the passes
-    (``z`` is the mixer's, which it may rebuild itself). ``memory`` (B G, width, K N), ``C_hat`` (B G, K N, L),
-    ``y`` and ``z`` (B, G width, L)."""
+    """``y + (memory @ Ĉ) silu(z)``, keeping for the backward neither ``y`` (its gradient is the incoming one)
+    nor the read or ``Ĉ``: both are rebuilt there from the small ``weights`` and ``C_seen``, so the read costs
+    no (B, E, L) activation. ``y`` and ``z`` (B, G width, L), ``memory`` (B G, width, K N), ``weights`` (B, G,
+    K, L), ``C_seen`` (B, G, N, L)."""
 
     @staticmethod
-    def forward(ctx, y, memory, C_hat, z):
-        ctx.save_for_backward(y, memory, C_hat, z)
-        return _read(y, memory, C_hat) * F.silu(z.to(memory.dtype))
+    def forward(ctx, y, memory, weights, C_seen, z):
+        ctx.save_for_backward(memory, weights, C_seen, z)
+        read = torch.bmm(memory, _weighted(weights, C_seen)).view(y.shape)
+        return torch.addcmul(y, read, F.silu(z.to(read.dtype)))
 
     @staticmethod
     def backward(ctx, grad):
-        y, memory, C_hat, z = ctx.saved_tensors
+        memory, weights, C_seen, z = ctx.saved_tensors
+        C_hat = _weighted(weights, C_seen)
         zf = z.to(grad.dtype)
-        dz = torch.ops.aten.silu_backward(grad * _read(y, memory, C_hat), zf)  # one fused pass: d silu(z) / dz
-        dy = grad * F.silu(zf)
-        dread = dy.reshape(memory.shape[0], -1, grad.shape[-1])
+        read = torch.bmm(memory, C_hat).view(grad.shape)
+        dz = torch.ops.aten.silu_backward(grad * read, zf)  # one fused pass: d silu(z) / dz
+        dread = (grad * F.silu(zf)).reshape(memory.shape[0], -1, grad.shape[-1])
         dmemory, dC_hat = torch.bmm(dread, C_hat.transpose(1, 2)), torch.bmm(memory.transpose(1, 2), dread)
-        return dy.to(y.dtype), dmemory, dC_hat, dz.to(z.dtype)
+        dC_hat = dC_hat.view(*weights.shape[:3], -1, grad.shape[-1])  # (B, G, K, N, L)
+        dweights = (dC_hat * C_seen[:, :, None]).sum(3)
+        dC_seen = (dC_hat * weights[:, :, :, None]).sum(2)
+        return grad, dmemory, dweights, dC_seen, dz.to(z.dtype)
