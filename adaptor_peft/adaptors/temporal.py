@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import selective_scan
-from ..ops.dispatch import as_grouped
+from ..ops.dispatch import as_grouped, gated_add, gated_add_backward
 from .config import AdaptorConfig
 
 
@@ -162,17 +162,14 @@ class _GatedRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, memory, weights, C_seen, z):
         ctx.save_for_backward(memory, weights, C_seen, z)
-        read = torch.bmm(memory, _weighted(weights, C_seen)).view(y.shape)
-        return torch.addcmul(y, read, F.silu(z.to(read.dtype)))
+        return gated_add(y, torch.bmm(memory, _weighted(weights, C_seen)).view(y.shape), z.to(y.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         memory, weights, C_seen, z = ctx.saved_tensors
         C_hat = _weighted(weights, C_seen)
-        zf = z.to(grad.dtype)
-        read = torch.bmm(memory, C_hat).view(grad.shape)
-        dz = torch.ops.aten.silu_backward(grad * read, zf)  # one fused pass: d silu(z) / dz
-        dread = (grad * F.silu(zf)).reshape(memory.shape[0], -1, grad.shape[-1])
+        dread, dz = gated_add_backward(grad, torch.bmm(memory, C_hat).view(grad.shape), z.to(grad.dtype))
+        dread = dread.reshape(memory.shape[0], -1, grad.shape[-1])
         dmemory, dC_hat = torch.bmm(dread, C_hat.transpose(1, 2)), torch.bmm(memory.transpose(1, 2), dread)
         dC_hat = dC_hat.view(*weights.shape[:3], -1, grad.shape[-1])  # (B, G, K, N, L)
         dweights = (dC_hat * C_seen[:, :, None]).sum(3)

@@ -33,6 +33,7 @@ from functools import cache
 from types import ModuleType
 
 import torch
+import torch.nn.functional as F
 
 from . import native, scan_torch
 from .records import TENSOR_FIELDS, GradsOut, ScanInputs, ScanOutput
@@ -305,3 +306,21 @@ def selective_scan_fn(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=return_last_state, backend=backend
     )
     return (result.out, result.last_state) if return_last_state else result.out
+
+
+def gated_add(y: torch.Tensor, read: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``y + read silu(z)`` for (batch, dim, len) tensors of one dtype: a read added to a gated scan's output,
+    gated as the scan gates its own (Adaptor-T). No autograd: :func:`gated_add_backward` gives the
+    gradients. Compiled where the scan would run compiled (one pass, whatever ``z``'s layout), PyTorch
+    elsewhere."""
+    if select_backend(y.device, y.dtype) == "native" and y.dtype in (torch.float32, torch.float64):
+        return native.gated_add(y, read, z)
+    return torch.addcmul(y, read, F.silu(z))
+
+
+def gated_add_backward(grad: torch.Tensor, read: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`gated_add` for ``read`` and ``z`` given ``grad``, its output's; ``y``'s is
+    ``grad`` itself."""
+    if select_backend(grad.device, grad.dtype) == "native" and grad.dtype in (torch.float32, torch.float64):
+        return native.gated_add_backward(grad, read, z)
+    return grad * F.silu(z), torch.ops.aten.silu_backward(grad * read, z)

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels: builds ``selective_scan_cpu.c`` and ``depthwise_cpu.c`` once per machine and
-calls them.
+"""The compiled CPU kernels: builds ``selective_scan_cpu.c`` (the scan, and the gated add of Adaptor-T's read)
+and ``depthwise_cpu.c`` once per machine and calls them.
 
 The C source is compiled with the system C compiler at first use and cached (``ADAPTOR_PEFT_CACHE``,
 default ``~/.cache/adaptor_peft``); no Python headers, torch headers or build tools beyond ``cc`` are
@@ -39,6 +39,9 @@ from .records import GradsOut, ScanGrads, ScanInputs, ScanOutput
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("selective_scan_cpu.c", "depthwise_cpu.c"))
 # -ffp-contract=fast: ISO C mode would otherwise forbid fused multiply-adds (a quarter of the scan's time)
 FLAGS = ("-O3", "-fno-trapping-math", "-ffp-contract=fast", "-fopenmp-simd", "-fPIC", "-shared", "-std=c11")
+GCC_FLAGS = ("-fno-thread-jumps",)
+"""Tried first, dropped if the compiler refuses them: GCC's jump threading splits a vectorised silu at the exp's
+range clamp into two masked divisions, which made the scan's gate about three times slower."""
 TARGET_ENV = "ADAPTOR_PEFT_CPU_TARGET"
 STALE_DAYS = 30
 """A cached build not loaded for this long is removed when a new one is made: every source version, target
@@ -95,7 +98,7 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
     flags = (*FLAGS, f"-march={target}", *(("-DSCAN_DOUBLE",) if double else ()))
     sources = b"".join(source.read_bytes() for source in SOURCES)
     machine = _machine_fingerprint() if target == "native" else b""  # a named target runs on every machine it names
-    key = hashlib.sha256(sources + compiler.encode() + " ".join(flags).encode() + machine)
+    key = hashlib.sha256(sources + compiler.encode() + " ".join((*flags, *GCC_FLAGS)).encode() + machine)
     path = cache_dir() / f"adaptor_peft_cpu_{'f64' if double else 'f32'}_{key.hexdigest()[:16]}.so"
     if not path.exists():
         if not _compile(compiler, flags, path):
@@ -126,7 +129,11 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     taps = getattr(lib, f"depthwise_taps_grad_{suffix}")
     taps.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 5, _P]
+    gate, gate_backward = getattr(lib, f"gated_add_{suffix}"), getattr(lib, f"gated_add_backward_{suffix}")
+    gate.argtypes = [_P, _P, _P, _P, _P, *[ctypes.c_int64] * 3]
+    gate_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, *[ctypes.c_int64] * 3]
     taps.restype = None
+    gate.restype = gate_backward.restype = ctypes.c_int
     return lib
 
 
@@ -141,11 +148,12 @@ def _prune_stale(folder: Path) -> None:
 
 
 def _compile(compiler: str, flags: tuple[str, ...], target: Path) -> bool:
-    """Builds ``target`` atomically, with OpenMP if the compiler has it; warns and returns False on failure."""
+    """Builds ``target`` atomically, with OpenMP and :data:`GCC_FLAGS` where the compiler takes them; warns and
+    returns False on failure."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_TEMPORARY, suffix=".so", dir=target.parent)
     os.close(fd)
-    for extra in (("-fopenmp",), ()):
+    for extra in (("-fopenmp", *GCC_FLAGS), ("-fopenmp",), ()):
         result = subprocess.run(
             [compiler, *flags, *extra, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True
         )
@@ -259,8 +267,35 @@ def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor)
     compiled library must be :func:`available` for the dtype."""
     x, g, offsets = x.contiguous(), g.to(x.dtype).contiguous(), offsets.to(torch.int64).contiguous()
     per_row = x.new_empty(x.shape[0], offsets.shape[0], x.shape[-1])
-    double = x.dtype == torch.float64
-    getattr(_library(double), f"depthwise_taps_grad_{'f64' if double else 'f32'}")(
+    _function("depthwise_taps_grad", x.dtype)(
         _ptr(x), _ptr(g), _ptr(offsets), offsets.shape[0], *x.shape, _ptr(per_row)
     )
     return per_row.sum(0)
+
+
+def _function(name: str, dtype: torch.dtype):
+    double = dtype == torch.float64
+    return getattr(_library(double), f"{name}_{'f64' if double else 'f32'}")
+
+
+def _call_gate(name: str, dtype: torch.dtype, *args) -> None:
+    if _function(name, dtype)(*args):
+        raise MemoryError("adaptor_peft: the compiled gated add could not allocate its work buffers")
+
+
+def gated_add(y: torch.Tensor, read: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``y + read silu(z)`` for (batch, dim, len) tensors of one float dtype, ``z`` in any layout; the
+    compiled library must be :func:`available` for the dtype."""
+    y, read = y.contiguous(), read.contiguous()
+    out = torch.empty_like(y)
+    _call_gate("gated_add", y.dtype, _ptr(y), _ptr(read), _ptr(z), _strides(z, 3), _ptr(out), *y.shape)
+    return out
+
+
+def gated_add_backward(grad: torch.Tensor, read: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`gated_add` for ``read`` and ``z`` (contiguous), given ``grad`` in any layout."""
+    read = read.contiguous()
+    dread, dz = torch.empty_like(read), torch.empty_like(read)
+    grads = (_ptr(grad), _strides(grad, 3), _ptr(read), _ptr(z), _strides(z, 3), _ptr(dread), _ptr(dz))
+    _call_gate("gated_add_backward", read.dtype, *grads, *read.shape)
+    return dread, dz

@@ -37,12 +37,16 @@ typedef double real;
 #define LOG log
 #define SCAN_FORWARD scan_forward_f64
 #define SCAN_BACKWARD scan_backward_f64
+#define GATED_ADD gated_add_f64
+#define GATED_ADD_BACKWARD gated_add_backward_f64
 #else
 typedef float real;
 #define EXP fast_expf
 #define LOG fast_logf
 #define SCAN_FORWARD scan_forward_f32
 #define SCAN_BACKWARD scan_backward_f32
+#define GATED_ADD gated_add_f32
+#define GATED_ADD_BACKWARD gated_add_backward_f32
 
 /* exp for float, branch-free so that lane loops vectorise: Cephes range reduction and polynomial
  * (about 1 ulp); inputs are clamped to the normal range. */
@@ -300,6 +304,17 @@ static inline __attribute__((always_inline)) void recurrence(
     }
 }
 
+/* dst[t VL + v] = src[v strides[1] + t strides[2]] for the first nv lanes. Positions outer: Δ, z and the
+ * output gradient usually come as (batch, len, dim) views, whose lanes then share one cache line and one
+ * page per position, where a lane-by-lane walk would touch a new page at almost every step. */
+static void load_lanes(real *dst, const real *src, const int64_t *strides, int64_t L, int64_t nv) {
+    if (strides[1] == 1 && nv == VL) /* the usual case: one vector load per position */
+        for (int64_t t = 0; t < L; t++) memcpy(dst + t * VL, src + t * strides[2], VL * sizeof(real));
+    else
+        for (int64_t t = 0; t < L; t++)
+            for (int64_t v = 0; v < nv; v++) dst[t * VL + v] = src[v * strides[1] + t * strides[2]];
+}
+
 /* Loads the lane block's inputs into lane-major buffers (w->x holds delta + bias before softplus) and
  * runs the recurrence, leaving the pre-gate output y in w->y. */
 static void block_forward(const ScanArgs *s, Work *w, int keep) {
@@ -312,21 +327,14 @@ static void block_forward(const ScanArgs *s, Work *w, int keep) {
             for (int64_t n = 0; n < N; n++) w->A[n * VL + v] = w->h[n * VL + v] = 0;
             continue;
         }
-        const real *u = s->u + b * s->u_s[0] + (d0 + v) * s->u_s[1];
-        const real *delta = s->delta + b * s->delta_s[0] + (d0 + v) * s->delta_s[1];
-        for (int64_t t = 0; t < L; t++) {
-            w->u[t * VL + v] = u[t * s->u_s[2]];
-            w->x[t * VL + v] = delta[t * s->delta_s[2]];
-        }
-        if (s->z) {
-            const real *z = s->z + b * s->z_s[0] + (d0 + v) * s->z_s[1];
-            for (int64_t t = 0; t < L; t++) w->z[t * VL + v] = z[t * s->z_s[2]];
-        }
         for (int64_t n = 0; n < N; n++) {
             w->A[n * VL + v] = s->A[(d0 + v) * N + n];
             w->h[n * VL + v] = 0;
         }
     }
+    load_lanes(w->u, s->u + b * s->u_s[0] + d0 * s->u_s[1], s->u_s, L, w->nv);
+    load_lanes(w->x, s->delta + b * s->delta_s[0] + d0 * s->delta_s[1], s->delta_s, L, w->nv);
+    if (s->z) load_lanes(w->z, s->z + b * s->z_s[0] + d0 * s->z_s[1], s->z_s, L, w->nv);
     real bias[VL] = {0};
     if (s->delta_bias)
         for (int v = 0; v < w->nv; v++) bias[v] = s->delta_bias[d0 + v];
@@ -457,10 +465,8 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         const int64_t b = w.b, d0 = w.d0, nv = w.nv;
         const int64_t g = d0 / (Dm / s->groups);
         block_forward(s, &w, 2);
-        for (int64_t v = 0; v < VL; v++) {
-            const real *dout = s->dout + b * s->dout_s[0] + (d0 + v) * s->dout_s[1];
-            for (int64_t t = 0; t < L; t++) w.dy[t * VL + v] = v < nv ? dout[t * s->dout_s[2]] : 0;
-        }
+        if (nv < VL) memset(w.dy, 0, (size_t)(L * VL) * sizeof(real)); /* idle lanes pass no gradient */
+        load_lanes(w.dy, s->dout + b * s->dout_s[0] + d0 * s->dout_s[1], s->dout_s, L, nv);
         /* The gate: dy becomes the gradient reaching y; w->du (free until the skip below) keeps
          * dout silu'(z), which times the final y is dz. */
         if (s->z)
@@ -523,6 +529,71 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         add_into(s->dC, dC, bc_size);
     }
     free(dA);
+    }
+    return failed ? -1 : 0;
+}
+
+/*
+ * A gated read added to a gated scan's output, out = y + r silu(z), and its backward, dr = g silu(z) and
+ * dz = g r silu'(z): Adaptor-T's memory read, which the scan cannot add itself (the read needs the scan's
+ * snapshots). y, r, out, dr and dz are (batch, dim, len) contiguous; z and g come in any layout (strides
+ * z_s, g_s), usually (batch, len, dim) views of the mixer's projections, which PyTorch's elementwise kernels
+ * read several times slower when mixed with contiguous operands. Work items are the scan's (a batch row and
+ * VL channels); z and g are read into lane-major buffers as the scan reads them.
+ */
+int GATED_ADD(const real *y, const real *r, const real *z, const int64_t *z_s, real *out, int64_t batch, int64_t dim,
+              int64_t len) {
+    const int64_t blocks = (dim + VL - 1) / VL;
+    int failed = 0;
+    if (batch * dim * len == 0) return 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+    real *gate = malloc((size_t)(len * VL) * sizeof(real));
+    failed = !gate;
+    #pragma omp for schedule(static)
+    for (int64_t item = 0; item < batch * blocks; item++) {
+        if (failed) continue;
+        const int64_t b = item / blocks, d0 = (item % blocks) * VL, nv = dim - d0 < VL ? dim - d0 : VL;
+        load_lanes(gate, z + b * z_s[0] + d0 * z_s[1], z_s, len, nv);
+        for (int64_t i = 0; i < len * VL; i++) gate[i] = silu_gate(gate[i], NULL);
+        for (int64_t v = 0; v < nv; v++) {
+            const int64_t at = (b * dim + d0 + v) * len;
+            for (int64_t t = 0; t < len; t++) out[at + t] = y[at + t] + r[at + t] * gate[t * VL + v];
+        }
+    }
+    free(gate);
+    }
+    return failed ? -1 : 0;
+}
+
+int GATED_ADD_BACKWARD(const real *g, const int64_t *g_s, const real *r, const real *z, const int64_t *z_s, real *dr,
+                       real *dz, int64_t batch, int64_t dim, int64_t len) {
+    const int64_t blocks = (dim + VL - 1) / VL;
+    int failed = 0;
+    if (batch * dim * len == 0) return 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+    real *gate = malloc((size_t)(3 * len * VL) * sizeof(real)), *dgate = gate + len * VL, *grad = dgate + len * VL;
+    failed = !gate;
+    #pragma omp for schedule(static)
+    for (int64_t item = 0; item < batch * blocks; item++) {
+        if (failed) continue;
+        const int64_t b = item / blocks, d0 = (item % blocks) * VL, nv = dim - d0 < VL ? dim - d0 : VL;
+        load_lanes(gate, z + b * z_s[0] + d0 * z_s[1], z_s, len, nv);
+        load_lanes(grad, g + b * g_s[0] + d0 * g_s[1], g_s, len, nv);
+        for (int64_t i = 0; i < len * VL; i++) {
+            gate[i] = silu_gate(gate[i], &dgate[i]) * grad[i];
+            dgate[i] *= grad[i];
+        }
+        for (int64_t v = 0; v < nv; v++) {
+            const int64_t at = (b * dim + d0 + v) * len;
+            for (int64_t t = 0; t < len; t++) {
+                dr[at + t] = gate[t * VL + v];
+                dz[at + t] = r[at + t] * dgate[t * VL + v];
+            }
+        }
+    }
+    free(gate);
     }
     return failed ? -1 : 0;
 }
