@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import selective_scan
-from ..ops.dispatch import as_grouped, gated_add, gated_add_backward
+from ..ops.dispatch import as_grouped, gated_read, gated_read_backward
 from .config import AdaptorConfig
 
 
@@ -162,13 +162,13 @@ class _GatedRead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y, memory, weights, C_seen, z):
         ctx.save_for_backward(memory, weights, C_seen, z)
-        return gated_add(y, torch.bmm(memory, _weighted(weights, C_seen)).view(y.shape), z.to(y.dtype))
+        return gated_read(y, memory, _weighted(weights, C_seen), z.to(y.dtype))
 
     @staticmethod
     def backward(ctx, grad):
         memory, weights, C_seen, z = ctx.saved_tensors
         C_hat = _weighted(weights, C_seen)
-        dread, dz = gated_add_backward(grad, torch.bmm(memory, C_hat).view(grad.shape), z.to(grad.dtype))
+        dread, dz = gated_read_backward(grad, memory, C_hat, z.to(grad.dtype))
         dread = dread.reshape(memory.shape[0], -1, grad.shape[-1])
         dmemory, dC_hat = torch.bmm(dread, C_hat.transpose(1, 2)), torch.bmm(memory.transpose(1, 2), dread)
         dC_hat = dC_hat.view(*weights.shape[:3], -1, grad.shape[-1])  # (B, G, K, N, L)

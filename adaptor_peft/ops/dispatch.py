@@ -308,19 +308,22 @@ def selective_scan_fn(
     return (result.out, result.last_state) if return_last_state else result.out
 
 
-def gated_add(y: torch.Tensor, read: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``y + read silu(z)`` for (batch, dim, len) tensors of one dtype: a read added to a gated scan's output,
-    gated as the scan gates its own (Adaptor-T). No autograd: :func:`gated_add_backward` gives the
-    gradients. Compiled where the scan would run compiled (one pass, whatever ``z``'s layout), PyTorch
-    elsewhere."""
+def gated_read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``y + (memory @ C_hat) silu(z)``: Adaptor-T's read of its memory, ``memory`` (batch groups, width, terms)
+    through ``C_hat`` (batch groups, terms, len), gated as the scan gates its own output ``y`` (batch, groups
+    width, len) and added to it. No autograd: :func:`gated_read_backward` gives the gate's gradients.
+    Compiled where the scan would run compiled (one pass, the read never written out), PyTorch elsewhere."""
     if select_backend(y.device, y.dtype) == "native" and y.dtype in (torch.float32, torch.float64):
-        return native.gated_add(y, read, z)
-    return torch.addcmul(y, read, F.silu(z))
+        return native.gated_read(y, memory, C_hat, z)
+    return torch.addcmul(y, torch.bmm(memory, C_hat).view(y.shape), F.silu(z))
 
 
-def gated_add_backward(grad: torch.Tensor, read: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`gated_add` for ``read`` and ``z`` given ``grad``, its output's; ``y``'s is
-    ``grad`` itself."""
+def gated_read_backward(
+    grad: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`gated_read` for the read ``memory @ C_hat`` (batch, groups width, len) and for
+    ``z``, given ``grad``, its output's (``y``'s is ``grad`` itself)."""
     if select_backend(grad.device, grad.dtype) == "native" and grad.dtype in (torch.float32, torch.float64):
-        return native.gated_add_backward(grad, read, z)
+        return native.gated_read_backward(grad, memory, C_hat, z)
+    read = torch.bmm(memory, C_hat).view(grad.shape)
     return grad * F.silu(z), torch.ops.aten.silu_backward(grad * read, z)

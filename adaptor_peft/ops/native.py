@@ -129,9 +129,9 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     taps = getattr(lib, f"depthwise_taps_grad_{suffix}")
     taps.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 5, _P]
-    gate, gate_backward = getattr(lib, f"gated_add_{suffix}"), getattr(lib, f"gated_add_backward_{suffix}")
-    gate.argtypes = [_P, _P, _P, _P, _P, *[ctypes.c_int64] * 3]
-    gate_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, *[ctypes.c_int64] * 3]
+    gate, gate_backward = getattr(lib, f"gated_read_{suffix}"), getattr(lib, f"gated_read_backward_{suffix}")
+    gate.argtypes = [_P, _P, _P, _P, _P, _P, *[ctypes.c_int64] * 5]
+    gate_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, *[ctypes.c_int64] * 5]
     taps.restype = None
     gate.restype = gate_backward.restype = ctypes.c_int
     return lib
@@ -280,22 +280,38 @@ def _function(name: str, dtype: torch.dtype):
 
 def _call_gate(name: str, dtype: torch.dtype, *args) -> None:
     if _function(name, dtype)(*args):
-        raise MemoryError("adaptor_peft: the compiled gated add could not allocate its work buffers")
+        raise MemoryError("adaptor_peft: the compiled gated read could not allocate its work buffers")
 
 
-def gated_add(y: torch.Tensor, read: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``y + read silu(z)`` for (batch, dim, len) tensors of one float dtype, ``z`` in any layout; the
+def gated_read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``y + (memory @ C_hat) silu(z)`` for ``y`` (batch, groups width, len), ``memory`` (batch groups, width,
+    terms), ``C_hat`` (batch groups, terms, len) of one float dtype, ``z`` like ``y`` in any layout; the
     compiled library must be :func:`available` for the dtype."""
-    y, read = y.contiguous(), read.contiguous()
+    y, memory, C_hat = y.contiguous(), memory.contiguous(), C_hat.contiguous()
     out = torch.empty_like(y)
-    _call_gate("gated_add", y.dtype, _ptr(y), _ptr(read), _ptr(z), _strides(z, 3), _ptr(out), *y.shape)
+    pointers = (_ptr(y), _ptr(memory), _ptr(C_hat), _ptr(z), _strides(z, 3), _ptr(out))
+    batch, _, length = y.shape
+    _call_gate("gated_read", y.dtype, *pointers, batch, memory.shape[0] // batch, *memory.shape[1:], length)
     return out
 
 
-def gated_add_backward(grad: torch.Tensor, read: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`gated_add` for ``read`` and ``z`` (contiguous), given ``grad`` in any layout."""
-    read = read.contiguous()
-    dread, dz = torch.empty_like(read), torch.empty_like(read)
-    grads = (_ptr(grad), _strides(grad, 3), _ptr(read), _ptr(z), _strides(z, 3), _ptr(dread), _ptr(dz))
-    _call_gate("gated_add_backward", read.dtype, *grads, *read.shape)
+def gated_read_backward(
+    grad: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of :func:`gated_read`'s output for the read ``memory @ C_hat`` and for ``z`` (contiguous),
+    given ``grad`` in any layout; the read is made again, never written out."""
+    memory, C_hat = memory.contiguous(), C_hat.contiguous()
+    batch, length = grad.shape[0], grad.shape[2]
+    dread, dz = grad.new_empty(grad.shape), grad.new_empty(grad.shape)
+    pointers = (
+        _ptr(grad),
+        _strides(grad, 3),
+        _ptr(memory),
+        _ptr(C_hat),
+        _ptr(z),
+        _strides(z, 3),
+        _ptr(dread),
+        _ptr(dz),
+    )
+    _call_gate("gated_read_backward", grad.dtype, *pointers, batch, memory.shape[0] // batch, *memory.shape[1:], length)
     return dread, dz

@@ -37,16 +37,16 @@ typedef double real;
 #define LOG log
 #define SCAN_FORWARD scan_forward_f64
 #define SCAN_BACKWARD scan_backward_f64
-#define GATED_ADD gated_add_f64
-#define GATED_ADD_BACKWARD gated_add_backward_f64
+#define GATED_READ gated_read_f64
+#define GATED_READ_BACKWARD gated_read_backward_f64
 #else
 typedef float real;
 #define EXP fast_expf
 #define LOG fast_logf
 #define SCAN_FORWARD scan_forward_f32
 #define SCAN_BACKWARD scan_backward_f32
-#define GATED_ADD gated_add_f32
-#define GATED_ADD_BACKWARD gated_add_backward_f32
+#define GATED_READ gated_read_f32
+#define GATED_READ_BACKWARD gated_read_backward_f32
 
 /* exp for float, branch-free so that lane loops vectorise: Cephes range reduction and polynomial
  * (about 1 ulp); inputs are clamped to the normal range. */
@@ -534,66 +534,125 @@ int SCAN_BACKWARD(const ScanArgs *s) {
 }
 
 /*
- * A gated read added to a gated scan's output, out = y + r silu(z), and its backward, dr = g silu(z) and
- * dz = g r silu'(z): Adaptor-T's memory read, which the scan cannot add itself (the read needs the scan's
- * snapshots). y, r, out, dr and dz are (batch, dim, len) contiguous; z and g come in any layout (strides
- * z_s, g_s), usually (batch, len, dim) views of the mixer's projections, which PyTorch's elementwise kernels
- * read several times slower when mixed with contiguous operands. Work items are the scan's (a batch row and
- * VL channels); z and g are read into lane-major buffers as the scan reads them.
+ * Adaptor-T's read, gated and added to a gated scan's output: out = y + R silu(z) with R = M C_hat per
+ * channel group, M (batch groups, width, terms) the memory and C_hat (batch groups, terms, len); and the
+ * backward of the gate, dR = g silu(z) and dz = g R silu'(z) (the matrix product's gradients are PyTorch's).
+ * The scan cannot add the read itself: it needs the scan's snapshots. y, out, dR and dz are (batch, dim, len)
+ * contiguous with dim = groups width; z and g come in any layout (strides z_s, g_s), usually (batch, len,
+ * dim) views of the mixer's projections, read into lane-major buffers as the scan reads them. R is made in
+ * registers, VL channels at a time, and never written out. Work items are a batch row and up to VL channels
+ * of one group.
  */
-int GATED_ADD(const real *y, const real *r, const real *z, const int64_t *z_s, real *out, int64_t batch, int64_t dim,
-              int64_t len) {
-    const int64_t blocks = (dim + VL - 1) / VL;
-    int failed = 0;
-    if (batch * dim * len == 0) return 0;
-    #pragma omp parallel reduction(|:failed)
-    {
-    real *gate = malloc((size_t)(len * VL) * sizeof(real));
-    failed = !gate;
-    #pragma omp for schedule(static)
-    for (int64_t item = 0; item < batch * blocks; item++) {
-        if (failed) continue;
-        const int64_t b = item / blocks, d0 = (item % blocks) * VL, nv = dim - d0 < VL ? dim - d0 : VL;
-        load_lanes(gate, z + b * z_s[0] + d0 * z_s[1], z_s, len, nv);
-        for (int64_t i = 0; i < len * VL; i++) gate[i] = silu_gate(gate[i], NULL);
-        for (int64_t v = 0; v < nv; v++) {
-            const int64_t at = (b * dim + d0 + v) * len;
-            for (int64_t t = 0; t < len; t++) out[at + t] = y[at + t] + r[at + t] * gate[t * VL + v];
+typedef struct {
+    real *a, *b, *c, *lanes; /* three (len, VL) lane-major buffers, then the memory rows (terms, VL) */
+} ReadWork;
+
+static int read_alloc(ReadWork *w, int64_t len, int64_t terms) {
+    w->a = malloc((size_t)((3 * len + terms) * VL) * sizeof(real));
+    w->b = w->a + len * VL;
+    w->c = w->b + len * VL;
+    w->lanes = w->c + len * VL;
+    return !w->a;
+}
+
+/* Locates an item, reads its z (and g) into w->a (w->c) and sets w->b to R = M C_hat for its lanes. */
+static void read_block(ReadWork *w, const real *memory, const real *c_hat, const real *z, const int64_t *z_s,
+                       const real *g, const int64_t *g_s, int64_t item, int64_t groups, int64_t width, int64_t terms,
+                       int64_t len, int64_t *b, int64_t *d0, int64_t *nv) {
+    const int64_t blocks = (width + VL - 1) / VL, bg = item / blocks, j0 = (item % blocks) * VL;
+    *nv = width - j0 < VL ? width - j0 : VL;
+    *b = bg / groups;
+    *d0 = (bg % groups) * width + j0;
+    load_lanes(w->a, z + *b * z_s[0] + *d0 * z_s[1], z_s, len, *nv);
+    if (g) load_lanes(w->c, g + *b * g_s[0] + *d0 * g_s[1], g_s, len, *nv);
+    const real *rows = memory + (bg * width + j0) * terms, *c = c_hat + bg * terms * len;
+    for (int64_t k = 0; k < terms; k++)
+        for (int64_t v = 0; v < VL; v++) w->lanes[k * VL + v] = v < *nv ? rows[v * terms + k] : 0;
+    int64_t t0 = 0;
+    for (; t0 + 4 <= len; t0 += 4) { /* four positions' sums at once: no FMA latency chain */
+        real a0[VL] = {0}, a1[VL] = {0}, a2[VL] = {0}, a3[VL] = {0};
+        for (int64_t k = 0; k < terms; k++) {
+            const real *lane = w->lanes + k * VL, *ck = c + k * len + t0;
+            const real w0 = ck[0], w1 = ck[1], w2 = ck[2], w3 = ck[3];
+            #pragma omp simd
+            for (int v = 0; v < VL; v++) {
+                a0[v] += lane[v] * w0;
+                a1[v] += lane[v] * w1;
+                a2[v] += lane[v] * w2;
+                a3[v] += lane[v] * w3;
+            }
+        }
+        real *r = w->b + t0 * VL;
+        for (int v = 0; v < VL; v++) {
+            r[v] = a0[v];
+            r[VL + v] = a1[v];
+            r[2 * VL + v] = a2[v];
+            r[3 * VL + v] = a3[v];
         }
     }
-    free(gate);
+    for (; t0 < len; t0++) {
+        real acc[VL] = {0};
+        for (int64_t k = 0; k < terms; k++)
+            for (int v = 0; v < VL; v++) acc[v] += w->lanes[k * VL + v] * c[k * len + t0];
+        for (int v = 0; v < VL; v++) w->b[t0 * VL + v] = acc[v];
+    }
+}
+
+int GATED_READ(const real *y, const real *memory, const real *c_hat, const real *z, const int64_t *z_s, real *out,
+               int64_t batch, int64_t groups, int64_t width, int64_t terms, int64_t len) {
+    const int64_t items = batch * groups * ((width + VL - 1) / VL), dim = groups * width;
+    int failed = 0;
+    if (items * len == 0) return 0;
+    #pragma omp parallel reduction(|:failed)
+    {
+    ReadWork w;
+    failed = read_alloc(&w, len, terms);
+    #pragma omp for schedule(static)
+    for (int64_t item = 0; item < items; item++) {
+        if (failed) continue;
+        int64_t b, d0, nv;
+        read_block(&w, memory, c_hat, z, z_s, NULL, NULL, item, groups, width, terms, len, &b, &d0, &nv);
+        for (int64_t i = 0; i < len * VL; i++) w.b[i] *= silu_gate(w.a[i], NULL);
+        for (int64_t v = 0; v < nv; v++) {
+            const int64_t at = (b * dim + d0 + v) * len;
+            for (int64_t t = 0; t < len; t++) out[at + t] = y[at + t] + w.b[t * VL + v];
+        }
+    }
+    free(w.a);
     }
     return failed ? -1 : 0;
 }
 
-int GATED_ADD_BACKWARD(const real *g, const int64_t *g_s, const real *r, const real *z, const int64_t *z_s, real *dr,
-                       real *dz, int64_t batch, int64_t dim, int64_t len) {
-    const int64_t blocks = (dim + VL - 1) / VL;
+int GATED_READ_BACKWARD(const real *g, const int64_t *g_s, const real *memory, const real *c_hat, const real *z,
+                        const int64_t *z_s, real *dr, real *dz, int64_t batch, int64_t groups, int64_t width,
+                        int64_t terms, int64_t len) {
+    const int64_t items = batch * groups * ((width + VL - 1) / VL), dim = groups * width;
     int failed = 0;
-    if (batch * dim * len == 0) return 0;
+    if (items * len == 0) return 0;
     #pragma omp parallel reduction(|:failed)
     {
-    real *gate = malloc((size_t)(3 * len * VL) * sizeof(real)), *dgate = gate + len * VL, *grad = dgate + len * VL;
-    failed = !gate;
+    ReadWork w;
+    failed = read_alloc(&w, len, terms);
     #pragma omp for schedule(static)
-    for (int64_t item = 0; item < batch * blocks; item++) {
+    for (int64_t item = 0; item < items; item++) {
         if (failed) continue;
-        const int64_t b = item / blocks, d0 = (item % blocks) * VL, nv = dim - d0 < VL ? dim - d0 : VL;
-        load_lanes(gate, z + b * z_s[0] + d0 * z_s[1], z_s, len, nv);
-        load_lanes(grad, g + b * g_s[0] + d0 * g_s[1], g_s, len, nv);
-        for (int64_t i = 0; i < len * VL; i++) {
-            gate[i] = silu_gate(gate[i], &dgate[i]) * grad[i];
-            dgate[i] *= grad[i];
+        int64_t b, d0, nv;
+        read_block(&w, memory, c_hat, z, z_s, g, g_s, item, groups, width, terms, len, &b, &d0, &nv);
+        for (int64_t i = 0; i < len * VL; i++) { /* a: z, then dR; b: R, then dz; c: g */
+            real dgate;
+            const real gate = silu_gate(w.a[i], &dgate);
+            w.b[i] *= w.c[i] * dgate;
+            w.a[i] = w.c[i] * gate;
         }
         for (int64_t v = 0; v < nv; v++) {
             const int64_t at = (b * dim + d0 + v) * len;
             for (int64_t t = 0; t < len; t++) {
-                dr[at + t] = gate[t * VL + v];
-                dz[at + t] = r[at + t] * dgate[t * VL + v];
+                dr[at + t] = w.a[t * VL + v];
+                dz[at + t] = w.b[t * VL + v];
             }
         }
     }
-    free(gate);
+    free(w.a);
     }
     return failed ? -1 : 0;
 }

@@ -1,4 +1,4 @@
-"""The gated add of Adaptor-T's read onto a gated scan's output, on every CPU backend, against autograd."""
+"""Adaptor-T's gated read onto a gated scan's output, on every CPU backend, against autograd."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from adaptor_peft.ops import native
-from adaptor_peft.ops.dispatch import BACKEND_ENV, gated_add, gated_add_backward
+from adaptor_peft.ops.dispatch import BACKEND_ENV, gated_read, gated_read_backward
 
 CPU_BACKENDS = [
     "torch",
@@ -19,24 +19,31 @@ CPU_BACKENDS = [
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("dim", [40, 16, 5])  # two full lane blocks and a part-filled one; one; a part-filled one
-def test_gated_add_and_its_gradients_match_autograd_in_a_mixers_layouts(monkeypatch, backend, dtype, dim):
+@pytest.mark.parametrize(("groups", "width"), [(2, 20), (1, 16), (3, 5)])  # lane blocks of 16 + 4; 16; 5
+def test_gated_read_and_its_gradients_match_autograd_in_a_mixers_layouts(monkeypatch, backend, dtype, groups, width):
     """``z`` a slice of a (batch, len, 2 dim) projection and the incoming gradient transposed, as Vim's mixer
     gives them; fresh random inputs, checked against PyTorch's autograd in float64."""
     monkeypatch.setenv(BACKEND_ENV, backend)
-    batch, length = 3, 11
+    batch, length, terms = 3, 11, 6
+    dim = groups * width
     g = torch.Generator().manual_seed(dim)
-    y, read = (torch.randn(batch, dim, length, generator=g, dtype=torch.float64) for _ in range(2))
-    z = (torch.randn(batch, length, 2 * dim, generator=g, dtype=torch.float64) * 3)[..., dim:].transpose(1, 2)
-    grad = torch.randn(batch, length, dim, generator=g, dtype=torch.float64).transpose(1, 2)
-    leaves = [t.clone().requires_grad_() for t in (read, z)]
-    expected = y + leaves[0] * F.silu(leaves[1])
-    expected_dread, expected_dz = torch.autograd.grad(expected, leaves, grad)
 
-    cast = [t.to(dtype) for t in (y, read, z, grad)]
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    y, memory = randn(batch, dim, length), randn(batch * groups, width, terms)
+    C_hat = randn(batch * groups, terms, length)
+    z = (randn(batch, length, 2 * dim) * 3)[..., dim:].transpose(1, 2)
+    grad = randn(batch, length, dim).transpose(1, 2)
+    read = torch.bmm(memory, C_hat).view(y.shape).requires_grad_()
+    z_leaf = z.clone().requires_grad_()
+    expected = y + read * F.silu(z_leaf)
+    expected_dread, expected_dz = torch.autograd.grad(expected, [read, z_leaf], grad)
+
+    y, memory, C_hat, z, grad = (t.detach().to(dtype) for t in (y, memory, C_hat, z, grad))
     tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gated_add(*cast[:3]).double(), expected.detach(), **tolerance)
-    dread, dz = gated_add_backward(cast[3], cast[1], cast[2])
+    torch.testing.assert_close(gated_read(y, memory, C_hat, z).double(), expected.detach(), **tolerance)
+    dread, dz = gated_read_backward(grad, memory, C_hat, z)
     torch.testing.assert_close(dread.double(), expected_dread, **tolerance)
     torch.testing.assert_close(dz.double(), expected_dz, **tolerance)
 
@@ -56,7 +63,8 @@ def test_a_compiler_refusing_the_gcc_flags_still_builds_with_openmp(monkeypatch,
         assert native.available()
         (build,) = (tmp_path / "cache").glob("*.so")
         assert b"GOMP_parallel" in build.read_bytes()  # the second try: OpenMP without the GCC flags
-        y = torch.randn(2, 3, 4)
-        torch.testing.assert_close(gated_add(y, y, y), y + y * F.silu(y))
+        y, memory = torch.randn(1, 2, 3), torch.randn(1, 2, 1)
+        expected = y + torch.bmm(memory, y[:, :1]) * F.silu(y)
+        torch.testing.assert_close(gated_read(y, memory, y[:, :1], y), expected)
     finally:
         native._build.cache_clear()
