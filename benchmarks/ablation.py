@@ -27,7 +27,7 @@ from adaptor_peft.data.synthetic import task_roles
 from adaptor_peft.reports import parameter_report
 from adaptor_peft.suite import QUICK, selection_runs
 from adaptor_peft.training.pool import train_runs
-from benchmarks.machine import describe
+from benchmarks.machine import provenance
 
 VARIANTS = {
     "lora": ("lora", {}),
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> str:
     tasks, lrs = args.tasks.split(","), [float(x) for x in args.lrs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     overrides = [*(QUICK if args.quick else ()), *args.overrides]
-    title = f"# {args.family} variants on the design tasks' val200\n\n{describe()}"
+    title = f"# {args.family} variants on the design tasks' val200\n\n{provenance(argv)}"
     rows: dict[str, dict[str, object]] = {}
     for name, (method, options) in variants.items():
         extra = [f"method_options.{key}={value}" for key, value in options.items()]

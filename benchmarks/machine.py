@@ -3,8 +3,11 @@ several times between machines (AVX-512 against AVX2 alone), so every table carr
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 ISA = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON"), ("sse4_2", "SSE4.2"))
@@ -41,3 +44,27 @@ def describe() -> str:
     model = fields.get("model name") or fields.get("CPU part") or platform.processor() or "unknown CPU"
     isa = vector_isa(fields.get("flags") or fields.get("Features") or "")
     return f"{model}, {platform.machine()}, {isa}, {os.cpu_count()} cores"
+
+
+def commit() -> str:
+    """The checkout's short commit, with ``+edits`` when tracked files differ from it; ``unknown`` outside git."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        edited = bool(git("status", "--porcelain", "--untracked-files=no"))
+        return git("rev-parse", "--short", "HEAD") + ("+edits" if edited else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(argv: list[str] | None = None) -> str:
+    """What a results file opens with: the command, the date, the commit, the package's code version (what run
+    folders record) and the machine."""
+    from adaptor_peft.provenance import code_version
+
+    command = " ".join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)])
+    today = datetime.date.today().isoformat()
+    return f"`{command}`: {today}, commit {commit()}, code version {code_version()}; {describe()}"
