@@ -13,12 +13,18 @@ runs in well under an hour with its defaults:
 (``inject_adaptor(freeze_backbone=False)`` on random weights: the Mamba-Adaptor paper's "backbone" use),
 on the same data and budget, so that the two held-out accuracies can be set side by side. Its weights
 ship as ``vim_nano_patch4_32_adaptor``, whose adaptors are built into the backbone.
+
+An interrupted run resumes: after every epoch the whole training state (weights, optimizer, schedule,
+random streams, history) goes to ``<output>.resume.pt``, and the same command started again continues
+after the last finished epoch, as if it had never stopped. The file is removed when the weights are
+written; a run with other settings refuses it, naming both.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import time
 from pathlib import Path
@@ -79,8 +85,11 @@ def main() -> None:
     loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(args.seed))  # fmt: skip
     schedule = build_scheduler(optimizer, "cosine", len(loader), args.epochs * len(loader), min_lr_ratio=0.0)
-    history = []
-    for epoch in range(1, args.epochs + 1):
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    resume = args.output.with_name(args.output.name + ".resume.pt")
+    settings = {key: str(value) for key, value in vars(args).items()}
+    history, minutes_before = resumed(resume, settings, model, optimizer, schedule, loader.generator)
+    for epoch in range(len(history) + 1, args.epochs + 1):
         model.train()
         losses = []
         for images, labels in loader:
@@ -94,18 +103,46 @@ def main() -> None:
             schedule.step()
             losses.append(loss.item())
         record = {"epoch": epoch, "loss": sum(losses) / len(losses), "held_out_top1": accuracy(model, held_out),
-                  "minutes": round((time.perf_counter() - started) / 60, 1)}  # fmt: skip
+                  "minutes": round(minutes_before + (time.perf_counter() - started) / 60, 1)}  # fmt: skip
         history.append(record)
         print(json.dumps(record), flush=True)
+        state = {"settings": settings, "history": history, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                 "shuffle": loader.generator.get_state(), "rng": torch.get_rng_state()}  # fmt: skip
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        write_atomically(resume, buffer.getvalue())
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"model": name(args), "script": "examples/pretrain_tiny.py", **vars(args)}
     write_atomically(args.output, save(state, metadata={k: str(v) for k, v in metadata.items()}))
     card = args.output.with_suffix(".md")
     size = sum(p.numel() for p in model.parameters())
     write_atomically(card, model_card(args, history, train_images=len(train), held_out=len(held_out), size=size))
+    resume.unlink(missing_ok=True)
     print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB) and {card}")
+
+
+def resumed(resume: Path, settings: dict, model, optimizer, schedule, shuffle: torch.Generator) -> tuple[list, float]:
+    """Restores an interrupted run's training state from ``resume`` if there is one: returns the finished
+    epochs' history and the minutes they took (none and 0 for a fresh run). Refuses one of other settings."""
+    if not resume.exists():
+        return [], 0.0
+    state = torch.load(resume, weights_only=True)
+    if state["settings"] != settings:
+        there = state["settings"]
+        differ = ", ".join(f"{k}: {there.get(k)} there, {v} here" for k, v in settings.items() if there.get(k) != v)
+        raise SystemExit(
+            f"{resume}: an interrupted run with other settings ({differ}); start it again with its settings to "
+            "finish it, or delete the file to start afresh"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    shuffle.set_state(state["shuffle"])
+    torch.set_rng_state(state["rng"])
+    print(f"resuming {resume} after epoch {len(state['history'])}", flush=True)
+    return state["history"], state["history"][-1]["minutes"]
 
 
 def name(args: argparse.Namespace) -> str:

@@ -116,6 +116,46 @@ def test_adaptor_with_lora_merge_keeps_the_logits_and_drops_lora(capsys):
     assert "LoRA" in capsys.readouterr().out
 
 
+def test_pretrain_tiny_resumes_an_interrupted_run_as_if_it_had_not_stopped(tmp_path, monkeypatch):
+    """Stopped in its second epoch, the run restarts after the first from ``<output>.resume.pt`` and ends
+    with the weights of an uninterrupted run; a run of other settings refuses that file, naming both."""
+    from safetensors.torch import load_file
+
+    module = example("pretrain_tiny")
+
+    def run(output: Path, *extra: str) -> None:
+        argv = ["pretrain_tiny.py", "--classes", "3", "--per-class", "4", "--epochs", "3", "--batch-size", "4",
+                "--output", str(output), *extra]  # fmt: skip
+        monkeypatch.setattr("sys.argv", argv)
+        module.main()
+
+    run(tmp_path / "straight.safetensors")
+    accuracy, calls = module.accuracy, []
+
+    def stops_in_epoch_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return accuracy(*args)
+
+    output = tmp_path / "resumed.safetensors"
+    monkeypatch.setattr(module, "accuracy", stops_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(output)
+    resume = tmp_path / "resumed.safetensors.resume.pt"
+    assert resume.exists() and not output.exists()
+    with pytest.raises(SystemExit, match=r"resumed.safetensors.resume.pt.*lr: 0.002 there, 0.001 here"):
+        run(output, "--lr", "0.001")
+    monkeypatch.setattr(module, "accuracy", accuracy)
+    run(output)
+    assert not resume.exists()
+    straight, resumed = load_file(tmp_path / "straight.safetensors"), load_file(output)
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    card = output.with_suffix(".md").read_text()
+    assert "| 1 |" in card and "| 3 |" in card  # the history of every epoch, the first session's included
+
+
 def test_pretrain_tiny_trains_the_backbone_with_adaptors_from_scratch(tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
