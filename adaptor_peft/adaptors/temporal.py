@@ -133,7 +133,7 @@ class AdaptorT(nn.Module):
             width = self.channels // self.groups
             below, above = result.snapshots.view(batch, groups, width, 2, locations, -1).unbind(3)
             scale = gamma.to(below.dtype).view(1, groups, width, 1, 1)
-            memory = ((below + frac * (above - below)) * scale).view(batch * groups, width, -1)  # (·, width, K N)
+            memory = (torch.lerp(below, above, frac) * scale).view(batch * groups, width, -1)  # (·, width, K N)
             C_seen = as_grouped(C, batch, length, groups).to(memory.dtype)  # (B, groups, N, L)
             y = result.out.to(memory.dtype)
             if self.training and self.dropout.p:
