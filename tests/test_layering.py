@@ -121,7 +121,8 @@ def test_formatting_is_skipped_only_where_a_table_reads_better():
 
 
 def test_tests_and_benchmarks_share_helpers_only_through_the_support_package():
-    """Test modules never import one another, and tests import a benchmark only to test it (gpu_check)."""
+    """Test modules never import one another, and tests import a benchmark only to test it: gpu_check, and
+    ``tests/test_<name>.py`` its ``benchmarks/<name>.py``."""
     root = PACKAGE.parent
     crossing = []
     for path in [*(root / "tests").rglob("*.py"), *(root / "benchmarks").glob("*.py")]:
@@ -129,7 +130,8 @@ def test_tests_and_benchmarks_share_helpers_only_through_the_support_package():
             if isinstance(node, ast.ImportFrom) and node.module:
                 module = ("." * node.level) + node.module
                 test_module = module.startswith(".") or (module.startswith("tests.") and ".support" not in module)
-                tested = "gpu_check" in module or any(alias.name == "gpu_check" for alias in node.names)
+                names = {module.rsplit(".", 1)[-1], *(alias.name for alias in node.names)}
+                tested = "gpu_check" in names or path.stem in {f"test_{name}" for name in names}
                 benchmark = module.startswith("benchmarks") and path.parts[-2] != "benchmarks" and not tested
                 if test_module or benchmark:
                     crossing.append(f"{path.relative_to(root)}: {module}")
