@@ -308,12 +308,19 @@ def selective_scan_fn(
     return (result.out, result.last_state) if return_last_state else result.out
 
 
+def _compiled_gate(*tensors: torch.Tensor) -> bool:
+    """Whether the gated read runs compiled: where the scan would, for float32 or float64 tensors of one dtype."""
+    dtype = tensors[0].dtype
+    same = all(t.dtype == dtype for t in tensors) and dtype in (torch.float32, torch.float64)
+    return same and select_backend(tensors[0].device, dtype) == "native"
+
+
 def gated_read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``y + (memory @ C_hat) silu(z)``: Adaptor-T's read of its memory, ``memory`` (batch groups, width, terms)
     through ``C_hat`` (batch groups, terms, len), gated as the scan gates its own output ``y`` (batch, groups
     width, len) and added to it. No autograd: :func:`gated_read_backward` gives the gate's gradients.
     Compiled where the scan would run compiled (one pass, the read never written out), PyTorch elsewhere."""
-    if select_backend(y.device, y.dtype) == "native" and y.dtype in (torch.float32, torch.float64):
+    if _compiled_gate(y, memory, C_hat, z):
         return native.gated_read(y, memory, C_hat, z)
     return torch.addcmul(y, torch.bmm(memory, C_hat).view(y.shape), F.silu(z))
 
@@ -323,7 +330,7 @@ def gated_read_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The gradients of :func:`gated_read` for the read ``memory @ C_hat`` (batch, groups width, len) and for
     ``z``, given ``grad``, its output's (``y``'s is ``grad`` itself)."""
-    if select_backend(grad.device, grad.dtype) == "native" and grad.dtype in (torch.float32, torch.float64):
+    if _compiled_gate(grad, memory, C_hat, z):
         return native.gated_read_backward(grad, memory, C_hat, z)
     read = torch.bmm(memory, C_hat).view(grad.shape)
     return grad * F.silu(z), torch.ops.aten.silu_backward(grad * read, z)

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels: builds ``selective_scan_cpu.c`` (the scan, and the gated add of Adaptor-T's read)
-and ``depthwise_cpu.c`` once per machine and calls them.
+"""The compiled CPU kernels: builds ``selective_scan_cpu.c`` (the scan, and Adaptor-T's gated read) and
+``depthwise_cpu.c`` once per machine and calls them.
 
 The C source is compiled with the system C compiler at first use and cached (``ADAPTOR_PEFT_CACHE``,
 default ``~/.cache/adaptor_peft``); no Python headers, torch headers or build tools beyond ``cc`` are

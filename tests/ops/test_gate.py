@@ -68,3 +68,13 @@ def test_a_compiler_refusing_the_gcc_flags_still_builds_with_openmp(monkeypatch,
         torch.testing.assert_close(gated_read(y, memory, y[:, :1], y), expected)
     finally:
         native._build.cache_clear()
+
+
+def test_a_gated_read_of_mixed_dtypes_is_computed_in_pytorch_not_misread():
+    """The compiled kernel reads every tensor in one dtype; given a float64 ``z`` with float32 others, the
+    dispatcher must not hand it raw float64 memory, but compute the PyTorch formula."""
+    g = torch.Generator().manual_seed(3)
+    y, memory, C_hat = (torch.randn(*shape, generator=g) for shape in ((2, 4, 5), (2, 4, 3), (2, 3, 5)))
+    z = torch.randn(2, 4, 5, generator=g, dtype=torch.float64)
+    expected = y.double() + torch.bmm(memory, C_hat).double() * F.silu(z)
+    torch.testing.assert_close(gated_read(y, memory, C_hat, z).double(), expected, rtol=1e-5, atol=1e-5)
