@@ -213,10 +213,15 @@ def _args(x: ScanInputs) -> _ScanArgs:
     )
 
 
-def _run(direction: str, args: _ScanArgs, dtype: torch.dtype) -> None:
+def _function(name: str, dtype: torch.dtype):
     double = dtype == torch.float64
-    if getattr(_library(double), f"scan_{direction}_{'f64' if double else 'f32'}")(ctypes.byref(args)):
-        raise MemoryError("adaptor_peft: the compiled selective scan could not allocate its work buffers")
+    return getattr(_library(double), f"{name}_{'f64' if double else 'f32'}")
+
+
+def _call(name: str, dtype: torch.dtype, *args) -> None:
+    """Calls a kernel that returns non-zero when it could not allocate its work buffers."""
+    if _function(name, dtype)(*args):
+        raise MemoryError(f"adaptor_peft: the compiled {name} could not allocate its work buffers")
 
 
 def forward(
@@ -234,7 +239,7 @@ def forward(
     args = _args(x)
     args.out, args.last_state, args.hidden = _ptr(out), _ptr(last), _ptr(hidden)
     args.snapshots = _ptr(snapshots)
-    _run("forward", args, x.u.dtype)
+    _call("scan_forward", x.u.dtype, ctypes.byref(args))
     return ScanOutput(out, last, hidden, snapshots), ()
 
 
@@ -257,7 +262,7 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     for name, t in pointers.items():
         setattr(args, name, _ptr(t))
     args.dout_s, args.ddelta_s = _strides(grads.out, 3), _strides(ddelta, 3)
-    _run("backward", args, u.dtype)
+    _call("scan_backward", u.dtype, ctypes.byref(args))
     return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz)
 
 
@@ -273,16 +278,6 @@ def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor)
     return per_row.sum(0)
 
 
-def _function(name: str, dtype: torch.dtype):
-    double = dtype == torch.float64
-    return getattr(_library(double), f"{name}_{'f64' if double else 'f32'}")
-
-
-def _call_gate(name: str, dtype: torch.dtype, *args) -> None:
-    if _function(name, dtype)(*args):
-        raise MemoryError("adaptor_peft: the compiled gated read could not allocate its work buffers")
-
-
 def gated_read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """``y + (memory @ C_hat) silu(z)`` for ``y`` (batch, groups width, len), ``memory`` (batch groups, width,
     terms), ``C_hat`` (batch groups, terms, len) of one float dtype, ``z`` like ``y`` in any layout; the
@@ -291,7 +286,7 @@ def gated_read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: to
     out = torch.empty_like(y)
     pointers = (_ptr(y), _ptr(memory), _ptr(C_hat), _ptr(z), _strides(z, 3), _ptr(out))
     batch, _, length = y.shape
-    _call_gate("gated_read", y.dtype, *pointers, batch, memory.shape[0] // batch, *memory.shape[1:], length)
+    _call("gated_read", y.dtype, *pointers, batch, memory.shape[0] // batch, *memory.shape[1:], length)
     return out
 
 
@@ -313,5 +308,5 @@ def gated_read_backward(
         _ptr(dread),
         _ptr(dz),
     )
-    _call_gate("gated_read_backward", grad.dtype, *pointers, batch, memory.shape[0] // batch, *memory.shape[1:], length)
+    _call("gated_read_backward", grad.dtype, *pointers, batch, memory.shape[0] // batch, *memory.shape[1:], length)
     return dread, dz

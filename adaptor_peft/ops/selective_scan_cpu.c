@@ -598,34 +598,11 @@ static void read_block(ReadWork *w, const real *memory, const real *c_hat, const
     }
 }
 
-int GATED_READ(const real *y, const real *memory, const real *c_hat, const real *z, const int64_t *z_s, real *out,
-               int64_t batch, int64_t groups, int64_t width, int64_t terms, int64_t len) {
-    const int64_t items = batch * groups * ((width + VL - 1) / VL), dim = groups * width;
-    int failed = 0;
-    if (items * len == 0) return 0;
-    #pragma omp parallel reduction(|:failed)
-    {
-    ReadWork w;
-    failed = read_alloc(&w, len, terms);
-    #pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; item++) {
-        if (failed) continue;
-        int64_t b, d0, nv;
-        read_block(&w, memory, c_hat, z, z_s, NULL, NULL, item, groups, width, terms, len, &b, &d0, &nv);
-        for (int64_t i = 0; i < len * VL; i++) w.b[i] *= silu_gate(w.a[i], NULL);
-        for (int64_t v = 0; v < nv; v++) {
-            const int64_t at = (b * dim + d0 + v) * len;
-            for (int64_t t = 0; t < len; t++) out[at + t] = y[at + t] + w.b[t * VL + v];
-        }
-    }
-    free(w.a);
-    }
-    return failed ? -1 : 0;
-}
-
-int GATED_READ_BACKWARD(const real *g, const int64_t *g_s, const real *memory, const real *c_hat, const real *z,
-                        const int64_t *z_s, real *dr, real *dz, int64_t batch, int64_t groups, int64_t width,
-                        int64_t terms, int64_t len) {
+/* One pass over the items: forward (g NULL) writes out = y + R silu(z) to `out`; backward writes dR to `out`
+ * and dz to `dz`. */
+static int gated_read_pass(const real *y, const real *g, const int64_t *g_s, const real *memory, const real *c_hat,
+                           const real *z, const int64_t *z_s, real *out, real *dz, int64_t batch, int64_t groups,
+                           int64_t width, int64_t terms, int64_t len) {
     const int64_t items = batch * groups * ((width + VL - 1) / VL), dim = groups * width;
     int failed = 0;
     if (items * len == 0) return 0;
@@ -638,6 +615,14 @@ int GATED_READ_BACKWARD(const real *g, const int64_t *g_s, const real *memory, c
         if (failed) continue;
         int64_t b, d0, nv;
         read_block(&w, memory, c_hat, z, z_s, g, g_s, item, groups, width, terms, len, &b, &d0, &nv);
+        if (!g) {
+            for (int64_t i = 0; i < len * VL; i++) w.b[i] *= silu_gate(w.a[i], NULL);
+            for (int64_t v = 0; v < nv; v++) {
+                const int64_t at = (b * dim + d0 + v) * len;
+                for (int64_t t = 0; t < len; t++) out[at + t] = y[at + t] + w.b[t * VL + v];
+            }
+            continue;
+        }
         for (int64_t i = 0; i < len * VL; i++) { /* a: z, then dR; b: R, then dz; c: g */
             real dgate;
             const real gate = silu_gate(w.a[i], &dgate);
@@ -647,7 +632,7 @@ int GATED_READ_BACKWARD(const real *g, const int64_t *g_s, const real *memory, c
         for (int64_t v = 0; v < nv; v++) {
             const int64_t at = (b * dim + d0 + v) * len;
             for (int64_t t = 0; t < len; t++) {
-                dr[at + t] = w.a[t * VL + v];
+                out[at + t] = w.a[t * VL + v];
                 dz[at + t] = w.b[t * VL + v];
             }
         }
@@ -655,4 +640,15 @@ int GATED_READ_BACKWARD(const real *g, const int64_t *g_s, const real *memory, c
     free(w.a);
     }
     return failed ? -1 : 0;
+}
+
+int GATED_READ(const real *y, const real *memory, const real *c_hat, const real *z, const int64_t *z_s, real *out,
+               int64_t batch, int64_t groups, int64_t width, int64_t terms, int64_t len) {
+    return gated_read_pass(y, NULL, NULL, memory, c_hat, z, z_s, out, NULL, batch, groups, width, terms, len);
+}
+
+int GATED_READ_BACKWARD(const real *g, const int64_t *g_s, const real *memory, const real *c_hat, const real *z,
+                        const int64_t *z_s, real *dr, real *dz, int64_t batch, int64_t groups, int64_t width,
+                        int64_t terms, int64_t len) {
+    return gated_read_pass(NULL, g, g_s, memory, c_hat, z, z_s, dr, dz, batch, groups, width, terms, len);
 }
