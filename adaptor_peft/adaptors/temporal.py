@@ -12,10 +12,10 @@ every position's K softmax weights ``c_{i,k}`` from its own ``u_i``. Locations m
 lets a causal scan see later tokens; a fractional location is read by linear interpolation between its two
 neighbouring states, so its gradient reaches the location.
 
-The scan hands back only the 2K states the locations need (``snapshot_index``), and every position's read
-is one matrix product per group, ``R_g = Ĉ_g H_gᵀ`` with ``Ĉ[i, (k, n)] = c_{i,k} C_i[n]`` and
-``H[e, (k, n)] = h_e(p_k)[n]``: the scan costs what a plain one does, the read runs at matrix-product
-speed, and no (B, E, L, K, N) tensor exists. ``γ`` starts at zero, so an injected model computes exactly
+The read is the scan's own (:class:`~adaptor_peft.ops.records.MemoryRead`): it keeps only the 2K states
+the locations need, and every position reads them through ``Σ_k c_{i,k} C_i`` (on CPU inside the
+compiled scan, elsewhere one matrix product per group), so the scan costs little more than a plain one and
+no (B, E, L, K, N) tensor exists. ``γ`` starts at zero, so an injected model computes exactly
 what the pretrained one did; the predictor's offsets and weight logits start at zero too, so every position
 first reads the anchors with equal weights.
 """
@@ -23,11 +23,10 @@ first reads the anchors with equal weights.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops import selective_scan
-from ..ops.dispatch import as_grouped, gated_read, gated_read_backward
+from ..ops.records import MemoryRead
 from .config import AdaptorConfig
 
 
@@ -116,62 +115,10 @@ class AdaptorT(nn.Module):
         delta_softplus: bool = False,
         direction: int | None = None,
     ) -> torch.Tensor:
-        """The selective scan's output with the adapted states, then the silu(z) gate: a scan, gated as a plain
-        one is, that snapshots each location's two neighbouring states; then every position's read of the
-        interpolated memory (γ folded in) through its own ``C_i``, one matrix product per group, gated and added
-        to the scan's output as it is written. The gate is linear in what it gates, so the scan gates its own
-        part and backpropagates through it without keeping its ungated output. In float32, also under
-        autocast."""
+        """The selective scan's output with the adapted states, then the silu(z) gate: the scan reads its
+        memory (γ folded in) at this sequence's locations with every position's weights. The locations and
+        weights are computed in float32, also under autocast."""
         gamma = self.gamma.flatten() if direction is None else self.gamma[direction]
         location, weights = self.locations_and_weights(u, direction)
-        batch, groups, locations, length = weights.shape
-        floor = location.detach().floor()
-        index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=-1).long()
-        result = selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, snapshot_index=index)
-        with torch.autocast(u.device.type, enabled=False):
-            frac = (location - floor)[:, :, None, :, None]
-            width = self.channels // self.groups
-            below, above = result.snapshots.view(batch, groups, width, 2, locations, -1).unbind(3)
-            scale = gamma.to(below.dtype).view(1, groups, width, 1, 1)
-            memory = (torch.lerp(below, above, frac) * scale).view(batch * groups, width, -1)  # (·, width, K N)
-            C_seen = as_grouped(C, batch, length, groups).to(memory.dtype)  # (B, groups, N, L)
-            y = result.out.to(memory.dtype)
-            if self.training and self.dropout.p:
-                read = self.dropout(torch.bmm(memory, _weighted(weights, C_seen)).view(y.shape))
-                adapted = y + (read if z is None else read * F.silu(z.to(read.dtype)))
-            elif z is None:
-                read_onto = torch.baddbmm(y.view(memory.shape[0], -1, length), memory, _weighted(weights, C_seen))
-                adapted = read_onto.view(y.shape)
-            else:
-                adapted = _GatedRead.apply(y, memory, weights, C_seen, z)
-        return adapted.to(result.out.dtype)
-
-
-def _weighted(weights: torch.Tensor, C_seen: torch.Tensor) -> torch.Tensor:
-    """``Ĉ`` (B G, K N, L): every position's ``C_i`` (B, G, N, L) times its weight on each location (B, G, K, L)."""
-    batch, groups, _, length = weights.shape
-    return (weights[:, :, :, None] * C_seen[:, :, None]).view(batch * groups, -1, length)
-
-
-class _GatedRead(torch.autograd.Function):
-    """``y + (memory @ Ĉ) silu(z)``, keeping for the backward neither ``y`` (its gradient is the incoming one)
-    nor the read or ``Ĉ``: both are rebuilt there from the small ``weights`` and ``C_seen``, so the read costs
-    no (B, E, L) activation. ``y`` and ``z`` (B, G width, L), ``memory`` (B G, width, K N), ``weights`` (B, G,
-    K, L), ``C_seen`` (B, G, N, L)."""
-
-    @staticmethod
-    def forward(ctx, y, memory, weights, C_seen, z):
-        ctx.save_for_backward(memory, weights, C_seen, z)
-        return gated_read(y, memory, _weighted(weights, C_seen), z.to(y.dtype))
-
-    @staticmethod
-    def backward(ctx, grad):
-        memory, weights, C_seen, z = ctx.saved_tensors
-        C_hat = _weighted(weights, C_seen)
-        dread, dz = gated_read_backward(grad, memory, C_hat, z.to(grad.dtype))
-        dread = dread.reshape(memory.shape[0], -1, grad.shape[-1])
-        dmemory, dC_hat = torch.bmm(dread, C_hat.transpose(1, 2)), torch.bmm(memory.transpose(1, 2), dread)
-        dC_hat = dC_hat.view(*weights.shape[:3], -1, grad.shape[-1])  # (B, G, K, N, L)
-        dweights = (dC_hat * C_seen[:, :, None]).sum(3)
-        dC_seen = (dC_hat * weights[:, :, :, None]).sum(2)
-        return grad, dmemory, dweights, dC_seen, dz.to(z.dtype)
+        memory = MemoryRead(location, weights, gamma, self.dropout if self.training and self.dropout.p else None)
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, memory=memory).out

@@ -3,7 +3,10 @@
 ``selective_scan_fn`` has mamba-ssm's signature and semantics. ``selective_scan`` is the full interface:
 it can also return the hidden states, or *snapshots*: the states at a few chosen positions, whose
 gradients flow back into the recurrence. A snapshot costs one state copy, so a scan with a few costs what
-a plain one does; Adaptor-T's memory reads them outside the scan, by matrix products.
+a plain one does. Adaptor-T's memory read (:class:`~adaptor_peft.ops.records.MemoryRead`) is one argument
+more: the compiled CPU scan reads the memory inside, while each lane block's output is still in cache;
+every other backend hands back snapshots that :mod:`adaptor_peft.ops.memory_read` reads by matrix
+products.
 
 Backends (argument ``backend=`` or environment variable ``ADAPTOR_PEFT_SCAN_BACKEND``):
 
@@ -33,10 +36,10 @@ from functools import cache
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from . import native, scan_torch
-from .records import TENSOR_FIELDS, GradsOut, ScanInputs, ScanOutput
+from .memory_read import add_read
+from .records import TENSOR_FIELDS, GradsOut, MemoryRead, ScanInputs, ScanOutput
 
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
 CHECK_POSITIONS_ENV = "ADAPTOR_PEFT_CHECK_POSITIONS"
@@ -167,6 +170,20 @@ def _check_snapshots(index: torch.Tensor | None, shape: torch.Size) -> None:
         raise TypeError(f"selective_scan: snapshot_index must hold integer positions, got {index.dtype}")
 
 
+def _check_memory(memory: MemoryRead, shape: torch.Size) -> None:
+    batch, dim, length = shape
+    location, weights, scale = memory.location, memory.weights, memory.scale
+    if location.dim() != 3 or location.shape[0] != batch or dim % location.shape[1]:
+        raise ValueError(
+            f"selective_scan: memory.location must be (batch={batch}, groups dividing {dim}, K), got shape "
+            f"{tuple(location.shape)}"
+        )
+    expected = {"weights": (*location.shape, length), "scale": (dim,)}
+    for name, t in (("weights", weights), ("scale", scale)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"selective_scan: memory.{name} must have shape {expected[name]}, got {tuple(t.shape)}")
+
+
 def _check_range(index: torch.Tensor, length: int, backend: str) -> None:
     """Snapshot positions outside [0, length) are an error, checked unless ``backend`` clamps them (module
     docstring)."""
@@ -249,6 +266,7 @@ def selective_scan(
     delta_softplus: bool = False,
     *,
     snapshot_index: torch.Tensor | None = None,
+    memory: MemoryRead | None = None,
     return_last_state: bool = False,
     return_hidden_states: bool = False,
     backend: str | None = None,
@@ -261,17 +279,25 @@ def selective_scan(
     ``snapshots`` (batch, dim, nsnap, nstate), float32 (float64 for float64 inputs); the channels are split
     into ``snapshot_groups`` contiguous groups, each with its own positions. Their gradient flows back into
     the recurrence. A snapshot costs one state copy, so a scan with a few costs what a plain one does.
-    ``hidden_states`` is (batch, dim, len, nstate) and is only built when asked for.
+    ``memory`` adds Adaptor-T's read of the scan's own states to ``out`` (:class:`MemoryRead`; not with
+    ``snapshot_index``). ``hidden_states`` is (batch, dim, len, nstate) and is only built when asked for.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     _check_snapshots(snapshot_index, u.shape)
     batch, dim, length = u.shape
+    if memory is not None:
+        if snapshot_index is not None:
+            raise ValueError("selective_scan: give snapshot_index or memory, not both")
+        _check_memory(memory, u.shape)
+        floor = memory.location.detach().floor()
+        snapshot_index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=-1).long()
     groups = math.lcm(*(dim if X.dim() == 2 else 1 if X.dim() == 3 else X.shape[1] for X in (B, C)))
     Bg, Cg = as_grouped(B, batch, length, groups), as_grouped(C, batch, length, groups)
     needs_states = snapshot_index is not None or return_hidden_states
     name = select_backend(u.device, u.dtype, needs_states, backend)
     if snapshot_index is not None:
         _check_range(snapshot_index, length, name)
+    fused = memory is not None and name == "native" and memory.dropout is None
     if name == "mamba_ssm":
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         return ScanOutput(*result) if return_last_state else ScanOutput(result)
@@ -282,8 +308,16 @@ def selective_scan(
     flat = ("A", "D", "delta_bias")  # every backend indexes these flat
     floats.update({k: None if floats[k] is None else floats[k].contiguous() for k in flat})
     index = None if snapshot_index is None else snapshot_index.long().contiguous()
+    frac = None if memory is None else memory.location - memory.location.detach().floor()
+    if fused:
+        read = dict(read_frac=frac, read_weights=memory.weights, read_scale=memory.scale)
+        floats.update({k: t.to(compute).contiguous() for k, t in read.items()})
     inputs = ScanInputs(**floats, snapshot_index=index, softplus=delta_softplus)
     result = ScanOutput(*_ScanFunction.apply(name, inputs, return_last_state, return_hidden_states, *inputs.tensors()))
+    if memory is not None and not fused:
+        C_seen = as_grouped(C, batch, length, memory.location.shape[1])
+        out = add_read(result.out, result.snapshots, frac, memory.weights, memory.scale, C_seen, z, memory.dropout)
+        result = result._replace(out=out, snapshots=None)
     return result._replace(out=result.out.to(dtype))
 
 
@@ -306,31 +340,3 @@ def selective_scan_fn(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=return_last_state, backend=backend
     )
     return (result.out, result.last_state) if return_last_state else result.out
-
-
-def _compiled_gate(*tensors: torch.Tensor) -> bool:
-    """Whether the gated read runs compiled: where the scan would, for float32 or float64 tensors of one dtype."""
-    dtype = tensors[0].dtype
-    same = all(t.dtype == dtype for t in tensors) and dtype in (torch.float32, torch.float64)
-    return same and select_backend(tensors[0].device, dtype) == "native"
-
-
-def gated_read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``y + (memory @ C_hat) silu(z)``: Adaptor-T's read of its memory, ``memory`` (batch groups, width, terms)
-    through ``C_hat`` (batch groups, terms, len), gated as the scan gates its own output ``y`` (batch, groups
-    width, len) and added to it. No autograd: :func:`gated_read_backward` gives the gate's gradients.
-    Compiled where the scan would run compiled (one pass, the read never written out), PyTorch elsewhere."""
-    if _compiled_gate(y, memory, C_hat, z):
-        return native.gated_read(y, memory, C_hat, z)
-    return torch.addcmul(y, torch.bmm(memory, C_hat).view(y.shape), F.silu(z))
-
-
-def gated_read_backward(
-    grad: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`gated_read` for the read ``memory @ C_hat`` (batch, groups width, len) and for
-    ``z``, given ``grad``, its output's (``y``'s is ``grad`` itself)."""
-    if _compiled_gate(grad, memory, C_hat, z):
-        return native.gated_read_backward(grad, memory, C_hat, z)
-    read = torch.bmm(memory, C_hat).view(grad.shape)
-    return grad * F.silu(z), torch.ops.aten.silu_backward(grad * read, z)

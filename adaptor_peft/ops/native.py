@@ -1,4 +1,4 @@
-"""The compiled CPU kernels: builds ``selective_scan_cpu.c`` (the scan, and Adaptor-T's gated read) and
+"""The compiled CPU kernels: builds ``selective_scan_cpu.c`` (the scan, with Adaptor-T's memory read) and
 ``depthwise_cpu.c`` once per machine and calls them.
 
 The C source is compiled with the system C compiler at first use and cached (``ADAPTOR_PEFT_CACHE``,
@@ -65,6 +65,8 @@ class _ScanArgs(ctypes.Structure):
                                   "ddelta_bias", "dB", "dC")],
         ("dout_s", _I64x3), ("ddelta_s", _I64x3), ("snap_groups", ctypes.c_int64), ("nsnap", ctypes.c_int64),
         *[(name, _P) for name in ("snapshot_index", "snapshots", "dsnapshots")],
+        *[(name, _P) for name in ("read_frac", "read_weights", "read_scale", "dread_frac", "dread_weights",
+                                  "dread_scale")],
     ]  # fmt: skip
 
 
@@ -129,11 +131,7 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
         fn.restype = ctypes.c_int
     taps = getattr(lib, f"depthwise_taps_grad_{suffix}")
     taps.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 5, _P]
-    gate, gate_backward = getattr(lib, f"gated_read_{suffix}"), getattr(lib, f"gated_read_backward_{suffix}")
-    gate.argtypes = [_P, _P, _P, _P, _P, _P, *[ctypes.c_int64] * 5]
-    gate_backward.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, *[ctypes.c_int64] * 5]
     taps.restype = None
-    gate.restype = gate_backward.restype = ctypes.c_int
     return lib
 
 
@@ -210,6 +208,9 @@ def _args(x: ScanInputs) -> _ScanArgs:
         snap_groups=snap.shape[1] if snap is not None else 1,
         nsnap=snap.shape[2] if snap is not None else 0,
         snapshot_index=_ptr(snap),
+        read_frac=_ptr(x.read_frac),
+        read_weights=_ptr(x.read_weights),
+        read_scale=_ptr(x.read_scale),
     )
 
 
@@ -227,15 +228,17 @@ def _call(name: str, dtype: torch.dtype, *args) -> None:
 def forward(
     x: ScanInputs, want_last: bool, want_hidden: bool, for_backward: bool = False
 ) -> tuple[ScanOutput, tuple[()]]:
-    """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`; inputs already in one float dtype, and
-    A, D, the Δ bias and the snapshot positions contiguous (the dispatcher makes them so)."""
+    """Same contract as :func:`adaptor_peft.ops.scan_torch.forward`, and the memory read (the ``read_*``
+    fields: added to ``out``, whose snapshots then stay inside); inputs already in one float dtype, and A, D,
+    the Δ bias, the snapshot positions and the read's tensors contiguous (the dispatcher makes them so)."""
     batch, dim, length = x.u.shape
     n = x.A.shape[1]
     new = x.u.new_empty
     out = new(batch, dim, length)
     last = new(batch, dim, n) if want_last else None
     hidden = new(batch, dim, length, n) if want_hidden else None
-    snapshots = new(batch, dim, x.snapshot_index.shape[2], n) if x.snapshot_index is not None else None
+    returned = x.snapshot_index is not None and x.read_weights is None
+    snapshots = new(batch, dim, x.snapshot_index.shape[2], n) if returned else None
     args = _args(x)
     args.out, args.last_state, args.hidden = _ptr(out), _ptr(last), _ptr(hidden)
     args.snapshots = _ptr(snapshots)
@@ -256,14 +259,17 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     dA, dB, dC = u.new_zeros(x.A.shape), u.new_zeros(x.B.shape), u.new_zeros(x.B.shape)
     dD = u.new_zeros(dim) if x.D is not None else None
     dbias = u.new_zeros(dim) if x.delta_bias is not None else None
+    reads = (x.read_frac, x.read_weights, x.read_scale)
+    dread = tuple(None if t is None else torch.zeros_like(t) for t in reads)
     args = _args(x)
     pointers = dict(dout=grads.out, dsnapshots=dsnapshots, du=du, ddelta=ddelta, dz=dz)
     pointers.update(dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC)
+    pointers.update(zip(("dread_frac", "dread_weights", "dread_scale"), dread, strict=True))
     for name, t in pointers.items():
         setattr(args, name, _ptr(t))
     args.dout_s, args.ddelta_s = _strides(grads.out, 3), _strides(ddelta, 3)
     _call("scan_backward", u.dtype, ctypes.byref(args))
-    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz)
+    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, *dread)
 
 
 def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -276,37 +282,3 @@ def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor)
         _ptr(x), _ptr(g), _ptr(offsets), offsets.shape[0], *x.shape, _ptr(per_row)
     )
     return per_row.sum(0)
-
-
-def gated_read(y: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``y + (memory @ C_hat) silu(z)`` for ``y`` (batch, groups width, len), ``memory`` (batch groups, width,
-    terms), ``C_hat`` (batch groups, terms, len) of one float dtype, ``z`` like ``y`` in any layout; the
-    compiled library must be :func:`available` for the dtype."""
-    y, memory, C_hat = y.contiguous(), memory.contiguous(), C_hat.contiguous()
-    out = torch.empty_like(y)
-    pointers = (_ptr(y), _ptr(memory), _ptr(C_hat), _ptr(z), _strides(z, 3), _ptr(out))
-    batch, _, length = y.shape
-    _call("gated_read", y.dtype, *pointers, batch, memory.shape[0] // batch, *memory.shape[1:], length)
-    return out
-
-
-def gated_read_backward(
-    grad: torch.Tensor, memory: torch.Tensor, C_hat: torch.Tensor, z: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`gated_read`'s output for the read ``memory @ C_hat`` and for ``z`` (contiguous),
-    given ``grad`` in any layout; the read is made again, never written out."""
-    memory, C_hat = memory.contiguous(), C_hat.contiguous()
-    batch, length = grad.shape[0], grad.shape[2]
-    dread, dz = grad.new_empty(grad.shape), grad.new_empty(grad.shape)
-    pointers = (
-        _ptr(grad),
-        _strides(grad, 3),
-        _ptr(memory),
-        _ptr(C_hat),
-        _ptr(z),
-        _strides(z, 3),
-        _ptr(dread),
-        _ptr(dz),
-    )
-    _call("gated_read_backward", grad.dtype, *pointers, batch, memory.shape[0] // batch, *memory.shape[1:], length)
-    return dread, dz

@@ -7,18 +7,39 @@ a backend that recomputes everything), and to its ``backward(inputs, grads_out, 
 :class:`ScanGrads`. Shapes, as a backend sees them: ``u``, ``delta``, ``z`` (batch, dim, len); ``A``
 (dim, nstate); ``B``, ``C`` (batch, groups, nstate, len); ``D``, ``delta_bias`` (dim,);
 ``snapshot_index`` (batch, snapshot_groups, nsnap). The step is ``dt = softplus(delta + delta_bias)``
-(bias optional, softplus if ``softplus``).
+(bias optional, softplus if ``softplus``). The ``read_*`` fields (:class:`MemoryRead`, as the dispatcher
+hands it to the one backend that fuses it, ``native``): ``read_frac`` (batch, snapshot_groups, K),
+``read_weights`` (batch, snapshot_groups, K, len), ``read_scale`` (dim,), with ``nsnap = 2 K``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 Tensor = torch.Tensor
+
+
+class MemoryRead(NamedTuple):
+    """Adaptor-T's read of a memory of the scan's own states, added to its output before the gate:
+
+        y_t += Σ_k weights[k, t] C_t m_k,   m_k = scale ⊙ h(location_k),
+
+    per channel group, with a fractional location read by linear interpolation between its two neighbouring
+    states (so its gradient reaches the location). ``location`` (batch, groups, K) in [0, len - 1];
+    ``weights`` (batch, groups, K, len); ``scale`` (dim,); the channels are split into ``groups`` contiguous
+    groups, each with its own locations and weights. ``dropout``: applied to the read (an ``nn.Dropout`` in
+    training; None otherwise, which lets the compiled CPU scan read inside).
+    """
+
+    location: Tensor
+    weights: Tensor
+    scale: Tensor
+    dropout: Callable[[Tensor], Tensor] | None = None
 
 
 class ScanOutput(NamedTuple):
@@ -49,6 +70,9 @@ class ScanInputs:
     delta_bias: Tensor | None = None
     softplus: bool = False
     snapshot_index: Tensor | None = None
+    read_frac: Tensor | None = None
+    read_weights: Tensor | None = None
+    read_scale: Tensor | None = None
 
     def tensors(self) -> tuple[Tensor | None, ...]:
         """Every tensor field, in :data:`TENSOR_FIELDS` order (what autograd saves for the backward)."""
@@ -82,3 +106,6 @@ class ScanGrads(NamedTuple):
     C: Tensor
     D: Tensor | None
     z: Tensor | None
+    read_frac: Tensor | None = None
+    read_weights: Tensor | None = None
+    read_scale: Tensor | None = None

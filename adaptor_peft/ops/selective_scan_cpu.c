@@ -11,7 +11,15 @@
  *                              a_t = exp(dt_t A_n),   h_t = a_t h_{t-1} + dt_t B_t u_t,
  *                              y_t = sum_n C_t h_t + D u_t,   out_t = y_t silu(z_t).
  * Snapshots copy the states at a few given positions out of the forward recurrence, and the backward adds
- * their gradients into the adjoint at those positions: Adaptor-T's memory, read outside the kernel.
+ * their gradients into the adjoint at those positions.
+ *
+ * Adaptor-T's memory read (read_weights set), added before the gate: with K = nsnap / 2 locations per
+ * snapshot group, location k read by interpolating its two snapshots (slots k and K + k) at fraction f_k,
+ *      m_k = scale (h_{p_k} + f_k (h_{p_{K+k}} - h_{p_k})),   y_t += sum_k w_{t,k} sum_n C_t m_k.
+ * An item's memory holds only its own channels' states, so it is made once the item's recurrence has run
+ * and read while the item's output is still in cache: the read costs no pass over memory of its own.
+ * The backward makes it again from the state history, and adds the memory's gradient into the adjoint at
+ * the snapshot positions.
  *
  * Compiled at first use by adaptor_peft/ops/native.py, once with SCAN_DOUBLE and once without, with
  * OpenMP where the compiler has it: linked against libgomp.so.1, it shares PyTorch's OpenMP runtime and
@@ -37,16 +45,12 @@ typedef double real;
 #define LOG log
 #define SCAN_FORWARD scan_forward_f64
 #define SCAN_BACKWARD scan_backward_f64
-#define GATED_READ gated_read_f64
-#define GATED_READ_BACKWARD gated_read_backward_f64
 #else
 typedef float real;
 #define EXP fast_expf
 #define LOG fast_logf
 #define SCAN_FORWARD scan_forward_f32
 #define SCAN_BACKWARD scan_backward_f32
-#define GATED_READ gated_read_f32
-#define GATED_READ_BACKWARD gated_read_backward_f32
 
 /* exp for float, branch-free so that lane loops vectorise: Cephes range reduction and polynomial
  * (about 1 ulp); inputs are clamped to the normal range. */
@@ -120,6 +124,9 @@ typedef struct {
     const int64_t *snapshot_index;               /* (batch, snap_groups, nsnap) or NULL */
     real *snapshots;                             /* forward: (batch, dim, nsnap, nstate) */
     const real *dsnapshots;                      /* backward: like snapshots, or NULL */
+    const real *read_frac, *read_weights, *read_scale; /* the memory read, or NULL: (batch, snap_groups, K),
+                                                    (batch, snap_groups, K, len), (dim,) with K = nsnap / 2 */
+    real *dread_frac, *dread_weights, *dread_scale; /* backward, accumulated into: like the three above */
 } ScanArgs;
 
 /* The size of ScanArgs, which the Python side checks its mirror of the struct against. */
@@ -141,7 +148,10 @@ typedef struct {
     real Dv[VL];    /* the block's D skip weights, zero where there is no D or no channel */
     int64_t b, d0, nv; /* the item: batch row, first channel, active lanes */
     int64_t *snap_at, *snap_slot, nsnap; /* the item's snapshots by position: nsnap of them, 0 when none are due */
-    LaneSums dB, dC; /* backward only */
+    real *snap;     /* the item's snapshots (nsnap, nstate, VL); in the backward, their gradients */
+    real *mem, *dmem, *sums; /* the read: memory and its gradient (K, nstate, VL); backward: sum_n C_t m_k
+                                (len, K, VL) */
+    LaneSums dB, dC, dW; /* backward only; dW: the read weights' gradient */
 } Work;
 
 static int64_t gcd(int64_t a, int64_t b) {
@@ -173,10 +183,15 @@ static void locate(const ScanArgs *s, Work *w, int64_t item) {
     w->nsnap = 0;
 }
 
+/* The item's row of the snapshot groups' tables: (batch, snap_groups) flattened. */
+static int64_t snapshot_row(const ScanArgs *s, const Work *w) {
+    return w->b * s->snap_groups + w->d0 / (s->dim / s->snap_groups);
+}
+
 /* Orders the item's snapshots by position (an insertion sort: there are few), which makes them due. */
 static void sort_snapshots(const ScanArgs *s, Work *w) {
     const int64_t S = s->nsnap;
-    const int64_t *index = s->snapshot_index + (w->b * s->snap_groups + w->d0 / (s->dim / s->snap_groups)) * S;
+    const int64_t *index = s->snapshot_index + snapshot_row(s, w) * S;
     for (int64_t q = 0; q < S; q++) {
         int64_t j = q;
         for (; j > 0 && w->snap_at[j - 1] > index[q]; j--) {
@@ -198,10 +213,16 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
     const int64_t L = s->len, N = s->nstate;
     const int64_t row = L * VL, state = N * VL;
     const int64_t history = backward || s->hidden ? (L + 1) * state : 0; /* the plain forward keeps none */
-    const int64_t lane_sums = backward ? 2 * L * state : 0;
+    const int64_t K = s->read_weights ? s->nsnap / 2 : 0, snaps = s->snapshot_index ? s->nsnap * state : 0;
+    const int64_t read = K * state + (backward ? K * state + L * K * VL : 0);
+    const int64_t lane_sums = backward ? 2 * L * state + L * K * VL : 0;
     const int64_t total = 6 * row + history + (backward ? L * state + 2 * row : 0) + 5 * state + lane_sums;
-    real *p = calloc((size_t)total, sizeof(real));
+    real *p = calloc((size_t)(total + snaps + read), sizeof(real));
     if (!p) return -1;
+    w->snap = p + total;
+    w->mem = w->snap + snaps;
+    w->dmem = w->mem + K * state;
+    w->sums = w->dmem + K * state;
     if (s->snapshot_index) {
         w->snap_at = malloc((size_t)(2 * s->nsnap) * sizeof(int64_t));
         if (!w->snap_at) {
@@ -227,7 +248,8 @@ static int work_alloc(Work *w, const ScanArgs *s, int backward) {
         w->dy = p; p += row;
         w->ddt = p; p += row;
         w->dB = (LaneSums){p, NULL, N * L}; p += L * state;
-        w->dC = (LaneSums){p, NULL, N * L};
+        w->dC = (LaneSums){p, NULL, N * L}; p += L * state;
+        w->dW = (LaneSums){p, NULL, K * L};
     }
     return 0;
 }
@@ -297,10 +319,7 @@ static inline __attribute__((always_inline)) void recurrence(
         for (int v = 0; v < VL; v++)
             w->y[t * VL + v] = acc[v] + w->Dv[v] * u[v];
         for (; due < w->nsnap && w->snap_at[due] == t; due++)
-            for (int64_t v = 0; v < w->nv; v++) {
-                real *snapshot = s->snapshots + snapshot_offset(s, w, v, w->snap_slot[due]);
-                for (int64_t n = 0; n < N; n++) snapshot[n] = w->h[n * VL + v];
-            }
+            memcpy(w->snap + w->snap_slot[due] * N * VL, w->h, (size_t)(N * VL) * sizeof(real));
     }
 }
 
@@ -352,6 +371,134 @@ static void block_forward(const ScanArgs *s, Work *w, int keep) {
     else keep ? recurrence(s, w, Bg, Cg, N, 1) : recurrence(s, w, Bg, Cg, N, 0);
 }
 
+/* The item's memory m_k = scale (lo + f_k (hi - lo)) into w->mem, lo and hi the states of slots k and K + k at
+ * state[slot] (each nstate x VL). */
+static void memory_form(const ScanArgs *s, Work *w, const real *const *state) {
+    const int64_t N = s->nstate, K = s->nsnap / 2;
+    const real *frac = s->read_frac + snapshot_row(s, w) * K;
+    real scale[VL] = {0};
+    for (int64_t v = 0; v < w->nv; v++) scale[v] = s->read_scale[w->d0 + v];
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t i = 0; i < N * VL; i++) {
+            const real lo = state[k][i], hi = state[K + k][i];
+            w->mem[k * N * VL + i] = scale[i % VL] * (lo + frac[k] * (hi - lo));
+        }
+}
+
+/* Adds the read, sum_k w_{t,k} sum_n C_t[n] m_k, into the item's pre-gate output w->y; four positions at a
+ * time (a short last block recomputes the last position), so that the sums over n run as independent
+ * chains. With ``keep`` the inner sums go to w->sums too, for the weights' gradient. Inlined per (nstate, K),
+ * like recurrence. */
+static inline __attribute__((always_inline)) void read_add_with(
+    const ScanArgs *s, Work *w, const real *Cg, int keep, const int64_t N, const int64_t K) {
+    const int64_t L = s->len;
+    const real *weights = s->read_weights + snapshot_row(s, w) * K * L;
+    for (int64_t t0 = 0; t0 < L; t0 += 4) {
+        int64_t t[4];
+        for (int j = 0; j < 4; j++) t[j] = t0 + j < L ? t0 + j : L - 1;
+        real r[4][VL] = {{0}};
+        for (int64_t k = 0; k < K; k++) {
+            real sum[4][VL] = {{0}};
+            for (int64_t n = 0; n < N; n++) {
+                const real *m = w->mem + (k * N + n) * VL, *c = Cg + n * s->C_s[2];
+                for (int j = 0; j < 4; j++) {
+                    const real cj = c[t[j] * s->C_s[3]];
+                    #pragma omp simd
+                    for (int v = 0; v < VL; v++) sum[j][v] += cj * m[v];
+                }
+            }
+            for (int j = 0; j < 4; j++) {
+                const real wk = weights[k * L + t[j]];
+                #pragma omp simd
+                for (int v = 0; v < VL; v++) r[j][v] += wk * sum[j][v];
+                if (keep) memcpy(w->sums + (t[j] * K + k) * VL, sum[j], sizeof sum[j]);
+            }
+        }
+        for (int j = 0; j < 4; j++)
+            if (t0 + j < L)
+                #pragma omp simd
+                for (int v = 0; v < VL; v++) w->y[t[j] * VL + v] += r[j][v];
+    }
+}
+
+static void read_add(const ScanArgs *s, Work *w, const real *Cg, int keep) {
+    if (s->nstate == 16 && s->nsnap == 4) read_add_with(s, w, Cg, keep, 16, 2);
+    else read_add_with(s, w, Cg, keep, s->nstate, s->nsnap / 2);
+}
+
+/* The read's backward, given w->dy, the gradient reaching the pre-gate output: the weights' gradient into
+ * dWl (lane sums), the scale's into dscale[d0 ..] and the fractions' into dfrac[row K ..]; the
+ * memory's gradient goes into w->snap, the gradients of the snapshots at slots k and K + k, whose states
+ * state[slot] are. Needs memory_form and read_add (with keep) first; C's gradient is reverse's. Inlined per
+ * (nstate, K). */
+static inline __attribute__((always_inline)) void read_backward_with(
+    const ScanArgs *s, Work *w, const real *Cg, const real *const *state, real *dWl, real *dscale, real *dfrac,
+    const int64_t N, const int64_t K) {
+    const int64_t L = s->len, row = snapshot_row(s, w);
+    const real *weights = s->read_weights + row * K * L, *frac = s->read_frac + row * K;
+    for (int64_t t = 0; t < L; t++) {
+        const real *dy = w->dy + t * VL;
+        real *restrict p = w->sums + t * K * VL; /* sum_n C_t[n] m_k, then dy w_{t,k}: what reaches it */
+        for (int64_t k = 0; k < K; k++) {
+            const real wk = weights[k * L + t];
+            real *restrict dw = dWl + (k * L + t) * VL;
+            #pragma omp simd
+            for (int v = 0; v < VL; v++) {
+                dw[v] += dy[v] * p[k * VL + v];
+                p[k * VL + v] = dy[v] * wk;
+            }
+        }
+    }
+    /* dm_k[n] = sum_t (dy w_{t,k}) C_t[n], four n at a time with the sums in registers */
+    for (int64_t k = 0; k < K; k++)
+        for (int64_t n0 = 0; n0 < N; n0 += 4) {
+            int64_t n[4];
+            for (int j = 0; j < 4; j++) n[j] = n0 + j < N ? n0 + j : N - 1;
+            real acc[4][VL] = {{0}};
+            for (int64_t t = 0; t < L; t++) {
+                const real *restrict p = w->sums + (t * K + k) * VL;
+                for (int j = 0; j < 4; j++) {
+                    const real c = Cg[n[j] * s->C_s[2] + t * s->C_s[3]];
+                    #pragma omp simd
+                    for (int v = 0; v < VL; v++) acc[j][v] += p[v] * c;
+                }
+            }
+            for (int j = 0; j < 4 && n0 + j < N; j++) memcpy(w->dmem + (k * N + n[j]) * VL, acc[j], sizeof acc[j]);
+        }
+    real scale[VL] = {0}, ds[VL] = {0};
+    for (int64_t v = 0; v < w->nv; v++) scale[v] = s->read_scale[w->d0 + v];
+    for (int64_t k = 0; k < K; k++) {
+        real df[VL] = {0};
+        for (int64_t n = 0; n < N; n++) {
+            const real *lo = state[k] + n * VL, *hi = state[K + k] + n * VL, *dm = w->dmem + (k * N + n) * VL;
+            real *below = w->snap + (k * N + n) * VL, *above = w->snap + ((K + k) * N + n) * VL;
+            #pragma omp simd
+            for (int v = 0; v < VL; v++) {
+                const real scaled = dm[v] * scale[v];
+                ds[v] += dm[v] * (lo[v] + frac[k] * (hi[v] - lo[v]));
+                df[v] += scaled * (hi[v] - lo[v]);
+                below[v] += scaled * (1 - frac[k]);
+                above[v] += scaled * frac[k];
+            }
+        }
+        real sum = 0;
+        for (int v = 0; v < VL; v++) sum += df[v];
+        dfrac[row * K + k] += sum;
+    }
+    for (int64_t v = 0; v < w->nv; v++) dscale[w->d0 + v] += ds[v];
+}
+
+static void read_backward(const ScanArgs *s, Work *w, const real *Cg, const real *const *state, real *dWl,
+                          real *dscale, real *dfrac) {
+    if (s->nstate == 16 && s->nsnap == 4) read_backward_with(s, w, Cg, state, dWl, dscale, dfrac, 16, 2);
+    else read_backward_with(s, w, Cg, state, dWl, dscale, dfrac, s->nstate, s->nsnap / 2);
+}
+
+/* C of the item's B/C group. */
+static const real *item_C(const ScanArgs *s, const Work *w) {
+    return s->C + w->b * s->C_s[0] + (w->d0 / (s->dim / s->groups)) * s->C_s[1];
+}
+
 int SCAN_FORWARD(const ScanArgs *s) {
     int failed = 0;
     #pragma omp parallel reduction(|:failed)
@@ -366,11 +513,21 @@ int SCAN_FORWARD(const ScanArgs *s) {
         const int64_t b = w.b, d0 = w.d0;
         if (s->snapshot_index) sort_snapshots(s, &w);
         block_forward(s, &w, s->hidden != NULL);
+        if (s->read_weights) {
+            const real *state[s->nsnap];
+            for (int64_t q = 0; q < s->nsnap; q++) state[q] = w.snap + q * N * VL;
+            memory_form(s, &w, state);
+            read_add(s, &w, item_C(s, &w), 0);
+        }
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
         for (int64_t v = 0; v < w.nv; v++) {
             real *out = s->out + (b * s->dim + d0 + v) * L;
             for (int64_t t = 0; t < L; t++) out[t] = w.y[t * VL + v];
+            if (s->snapshots)
+                for (int64_t q = 0; q < s->nsnap; q++)
+                    for (int64_t n = 0; n < N; n++)
+                        s->snapshots[snapshot_offset(s, &w, v, q) + n] = w.snap[(q * N + n) * VL + v];
             if (s->last_state)
                 for (int64_t n = 0; n < N; n++)
                     s->last_state[(b * s->dim + d0 + v) * N + n] = w.h[n * VL + v];
@@ -387,14 +544,15 @@ int SCAN_FORWARD(const ScanArgs *s) {
 
 /* The adjoint recurrence g_t = dL/dh_t = C_t dy_t (+ a snapshot's gradient) + a_{t+1} g_{t+1}, run
  * backwards in time, with every parameter gradient that reads g; a snapshot taken at t adds its gradient
- * to g_t (needs sort_snapshots). Inlined per (nstate, snapshots), like recurrence. */
+ * (in w->snap) to g_t (needs sort_snapshots). With the read's K locations (K > 0, memory_form first), C_t
+ * is read through h_t + sum_k w_{t,k} m_k, so C's gradient takes that sum. Inlined per (nstate, K), like
+ * recurrence. */
 static inline __attribute__((always_inline)) void reverse(
     const ScanArgs *s, Work *w, const real *Bg, const real *Cg, real *dBl, real *dCl, const int64_t N,
-    const int extra) {
+    const int64_t K) {
     const int64_t L = s->len;
+    const real *weights = K ? s->read_weights + snapshot_row(s, w) * K * L : NULL;
     int64_t due = w->nsnap - 1; /* the next snapshot, from the end */
-    int stale = 1;             /* ex holds a snapshot's gradient from an earlier step */
-    real ex[N][VL];
     for (int64_t i = 0; i < N * VL; i++) {
         w->g[i] = 0;
         w->a[i] = 0;
@@ -402,17 +560,21 @@ static inline __attribute__((always_inline)) void reverse(
     }
     for (int64_t t = L - 1; t >= 0; t--) {
         const real *dt = w->dt + t * VL, *u = w->u + t * VL, *dy = w->dy + t * VL;
-        real ddt[VL] = {0}, du[VL] = {0}, dtu[VL];
+        real ddt[VL] = {0}, du[VL] = {0}, dtu[VL], wt[K ? K : 1];
         for (int v = 0; v < VL; v++) dtu[v] = dt[v] * u[v];
-        if (extra && stale) {
-            memset(ex, 0, sizeof ex);
-            stale = 0;
-        }
-        for (; extra && due >= 0 && w->snap_at[due] == t; due--, stale = 1)
-            for (int64_t v = 0; v < w->nv; v++) {
-                const real *dsnapshot = s->dsnapshots + snapshot_offset(s, w, v, w->snap_slot[due]);
-                for (int64_t n = 0; n < N; n++) ex[n][v] += dsnapshot[n];
+        for (int64_t k = 0; k < K; k++) wt[k] = weights[k * L + t];
+        /* A snapshot's gradient joins g_t: a_{t+1} g_{t+1} is formed first and a_{t+1} set to 1, so that the
+         * step below adds the sum as it is, and steps without a snapshot pay nothing for it. */
+        for (int first = 1; due >= 0 && w->snap_at[due] == t; due--, first = 0) {
+            const real *dsnapshot = w->snap + w->snap_slot[due] * N * VL;
+            for (int64_t i = 0; i < N * VL; i++) {
+                if (first) {
+                    w->g[i] *= w->a[i];
+                    w->a[i] = 1;
+                }
+                w->g[i] += dsnapshot[i];
             }
+        }
         for (int64_t n = 0; n < N; n++) {
             const real bn = Bg[n * s->B_s[2] + t * s->B_s[3]];
             const real cn = Cg[n * s->C_s[2] + t * s->C_s[3]];
@@ -422,13 +584,15 @@ static inline __attribute__((always_inline)) void reverse(
             #pragma omp simd
             for (int v = 0; v < VL; v++) {
                 const real a = w->decay[(t * N + n) * VL + v];
-                const real gv = gs[v] * anext[v] + cn * dy[v] + (extra ? ex[n][v] : 0);
+                const real gv = gs[v] * anext[v] + cn * dy[v];
                 const real ga_hp = gv * a * hprev[v];
                 ddt[v] += ga_hp * A[v] + gv * u[v] * bn;
                 cdA[v] += ga_hp * dt[v];
                 du[v] += gv * dt[v] * bn;
                 dbn[v] += gv * dtu[v];
-                dcn[v] += dy[v] * ht[v];
+                real seen = ht[v];
+                for (int64_t k = 0; k < K; k++) seen += wt[k] * w->mem[(k * N + n) * VL + v];
+                dcn[v] += dy[v] * seen;
                 gs[v] = gv;
                 anext[v] = a;
             }
@@ -452,11 +616,13 @@ int SCAN_BACKWARD(const ScanArgs *s) {
     {
     Work w = {0};
     const int64_t L = s->len, N = s->nstate, Dm = s->dim;
-    const int64_t bc_size = s->batch * s->groups * N * L;
-    real *dA = calloc((size_t)(Dm * N + 2 * Dm + 2 * bc_size), sizeof(real));
+    const int64_t bc_size = s->batch * s->groups * N * L, K = s->read_weights ? s->nsnap / 2 : 0;
+    const int64_t rows = s->batch * s->snap_groups;
+    real *dA = calloc((size_t)(Dm * N + 2 * Dm + 2 * bc_size + (K ? Dm + rows * K * (1 + L) : 0)), sizeof(real));
     failed = work_alloc(&w, s, 1) || !dA;
     real *dD = dA + Dm * N, *dbias_acc = dD + Dm;
     real *dB = dbias_acc + Dm, *dC = dB + bc_size;
+    real *dscale = dC + bc_size, *dfrac = dscale + Dm, *dW = dfrac + rows * K;
     const int64_t items = item_count(s);
     #pragma omp for schedule(static)
     for (int64_t item = 0; item < items; item++) {
@@ -465,6 +631,13 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         const int64_t b = w.b, d0 = w.d0, nv = w.nv;
         const int64_t g = d0 / (Dm / s->groups);
         block_forward(s, &w, 2);
+        const real *state[s->nsnap ? s->nsnap : 1]; /* the read's snapshot states, in the history */
+        if (K) {
+            const int64_t *index = s->snapshot_index + snapshot_row(s, &w) * s->nsnap;
+            for (int64_t q = 0; q < s->nsnap; q++) state[q] = w.hist + index[q] * N * VL;
+            memory_form(s, &w, state);
+            read_add(s, &w, item_C(s, &w), 1); /* y then holds the read, for dz */
+        }
         if (nv < VL) memset(w.dy, 0, (size_t)(L * VL) * sizeof(real)); /* idle lanes pass no gradient */
         load_lanes(w.dy, s->dout + b * s->dout_s[0] + d0 * s->dout_s[1], s->dout_s, L, nv);
         /* The gate: dy becomes the gradient reaching y; w->du (free until the skip below) keeps
@@ -498,11 +671,19 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         }
 
         real *dBl = lanes_for(&w.dB, dB + (b * s->groups + g) * N * L);
-        if (s->snapshot_index && s->dsnapshots) sort_snapshots(s, &w);
-        if (N == 16 && w.nsnap) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 1);
-        else if (N == 16) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 0);
-        else if (w.nsnap) reverse(s, &w, Bg, Cg, dBl, dCl, N, 1);
-        else reverse(s, &w, Bg, Cg, dBl, dCl, N, 0);
+        if (s->snapshot_index && (s->dsnapshots || K)) {
+            memset(w.snap, 0, (size_t)(s->nsnap * N * VL) * sizeof(real));
+            for (int64_t q = 0; s->dsnapshots && q < s->nsnap; q++)
+                for (int64_t v = 0; v < nv; v++)
+                    for (int64_t n = 0; n < N; n++)
+                        w.snap[(q * N + n) * VL + v] = s->dsnapshots[snapshot_offset(s, &w, v, q) + n];
+            if (K)
+                read_backward(s, &w, Cg, state, lanes_for(&w.dW, dW + snapshot_row(s, &w) * K * L), dscale, dfrac);
+            sort_snapshots(s, &w);
+        }
+        if (N == 16 && K == 2) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 2);
+        else if (N == 16 && !K) reverse(s, &w, Bg, Cg, dBl, dCl, 16, 0);
+        else reverse(s, &w, Bg, Cg, dBl, dCl, N, K);
         if (s->softplus)
             for (int64_t t = 0; t < L * VL; t++) w.ddt[t] *= 1 / (1 + EXP(-w.x[t]));
         real dbias[VL] = {0};
@@ -520,8 +701,14 @@ int SCAN_BACKWARD(const ScanArgs *s) {
     }
     lanes_flush(&w.dB);
     lanes_flush(&w.dC);
+    lanes_flush(&w.dW);
     work_free(&w);
     if (!failed) {
+        if (K) {
+            add_into(s->dread_scale, dscale, Dm);
+            add_into(s->dread_frac, dfrac, rows * K);
+            add_into(s->dread_weights, dW, rows * K * L);
+        }
         add_into(s->dA, dA, Dm * N);
         if (s->Dskip) add_into(s->dD, dD, Dm);
         if (s->delta_bias) add_into(s->ddelta_bias, dbias_acc, Dm);
@@ -531,124 +718,4 @@ int SCAN_BACKWARD(const ScanArgs *s) {
     free(dA);
     }
     return failed ? -1 : 0;
-}
-
-/*
- * Adaptor-T's read, gated and added to a gated scan's output: out = y + R silu(z) with R = M C_hat per
- * channel group, M (batch groups, width, terms) the memory and C_hat (batch groups, terms, len); and the
- * backward of the gate, dR = g silu(z) and dz = g R silu'(z) (the matrix product's gradients are PyTorch's).
- * The scan cannot add the read itself: it needs the scan's snapshots. y, out, dR and dz are (batch, dim, len)
- * contiguous with dim = groups width; z and g come in any layout (strides z_s, g_s), usually (batch, len,
- * dim) views of the mixer's projections, read into lane-major buffers as the scan reads them. R is made in
- * registers, VL channels at a time, and never written out. Work items are a batch row and up to VL channels
- * of one group.
- */
-typedef struct {
-    real *a, *b, *c, *lanes; /* three (len, VL) lane-major buffers, then the memory rows (terms, VL) */
-} ReadWork;
-
-static int read_alloc(ReadWork *w, int64_t len, int64_t terms) {
-    w->a = malloc((size_t)((3 * len + terms) * VL) * sizeof(real));
-    w->b = w->a + len * VL;
-    w->c = w->b + len * VL;
-    w->lanes = w->c + len * VL;
-    return !w->a;
-}
-
-/* Locates an item, reads its z (and g) into w->a (w->c) and sets w->b to R = M C_hat for its lanes. */
-static void read_block(ReadWork *w, const real *memory, const real *c_hat, const real *z, const int64_t *z_s,
-                       const real *g, const int64_t *g_s, int64_t item, int64_t groups, int64_t width, int64_t terms,
-                       int64_t len, int64_t *b, int64_t *d0, int64_t *nv) {
-    const int64_t blocks = (width + VL - 1) / VL, bg = item / blocks, j0 = (item % blocks) * VL;
-    *nv = width - j0 < VL ? width - j0 : VL;
-    *b = bg / groups;
-    *d0 = (bg % groups) * width + j0;
-    load_lanes(w->a, z + *b * z_s[0] + *d0 * z_s[1], z_s, len, *nv);
-    if (g) load_lanes(w->c, g + *b * g_s[0] + *d0 * g_s[1], g_s, len, *nv);
-    const real *rows = memory + (bg * width + j0) * terms, *c = c_hat + bg * terms * len;
-    for (int64_t k = 0; k < terms; k++)
-        for (int64_t v = 0; v < VL; v++) w->lanes[k * VL + v] = v < *nv ? rows[v * terms + k] : 0;
-    int64_t t0 = 0;
-    for (; t0 + 4 <= len; t0 += 4) { /* four positions' sums at once: no FMA latency chain */
-        real a0[VL] = {0}, a1[VL] = {0}, a2[VL] = {0}, a3[VL] = {0};
-        for (int64_t k = 0; k < terms; k++) {
-            const real *lane = w->lanes + k * VL, *ck = c + k * len + t0;
-            const real w0 = ck[0], w1 = ck[1], w2 = ck[2], w3 = ck[3];
-            #pragma omp simd
-            for (int v = 0; v < VL; v++) {
-                a0[v] += lane[v] * w0;
-                a1[v] += lane[v] * w1;
-                a2[v] += lane[v] * w2;
-                a3[v] += lane[v] * w3;
-            }
-        }
-        real *r = w->b + t0 * VL;
-        for (int v = 0; v < VL; v++) {
-            r[v] = a0[v];
-            r[VL + v] = a1[v];
-            r[2 * VL + v] = a2[v];
-            r[3 * VL + v] = a3[v];
-        }
-    }
-    for (; t0 < len; t0++) {
-        real acc[VL] = {0};
-        for (int64_t k = 0; k < terms; k++)
-            for (int v = 0; v < VL; v++) acc[v] += w->lanes[k * VL + v] * c[k * len + t0];
-        for (int v = 0; v < VL; v++) w->b[t0 * VL + v] = acc[v];
-    }
-}
-
-/* One pass over the items: forward (g NULL) writes out = y + R silu(z) to `out`; backward writes dR to `out`
- * and dz to `dz`. */
-static int gated_read_pass(const real *y, const real *g, const int64_t *g_s, const real *memory, const real *c_hat,
-                           const real *z, const int64_t *z_s, real *out, real *dz, int64_t batch, int64_t groups,
-                           int64_t width, int64_t terms, int64_t len) {
-    const int64_t items = batch * groups * ((width + VL - 1) / VL), dim = groups * width;
-    int failed = 0;
-    if (items * len == 0) return 0;
-    #pragma omp parallel reduction(|:failed)
-    {
-    ReadWork w;
-    failed = read_alloc(&w, len, terms);
-    #pragma omp for schedule(static)
-    for (int64_t item = 0; item < items; item++) {
-        if (failed) continue;
-        int64_t b, d0, nv;
-        read_block(&w, memory, c_hat, z, z_s, g, g_s, item, groups, width, terms, len, &b, &d0, &nv);
-        if (!g) {
-            for (int64_t i = 0; i < len * VL; i++) w.b[i] *= silu_gate(w.a[i], NULL);
-            for (int64_t v = 0; v < nv; v++) {
-                const int64_t at = (b * dim + d0 + v) * len;
-                for (int64_t t = 0; t < len; t++) out[at + t] = y[at + t] + w.b[t * VL + v];
-            }
-            continue;
-        }
-        for (int64_t i = 0; i < len * VL; i++) { /* a: z, then dR; b: R, then dz; c: g */
-            real dgate;
-            const real gate = silu_gate(w.a[i], &dgate);
-            w.b[i] *= w.c[i] * dgate;
-            w.a[i] = w.c[i] * gate;
-        }
-        for (int64_t v = 0; v < nv; v++) {
-            const int64_t at = (b * dim + d0 + v) * len;
-            for (int64_t t = 0; t < len; t++) {
-                out[at + t] = w.a[t * VL + v];
-                dz[at + t] = w.b[t * VL + v];
-            }
-        }
-    }
-    free(w.a);
-    }
-    return failed ? -1 : 0;
-}
-
-int GATED_READ(const real *y, const real *memory, const real *c_hat, const real *z, const int64_t *z_s, real *out,
-               int64_t batch, int64_t groups, int64_t width, int64_t terms, int64_t len) {
-    return gated_read_pass(y, NULL, NULL, memory, c_hat, z, z_s, out, NULL, batch, groups, width, terms, len);
-}
-
-int GATED_READ_BACKWARD(const real *g, const int64_t *g_s, const real *memory, const real *c_hat, const real *z,
-                        const int64_t *z_s, real *dr, real *dz, int64_t batch, int64_t groups, int64_t width,
-                        int64_t terms, int64_t len) {
-    return gated_read_pass(NULL, g, g_s, memory, c_hat, z, z_s, dr, dz, batch, groups, width, terms, len);
 }

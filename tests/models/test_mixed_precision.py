@@ -104,9 +104,9 @@ def test_adaptor_t_locations_and_weights_are_float32_under_autocast():
 
 
 def test_adaptor_t_memory_is_read_in_float32_under_autocast(monkeypatch):
-    """In a bfloat16 backbone under autocast, the memory's location at 130.5 keeps its fraction (its two
-    neighbours are snapshotted), the snapshots are float32, and the adapted output matches float64 up to
-    its own bfloat16 rounding."""
+    """In a bfloat16 backbone under autocast, the memory's location at 130.5 keeps its fraction (so its two
+    neighbours are read), its weights are float32, and the adapted output matches float64 up to its own
+    bfloat16 rounding."""
     adaptor = injected("vim", torch.bfloat16).layers[0].mixer.adaptor_t
     with torch.no_grad():
         adaptor.anchor.fill_(0.5)  # position 0.5 * (262 - 1) = 130.5: bfloat16 has no fraction at 130
@@ -121,15 +121,14 @@ def test_adaptor_t_memory_is_read_in_float32_under_autocast(monkeypatch):
 
     def recording(*args, **kwargs):
         result = scan(*args, **kwargs)
-        seen.append((kwargs["snapshot_index"], result.snapshots.dtype))
+        seen.append((kwargs["memory"].location, kwargs["memory"].weights.dtype))
         return result
 
     monkeypatch.setattr(adaptor_peft.adaptors.temporal, "selective_scan", recording)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = adaptor.scan(u, delta * 0.1, A, B, C, None, z, direction=0)
-    index, dtype = seen[-1]
-    k = adaptor.locations
-    assert (index[..., :k] == 130).all() and (index[..., k:] == 131).all() and dtype == torch.float32
+    location, dtype = seen[-1]
+    assert (location == 130.5).all() and location.dtype == dtype == torch.float32
     inputs = [t.double() for t in (u, delta * 0.1, A, B, C)]
     exact = adaptor.double().scan(*inputs, None, z.double(), direction=0)
     memory_term = exact - scan(*inputs, None, z.double()).out
