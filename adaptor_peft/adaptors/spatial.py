@@ -64,7 +64,10 @@ class AdaptorS(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` plus the branches, computed in the parameters' precision (float32 in a half-precision
-        backbone, as peft's adapters) and added back in ``x``'s."""
+        backbone, as peft's adapters) and returned in ``x``'s; without dropout the convolution adds ``x``
+        itself, one pass over the maps instead of two."""
         weights, offsets = self.taps()
-        mixed = depthwise_taps(x.to(weights.dtype), weights, offsets)
-        return x + self.dropout(mixed).to(x.dtype)
+        if self.training and self.dropout.p:
+            mixed = depthwise_taps(x.to(weights.dtype), weights, offsets)
+            return x + self.dropout(mixed).to(x.dtype)
+        return depthwise_taps(x.to(weights.dtype), weights, offsets, plus_input=True).to(x.dtype)

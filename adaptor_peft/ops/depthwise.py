@@ -63,8 +63,10 @@ def taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: Offsets) -> torch.Tenso
 
 class _DepthwiseTaps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, offsets):
+    def forward(ctx, x, weight, offsets, plus_input):
         kernel = dense_kernel(weight, offsets)
+        if plus_input:
+            kernel[:, 0, kernel.shape[-2] // 2, kernel.shape[-1] // 2] += 1
         ctx.save_for_backward(x, kernel)
         ctx.offsets = offsets
         return _conv(x, kernel)
@@ -76,15 +78,16 @@ class _DepthwiseTaps(torch.autograd.Function):
         with torch.autocast(g.device.type, enabled=False):
             dx = _conv(g, kernel.flip(-1, -2)) if ctx.needs_input_grad[0] else None
             dweight = taps_grad(x, g, ctx.offsets) if ctx.needs_input_grad[1] else None
-        return dx, dweight, None
+        return dx, dweight, None, None
 
 
-def depthwise_taps(x: torch.Tensor, weight: torch.Tensor, offsets: Offsets) -> torch.Tensor:
+def depthwise_taps(x: torch.Tensor, weight: torch.Tensor, offsets: Offsets, plus_input: bool = False) -> torch.Tensor:
     """The depthwise convolution of channels-last ``x`` (batch, height, width, channels) by the taps
-    ``weight`` (taps, channels) at ``offsets`` ((dy, dx) per tap); same shape as ``x``."""
+    ``weight`` (taps, channels) at ``offsets`` ((dy, dx) per tap); same shape as ``x``. ``plus_input``:
+    ``x`` plus the convolution, in one pass over the maps instead of two (the centre tap plus one)."""
     if weight.shape != (len(offsets), x.shape[-1]):
         raise ValueError(
             f"depthwise_taps: weight must be (taps={len(offsets)}, channels={x.shape[-1]}), got {tuple(weight.shape)}"
         )
     with torch.autocast(x.device.type, enabled=False):
-        return _DepthwiseTaps.apply(x, weight.to(x.dtype), tuple(map(tuple, offsets)))
+        return _DepthwiseTaps.apply(x, weight.to(x.dtype), tuple(map(tuple, offsets)), plus_input)

@@ -45,15 +45,16 @@ OFFSETS = {
 
 @pytest.mark.parametrize("channels", [5, 32, 70])
 @pytest.mark.parametrize("offsets", list(OFFSETS), ids=str)
-def test_matches_the_definition_with_gradients(path, channels, offsets):
+@pytest.mark.parametrize("plus_input", [False, True], ids=["convolution", "plus-input"])
+def test_matches_the_definition_with_gradients(path, channels, offsets, plus_input):
     offsets = OFFSETS[offsets]
     g = torch.Generator().manual_seed(channels)
     x = torch.randn(2, 6, 9, channels, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(len(offsets), channels, generator=g, dtype=torch.float64, requires_grad=True)
     cotangent = torch.randn(x.shape, generator=g, dtype=torch.float64)
-    expected = reference(x, weight, offsets)
+    expected = reference(x, weight, offsets) + (x if plus_input else 0)
     want = torch.autograd.grad((expected * cotangent).sum(), (x, weight))
-    got = depthwise_taps(x, weight, offsets)
+    got = depthwise_taps(x, weight, offsets, plus_input=plus_input)
     have = torch.autograd.grad((got * cotangent).sum(), (x, weight))
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     for name, a, b in zip(("x", "weight"), have, want, strict=True):
