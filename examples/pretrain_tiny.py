@@ -115,6 +115,7 @@ def main() -> None:
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     metadata = {"model": name(args), "script": "examples/pretrain_tiny.py", **vars(args)}
+    metadata["history"] = json.dumps(history)  # every epoch's record, for scripts that compare runs
     write_atomically(args.output, save(state, metadata={k: str(v) for k, v in metadata.items()}))
     card = args.output.with_suffix(".md")
     size = sum(p.numel() for p in model.parameters())
