@@ -62,12 +62,14 @@ class AdaptorS(nn.Module):
         branches = self.kernel[:, :, 0] * self.scale[:, :, None, None]  # (branches, C, size, size)
         return branches.permute(0, 2, 3, 1).reshape(-1, self.kernel.shape[1]), self.offsets
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` plus the branches, computed in the parameters' precision (float32 in a half-precision
-        backbone, as peft's adapters) and returned in ``x``'s; without dropout the convolution adds ``x``
-        itself, one pass over the maps instead of two."""
+    def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None, skip: int | None = None) -> torch.Tensor:
+        """``x`` plus the branches: ``x`` (B, H, W, C) maps, or (B, tokens, C) tokens of a ``grid`` of
+        patches with one more token at ``skip`` that is no patch and is left as it is (Vim's class token),
+        read in place. Computed in the parameters' precision (float32 in a half-precision backbone, as peft's
+        adapters) and returned in ``x``'s; without dropout the convolution adds ``x`` itself, one pass over
+        the maps instead of two."""
         weights, offsets = self.taps()
         if self.training and self.dropout.p:
-            mixed = depthwise_taps(x.to(weights.dtype), weights, offsets)
+            mixed = depthwise_taps(x.to(weights.dtype), weights, offsets, grid=grid, skip=skip)
             return x + self.dropout(mixed).to(x.dtype)
-        return depthwise_taps(x.to(weights.dtype), weights, offsets, plus_input=True).to(x.dtype)
+        return depthwise_taps(x.to(weights.dtype), weights, offsets, True, grid, skip).to(x.dtype)

@@ -172,10 +172,8 @@ class BiMambaMixer(SSMMixer):
             return tokens
         if layout is None:
             raise ValueError("BiMambaMixer: Adaptor-S needs the token layout (patch grid, class token index)")
-        (height, width), cls = layout
-        patches = without_token(tokens, cls)
-        adapted = self.adaptor_s(patches.reshape(tokens.shape[0], height, width, -1)).flatten(1, 2)
-        return torch.cat([adapted[:, :cls], tokens[:, cls : cls + 1], adapted[:, cls:]], dim=1)
+        grid, cls = layout
+        return self.adaptor_s(tokens, grid, cls)
 
     def forward(self, hidden: torch.Tensor, layout: TokenLayout | None = None) -> torch.Tensor:
         # split before transposing: the halves' gradients then meet in in_proj's own layout, not copied twice

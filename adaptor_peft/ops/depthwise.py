@@ -1,13 +1,13 @@
 """Depthwise convolution given by taps: Adaptor-S's multi-scale branches as one op with a cheap backward.
 
 A tap is an offset ``(dy, dx)`` with one weight per channel, on channels-last maps:
-``y[b, h, w, c] = Σ_t weight[t, c] x[b, h + dy_t, w + dx_t, c]`` (zero outside the map). The forward and
-the input gradient run as one dense depthwise convolution (the taps laid into a square kernel), PyTorch's
-fastest path on every device. The weight gradient does not: PyTorch's CPU depthwise backward computes it
-about fifteen times slower than the forward, so on CPUs it comes from the compiled kernel
-(:func:`adaptor_peft.ops.native.depthwise_taps_grad`, float32 / float64); elsewhere PyTorch's dense
-kernel gradient is read at the taps.
-Everything runs in the inputs' dtype with autocast off.
+``y[b, h, w, c] = Σ_t weight[t, c] x[b, h + dy_t, w + dx_t, c]`` (zero outside the map). The maps may be
+given as a model's tokens: the patches in grid order and one more token that is no patch (Vim's class
+token), which passes through. On CPUs the compiled kernel (:mod:`adaptor_peft.ops.native`) reads and
+writes the tokens in place, the repeated taps of the branches merged, the input gradient as the same
+convolution with the offsets negated. Elsewhere the taps are laid into one dense square kernel for
+PyTorch's depthwise convolution (the class token taken out and put back), its weight gradient read at
+the taps. Everything runs in the inputs' dtype with autocast off.
 """
 
 from __future__ import annotations
@@ -49,10 +49,9 @@ def _conv(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
 
 
 def taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: Offsets) -> torch.Tensor:
-    """``dweight[t, c] = Σ_{b,h,w} x[b, h + dy_t, w + dx_t, c] g[b, h, w, c]``: (taps, channels)."""
-    if x.device.type == "cpu" and native.available(x.dtype):
-        return native.depthwise_taps_grad(x, g, torch.tensor(offsets, dtype=torch.int64))
-    size, channels = 2 * _reach(offsets) + 1, x.shape[-1]  # elsewhere: PyTorch's dense gradient, read at the taps
+    """``dweight[t, c] = Σ_{b,h,w} x[b, h + dy_t, w + dx_t, c] g[b, h, w, c]``: (taps, channels), PyTorch's
+    dense kernel gradient read at the taps."""
+    size, channels = 2 * _reach(offsets) + 1, x.shape[-1]
     kernel = x.new_empty(channels, 1, size, size)
     maps, grads = x.permute(0, 3, 1, 2), g.permute(0, 3, 1, 2)
     dense = torch.ops.aten.convolution_backward(
@@ -81,13 +80,81 @@ class _DepthwiseTaps(torch.autograd.Function):
         return dx, dweight, None, None
 
 
-def depthwise_taps(x: torch.Tensor, weight: torch.Tensor, offsets: Offsets, plus_input: bool = False) -> torch.Tensor:
-    """The depthwise convolution of channels-last ``x`` (batch, height, width, channels) by the taps
-    ``weight`` (taps, channels) at ``offsets`` ((dy, dx) per tap); same shape as ``x``. ``plus_input``:
-    ``x`` plus the convolution, in one pass over the maps instead of two (the centre tap plus one)."""
+class _NativeTaps(torch.autograd.Function):
+    """The compiled kernel on tokens (batch, tokens, channels) of a ``grid``, the token at ``skip`` kept
+    (``keep_skip``) or zeroed; ``offsets`` an int64 (taps, 2) tensor."""
+
+    @staticmethod
+    def forward(ctx, tokens, weight, offsets, grid, skip, keep_skip):
+        ctx.save_for_backward(tokens, weight, offsets)
+        ctx.grid, ctx.skip, ctx.keep_skip = grid, skip, keep_skip
+        return native.depthwise_taps(tokens, weight, offsets, grid, skip, keep_skip)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        tokens, weight, offsets = ctx.saved_tensors
+        g = g.contiguous()
+        dx = dweight = None
+        if ctx.needs_input_grad[0]:
+            dx = native.depthwise_taps(g, weight, -offsets, ctx.grid, ctx.skip, ctx.keep_skip)
+        if ctx.needs_input_grad[1]:
+            dweight = native.depthwise_taps_grad(tokens, g, offsets, ctx.grid, ctx.skip)
+        return dx, dweight, None, None, None, None
+
+
+@cache
+def _merged(offsets: Offsets, plus_input: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The distinct offsets (with the centre where ``plus_input`` adds it) as an int64 tensor, where each
+    given tap lands among them, and the centre's index."""
+    distinct = tuple(dict.fromkeys((*offsets, *(((0, 0),) if plus_input else ()))))
+    where = torch.tensor([distinct.index(offset) for offset in offsets], device=device)
+    return torch.tensor(distinct, dtype=torch.int64), where, distinct.index((0, 0)) if plus_input else -1
+
+
+def _compiled(tokens, weight, offsets, plus_input, grid, skip):
+    distinct, where, centre = _merged(offsets, plus_input, weight.device)
+    merged = weight.new_zeros(len(distinct), weight.shape[1]).index_add(0, where, weight)
+    if plus_input:
+        merged = merged + F.one_hot(torch.tensor(centre), len(distinct)).to(merged.dtype)[:, None]
+    return _NativeTaps.apply(tokens, merged, distinct, grid, skip, plus_input)
+
+
+def _dense(tokens, weight, offsets, plus_input, grid, skip):
+    patches = tokens if skip is None else torch.cat([tokens[:, :skip], tokens[:, skip + 1 :]], dim=1)
+    out = _DepthwiseTaps.apply(patches.reshape(len(tokens), *grid, -1), weight, offsets, plus_input).flatten(1, 2)
+    if skip is None:
+        return out
+    kept = tokens[:, skip : skip + 1] if plus_input else torch.zeros_like(tokens[:, :1])
+    return torch.cat([out[:, :skip], kept, out[:, skip:]], dim=1)
+
+
+def depthwise_taps(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: Offsets,
+    plus_input: bool = False,
+    grid: tuple[int, int] | None = None,
+    skip: int | None = None,
+) -> torch.Tensor:
+    """The depthwise convolution by the taps ``weight`` (taps, channels) at ``offsets`` ((dy, dx) per tap) of
+    channels-last ``x``: maps (batch, height, width, channels), or with ``grid`` = (height, width) tokens
+    (batch, tokens, channels), the patches in grid order and, at index ``skip``, one more token that is no
+    patch, to which the convolution gives nothing. Same shape as ``x``. ``plus_input``: ``x`` plus the
+    convolution (so the token at ``skip`` keeps its value), in one pass over the maps instead of two (the
+    centre tap plus one)."""
     if weight.shape != (len(offsets), x.shape[-1]):
         raise ValueError(
             f"depthwise_taps: weight must be (taps={len(offsets)}, channels={x.shape[-1]}), got {tuple(weight.shape)}"
         )
+    tokens, grid = (x, tuple(grid)) if grid is not None else (x.flatten(1, 2), tuple(x.shape[1:3]))
+    if tokens.dim() != 3 or tokens.shape[1] != grid[0] * grid[1] + (skip is not None):
+        raise ValueError(
+            f"depthwise_taps: tokens of shape {tuple(x.shape)} do not hold a {grid[0]}x{grid[1]} grid of patches"
+            + ("" if skip is None else f" and the token at {skip}")
+        )
+    offsets = tuple(map(tuple, offsets))
+    compiled = x.device.type == "cpu" and native.available(x.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return _DepthwiseTaps.apply(x, weight.to(x.dtype), tuple(map(tuple, offsets)), plus_input)
+        out = (_compiled if compiled else _dense)(tokens, weight.to(x.dtype), offsets, plus_input, grid, skip)
+    return out.view(x.shape)

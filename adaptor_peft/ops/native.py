@@ -129,9 +129,10 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
         fn = getattr(lib, f"scan_{name}_{suffix}")
         fn.argtypes = [ctypes.POINTER(_ScanArgs)]
         fn.restype = ctypes.c_int
-    taps = getattr(lib, f"depthwise_taps_grad_{suffix}")
-    taps.argtypes = [_P, _P, _P, *[ctypes.c_int64] * 5, _P]
-    taps.restype = None
+    for name, sizes in (("depthwise_taps", 7), ("depthwise_taps_grad", 6)):
+        taps = getattr(lib, f"{name}_{suffix}")
+        taps.argtypes = [_P, _P, _P, *[ctypes.c_int64] * sizes, _P]
+        taps.restype = None
     return lib
 
 
@@ -272,13 +273,37 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, *dread)
 
 
-def depthwise_taps_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """``dweight[t, c] = Σ_{b,h,w} x[b, h + dy_t, w + dx_t, c] g[b, h, w, c]`` for channels-last float32 or
-    float64 maps ``x``, ``g`` (batch, height, width, channels) and integer ``offsets`` (taps, 2); the
-    compiled library must be :func:`available` for the dtype."""
+def depthwise_taps(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    grid: tuple[int, int],
+    skip: int | None,
+    keep_skip: bool,
+) -> torch.Tensor:
+    """``y[b, p] = Σ_t weight[t, c] x[b, p + (dy_t, dx_t)]`` over the ``grid`` of patch tokens of ``x``
+    (batch, tokens, channels), zero outside it; the token at ``skip`` (not a patch) is ``x``'s with
+    ``keep_skip``, else zero. Float32 or float64, integer ``offsets`` (taps, 2); the compiled library must be
+    :func:`available` for the dtype."""
+    x, weight, offsets = x.contiguous(), weight.to(x.dtype).contiguous(), offsets.to(torch.int64).contiguous()
+    y = torch.empty_like(x)
+    sizes = (offsets.shape[0], x.shape[0], *grid, x.shape[-1], _skip(skip), int(keep_skip))
+    _function("depthwise_taps", x.dtype)(_ptr(x), _ptr(weight), _ptr(offsets), *sizes, _ptr(y))
+    return y
+
+
+def depthwise_taps_grad(
+    x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, grid: tuple[int, int], skip: int | None
+) -> torch.Tensor:
+    """``dweight[t, c] = Σ_{b,p} x[b, p + (dy_t, dx_t)] g[b, p]`` over the patches of :func:`depthwise_taps`'s
+    token layout; (taps, channels)."""
     x, g, offsets = x.contiguous(), g.to(x.dtype).contiguous(), offsets.to(torch.int64).contiguous()
     per_row = x.new_empty(x.shape[0], offsets.shape[0], x.shape[-1])
     _function("depthwise_taps_grad", x.dtype)(
-        _ptr(x), _ptr(g), _ptr(offsets), offsets.shape[0], *x.shape, _ptr(per_row)
+        _ptr(x), _ptr(g), _ptr(offsets), offsets.shape[0], x.shape[0], *grid, x.shape[-1], _skip(skip), _ptr(per_row)
     )
     return per_row.sum(0)
+
+
+def _skip(index: int | None) -> int:
+    return -1 if index is None else index

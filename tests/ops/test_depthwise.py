@@ -108,3 +108,32 @@ def test_matches_pytorch_depthwise_convolution():
     for a, b in zip(torch.autograd.grad(got.sum(), (x, weight)), torch.autograd.grad(expected.sum(), (x, weight)),
                     strict=True):  # fmt: skip
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("skip", [None, 0, 8, 10, 20], ids=lambda s: f"skip{s}")  # none, first, row end, mid-row, last
+@pytest.mark.parametrize("plus_input", [False, True], ids=["convolution", "plus-input"])
+def test_tokens_with_a_token_that_is_no_patch(path, skip, plus_input):
+    """A (batch, tokens, channels) sequence of a 5x4 grid with one more token at ``skip`` (Vim's class token):
+    the patches are convolved as the map they form, the extra token gets nothing from the convolution (its
+    own value with ``plus_input``), in value and in gradient, float64."""
+    offsets = OFFSETS["multi-scale 3x3"]
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(2, 20 + (skip is not None), 70, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(len(offsets), 70, generator=g, dtype=torch.float64, requires_grad=True)
+    cotangent = torch.randn(tokens.shape, generator=g, dtype=torch.float64)
+    patches = tokens if skip is None else torch.cat([tokens[:, :skip], tokens[:, skip + 1 :]], dim=1)
+    convolved = reference(patches.view(2, 5, 4, 70), weight, offsets).flatten(1, 2) + (patches if plus_input else 0)
+    if skip is not None:
+        extra = tokens[:, skip : skip + 1] if plus_input else torch.zeros_like(tokens[:, :1])
+        convolved = torch.cat([convolved[:, :skip], extra, convolved[:, skip:]], dim=1)
+    want = torch.autograd.grad((convolved * cotangent).sum(), (tokens, weight))
+    got = depthwise_taps(tokens, weight, offsets, plus_input, grid=(5, 4), skip=skip)
+    have = torch.autograd.grad((got * cotangent).sum(), (tokens, weight))
+    torch.testing.assert_close(got, convolved, rtol=1e-12, atol=1e-12)
+    for name, a, b in zip(("tokens", "weight"), have, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_tokens_that_do_not_fill_the_grid_are_named():
+    with pytest.raises(ValueError, match=r"do not hold a 5x4 grid of patches and the token at 3"):
+        depthwise_taps(torch.zeros(1, 20, 2), torch.zeros(1, 2), ((0, 0),), grid=(5, 4), skip=3)
