@@ -10,14 +10,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adaptor_peft.ops import native, selective_scan, selective_scan_reference
+from adaptor_peft.ops import dispatch, native, selective_scan, selective_scan_reference
 from adaptor_peft.ops.dispatch import as_grouped
 from adaptor_peft.ops.records import MemoryRead
 from tests.support.scans import assert_close, make_inputs
 
-CPU_BACKENDS = [
-    "torch",
-    pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="no C compiler")),
+COMPILED = pytest.mark.skipif(not native.available(), reason="no C compiler")
+INTERPRETED = pytest.mark.skipif(
+    dispatch.triton_backend() is None or not dispatch.triton_backend().INTERPRETED,
+    reason="needs triton and TRITON_INTERPRET=1 (set by tests/conftest.py)",
+)
+CPU_BACKENDS = ["torch", pytest.param("native", marks=COMPILED)]
+PATHS = [
+    ("torch", torch.float64),
+    ("torch", torch.float32),
+    pytest.param("native", torch.float64, marks=COMPILED),
+    pytest.param("native", torch.float32, marks=COMPILED),
+    pytest.param("triton", torch.float32, marks=INTERPRETED),  # the GPU's path, as its kernels accumulate
 ]
 
 CASES = {
@@ -72,10 +81,11 @@ def in_mixer_layouts(inputs: dict) -> dict:
     return laid
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("backend", "dtype"), PATHS)
 @pytest.mark.parametrize("case", list(CASES))
 def test_memory_read_matches_the_reference_outputs_and_gradients(backend, dtype, case):
+    """The GPU's path (snapshots from the Triton kernels, then the read in PyTorch) runs in Triton's
+    interpreter, in float32 as its kernels accumulate."""
     inputs, read = memory_inputs(case, seed=len(case))
     g = torch.Generator().manual_seed(7)
     cotangent = torch.randn(2, inputs["u"].shape[1], 13, generator=g, dtype=torch.float64)
