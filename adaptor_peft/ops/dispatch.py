@@ -308,7 +308,7 @@ def selective_scan(
     flat = ("A", "D", "delta_bias")  # every backend indexes these flat
     floats.update({k: None if floats[k] is None else floats[k].contiguous() for k in flat})
     index = None if snapshot_index is None else snapshot_index.long().contiguous()
-    frac = None if memory is None else memory.location - memory.location.detach().floor()
+    frac = None if memory is None else memory.location - floor
     if fused:
         read = dict(read_frac=frac, read_weights=memory.weights, read_scale=memory.scale)
         floats.update({k: t.to(compute).contiguous() for k, t in read.items()})

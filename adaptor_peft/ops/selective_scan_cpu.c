@@ -334,11 +334,15 @@ static void load_lanes(real *dst, const real *src, const int64_t *strides, int64
             for (int64_t v = 0; v < nv; v++) dst[t * VL + v] = src[v * strides[1] + t * strides[2]];
 }
 
+/* B or C (X, with its strides) of the item's batch row and B/C group. */
+static const real *item_group(const real *X, const int64_t *strides, const ScanArgs *s, const Work *w) {
+    return X + w->b * strides[0] + (w->d0 / (s->dim / s->groups)) * strides[1];
+}
+
 /* Loads the lane block's inputs into lane-major buffers (w->x holds delta + bias before softplus) and
  * runs the recurrence, leaving the pre-gate output y in w->y. */
 static void block_forward(const ScanArgs *s, Work *w, int keep) {
     const int64_t L = s->len, N = s->nstate, b = w->b, d0 = w->d0;
-    const int64_t g = d0 / (s->dim / s->groups);
     for (int64_t v = 0; v < VL; v++) {
         w->Dv[v] = s->Dskip && v < w->nv ? s->Dskip[d0 + v] : 0;
         if (v >= w->nv) { /* an idle lane: zero input, zero state */
@@ -363,8 +367,7 @@ static void block_forward(const ScanArgs *s, Work *w, int keep) {
         for (int64_t i = 0; i < L * VL; i++) w->dt[i] = softplus(w->x[i]);
     else
         memcpy(w->dt, w->x, (size_t)(L * VL) * sizeof(real));
-    const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
-    const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
+    const real *Bg = item_group(s->B, s->B_s, s, w), *Cg = item_group(s->C, s->C_s, s, w);
     if (N == 16 && keep == 2) recurrence(s, w, Bg, Cg, 16, 2);
     else if (N == 16) keep ? recurrence(s, w, Bg, Cg, 16, 1) : recurrence(s, w, Bg, Cg, 16, 0);
     else if (keep == 2) recurrence(s, w, Bg, Cg, N, 2);
@@ -494,11 +497,6 @@ static void read_backward(const ScanArgs *s, Work *w, const real *Cg, const real
     else read_backward_with(s, w, Cg, state, dWl, dscale, dfrac, s->nstate, s->nsnap / 2);
 }
 
-/* C of the item's B/C group. */
-static const real *item_C(const ScanArgs *s, const Work *w) {
-    return s->C + w->b * s->C_s[0] + (w->d0 / (s->dim / s->groups)) * s->C_s[1];
-}
-
 int SCAN_FORWARD(const ScanArgs *s) {
     int failed = 0;
     #pragma omp parallel reduction(|:failed)
@@ -517,7 +515,7 @@ int SCAN_FORWARD(const ScanArgs *s) {
             const real *state[s->nsnap];
             for (int64_t q = 0; q < s->nsnap; q++) state[q] = w.snap + q * N * VL;
             memory_form(s, &w, state);
-            read_add(s, &w, item_C(s, &w), 0);
+            read_add(s, &w, item_group(s->C, s->C_s, s, &w), 0);
         }
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
@@ -631,12 +629,13 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         const int64_t b = w.b, d0 = w.d0, nv = w.nv;
         const int64_t g = d0 / (Dm / s->groups);
         block_forward(s, &w, 2);
+        const real *Bg = item_group(s->B, s->B_s, s, &w), *Cg = item_group(s->C, s->C_s, s, &w);
         const real *state[s->nsnap ? s->nsnap : 1]; /* the read's snapshot states, in the history */
         if (K) {
             const int64_t *index = s->snapshot_index + snapshot_row(s, &w) * s->nsnap;
             for (int64_t q = 0; q < s->nsnap; q++) state[q] = w.hist + index[q] * N * VL;
             memory_form(s, &w, state);
-            read_add(s, &w, item_C(s, &w), 1); /* y then holds the read, for dz */
+            read_add(s, &w, Cg, 1); /* y then holds the read, for dz */
         }
         if (nv < VL) memset(w.dy, 0, (size_t)(L * VL) * sizeof(real)); /* idle lanes pass no gradient */
         load_lanes(w.dy, s->dout + b * s->dout_s[0] + d0 * s->dout_s[1], s->dout_s, L, nv);
@@ -650,8 +649,6 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 w.dy[i] *= gate;
             }
         real *dCl = lanes_for(&w.dC, dC + (b * s->groups + g) * N * L);
-        const real *Cg = s->C + b * s->C_s[0] + g * s->C_s[1];
-        const real *Bg = s->B + b * s->B_s[0] + g * s->B_s[1];
 
         /* dz (parked in ddt until the reverse pass), and the skip: gradient reaching D and u. */
         if (s->z)
