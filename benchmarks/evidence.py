@@ -1,0 +1,201 @@
+"""The evidence rerun: every table the README's method comparisons rest on, regenerated at one commit by
+one resumable command, with the wall time it took (summed over interruptions) against its budget.
+
+Stages, in order; each is resumable on its own (finished runs are read back, not retrained), and a stage
+that finished is skipped when the command runs again:
+
+- ``study``: every method's own options chosen on the design tasks' val200 with the same budget, four
+  variants per family, each at three learning rates and two training seeds (``benchmarks/ablation.py
+  --choose``, which writes ``recipes/offline_vtab/_tuned.yaml``);
+- ``suite``: the offline suite with those options, all twelve tasks, the adaptor against the best LoRA,
+  the parallel adapter and (as the booster) full fine-tuning (``adaptor-peft suite``);
+- ``backbone``: the backbone-usage comparison (``benchmarks/backbone_usage.py``);
+- ``shipped``: ``vim_nano_patch4_32_adaptor`` pretrained again with its model card's recipe, and the
+  demo's rows on it beside the default backbone's.
+
+``OUT/ledger.json`` keeps each stage's wall seconds and whether it finished, with the code version that
+ran it: a checkout of another version refuses to add to it. ``benchmarks/results/evidence.md`` gets the
+commit, date, machine, command, and the hours per stage against :data:`BUDGET_HOURS`. Usage:
+
+    python benchmarks/evidence.py [--stages study,suite,backbone,shipped] [--output-dir runs/evidence] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adaptor_peft.atomic import write_atomically
+from adaptor_peft.provenance import code_version
+from benchmarks.machine import provenance
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+BUDGET_HOURS = 6.0
+"""The most wall time the whole rerun may take on a 2-core machine."""
+STUDY = {
+    "lora": ("lora r=8,lora lr_scale=16,lora_x_proj,lora_p_x", "ablation_lora.md"),
+    "parallel_adapter": ("rank=32,rank=32 lr_scale=16,rank=8,rank=64", "ablation_parallel_adapter.md"),
+    "adaptor": ("lr_scale=10,lr_scale=1,lr_scale=30,t_anchor=static", "adaptor_ablation.md"),
+}
+"""Family -> (its four variants, its table): placement, rank and the zero-initialised parameters' rate
+multiplier for LoRA (MambaPEFT's x_proj and LoRA_p(X) among them), rank and multiplier for the parallel
+adapter, multiplier and anchors for the adaptor."""
+SUITE_METHODS = "linear_probe,lora,lora_x_proj,lora_p_x,parallel_adapter,adaptor,adaptor_booster,full"
+DEMO_METHODS = "linear_probe,bias,lora,full"
+SHIPPED_RECIPE = ("--classes", "100", "--per-class", "100", "--epochs", "15", "--batch-size", "128", "--lr", "0.002")
+"""``vim_nano_patch4_32_adaptor``'s pretraining, as the default backbone's model card gives it, seed 0."""
+
+Step = list[str] | partial
+"""A command line, or a function run in this process (the writing of a table from finished runs)."""
+
+
+def plan(output_dir: Path) -> dict[str, list[Step]]:
+    """Stage -> its steps, in order."""
+    python, cli = sys.executable, [sys.executable, "-m", "adaptor_peft.cli"]
+    common = ["--seeds", "42,43", "--lrs", "0.003,0.01,0.03", "--choose"]
+    study: list[Step] = []
+    for family, (variants, table) in STUDY.items():
+        folders = ["--output-dir", str(output_dir / f"study-{family}"), "--output", str(RESULTS / table)]
+        study.append([python, "benchmarks/ablation.py", "--family", family, "--variants", variants, *common, *folders])
+    suite_dir, shipped_dir = output_dir / "suite", output_dir / "shipped"
+    backbone = ["--output-dir", str(output_dir / "backbone"), "--output", str(RESULTS / "backbone_usage.md")]
+    weights = shipped_dir / "vim_nano_patch4_32_adaptor.safetensors"
+    pretrain = [python, "examples/pretrain_tiny.py", *SHIPPED_RECIPE, "--seed", "0", "--adaptor"]
+    demo = [*cli, "demo", "--methods", DEMO_METHODS, "--no-progress", "--output-dir"]
+    return {
+        "study": study,
+        "suite": [
+            [*cli, "suite", "--methods", SUITE_METHODS, "--output-dir", str(suite_dir), "--no-progress"],
+            partial(copy_files, suite_dir, ("suite.md", "suite.json", "suite.png")),
+        ],
+        "backbone": [[python, "benchmarks/backbone_usage.py", *backbone]],
+        "shipped": [
+            [*pretrain, "--output", str(weights)],
+            [*demo, str(shipped_dir / "demo-plain")],
+            [*demo, str(shipped_dir / "demo-adaptor"), "model=vim_nano_patch4_32_adaptor", f"checkpoint={weights}"],
+            partial(write_demo_rows, shipped_dir, weights),
+        ],
+    }
+
+
+def shown(step: Step) -> str:
+    """A step as the log and ``--dry-run`` print it."""
+    return f"{step.func.__name__} (in this process)" if isinstance(step, partial) else shlex.join(step)
+
+
+def copy_files(folder: Path, names: tuple[str, ...]) -> None:
+    """Copies finished report files into ``benchmarks/results/``."""
+    for name in names:
+        write_atomically(RESULTS / name, (folder / name).read_bytes())
+
+
+def write_demo_rows(shipped_dir: Path, weights: Path) -> None:
+    """``demo_builtin_adaptor.md``: the demo's rows on the default backbone and on the adaptor backbone."""
+    parts = [
+        "# The demo's transfer from the two embedded backbones, side by side",
+        "",
+        provenance(),
+        "",
+        f"The adaptor backbone: `{weights.name}`, pretrained by the evidence rerun's `shipped` stage "
+        f"(`python examples/pretrain_tiny.py {' '.join(SHIPPED_RECIPE)} --seed 0 --adaptor`); its adaptors "
+        "are backbone weights here, trained by `full` and frozen by the others. One task, one seed.",
+    ]
+    for title, folder in (("Default backbone", "demo-plain"), ("With built-in adaptors", "demo-adaptor")):
+        parts += ["", f"## {title}", "", (shipped_dir / folder / "demo.md").read_text().strip()]
+    write_atomically(RESULTS / "demo_builtin_adaptor.md", "\n".join(parts) + "\n")
+
+
+class Ledger:
+    """Each stage's wall seconds (summed over interruptions) and whether it finished, in one JSON file
+    owned by one code version."""
+
+    def __init__(self, path: Path, version: str):
+        self.path, self.version = path, version
+        self.data = json.loads(path.read_text()) if path.exists() else {"code_version": version, "stages": {}}
+        if self.data["code_version"] != version:
+            raise SystemExit(
+                f"{path}: the rerun there was made by code version {self.data['code_version']}, this checkout is "
+                f"{version}; run it from that version's commit, or start a fresh --output-dir"
+            )
+
+    def stage(self, name: str) -> dict[str, float | bool]:
+        return self.data["stages"].setdefault(name, {"seconds": 0.0, "done": False})
+
+    def add(self, name: str, seconds: float, done: bool = False) -> None:
+        entry = self.stage(name)
+        entry["seconds"] = round(float(entry["seconds"]) + seconds, 1)
+        entry["done"] = bool(entry["done"] or done)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
+
+    def hours(self) -> float:
+        return sum(float(s["seconds"]) for s in self.data["stages"].values()) / 3600
+
+
+def run_stage(ledger: Ledger, name: str, steps: list[Step]) -> None:
+    """Runs a stage's steps, adding each step's wall time to the ledger even when it fails or is interrupted."""
+    for step in steps:
+        print(f"[{name}] {shown(step)}", flush=True)
+        started = time.perf_counter()
+        try:
+            if isinstance(step, partial):
+                step()
+            else:
+                subprocess.run(step, check=True, cwd=ROOT)
+        finally:
+            ledger.add(name, time.perf_counter() - started)
+    ledger.add(name, 0.0, done=True)
+
+
+def report(ledger: Ledger, stages: list[str], argv: list[str] | None) -> str:
+    lines = [
+        "# The evidence rerun: wall time against its budget",
+        "",
+        provenance(argv),
+        "",
+        "| stage | hours (wall, over every session) | finished |",
+        "|---|---:|---|",
+    ]
+    for name in stages:
+        entry = ledger.stage(name)
+        lines.append(f"| {name} | {float(entry['seconds']) / 3600:.2f} | {'yes' if entry['done'] else 'no'} |")
+    total, verdict = ledger.hours(), "within" if ledger.hours() <= BUDGET_HOURS else "over"
+    lines += ["", f"Total {total:.2f} h, {verdict} the budget of {BUDGET_HOURS:g} h on 2 cores.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--stages", default="study,suite,backbone,shipped")
+    parser.add_argument("--output-dir", type=Path, default=Path("runs/evidence"))
+    parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
+    args = parser.parse_args(argv)
+    steps = plan(args.output_dir.resolve())
+    stages = args.stages.split(",")
+    unknown = [s for s in stages if s not in steps]
+    if unknown:
+        raise SystemExit(f"--stages: unknown stage(s) {unknown}; the stages: {', '.join(steps)}")
+    if args.dry_run:
+        text = "\n".join(f"[{name}] {shown(step)}" for name in stages for step in steps[name])
+        print(text)
+        return text
+    ledger = Ledger(args.output_dir / "ledger.json", code_version())
+    for name in stages:
+        if not ledger.stage(name)["done"]:
+            run_stage(ledger, name, steps[name])
+    text = report(ledger, list(steps), argv)
+    write_atomically(RESULTS / "evidence.md", text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
