@@ -188,8 +188,10 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
 
 def recorded_code_version(run: Path) -> str:
     """The code version (:func:`~adaptor_peft.provenance.code_version`) that started the run folder ``run``,
-    or :data:`UNRECORDED`."""
-    return _recorded(run).get("code", UNRECORDED)
+    or :data:`UNRECORDED`; followed by ``, resumed by <version>`` for each other version that resumed it
+    (allowed by ``--allow-other-version``), so that a run of mixed code never passes for either."""
+    record = _recorded(run)
+    return ", resumed by ".join([record.get("code", UNRECORDED), *record.get("resumed_by", [])])
 
 
 def check_code_version(run: Path, allow: bool = False) -> None:
@@ -214,7 +216,8 @@ def _recorded(run: Path) -> dict[str, Any]:
     """What a run folder records beyond its recipe: ``method``, every setting of the method
     (:func:`~adaptor_peft.adaptors.methods.resolved_settings`), ``backbone``, the fingerprint of the
     backbone weights it started from (:func:`~adaptor_peft.adaptors.state.backbone_fingerprints`), and
-    ``code``, the code version that started it; empty for a folder made before the record."""
+    ``code``, the code version that started it, and ``resumed_by``, the other versions that resumed it;
+    empty for a folder made before the record."""
     return _read_mapping(run / RESOLVED, json.loads, "run record") if (run / RESOLVED).is_file() else {}
 
 
@@ -225,13 +228,18 @@ def claim_run_folder(run: Path, recipe: dict[str, Any], model: nn.Module) -> Non
     where no epoch finished takes this code's record (:func:`check_code_version` decides the others)."""
     backbone = next(iter(backbone_fingerprints(model).values()))  # at the finest dtype
     if same_recipe(run, recipe) and checkpoints(run):  # else the record is written anew, for this code
-        recorded = _recorded(run).get("backbone")
+        record = _recorded(run)
+        recorded = record.get("backbone")
         if recorded is not None and recorded != backbone:
             raise TrainingError(
                 f"{run} started from other backbone weights than {recipe['checkpoint']!r} holds now (fingerprint "
                 f"{recorded[:12]}, now {backbone[:12]}): resume it with the weights it started from, or choose "
                 "another --output-dir"
             )
+        now, resumed_by = code_version(), record.get("resumed_by", [])
+        if record.get("code", UNRECORDED) != now and now not in resumed_by:  # resumed by other code: say so
+            record["resumed_by"] = [*resumed_by, now]
+            write_atomically(run / RESOLVED, json.dumps(record, indent=2) + "\n")
         return
     run.mkdir(parents=True, exist_ok=True)
     record = {"method": _method_settings(recipe), "backbone": backbone, "code": code_version()}

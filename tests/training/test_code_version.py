@@ -13,8 +13,9 @@ from adaptor_peft.adaptors.methods import resolved_settings
 from adaptor_peft.cli import main
 from adaptor_peft.suite import QUICK
 from adaptor_peft.training import TrainingError, load_recipe
-from adaptor_peft.training.loop import train_once
+from adaptor_peft.training.loop import train, train_once
 from adaptor_peft.training.runs import UNRECORDED, as_recorded
+from tests.support.training import interrupt
 
 OLD = "0.2.0+0123456789ab"
 
@@ -65,6 +66,22 @@ def test_a_finished_run_of_this_code_is_read_back(tmp_path):
     recipe = load_recipe("offline_vtab/count", ["method=linear_probe", *QUICK])
     run = finished_run(tmp_path / "run", recipe, provenance.code_version())
     assert train_once(recipe, run) == ({"task": "count", "top1": 12.5, "code": provenance.code_version()}, None)
+
+
+def test_a_run_resumed_by_other_code_records_both_versions(tmp_path, monkeypatch):
+    recipe = load_recipe("offline_vtab/count", ["method=linear_probe", *QUICK, "epochs=2"])
+    run, now = tmp_path / "run", provenance.code_version()
+    monkeypatch.setattr("adaptor_peft.training.runs.code_version", lambda: OLD)
+    with pytest.raises(KeyboardInterrupt):
+        train(recipe, run, progress=False, after_epoch=interrupt)
+    monkeypatch.undo()
+    with pytest.raises(TrainingError, match=re.escape(f"code version {OLD}, not this one ({now})")):
+        train_once(recipe, run)
+    mixed = f"{OLD}, resumed by {now}"
+    assert train_once(recipe, run, allow_other_version=True)[0]["code"] == mixed
+    with pytest.raises(TrainingError, match=re.escape(f"code version {mixed}, not this one")):
+        train_once(recipe, run)  # a finished run of mixed code passes for neither version
+    assert train_once(recipe, run, allow_other_version=True)[0]["code"] == mixed  # read back, recorded once
 
 
 def test_suite_passes_allow_other_version_on(tmp_path, monkeypatch):
