@@ -68,3 +68,16 @@ def test_the_extending_guide_runs():
         assert trained and all(".out_proj" in n for n in trained)
     finally:
         METHODS.pop("lora_out_proj", None)
+
+
+def test_the_readmes_measured_rows_are_copied_from_the_results_files():
+    """Words follow numbers: a README table row of per-seed spreads (``mean ± sd``) for a suite task or mean
+    appears, cell for cell, in a file of ``benchmarks/results/``, so the README cannot drift from a rerun."""
+    from adaptor_peft.data.synthetic import TASKS
+
+    results = "\n".join(p.read_text() for p in (ROOT / "benchmarks" / "results").glob("*.md"))
+    labels = "|".join([*TASKS, r"\*\*[^|*]+\*\*"])
+    rows = re.findall(rf"^\| (?:{labels}) \|[^\n]* ± [^\n]*\|$", (ROOT / "README.md").read_text(), flags=re.MULTILINE)
+    assert len(rows) >= 8
+    missing = [row for row in rows if row not in results]
+    assert not missing, missing
