@@ -92,7 +92,8 @@ def train(
     optimizer), summed over every session that trained them (:func:`~.runs.training_minutes`): set-up,
     evaluation and checkpoints are left out, so that methods compare by what training them costs. A folder
     that got anywhere under another code version is refused unless ``allow_other_version``
-    (:func:`~.runs.check_code_version`)."""
+    (:func:`~.runs.check_code_version`). A non-finite loss stops the run with an error, or, with the recipe's
+    ``record_divergence``, ends it as diverged: results with top-1 0 and a ``diverged`` entry (epoch, batch)."""
     run, recipe = Path(output_dir), as_recorded(recipe)
     check_code_version(run, allow_other_version)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -162,6 +163,7 @@ def train(
         start_epoch = int(finished[-1].name.split("_")[1])
         accelerator.print(f"resuming {run} after epoch {start_epoch}")
     metrics: dict[str, Any] = {}
+    diverged: dict[str, int] | None = None
     shown = report if accelerator.is_local_main_process else quiet
     epochs, total = recipe["epochs"], len(train_loader)
     with reporting(shown, f"{recipe['task']}/{recipe['method']}", live=progress) as report:
@@ -174,13 +176,16 @@ def train(
                 with accelerator.accumulate(model):
                     loss = F.cross_entropy(model(images), labels, label_smoothing=recipe["label_smoothing"])
                     if not torch.isfinite(accelerator.reduce(loss.detach(), "mean")):
-                        done = checkpoints(run)
-                        last = done[-1] if done else "none (no epoch finished)"
-                        raise TrainingError(
-                            f"loss is {loss.item()} in epoch {epoch}, batch {batches + 1}; stopped. The last good "
-                            f"checkpoint is {last}; the recipe must change (lower lr, set clip_grad_norm), so "
-                            "start it in another --output-dir."
-                        )
+                        diverged = {"epoch": epoch, "batch": batches + 1, "lr": recipe["lr"], "seed": recipe["seed"]}
+                        if not recipe["record_divergence"]:
+                            done = checkpoints(run)
+                            last = done[-1] if done else "none (no epoch finished)"
+                            raise TrainingError(
+                                f"loss is {loss.item()} in epoch {epoch}, batch {batches + 1}; stopped. The last "
+                                f"good checkpoint is {last}; the recipe must change (lower lr, set clip_grad_norm), "
+                                "so start it in another --output-dir."
+                            )
+                        break
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and recipe["clip_grad_norm"]:
                         accelerator.clip_grad_norm_(model.parameters(), recipe["clip_grad_norm"])
@@ -190,6 +195,8 @@ def train(
                 loss_sum += loss.detach()
                 batches += 1
                 report(Update(epoch, epochs, batches, total, loss.item()))
+            if diverged:
+                break
             train_seconds = round(time.perf_counter() - started, 3)
             record: dict[str, Any] = {
                 "epoch": epoch,
@@ -207,7 +214,9 @@ def train(
             report(Update(epoch, epochs, batches, total, record["train_loss"], record))
             if after_epoch is not None:
                 after_epoch(epoch)
-    if not metrics:  # resumed after the last epoch's checkpoint: evaluate again
+    if diverged:  # recorded, not raised: a failed setting of a grid, scored 0 and flagged
+        metrics = {"top1": 0.0, "top5": 0.0, "per_class": [0.0] * recipe["num_classes"], "diverged": diverged}
+    elif not metrics:  # resumed after the last epoch's checkpoint: evaluate again
         metrics = evaluate(model, eval_loader, accelerator, recipe["num_classes"])
     results = {
         **{key: recipe.get(key) for key in ("task", "benchmark", "group", "model", "method", "num_classes")},
@@ -225,7 +234,8 @@ def train(
         "code": recorded_code_version(run),
     }
     if accelerator.is_main_process:
-        save_adaptor(accelerator.unwrap_model(model), run / ADAPTER)
+        if not diverged:  # its weights hold non-finite values: nothing to keep
+            save_adaptor(accelerator.unwrap_model(model), run / ADAPTER)
         write_atomically(run / RESULTS, json.dumps(results, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()

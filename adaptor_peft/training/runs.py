@@ -135,6 +135,8 @@ def _read_mapping(path: Path, parse: Callable[[str], Any], what: str) -> dict[st
     return content
 
 
+ADDED_KEYS = {"record_divergence": False}
+"""Recipe keys added since runs were first recorded, with the value that does what runs did before them."""
 RECORDED_KEYS = (*REQUIRED_KEYS, "model", "model_options", "method", "method_options", "checkpoint", "seed")
 """What every recorded recipe holds, old or new: a run folder's ``config.yaml`` without one is damaged."""
 
@@ -162,7 +164,8 @@ def same_recipe(run: Path, recipe: dict[str, Any]) -> bool:
     recipe = as_recorded(recipe)
     if not (run / CONFIG).is_file():
         return False
-    previous = as_recorded(read_config(run))  # older runs recorded a path as given
+    # older runs recorded a path as given, and predate keys whose default keeps what they did
+    previous = {**ADDED_KEYS, **as_recorded(read_config(run))}
     started = bool(checkpoints(run)) or (run / RESULTS).is_file()
     if previous != recipe and started:
         changed = sorted(k for k in {*previous, *recipe} if previous.get(k) != recipe.get(k))

@@ -20,6 +20,7 @@ from adaptor_peft import create_model
 from adaptor_peft.cli import main
 from adaptor_peft.training import ClassificationMetrics, TrainingError, load_recipe, train
 from adaptor_peft.training import loop as training_loop
+from adaptor_peft.training.loop import train_once
 from adaptor_peft.training.optim import build_optimizer, build_scheduler, decays, param_groups
 from tests.support.training import TINY_RECIPE, interrupt, tiny_recipe, vtab_task
 
@@ -107,6 +108,19 @@ def test_nan_loss_stops_with_the_last_good_checkpoint_kept(tmp_path, recipes, ch
         train(tiny_recipe(checkpoint), tmp_path / "run", data, progress=False)
     assert (tmp_path / "run" / "checkpoints" / "epoch_001" / "complete").is_file()
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_recorded_divergence_finishes_the_run_as_a_failed_setting(tmp_path, recipes, checkpoint, monkeypatch):
+    data = vtab_task(tmp_path / "vtab-1k")
+    cross_entropy = training_loop.F.cross_entropy
+    monkeypatch.setattr(training_loop.F, "cross_entropy", lambda *a, **k: cross_entropy(*a, **k) * float("nan"))
+    recipe = tiny_recipe(checkpoint, "record_divergence=true", "lr=0.25")
+    results = train(recipe, tmp_path / "run", data, progress=False)
+    assert results["diverged"] == {"epoch": 1, "batch": 1, "lr": 0.25, "seed": recipe["seed"]}
+    assert results["top1"] == results["top5"] == 0.0 and results["per_class"] == [0.0] * recipe["num_classes"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == results
+    assert not (tmp_path / "run" / "adapter").exists()  # non-finite weights are not kept
+    assert train_once(recipe, tmp_path / "run") == (results, None)  # finished: read back, not trained again
 
 
 def test_bad_labels_bad_images_and_bad_keys_get_clear_errors(tmp_path, recipes, checkpoint):
