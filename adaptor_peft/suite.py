@@ -101,8 +101,9 @@ def tuned_options() -> dict[str, dict[str, Any]]:
 
 
 def _recipe(task: str, method: str, overrides: Sequence[str]) -> dict[str, Any]:
-    """The task's recipe with ``method``, the method's tuned options under the recipe's, and ``overrides``."""
-    recipe = load_recipe(f"{SUITE}/{task}", [f"method={method}", *overrides])
+    """The task's recipe with ``method``, the method's tuned options under the recipe's, and ``overrides``; a
+    run that diverges is recorded as a failed setting (``record_divergence``), so that the grid goes on."""
+    recipe = load_recipe(f"{SUITE}/{task}", [f"method={method}", "record_divergence=true", *overrides])
     recipe["method_options"] = {**tuned_options().get(method, {}), **recipe["method_options"]}
     return recipe
 
@@ -248,6 +249,7 @@ def run_suite(
         "best_lora": best_lora,
         "role_means": _role_means(scores, tasks),
         "comparisons": comparisons(scores, best_lora, tasks),
+        "diverged": sorted(_diverged(r) for r in results if r.get("diverged")),
         "minutes_per_run": round(sum(minutes) / len(minutes), 3) if minutes else None,
         "runs_trained_now": len(minutes),
         **summary.to_dict(),
@@ -259,6 +261,12 @@ def run_suite(
     console.print(_comparison_table(report["comparisons"]))
     console.print(f"written: {output / 'suite.md'}, {output / 'suite.json'}, {output / 'suite.png'}")
     return report
+
+
+def _diverged(result: dict[str, Any]) -> str:
+    """A diverged run, named for the report."""
+    where = result["diverged"]
+    return f"{result['task']}/{result['method']} on {result['eval_split']} (lr {where['lr']:g}, seed {where['seed']})"
 
 
 def _final_folder(output: Path, index: int, pair: tuple[str, str]) -> Path:
@@ -390,8 +398,8 @@ def _markdown(report: dict[str, Any], table: str) -> str:
         f"on test, each final run with its own training/data seed ({seeds}). Quick mode (tiny splits, one "
         f"epoch): {'yes' if protocol['quick'] else 'no'}. Overrides: {' '.join(protocol['overrides']) or 'none'}.",
         "",
-        "Headline: paired differences of test top-1 over tasks × seeds (held-out tasks first; design tasks "
-        "chose the adaptor's defaults):",
+        "Headline: paired differences of test top-1 over tasks × seeds (held-out tasks first; every method's "
+        "options were chosen on the design tasks' val200):",
         "",
         _comparison_table(report["comparisons"]),
         "Mean over each role's tasks, ± sd over seeds:",
@@ -412,6 +420,8 @@ def _markdown(report: dict[str, Any], table: str) -> str:
         "| task | " + " | ".join(methods) + " |",
         "|---|" + "---:|" * len(methods),
         *(f"| {t} | " + " | ".join(rate(t, m) for m in methods) + " |" for t in report["learning_rate"]),
+        "",
+        "Runs whose loss became non-finite (scored 0): " + (", ".join(report["diverged"]) or "none") + ".",
         "",
     ]
     return "\n".join(lines)

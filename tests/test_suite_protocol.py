@@ -17,6 +17,7 @@ from adaptor_peft.suite import (
     LEARNING_RATES,
     SuiteError,
     _comparison_table,
+    _diverged,
     choose_rate,
     comparisons,
     edge_step,
@@ -30,6 +31,11 @@ def test_the_default_grid_has_three_rates_and_a_smaller_one_is_refused(tmp_path)
     assert len(LEARNING_RATES) >= 3
     with pytest.raises(SuiteError, match=r"three learning rates \(got \[0.001, 0.01\]\)"):
         run_suite(tmp_path, learning_rates=(1e-3, 1e-2), progress=False)
+
+
+def test_a_diverged_run_is_named_with_its_rate_and_seed():
+    result = {"task": "count", "method": "lora", "eval_split": "val200", "diverged": {"lr": 0.03, "seed": 43}}
+    assert _diverged(result) == "count/lora on val200 (lr 0.03, seed 43)"
 
 
 def test_one_collapsed_seed_does_not_choose_the_rate():
@@ -135,6 +141,13 @@ def test_suite_quick_extends_the_grid_selects_on_two_seeds_and_keeps_every_seed(
     assert report["role_means"]["adaptor"]["design"] is None  # not every design task ran
     text = (out / "suite.md").read_text()
     assert "| design | adaptor − best LoRA | 2 |" in text and "Code version(s): " + code_version() in text
+    configs = [yaml.safe_load(p.read_text()) for p in out.rglob("config.yaml")]
+    assert configs and all(c["record_divergence"] is True for c in configs)  # a diverged run ends, not the suite
+    diverged = sorted(
+        _diverged(r) for p in out.rglob("results.json") if (r := json.loads(p.read_text())).get("diverged")
+    )
+    assert report["diverged"] == diverged
+    assert f"Runs whose loss became non-finite (scored 0): {', '.join(diverged) or 'none'}." in text
     capsys.readouterr()
     main(argv)  # finished runs are read back
     assert json.loads((out / "suite.json").read_text())["runs_trained_now"] == 0
