@@ -25,13 +25,15 @@ from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.data.synthetic import task_roles
 from adaptor_peft.reports import parameter_report
-from adaptor_peft.suite import QUICK, selection_runs
+from adaptor_peft.suite import QUICK, choose_rate, edge_step, selection_runs
 from adaptor_peft.training.pool import train_runs
 from benchmarks.machine import provenance
 
 VARIANTS = {
     "lora": ("lora", {}),
     "lr_scale=1": ("adaptor", {"lr_scale": 1.0}),
+    "lr_scale=4": ("adaptor", {"lr_scale": 4.0}),
+    "lr_scale=16": ("adaptor", {"lr_scale": 16.0}),
     "lr_scale=10": ("adaptor", {"lr_scale": 10.0}),
     "K=1 lr_scale=10": ("adaptor", {"t_locations": 1, "lr_scale": 10.0}),
     "t_anchor=static": ("adaptor", {"t_anchor": "static", "lr_scale": 10}),
@@ -56,8 +58,10 @@ FAMILIES = {
         "lora r=16": ("lora", {"r": 16, "lr_scale": 1.0}),
         "lora in+out_proj": ("lora", {"r": 8, "lr_scale": 1.0, "targets": ["in_proj", "out_proj"]}),
         "lora_x_proj": ("lora_x_proj", {"r": 8, "lr_scale": 1.0}),
+        "lora_x_proj lr_scale=4": ("lora_x_proj", {"r": 8, "lr_scale": 4.0}),
         "lora_x_proj lr_scale=16": ("lora_x_proj", {"r": 8, "lr_scale": 16.0}),
         "lora_p_x": ("lora_p_x", {"r": 8, "lr_scale": 1.0}),
+        "lora_p_x lr_scale=4": ("lora_p_x", {"r": 8, "lr_scale": 4.0}),
         "lora_p_x lr_scale=16": ("lora_p_x", {"r": 8, "lr_scale": 16.0}),
     },
     "parallel_adapter": {
@@ -73,10 +77,13 @@ FAMILIES = {
         "rank=128": ("parallel_adapter", {"rank": 128, "lr_scale": 1.0}),
     },
 }
-"""The same budget for every method's own choices: ten variants each (the adaptor's ten after LoRA), each at
-every learning rate and seed, on the design tasks' val. LoRA's placement (in_proj, x_proj, the x half of
-in_proj, in and out projections), rank and LoRA+ rate of B; the parallel adapter's rank and rate of its
-up-projection. ``--choose`` writes each method's best row into the suite's tuned options."""
+"""Each family's variants, run on the design tasks' val at every learning rate and seed: the rate multiplier
+of the zero-initialised parameters (``lr_scale``: LoRA's B as in LoRA+, the parallel adapter's
+up-projection, the adaptors) for every method, LoRA's placement (in_proj, x_proj, the x half of in_proj,
+in and out projections) and rank, the parallel adapter's rank. ``--choose`` writes each method's best row
+into the suite's tuned options."""
+FOLLOWS = {"adaptor_booster": "adaptor"}
+"""A method whose options ``--choose`` sets to another's choice: the booster's adaptors are the adaptor's."""
 TUNED = Path(__file__).resolve().parents[1] / "recipes" / "offline_vtab" / "_tuned.yaml"
 TASKS = task_roles()["design"]
 """The design tasks (digits, landcover, count, distance): one natural and one specialized task and two
@@ -102,6 +109,30 @@ def seed_label(name: str, seed: int, seeds: list[int]) -> str:
     return name if len(seeds) == 1 else f"{name}/seed_{seed}"
 
 
+def selection_val(
+    output_dir: Path,
+    name: str,
+    method: str,
+    overrides: list[str],
+    seeds: list[int],
+    grids: dict[str, list[float]],
+    workers: int | None,
+) -> dict[str, dict[float, list[float]]]:
+    """Trains variant ``name`` at each task's rates (``grids``: task -> rates) with every training seed, as the
+    suite's model selection does, and returns the val200 top-1s: task -> rate -> one per seed."""
+    keys, jobs = [], []
+    for task, grid in grids.items():
+        for seed in seeds:
+            folder = seed_label(name, seed, seeds)
+            for lr, run, recipe in selection_runs(output_dir, task, method, grid, [*overrides, f"seed={seed}"], folder):
+                keys.append((task, lr))
+                jobs.append((recipe, run))
+    val: dict[str, dict[float, list[float]]] = {task: {} for task in grids}
+    for (task, lr), (result, _) in zip(keys, train_runs(jobs, workers) if jobs else [], strict=True):
+        val[task].setdefault(lr, []).append(result["top1"])
+    return val
+
+
 def trainable(method: str, options: dict[str, object], model: str, num_classes: int) -> int:
     """Trainable parameters of the variant on ``model``, head excluded."""
     built = prepare_model(create_model(model, num_classes=num_classes), method, **options)
@@ -117,11 +148,12 @@ def table(rows: dict[str, dict[str, object]], tasks: list[str], lrs: list[float]
         cells = " | ".join("" if s is None else f"{s:.2f}" for s in scores)
         mean = f"{sum(done) / len(done):.2f}" if len(done) == len(tasks) else ""
         options = ", ".join(f"{k}={v}" for k, v in row["options"].items()) or "defaults"
-        chosen = " ".join(f"{row['lr'][t]:g}" for t in tasks if t in row["lr"])
+        chosen = " ".join(f"{row['lr'][t]:g}{'*' * (t in row['extended'])}" for t in tasks if t in row["lr"])
         lines.append(f"| {name} | {row['method']} | {options} | {row['trainable']:,} | {cells} | {mean} | {chosen} |")
     grid = ", ".join(f"{lr:g}" for lr in lrs)
     over = "one seed" if len(seeds) == 1 else f"mean of seeds {', '.join(map(str, seeds))}"
-    lines += ["", f"Best val200 top-1 % over lr in {{{grid}}}, {over}, trained on train800.", ""]
+    lines += ["", f"Best val200 top-1 % over lr in {{{grid}}}, {over}, trained on train800; *: the grid was extended"]
+    lines += ["one step beyond the edge chosen, once, and the rate chosen again (the smallest of equals).", ""]
     return "\n".join(lines)
 
 
@@ -153,30 +185,26 @@ def main(argv: list[str] | None = None) -> str:
     title = f"# {args.family} variants on the design tasks' val200\n\n{provenance(argv)}"
     rows: dict[str, dict[str, object]] = {}
     for name, (method, options) in variants.items():
-        extra = [f"method_options.{key}={value}" for key, value in options.items()]
+        extra = [*overrides, *(f"method_options.{key}={value}" for key, value in options.items())]
         row = rows[name] = {"method": method, "options": options, "val": {}, "lr": {}, "trainable": 0}
-        runs = {
-            (task, seed): selection_runs(
-                args.output_dir, task, method, lrs, [*overrides, *extra, f"seed={seed}"], seed_label(name, seed, seeds)
-            )
-            for task in tasks
-            for seed in seeds
-        }
-        scores = iter(train_runs([(recipe, run) for r in runs.values() for _, run, recipe in r], args.workers))
-        val = {key: {lr: next(scores)[0]["top1"] for lr in lrs} for key in runs}
+        variant = (args.output_dir, name, method, extra, seeds)
+        val = selection_val(*variant, {task: lrs for task in tasks}, args.workers)
+        row["extended"] = {t: step for t in tasks if (step := edge_step(lrs, choose_rate(val[t]))) is not None}
+        beyond = selection_val(*variant, {t: [step] for t, step in row["extended"].items()}, args.workers)
+        for task, rates in beyond.items():  # an edge was chosen: one step beyond it, once, as the suite does
+            val[task].update(rates)
         for task in tasks:
-            mean = {lr: sum(val[task, seed][lr] for seed in seeds) / len(seeds) for lr in lrs}
-            row["lr"][task] = best = max(lrs, key=lambda lr: mean[lr])
-            row["val"][task] = mean[best]
-        recipe = next(iter(runs.values()))[0][2]
+            row["lr"][task] = best = choose_rate(val[task])
+            row["val"][task] = sum(val[task][best]) / len(seeds)
+        recipe = selection_runs(args.output_dir, tasks[0], method, lrs, extra)[0][2]
         row["trainable"] = trainable(method, recipe["method_options"], recipe["model"], recipe["num_classes"])
         text = table(rows, tasks, lrs, seeds, title)
         if args.output:
             write_atomically(args.output, text)
         print(f"{name}: " + ", ".join(f"{t} {row['val'][t]:.2f}" for t in tasks), flush=True)
-    if args.choose:  # the family's own methods only: the adaptor's rows hold LoRA as a bar, untuned
-        best = {m: o for m, o in best_options(rows, tasks).items() if m.startswith(args.family)}
-        write_tuned(best, f"benchmarks/ablation.py {' '.join(argv or sys.argv[1:])}")
+    if args.choose:
+        command = f"benchmarks/ablation.py {' '.join(argv or sys.argv[1:])}"
+        write_tuned(chosen_options(rows, tasks, args.family), command)
     print(text)
     return text
 
@@ -189,6 +217,13 @@ def best_options(rows: dict[str, dict[str, object]], tasks: list[str]) -> dict[s
         if row["method"] not in best or mean > best[row["method"]][0]:
             best[row["method"]] = (mean, row["options"])
     return {method: options for method, (_, options) in best.items()}
+
+
+def chosen_options(rows: dict[str, dict[str, object]], tasks: list[str], family: str) -> dict[str, dict[str, object]]:
+    """What ``--choose`` writes: the best options of the family's own methods (the adaptor family's rows hold
+    LoRA as an untuned bar), and the same for the methods that follow one of them (:data:`FOLLOWS`)."""
+    best = {m: o for m, o in best_options(rows, tasks).items() if m.startswith(family)}
+    return {**best, **{follower: best[leader] for follower, leader in FOLLOWS.items() if leader in best}}
 
 
 def write_tuned(chosen: dict[str, dict[str, object]], command: str, path: Path = TUNED) -> None:

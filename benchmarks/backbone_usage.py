@@ -90,7 +90,7 @@ def transfer_jobs(
 ) -> list[tuple[dict, Path]]:
     """One run per task and method on the arm's backbone of ``seed``, at the recipe's learning rate."""
     checkpoint = weights_file(output_dir, arm, seed)
-    overrides = [f"model={arm.model}", f"checkpoint={checkpoint}", *(QUICK if quick else ())]
+    overrides = [f"model={arm.model}", f"checkpoint={checkpoint}", "record_divergence=true", *(QUICK if quick else ())]
     jobs = []
     for task in tasks:
         for method in methods:
@@ -128,6 +128,13 @@ def report(
         minutes = statistics.fmean(pretraining[arm.name, s]["minutes"] for s in seeds)
         cells = " | ".join(f"{v:.1f}" for v in top1)
         lines.append(f"| {arm.name} | {arm.epochs} | {cells} | {spread(top1)} | {minutes:.1f} |")
+
+    def per_epoch(arm: Arm) -> float:
+        return statistics.fmean(pretraining[arm.name, s]["minutes"] for s in seeds) / arm.epochs
+
+    if per_epoch(plains[0]) > 0:  # minutes are rounded to 0.1: a tiny pretraining has none to compare
+        measured, assumed = per_epoch(adaptor) / per_epoch(plains[0]), plains[-1].epochs / adaptor.epochs
+        lines += ["", f"An adaptor epoch took {measured:.2f} plain epochs here; equal compute assumed {assumed:.2f}."]
     if len(seeds) > 1:
         lines.append("")
         for plain in plains:

@@ -4,9 +4,9 @@ one resumable command, with the wall time it took (summed over interruptions) ag
 Stages, in order; each is resumable on its own (finished runs are read back, not retrained), and a stage
 that finished is skipped when the command runs again:
 
-- ``study``: every method's own options chosen on the design tasks' val200 with the same budget, four
-  variants per family, each at three learning rates and two training seeds (``benchmarks/ablation.py
-  --choose``, which writes ``recipes/offline_vtab/_tuned.yaml``);
+- ``study``: every method's rate multiplier (and LoRA's placement) chosen on the design tasks' val200 with
+  the same budget, each variant at the suite's three learning rates (extended one step at an edge) and two
+  training seeds (``benchmarks/ablation.py --choose``, which writes ``recipes/offline_vtab/_tuned.yaml``);
 - ``suite``: the offline suite with those options, all twelve tasks, the adaptor against the best LoRA,
   the parallel adapter and (as the booster) full fine-tuning (``adaptor-peft suite``);
 - ``backbone``: the backbone-usage comparison (``benchmarks/backbone_usage.py``);
@@ -40,14 +40,19 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BUDGET_HOURS = 6.0
 """The most wall time the whole rerun may take on a 2-core machine."""
+MULTIPLIERS = (1, 4, 16)
+"""The rate multipliers (``lr_scale``) every method with zero-initialised parameters is tried at."""
 STUDY = {
-    "lora": ("lora r=8,lora lr_scale=16,lora_x_proj,lora_p_x", "ablation_lora.md"),
-    "parallel_adapter": ("rank=32,rank=32 lr_scale=16,rank=8,rank=64", "ablation_parallel_adapter.md"),
-    "adaptor": ("lr_scale=10,lr_scale=1,lr_scale=30,t_anchor=static", "adaptor_ablation.md"),
+    "lora": (
+        "lora r=8,lora lr_scale=4,lora lr_scale=16,lora_x_proj,lora_x_proj lr_scale=4,lora_x_proj lr_scale=16,"
+        "lora_p_x,lora_p_x lr_scale=4,lora_p_x lr_scale=16",
+        "ablation_lora.md",
+    ),
+    "parallel_adapter": ("rank=32,rank=32 lr_scale=4,rank=32 lr_scale=16", "ablation_parallel_adapter.md"),
+    "adaptor": ("lr_scale=1,lr_scale=4,lr_scale=16", "adaptor_ablation.md"),
 }
-"""Family -> (its four variants, its table): placement, rank and the zero-initialised parameters' rate
-multiplier for LoRA (MambaPEFT's x_proj and LoRA_p(X) among them), rank and multiplier for the parallel
-adapter, multiplier and anchors for the adaptor."""
+"""Family -> (its variants, its table): every method at each of :data:`MULTIPLIERS`, LoRA in its three
+placements (``in_proj``, MambaPEFT's ``x_proj`` and LoRA_p(X)); the same budget for each method."""
 SUITE_METHODS = "linear_probe,lora,lora_x_proj,lora_p_x,parallel_adapter,adaptor,adaptor_booster,full"
 DEMO_METHODS = "linear_probe,bias,lora,full"
 SHIPPED_RECIPE = ("--classes", "100", "--per-class", "100", "--epochs", "15", "--batch-size", "128", "--lr", "0.002")
@@ -60,7 +65,7 @@ Step = list[str] | partial
 def plan(output_dir: Path) -> dict[str, list[Step]]:
     """Stage -> its steps, in order."""
     python, cli = sys.executable, [sys.executable, "-m", "adaptor_peft.cli"]
-    common = ["--seeds", "42,43", "--lrs", "0.003,0.01,0.03", "--choose"]
+    common = ["--seeds", "42,43", "--lrs", "0.001,0.003,0.01", "--choose"]  # the suite's grid, extended alike
     study: list[Step] = []
     for family, (variants, table) in STUDY.items():
         folders = ["--output-dir", str(output_dir / f"study-{family}"), "--output", str(RESULTS / table)]

@@ -46,3 +46,12 @@ def test_backbone_usage_pretrains_every_arm_transfers_and_resumes(tmp_path):
     again = backbone_usage.main(argv)
     assert again[again.index("## Pretraining") :] == text[text.index("## Pretraining") :]  # read back, not retrained
     assert all(f.stat().st_mtime_ns == stamp for f, stamp in stamps.items())
+
+
+def test_the_report_gives_the_measured_cost_of_an_adaptor_epoch_beside_the_assumed_one():
+    setup = backbone_usage.arms(8, 1.25)  # the equal-compute arm: 10 epochs
+    minutes = {"adaptor": 24.0, "plain": 16.0, "plain, equal compute": 20.0}  # 3.0 and 2.0 minutes per epoch
+    pretraining = {(arm.name, s): {"held_out_top1": 50.0, "minutes": minutes[arm.name]} for arm in setup for s in (0,)}
+    transfer = {(arm.name, 0, "count", "lora"): 60.0 for arm in setup}
+    text = backbone_usage.report("# t", setup, [0], pretraining, transfer, ["count"], ["lora"])
+    assert "An adaptor epoch took 1.50 plain epochs here; equal compute assumed 1.25." in text

@@ -24,9 +24,13 @@ def test_the_plan_names_real_scripts_variants_and_methods(tmp_path):
                 continue
             script = step[1] if step[1] != "-m" else None
             assert script is None or (evidence.ROOT / script).exists(), (name, script)
+    multipliers = {}
     for family, (variants, _) in evidence.STUDY.items():
-        assert len(variants.split(",")) == 4  # the same budget for every family
-        assert set(variants.split(",")) <= set(ablation.FAMILIES[family])
+        for name in variants.split(","):
+            method, options = ablation.FAMILIES[family][name]
+            multipliers.setdefault(method, set()).add(options["lr_scale"])
+    assert set(multipliers) == {"lora", "lora_x_proj", "lora_p_x", "parallel_adapter", "adaptor"}
+    assert all(m == set(evidence.MULTIPLIERS) for m in multipliers.values())  # the same budget for every method
     assert set(evidence.SUITE_METHODS.split(",")) <= set(METHODS)
     assert set(evidence.DEMO_METHODS.split(",")) <= set(METHODS)
     shown = evidence.main(["--dry-run", "--output-dir", str(tmp_path)]).splitlines()

@@ -193,8 +193,12 @@ def test_the_ablation_benchmark_reads_val_per_variant_and_reuses_its_runs(tmp_pa
     assert int(rows["rank"][3].replace(",", "")) != int(rows["lr_scale=1"][3].replace(",", ""))
     for name in ("lr_scale=1", "rank"):
         runs = tmp_path / "runs" / "select" / "count" / name
-        vals = {lr: json.loads((runs / f"lr_{lr}" / "results.json").read_text())["top1"] for lr in ("0.001", "0.05")}
-        assert float(rows[name][4]) == pytest.approx(max(vals.values()), abs=0.01)  # val200, the best lr
+        vals = {float(p.parent.name[3:]): json.loads(p.read_text())["top1"] for p in runs.glob("lr_*/results.json")}
+        assert len(vals) == 3  # a two-rate grid's choice is an edge: one step beyond it, once
+        assert {0.001, 0.05} < set(vals) and rows[name][-1].endswith("* |")
+        best = min(vals, key=lambda lr: (-vals[lr], lr))  # val200, the best rate, the smallest of equals
+        assert float(rows[name][4]) == pytest.approx(vals[best], abs=0.01)
+        assert rows[name][-1].strip("|* ") == f"{best:g}"
         recipe = yaml.safe_load((runs / "lr_0.05" / "config.yaml").read_text())
         assert recipe["eval_split"] == "val200" and recipe["train_split"] == "train800"
     stamps = sorted(p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("results.json"))
@@ -212,14 +216,16 @@ def test_the_ablation_benchmark_chooses_the_rate_on_the_mean_val_of_its_seeds(tm
     row = next(line.split(" | ") for line in text.splitlines() if "| adaptor |" in line)
     runs = tmp_path / "runs" / "select" / "count" / "lr_scale=1"
     val = {
-        (seed, lr): json.loads((runs / f"seed_{seed}" / f"lr_{lr}" / "results.json").read_text())["top1"]
+        (seed, float(p.parent.name[3:])): json.loads(p.read_text())["top1"]
         for seed in (1, 2)
-        for lr in ("0.001", "0.05")
+        for p in (runs / f"seed_{seed}").glob("lr_*/results.json")
     }
     for seed in (1, 2):
         recipe = yaml.safe_load((runs / f"seed_{seed}" / "lr_0.05" / "config.yaml").read_text())
         assert recipe["seed"] == seed
-    mean = {lr: (val[1, lr] + val[2, lr]) / 2 for lr in ("0.001", "0.05")}
-    best = max(mean, key=mean.get)
-    assert float(row[4]) == pytest.approx(mean[best], abs=0.01) and row[-1].strip("| ") == f"{float(best):g}"
+    rates = {lr for _, lr in val}
+    assert len(rates) == 3 and len(val) == 6  # the extension step, with both seeds
+    mean = {lr: (val[1, lr] + val[2, lr]) / 2 for lr in rates}
+    best = min(mean, key=lambda lr: (-mean[lr], lr))
+    assert float(row[4]) == pytest.approx(mean[best], abs=0.01) and row[-1].strip("|* ") == f"{best:g}"
     assert "mean of seeds 1, 2" in text

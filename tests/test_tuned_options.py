@@ -28,11 +28,20 @@ def suite_recipes(tmp_path, monkeypatch) -> Path:
     return folder / "offline_vtab" / TUNED
 
 
-def test_every_family_has_the_adaptors_budget_and_tunes_only_on_design_tasks():
+def test_the_study_tunes_only_on_design_tasks():
+    assert set(ablation().TASKS) == {"digits", "landcover", "count", "distance"}
+
+
+def test_the_booster_takes_the_adaptors_chosen_options():
     module = ablation()
-    adaptor_rows = sum(method == "adaptor" for method, _ in module.FAMILIES["adaptor"].values())
-    assert {len(rows) for name, rows in module.FAMILIES.items() if name != "adaptor"} == {adaptor_rows}
-    assert set(module.TASKS) == {"digits", "landcover", "count", "distance"}
+    rows = {
+        "a": {"method": "adaptor", "options": {"lr_scale": 4.0}, "val": {"x": 80.0}},
+        "b": {"method": "adaptor", "options": {"lr_scale": 16.0}, "val": {"x": 81.0}},
+        "bar": {"method": "lora", "options": {}, "val": {"x": 99.0}},
+    }
+    chosen = {"adaptor": {"lr_scale": 16.0}, "adaptor_booster": {"lr_scale": 16.0}}
+    assert module.chosen_options(rows, ["x"], "adaptor") == chosen  # LoRA's bar row chooses nothing
+    assert module.chosen_options({"bar": rows["bar"]}, ["x"], "lora") == {"lora": {}}
 
 
 def test_the_best_row_per_method_is_written_and_other_methods_entries_stay(tmp_path):
