@@ -1,15 +1,17 @@
-"""Ablation of the adaptor's design choices on the offline suite's val200 splits (never test).
+"""Each method's own choices on the design tasks' val200 splits of the offline suite (never test): the
+adaptor's design, every method's rate multiplier, LoRA's placement and rank.
 
 Each variant is a method with method options (``--variant NAME=METHOD[:key=value,...]``, or the
 built-in ones below). On every task it is trained on train800 at each learning rate of the grid and each
 training seed, and read on val200, as the suite's model selection does; the learning rate is chosen on
-the mean val200 top-1 over the seeds, so that one collapsed run does not decide. The table gives that mean
+the mean val200 top-1 over the seeds, so that one collapsed run does not decide, and a choice at an edge
+of the grid extends it one step on that side, once. The table gives that mean
 at the chosen rate per task, their mean, the rate chosen and the trainable parameters (head excluded).
 Runs are kept under ``--output-dir`` and skipped when the command runs again, so the table grows and
 resumes. Usage:
 
     python benchmarks/ablation.py [--variants "lr_scale=1,lr_scale=10,..."] [--variant "NAME=adaptor:t_rank=8"]
-        [--tasks count,...] [--lrs 0.01,0.03] [--seeds 42,43] [--workers N] [--output-dir runs/ablation]
+        [--tasks count,...] [--lrs 0.001,0.003,0.01] [--seeds 42,43] [--workers N] [--output-dir runs/ablation]
         [--output benchmarks/results/adaptor_ablation.md] [key=value ...]
 """
 
@@ -25,7 +27,7 @@ from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.data.synthetic import task_roles
 from adaptor_peft.reports import parameter_report
-from adaptor_peft.suite import QUICK, choose_rate, edge_step, selection_runs
+from adaptor_peft.suite import LEARNING_RATES, QUICK, choose_rate, edge_step, selection_runs
 from adaptor_peft.training.pool import train_runs
 from benchmarks.machine import provenance
 
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--choose", action="store_true", help=f"write each method's best variant to {TUNED.name}")
     parser.add_argument("--variant", action="append", default=[], help="NAME=METHOD[:key=value,...], added")
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--lrs", default="0.01,0.03")
+    parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LEARNING_RATES), help="the suite's grid")
     parser.add_argument("--seeds", default="42", help="training seeds; the rate is chosen on their mean val")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/ablation"))
     parser.add_argument("--output", type=Path, help="also write the table to this Markdown file")
