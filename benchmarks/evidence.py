@@ -13,8 +13,9 @@ that finished is skipped when the command runs again:
 - ``shipped``: ``vim_nano_patch4_32_adaptor`` pretrained again with its model card's recipe, and the
   demo's rows on it beside the default backbone's.
 
-``OUT/ledger.json`` keeps each stage's wall seconds and whether it finished, with the code version that
-ran it: a checkout of another version refuses to add to it. ``benchmarks/results/evidence.md`` gets the
+``OUT/ledger.json`` keeps each stage's wall seconds (added every minute while it runs, and when it stops)
+and whether it finished, with the code version that ran it: a checkout of another version refuses to add
+to it. ``benchmarks/results/evidence.md`` gets the
 commit, date, machine, command, and the hours per stage against :data:`BUDGET_HOURS`. Usage:
 
     python benchmarks/evidence.py [--stages study,suite,backbone,shipped] [--output-dir runs/evidence] [--dry-run]
@@ -25,9 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -38,6 +43,8 @@ from benchmarks.machine import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
+HEARTBEAT_SECONDS = 60.0
+"""How often a running stage's wall time is added to the ledger."""
 BUDGET_HOURS = 6.0
 """The most wall time the whole rerun may take on a 2-core machine."""
 MULTIPLIERS = (1, 4, 16)
@@ -123,7 +130,7 @@ class Ledger:
     owned by one code version."""
 
     def __init__(self, path: Path, version: str):
-        self.path, self.version = path, version
+        self.path, self.version, self.lock = path, version, threading.Lock()
         self.data = json.loads(path.read_text()) if path.exists() else {"code_version": version, "stages": {}}
         if self.data["code_version"] != version:
             raise SystemExit(
@@ -135,28 +142,50 @@ class Ledger:
         return self.data["stages"].setdefault(name, {"seconds": 0.0, "done": False})
 
     def add(self, name: str, seconds: float, done: bool = False) -> None:
-        entry = self.stage(name)
-        entry["seconds"] = round(float(entry["seconds"]) + seconds, 1)
-        entry["done"] = bool(entry["done"] or done)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
+        with self.lock:
+            entry = self.stage(name)
+            entry["seconds"] = round(float(entry["seconds"]) + seconds, 1)
+            entry["done"] = bool(entry["done"] or done)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
+
+    @contextmanager
+    def clock(self, name: str) -> Iterator[None]:
+        """Adds the wall time of the block to stage ``name``: every :data:`HEARTBEAT_SECONDS` while it runs, so
+        that a process killed outright loses at most that much, and the rest when it ends, however it ends."""
+        stop, last, every = threading.Event(), [time.perf_counter()], HEARTBEAT_SECONDS
+
+        def tick() -> None:
+            now = time.perf_counter()
+            self.add(name, now - last[0])
+            last[0] = now
+
+        def beat() -> None:
+            while not stop.wait(every):
+                tick()
+
+        beating = threading.Thread(target=beat, daemon=True)
+        beating.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beating.join()
+            tick()
 
     def hours(self) -> float:
         return sum(float(s["seconds"]) for s in self.data["stages"].values()) / 3600
 
 
 def run_stage(ledger: Ledger, name: str, steps: list[Step]) -> None:
-    """Runs a stage's steps, adding each step's wall time to the ledger even when it fails or is interrupted."""
+    """Runs a stage's steps, adding their wall time to the ledger as they run (:meth:`Ledger.clock`)."""
     for step in steps:
         print(f"[{name}] {shown(step)}", flush=True)
-        started = time.perf_counter()
-        try:
+        with ledger.clock(name):
             if isinstance(step, partial):
                 step()
             else:
                 subprocess.run(step, check=True, cwd=ROOT)
-        finally:
-            ledger.add(name, time.perf_counter() - started)
     ledger.add(name, 0.0, done=True)
 
 
@@ -177,6 +206,10 @@ def report(ledger: Ledger, stages: list[str], argv: list[str] | None) -> str:
     return "\n".join(lines)
 
 
+def stopped(signum: int, frame: object) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", default="study,suite,backbone,shipped")
@@ -193,6 +226,7 @@ def main(argv: list[str] | None = None) -> str:
         print(text)
         return text
     ledger = Ledger(args.output_dir / "ledger.json", code_version())
+    signal.signal(signal.SIGTERM, stopped)  # a stop unwinds, so that the running step's time is added
     for name in stages:
         if not ledger.stage(name)["done"]:
             run_stage(ledger, name, steps[name])

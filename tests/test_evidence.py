@@ -4,8 +4,10 @@ interruptions, skips finished stages, keeps a failed step's time and refuses ano
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -82,3 +84,33 @@ def test_the_ledger_sums_time_skips_finished_stages_and_refuses_other_versions(t
 def test_an_unknown_stage_is_named(tmp_path):
     with pytest.raises(SystemExit, match=r"unknown stage.*'pretrain'"):
         evidence.main(["--stages", "study,pretrain", "--output-dir", str(tmp_path)])
+
+
+def test_a_running_step_adds_its_time_as_it_goes_and_when_stopped(tmp_path, monkeypatch):
+    out, seen = tmp_path / "out", []
+
+    def look() -> None:  # a step that sleeps, then reads what the ledger holds of it so far
+        time.sleep(0.45)
+        seen.append(json.loads((out / "ledger.json").read_text())["stages"]["slow"]["seconds"])
+
+    monkeypatch.setattr(evidence, "plan", lambda output_dir: {"slow": [partial(look)]})
+    monkeypatch.setattr(evidence, "RESULTS", tmp_path)
+    monkeypatch.setattr(evidence, "HEARTBEAT_SECONDS", 0.1)
+    evidence.main(["--stages", "slow", "--output-dir", str(out)])
+    assert seen and 0.3 <= seen[0] <= 0.5  # the heartbeats, before the step ended
+
+    script = f"""
+import sys
+from pathlib import Path
+from benchmarks import evidence
+evidence.plan = lambda output_dir: {{"slow": [[sys.executable, "-c", "import time; time.sleep(60)"]]}}
+evidence.RESULTS = Path({str(tmp_path)!r})
+evidence.main(["--stages", "slow", "--output-dir", {str(tmp_path / "killed")!r}])
+"""
+    child = subprocess.Popen([sys.executable, "-c", script], cwd=evidence.ROOT, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().startswith("[slow]")  # the step has started
+    time.sleep(1.5)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) != 0
+    stage = json.loads((tmp_path / "killed" / "ledger.json").read_text())["stages"]["slow"]
+    assert stage["seconds"] >= 1 and not stage["done"]  # the stopped step's time, before any heartbeat
