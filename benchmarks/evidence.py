@@ -15,8 +15,8 @@ that finished is skipped when the command runs again:
 
 ``OUT/ledger.json`` keeps each stage's wall seconds (added every minute while it runs, and when it stops)
 and whether it finished, with the code version that ran it: a checkout of another version refuses to add
-to it. ``benchmarks/results/evidence.md`` gets the
-commit, date, machine, command, and the hours per stage against :data:`BUDGET_HOURS`. Usage:
+to it. ``benchmarks/results/evidence.md`` gets the commit, date, machine, command, and the hours per
+stage against :data:`BUDGET_HOURS`. Usage:
 
     python benchmarks/evidence.py [--stages study,suite,backbone,shipped] [--output-dir runs/evidence] [--dry-run]
 """
