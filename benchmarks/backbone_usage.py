@@ -123,17 +123,14 @@ def report(
     seed_cells = " | ".join(f"seed {s}" for s in seeds)
     lines = [title, "", "## Pretraining: held-out top-1 % on the pretraining classes", ""]
     lines += [f"| arm | epochs | {seed_cells} | mean ± sd | minutes, mean |", "|---|---:|" + "---:|" * (len(seeds) + 2)]
+    minutes = {arm: statistics.fmean(pretraining[arm.name, s]["minutes"] for s in seeds) for arm in setup}
     for arm in setup:
         top1 = [pretraining[arm.name, s]["held_out_top1"] for s in seeds]
-        minutes = statistics.fmean(pretraining[arm.name, s]["minutes"] for s in seeds)
         cells = " | ".join(f"{v:.1f}" for v in top1)
-        lines.append(f"| {arm.name} | {arm.epochs} | {cells} | {spread(top1)} | {minutes:.1f} |")
-
-    def per_epoch(arm: Arm) -> float:
-        return statistics.fmean(pretraining[arm.name, s]["minutes"] for s in seeds) / arm.epochs
-
-    if per_epoch(plains[0]) > 0:  # minutes are rounded to 0.1: a tiny pretraining has none to compare
-        measured, assumed = per_epoch(adaptor) / per_epoch(plains[0]), plains[-1].epochs / adaptor.epochs
+        lines.append(f"| {arm.name} | {arm.epochs} | {cells} | {spread(top1)} | {minutes[arm]:.1f} |")
+    if minutes[plains[0]] > 0:  # minutes are rounded to 0.1: a tiny pretraining has none to compare
+        per_epoch = {arm: minutes[arm] / arm.epochs for arm in (adaptor, plains[0])}
+        measured, assumed = per_epoch[adaptor] / per_epoch[plains[0]], plains[-1].epochs / adaptor.epochs
         lines += ["", f"An adaptor epoch took {measured:.2f} plain epochs here; equal compute assumed {assumed:.2f}."]
     if len(seeds) > 1:
         lines.append("")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import signal
 import subprocess
 import sys
 import threading
@@ -39,6 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.provenance import code_version
+from adaptor_peft.training.pool import stopped_by_sigterm
 from benchmarks.machine import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,7 +130,7 @@ class Ledger:
     owned by one code version."""
 
     def __init__(self, path: Path, version: str):
-        self.path, self.version, self.lock = path, version, threading.Lock()
+        self.path, self.lock = path, threading.Lock()
         self.data = json.loads(path.read_text()) if path.exists() else {"code_version": version, "stages": {}}
         if self.data["code_version"] != version:
             raise SystemExit(
@@ -201,13 +201,10 @@ def report(ledger: Ledger, stages: list[str], argv: list[str] | None) -> str:
     for name in stages:
         entry = ledger.stage(name)
         lines.append(f"| {name} | {float(entry['seconds']) / 3600:.2f} | {'yes' if entry['done'] else 'no'} |")
-    total, verdict = ledger.hours(), "within" if ledger.hours() <= BUDGET_HOURS else "over"
+    total = ledger.hours()
+    verdict = "within" if total <= BUDGET_HOURS else "over"
     lines += ["", f"Total {total:.2f} h, {verdict} the budget of {BUDGET_HOURS:g} h on 2 cores.", ""]
     return "\n".join(lines)
-
-
-def stopped(signum: int, frame: object) -> None:
-    raise SystemExit(f"stopped by signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -226,10 +223,10 @@ def main(argv: list[str] | None = None) -> str:
         print(text)
         return text
     ledger = Ledger(args.output_dir / "ledger.json", code_version())
-    signal.signal(signal.SIGTERM, stopped)  # a stop unwinds, so that the running step's time is added
-    for name in stages:
-        if not ledger.stage(name)["done"]:
-            run_stage(ledger, name, steps[name])
+    with stopped_by_sigterm():  # a stop unwinds, so that the running step's time is added
+        for name in stages:
+            if not ledger.stage(name)["done"]:
+                run_stage(ledger, name, steps[name])
     text = report(ledger, list(steps), argv)
     write_atomically(RESULTS / "evidence.md", text)
     print(text)

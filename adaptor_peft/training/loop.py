@@ -93,7 +93,8 @@ def train(
     evaluation and checkpoints are left out, so that methods compare by what training them costs. A folder
     that got anywhere under another code version is refused unless ``allow_other_version``
     (:func:`~.runs.check_code_version`). A non-finite loss stops the run with an error, or, with the recipe's
-    ``record_divergence``, ends it as diverged: results with top-1 0 and a ``diverged`` entry (epoch, batch)."""
+    ``record_divergence``, ends it as diverged: results with top-1 0 and a ``diverged`` entry (epoch, batch,
+    learning rate, seed)."""
     run, recipe = Path(output_dir), as_recorded(recipe)
     check_code_version(run, allow_other_version)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -163,7 +164,7 @@ def train(
         start_epoch = int(finished[-1].name.split("_")[1])
         accelerator.print(f"resuming {run} after epoch {start_epoch}")
     metrics: dict[str, Any] = {}
-    diverged: dict[str, int] | None = None
+    diverged: dict[str, float] | None = None
     shown = report if accelerator.is_local_main_process else quiet
     epochs, total = recipe["epochs"], len(train_loader)
     with reporting(shown, f"{recipe['task']}/{recipe['method']}", live=progress) as report:

@@ -106,10 +106,11 @@ def _exit(signum: int, frame: object) -> None:
 
 
 @contextmanager
-def _stopped_by_sigterm() -> Iterator[None]:
-    """While workers run, SIGTERM (``kill``, a job scheduler) raises SystemExit here, so that leaving the
-    pool terminates them as an interrupt does; by default this process would die alone and its workers
-    would train on. Signals reach only the main thread: elsewhere nothing changes."""
+def stopped_by_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM (``kill``, a job scheduler) raises SystemExit here, so that it unwinds
+    as an interrupt does: leaving the pool terminates its workers (by default this process would die alone
+    and its workers would train on), and ``finally`` clauses run. Signals reach only the main thread:
+    elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -163,7 +164,7 @@ def train_runs(
     items = [(index, *jobs[index], allow_other_version) for index in order]
     # Leaving the block terminates the workers: on a failure or an interrupt nothing trains on behind it.
     with (
-        _stopped_by_sigterm(),
+        stopped_by_sigterm(),
         _relayed(context, show) as updates,
         context.Pool(workers, _start_worker, (max(1, cores() // workers), updates)) as pool,
     ):
