@@ -91,7 +91,7 @@ class SuiteError(ValueError):
 
 
 def tuned_options() -> dict[str, dict[str, Any]]:
-    """Method -> the options chosen for it on the design tasks' val (``recipes/offline_vtab/tuned.yaml``,
+    """Method -> the options chosen for it on the design tasks' val (``recipes/offline_vtab/_tuned.yaml``,
     written by ``benchmarks/ablation.py --choose``), so that every method is tuned with the same budget."""
     path = recipes_dir() / SUITE / TUNED
     tuned = yaml.safe_load(path.read_text()) if path.exists() else None

@@ -61,7 +61,7 @@ class AdaptorConfig:
     training loop applies it; a loop of your own gets it from ``adaptor_peft.param_groups(model, lr,
     weight_decay)``. On the offline
     suite's val splits 10 gave 82.5 % mean top-1 against 77.8 % for 1, 80.0 % for 3 and 80.4 % for 30, each
-    at its best learning rate (``benchmarks/results/adaptor_ablation.md``)."""
+    at its best learning rate (``benchmarks/results/adaptor_design_ablation.md``)."""
 
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
     """Free-form notes carried into saved adapter files; not read by the package."""
