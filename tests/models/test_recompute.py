@@ -142,15 +142,16 @@ def conv_reference(x, weight, bias):
     return F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=weight.shape[0])[..., : x.shape[-1]]
 
 
-@pytest.mark.parametrize("taps", [1, 4])
-def test_causal_conv1d_matches_conv1d_in_float64_on_strided_inputs_with_every_gradient(taps):
-    g = torch.Generator().manual_seed(taps)
-    rows = torch.randn(3, 11, 16, generator=g, dtype=torch.float64)  # a (B, L, 2E) projection, as in Vim
+@pytest.mark.parametrize(("taps", "length"), [(1, 11), (4, 11), (4, 3), (4, 2), (4, 1)])
+def test_causal_conv1d_matches_conv1d_in_float64_on_strided_inputs_with_every_gradient(taps, length):
+    """Also on sequences no longer than the kernel, where some taps read only the zeros before the start."""
+    g = torch.Generator().manual_seed(taps * 100 + length)
+    rows = torch.randn(3, length, 16, generator=g, dtype=torch.float64)  # a (B, L, 2E) projection, as in Vim
     weight = torch.randn(8, 1, taps, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
     leaf = rows.clone().requires_grad_()
     x = leaf[..., 8:].transpose(1, 2)
-    cotangent = torch.randn(3, 8, 11, generator=g, dtype=torch.float64)
+    cotangent = torch.randn(3, 8, length, generator=g, dtype=torch.float64)
     grads = []
     for conv in (causal_conv1d, conv_reference):
         out = conv(x, weight, bias)
