@@ -46,18 +46,28 @@ def describe() -> str:
     return f"{model}, {platform.machine()}, {isa}, {os.cpu_count()} cores"
 
 
+SHOWN_EDITS = 3
+"""How many edited files :func:`commit` names before it counts the rest."""
+
+
 def commit() -> str:
-    """The checkout's short commit, with ``+edits`` when tracked files differ from it; ``unknown`` outside git."""
+    """The checkout's short commit, with ``+edits`` and the files when tracked files differ from it (a
+    rerun's own outputs, such as the tuned options a study writes, are edits too: the names tell them
+    from code); ``unknown`` outside git."""
     root = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 
     try:
-        edited = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return git("rev-parse", "--short", "HEAD") + ("+edits" if edited else "")
+        edited = git("diff", "--name-only", "HEAD").splitlines()
+        head = git("rev-parse", "--short", "HEAD")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    if not edited:
+        return head
+    more = len(edited) - SHOWN_EDITS
+    return f"{head}+edits ({', '.join(edited[:SHOWN_EDITS])}{f' and {more} more' if more > 0 else ''})"
 
 
 def provenance(argv: list[str] | None = None) -> str:

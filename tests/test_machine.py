@@ -15,16 +15,37 @@ def test_vector_isa_is_the_widest_listed():
     assert machine.vector_isa("fpu") == "scalar"
 
 
-def test_commit_is_the_checkouts_with_edits_marked(monkeypatch):
-    answers = {"rev-parse": "abc1234\n", "status": " M adaptor_peft/suite.py\n"}
+def test_commit_is_the_checkouts_with_its_edited_files_named(monkeypatch):
+    answers = {"rev-parse": "abc1234\n", "diff": "recipes/offline_vtab/_tuned.yaml\n"}
 
     def git(command, **kwargs):
         return subprocess.CompletedProcess(command, 0, stdout=answers[command[1]], stderr="")
 
     monkeypatch.setattr(machine.subprocess, "run", git)
-    assert machine.commit() == "abc1234+edits"
-    answers["status"] = ""
+    assert machine.commit() == "abc1234+edits (recipes/offline_vtab/_tuned.yaml)"
+    answers["diff"] = "a.py\nb.py\nc.py\nd.py\ne.py\n"
+    assert machine.commit() == "abc1234+edits (a.py, b.py, c.py and 2 more)"
+    answers["diff"] = ""
     assert machine.commit() == "abc1234"
+
+
+def test_commit_names_the_edits_of_a_real_checkout(tmp_path, monkeypatch):
+    """Against git itself: a tracked file changed is named, an untracked one is not."""
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "tracked.txt").write_text("one\n")
+    git("add", "tracked.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    (tmp_path / "benchmarks").mkdir()
+    monkeypatch.setattr(machine, "__file__", str(tmp_path / "benchmarks" / "machine.py"))
+    head = machine.commit()
+    assert "+" not in head and len(head) >= 7
+    (tmp_path / "untracked.txt").write_text("new\n")
+    (tmp_path / "tracked.txt").write_text("two\n")
+    assert machine.commit() == f"{head}+edits (tracked.txt)"
 
 
 def test_commit_outside_git_is_unknown(monkeypatch):
