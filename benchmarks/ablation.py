@@ -225,7 +225,7 @@ def chosen_options(rows: dict[str, dict[str, object]], tasks: list[str], family:
     """What ``--choose`` writes: the best options of the family's own methods (the adaptor family's rows hold
     LoRA as an untuned bar), and the same for the methods that follow one of them (:data:`FOLLOWS`)."""
     best = {m: o for m, o in best_options(rows, tasks).items() if m.startswith(family)}
-    return {**best, **{follower: best[leader] for follower, leader in FOLLOWS.items() if leader in best}}
+    return {**best, **{follower: dict(best[leader]) for follower, leader in FOLLOWS.items() if leader in best}}
 
 
 def write_tuned(chosen: dict[str, dict[str, object]], command: str, path: Path = TUNED) -> None:

@@ -44,6 +44,16 @@ def test_the_booster_takes_the_adaptors_chosen_options():
     assert module.chosen_options({"bar": rows["bar"]}, ["x"], "lora") == {"lora": {}}
 
 
+def test_the_tuned_file_spells_out_every_methods_options(tmp_path):
+    """A follower's options are written out in full, not as a YAML alias of its leader's."""
+    module = ablation()
+    rows = {"a": {"method": "adaptor", "options": {"lr_scale": 16.0}, "val": {"x": 80.0}}}
+    path = tmp_path / "_tuned.yaml"
+    module.write_tuned(module.chosen_options(rows, ["x"], "adaptor"), "test", path)
+    assert "&" not in path.read_text() and "*" not in path.read_text()
+    assert yaml.safe_load(path.read_text()) == {"adaptor": {"lr_scale": 16.0}, "adaptor_booster": {"lr_scale": 16.0}}
+
+
 def test_the_best_row_per_method_is_written_and_other_methods_entries_stay(tmp_path):
     module = ablation()
     rows = {
