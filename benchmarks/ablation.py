@@ -225,16 +225,21 @@ def chosen_options(rows: dict[str, dict[str, object]], tasks: list[str], family:
     """What ``--choose`` writes: the best options of the family's own methods (the adaptor family's rows hold
     LoRA as an untuned bar), and the same for the methods that follow one of them (:data:`FOLLOWS`)."""
     best = {m: o for m, o in best_options(rows, tasks).items() if m.startswith(family)}
-    return {**best, **{follower: dict(best[leader]) for follower, leader in FOLLOWS.items() if leader in best}}
+    return {**best, **{follower: best[leader] for follower, leader in FOLLOWS.items() if leader in best}}
 
 
 def write_tuned(chosen: dict[str, dict[str, object]], command: str, path: Path = TUNED) -> None:
-    """Merges ``chosen`` into the suite's tuned options (other methods' entries stay), saying what chose them."""
+    """Merges ``chosen`` into the suite's tuned options (other methods' entries stay), saying what chose them;
+    every method's options are spelled out, none written as a YAML alias of another's."""
     import yaml
+
+    class Spelled(yaml.SafeDumper):
+        def ignore_aliases(self, data: object) -> bool:
+            return True
 
     tuned = {**(yaml.safe_load(path.read_text()) or {} if path.exists() else {}), **chosen}
     header = f"# Method options chosen on the design tasks' val200; the suite applies them. Last: {command}\n"
-    write_atomically(path, header + yaml.safe_dump(tuned, sort_keys=True))
+    write_atomically(path, header + yaml.dump(tuned, Dumper=Spelled, sort_keys=True))
 
 
 if __name__ == "__main__":

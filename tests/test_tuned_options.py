@@ -45,7 +45,7 @@ def test_the_booster_takes_the_adaptors_chosen_options():
 
 
 def test_the_tuned_file_spells_out_every_methods_options(tmp_path):
-    """A follower's options are written out in full, not as a YAML alias of its leader's."""
+    """A follower shares its leader's options; the file spells them out for each, not as a YAML alias."""
     module = ablation()
     rows = {"a": {"method": "adaptor", "options": {"lr_scale": 16.0}, "val": {"x": 80.0}}}
     path = tmp_path / "_tuned.yaml"
