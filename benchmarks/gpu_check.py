@@ -133,12 +133,14 @@ def vim_layout(inputs: dict[str, torch.Tensor], shape: ScanShape) -> dict[str, t
     """:func:`selective_scan`'s arguments taken out of :func:`scan_inputs` by the views
     :meth:`~adaptor_peft.models.vim.BiMambaMixer.scan` takes in its forward direction: ``z`` the second half
     of ``in_proj``'s output, ``delta`` ``dt_proj``'s output and ``B``, ``C`` slices of ``x_proj``'s, each
-    transposed to (batch, features, len), so that consecutive positions lie a whole row apart."""
+    transposed to (batch, features, len), so that consecutive positions lie a whole row apart; ``u``, the
+    causal conv's output, likewise, with channels adjacent."""
     scan = {k: v for k, v in inputs.items() if k not in HOLDS}
     _, B, C = inputs["x_proj"].split([shape.rank, shape.nstate, shape.nstate], dim=-1)
     z = inputs["in_proj"].chunk(2, dim=-1)[1]
     return {
         **scan,
+        "u": scan["u"].transpose(1, 2).contiguous().transpose(1, 2),
         "z": z.transpose(1, 2),
         "delta": inputs["dt_proj"].transpose(1, 2),
         "B": B.transpose(1, 2),

@@ -36,41 +36,49 @@ class _CausalConv1d(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
-        return _causal_taps(F.pad(full_precision(x), (weight.shape[-1] - 1, 0)), weight, bias).to(x.dtype)
+        return _causal_taps(_positions_first(x, weight.shape[-1] - 1, 0), weight, bias).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        taps, length, grad_in = weight.shape[-1], grad.shape[-1], full_precision(grad)
+        taps, length = weight.shape[-1], grad.shape[-1]
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:  # the same taps, run backwards in time over the gradient
-            dx = _causal_taps(F.pad(grad_in, (0, taps - 1)), weight.flip(-1), None).to(grad.dtype)
+            dx = _causal_taps(_positions_first(grad, 0, taps - 1), weight.flip(-1), None).to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            padded = F.pad(full_precision(x), (taps - 1, 0))
-            dweight = torch.stack([(grad_in * padded[..., k : k + length]).sum((0, 2)) for k in range(taps)], -1)
+            grad_in, padded = full_precision(grad).transpose(1, 2), _positions_first(x, taps - 1, 0)
+            dweight = torch.stack([(grad_in * padded[:, k : k + length]).sum((0, 1)) for k in range(taps)], -1)
             dweight = dweight.unsqueeze(1).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = grad_in.sum((0, 2)).to(weight.dtype)
+            dbias = full_precision(grad).sum((0, 2)).to(weight.dtype)
         return dx, dweight, dbias
 
 
+def _positions_first(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
+    """(B, E, L) as a contiguous (B, before + L + after, E) in at least float32, zero-padded in time."""
+    return F.pad(full_precision(x).transpose(1, 2), (0, 0, before, after))
+
+
 def _causal_taps(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """sum_k weight[:, 0, k] * padded[..., k : k + L] (+ bias) in padded's dtype, in conv1d's order of
-    summation; padded holds K - 1 more positions than the output."""
-    length, taps = padded.shape[-1] - weight.shape[-1] + 1, weight[:, 0, :, None].to(padded.dtype)
-    first = padded[..., :length]
-    out = first * taps[:, 0] if bias is None else torch.addcmul(bias[:, None].to(padded.dtype), first, taps[:, 0])
+    """sum_k weight[:, 0, k] * padded[:, k : k + L] (+ bias) in padded's dtype, in conv1d's order of
+    summation, for padded (B, L + K - 1, E); returns (B, E, L) with channels adjacent in memory."""
+    length = padded.shape[1] - weight.shape[-1] + 1
+    taps = weight[:, 0, :].t().to(padded.dtype).contiguous()  # (K, E): each tap's channels adjacent, as padded's
+    first = padded[:, :length]
+    out = first * taps[0] if bias is None else torch.addcmul(bias.to(padded.dtype), first, taps[0])
     for k in range(1, weight.shape[-1]):
-        out.addcmul_(padded[..., k : k + length], taps[:, k])
-    return out
+        out.addcmul_(padded[:, k : k + length], taps[k])
+    return out.transpose(1, 2)
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Mamba's depthwise causal convolution: ``conv1d(x, weight, bias, padding=K - 1, groups=E)[..., :L]`` for
     x (B, E, L) and weight (E, 1, K), as K shifted multiply-adds that read x in any layout, summed in at
-    least float32 (as mamba-ssm's causal-conv1d kernel) and returned in x's dtype. On a CPU this is
-    several times faster than ``conv1d`` (which copies a strided x, then runs a general kernel), and a
-    frozen weight keeps nothing for the backward pass."""
+    least float32 (as mamba-ssm's causal-conv1d kernel) and returned in x's dtype, with channels adjacent in
+    memory (a transposed (B, L, E) tensor): the layout in which the scan reads one vector per position and
+    ``x_proj`` reads positions as rows, with no copy. On a CPU this is several times faster than ``conv1d``
+    (which copies a strided x, then runs a general kernel), and a frozen weight keeps nothing for the
+    backward pass."""
     return _CausalConv1d.apply(x, weight, bias)
 
 

@@ -63,7 +63,8 @@ class _ScanArgs(ctypes.Structure):
         ("u_s", _I64x3), ("delta_s", _I64x3), ("z_s", _I64x3), ("B_s", _I64x4), ("C_s", _I64x4),
         *[(name, _P) for name in ("out", "last_state", "hidden", "dout", "du", "ddelta", "dz", "dA", "dD",
                                   "ddelta_bias", "dB", "dC")],
-        ("dout_s", _I64x3), ("ddelta_s", _I64x3), ("snap_groups", ctypes.c_int64), ("nsnap", ctypes.c_int64),
+        ("out_s", _I64x3), ("dout_s", _I64x3), ("ddelta_s", _I64x3), ("du_s", _I64x3), ("dz_s", _I64x3),
+        ("snap_groups", ctypes.c_int64), ("nsnap", ctypes.c_int64),
         *[(name, _P) for name in ("snapshot_index", "snapshots", "dsnapshots")],
         *[(name, _P) for name in ("read_frac", "read_weights", "read_scale", "dread_frac", "dread_weights",
                                   "dread_scale")],
@@ -183,6 +184,15 @@ def _strides(t: torch.Tensor | None, n: int):
     return (ctypes.c_int64 * n)(*(t.stride() if t is not None else (0,) * n))
 
 
+def _lanes_like(x: torch.Tensor) -> torch.Tensor:
+    """An empty (batch, dim, len) tensor like ``x``, with channels adjacent in memory where ``x`` has them: the
+    kernel then writes one vector per position, and the mixer's next layers read positions as rows."""
+    batch, dim, length = x.shape
+    if x.stride(1) == 1 and dim > 1:
+        return x.new_empty(batch, length, dim).transpose(1, 2)
+    return x.new_empty(batch, dim, length)
+
+
 def _args(x: ScanInputs) -> _ScanArgs:
     batch, dim, length = x.u.shape
     snap = x.snapshot_index
@@ -235,13 +245,14 @@ def forward(
     batch, dim, length = x.u.shape
     n = x.A.shape[1]
     new = x.u.new_empty
-    out = new(batch, dim, length)
+    out = _lanes_like(x.u)
     last = new(batch, dim, n) if want_last else None
     hidden = new(batch, dim, length, n) if want_hidden else None
     returned = x.snapshot_index is not None and x.read_weights is None
     snapshots = new(batch, dim, x.snapshot_index.shape[2], n) if returned else None
     args = _args(x)
     args.out, args.last_state, args.hidden = _ptr(out), _ptr(last), _ptr(hidden)
+    args.out_s = _strides(out, 3)
     args.snapshots = _ptr(snapshots)
     _call("scan_forward", x.u.dtype, ctypes.byref(args))
     return ScanOutput(out, last, hidden, snapshots), ()
@@ -254,9 +265,9 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     dsnapshots = grads.snapshots
     dsnapshots = None if dsnapshots is None or x.snapshot_index is None else dsnapshots.contiguous()
     # dout is read in any layout; ddelta is written in Δ's (usually a view of (batch, len, dim)), so that
-    # the Δ projection's backward need not copy it
-    du, ddelta = u.new_empty(u.shape), torch.empty_like(delta)
-    dz = u.new_empty(u.shape) if x.z is not None else None
+    # the Δ projection's backward need not copy it, and du and dz with channels adjacent where u and z have them
+    du, ddelta = _lanes_like(u), torch.empty_like(delta)
+    dz = _lanes_like(x.z) if x.z is not None else None
     dA, dB, dC = u.new_zeros(x.A.shape), u.new_zeros(x.B.shape), u.new_zeros(x.B.shape)
     dD = u.new_zeros(dim) if x.D is not None else None
     dbias = u.new_zeros(dim) if x.delta_bias is not None else None
@@ -269,6 +280,7 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     for name, t in pointers.items():
         setattr(args, name, _ptr(t))
     args.dout_s, args.ddelta_s = _strides(grads.out, 3), _strides(ddelta, 3)
+    args.du_s, args.dz_s = _strides(du, 3), _strides(dz, 3)
     _call("scan_backward", u.dtype, ctypes.byref(args))
     return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, *dread)
 

@@ -112,14 +112,15 @@ typedef struct {
     int64_t softplus;                            /* apply softplus to delta + delta_bias */
     int64_t u_s[3], delta_s[3], z_s[3];          /* strides of (batch, dim, len) inputs */
     int64_t B_s[4], C_s[4];                      /* strides of (batch, groups, nstate, len) */
-    real *out;                                   /* (batch, dim, len) */
+    real *out;                                   /* (batch, dim, len), strides out_s */
     real *last_state;                            /* (batch, dim, nstate) or NULL */
     real *hidden;                                /* (batch, dim, len, nstate) or NULL */
     const real *dout;                            /* backward: like out */
     real *du, *ddelta, *dz;                      /* backward: (batch, dim, len); dz NULL if no z */
     real *dA, *dD, *ddelta_bias, *dB, *dC;       /* backward, accumulated into: (dim, nstate), (dim,), (dim,),
                                                     (batch, groups, nstate, len) twice */
-    int64_t dout_s[3], ddelta_s[3];              /* backward: strides of dout (read) and ddelta (written) */
+    int64_t out_s[3], dout_s[3], ddelta_s[3];    /* strides of out, dout (read), ddelta (written), */
+    int64_t du_s[3], dz_s[3];                    /* du and dz (written) */
     int64_t snap_groups, nsnap;                  /* snapshot groups (dividing dim) and positions per group */
     const int64_t *snapshot_index;               /* (batch, snap_groups, nsnap) or NULL */
     real *snapshots;                             /* forward: (batch, dim, nsnap, nstate) */
@@ -334,6 +335,15 @@ static void load_lanes(real *dst, const real *src, const int64_t *strides, int64
             for (int64_t v = 0; v < nv; v++) dst[t * VL + v] = src[v * strides[1] + t * strides[2]];
 }
 
+/* dst[v strides[1] + t strides[2]] = src[t VL + v] for the first nv lanes, positions outer as in load_lanes. */
+static void store_lanes(real *dst, const real *src, const int64_t *strides, int64_t L, int64_t nv) {
+    if (strides[1] == 1 && nv == VL)
+        for (int64_t t = 0; t < L; t++) memcpy(dst + t * strides[2], src + t * VL, VL * sizeof(real));
+    else
+        for (int64_t t = 0; t < L; t++)
+            for (int64_t v = 0; v < nv; v++) dst[v * strides[1] + t * strides[2]] = src[t * VL + v];
+}
+
 /* B or C (X, with its strides) of the item's batch row and B/C group. */
 static const real *item_group(const real *X, const int64_t *strides, const ScanArgs *s, const Work *w) {
     return X + w->b * strides[0] + (w->d0 / (s->dim / s->groups)) * strides[1];
@@ -519,9 +529,8 @@ int SCAN_FORWARD(const ScanArgs *s) {
         }
         if (s->z)
             for (int64_t i = 0; i < L * VL; i++) w.y[i] *= silu_gate(w.z[i], NULL);
+        store_lanes(s->out + b * s->out_s[0] + d0 * s->out_s[1], w.y, s->out_s, L, w.nv);
         for (int64_t v = 0; v < w.nv; v++) {
-            real *out = s->out + (b * s->dim + d0 + v) * L;
-            for (int64_t t = 0; t < L; t++) out[t] = w.y[t * VL + v];
             if (s->snapshots)
                 for (int64_t q = 0; q < s->nsnap; q++)
                     for (int64_t n = 0; n < N; n++)
@@ -659,13 +668,8 @@ int SCAN_BACKWARD(const ScanArgs *s) {
                 w.du[t * VL + v] = w.Dv[v] * w.dy[t * VL + v];
                 dDv[v] += w.dy[t * VL + v] * w.u[t * VL + v];
             }
-        for (int64_t v = 0; v < nv; v++) {
-            if (s->z) {
-                real *dz = s->dz + (b * Dm + d0 + v) * L;
-                for (int64_t t = 0; t < L; t++) dz[t] = w.ddt[t * VL + v];
-            }
-            if (s->Dskip) dD[d0 + v] += dDv[v];
-        }
+        if (s->z) store_lanes(s->dz + b * s->dz_s[0] + d0 * s->dz_s[1], w.ddt, s->dz_s, L, nv);
+        for (int64_t v = 0; v < nv && s->Dskip; v++) dD[d0 + v] += dDv[v];
 
         real *dBl = lanes_for(&w.dB, dB + (b * s->groups + g) * N * L);
         if (s->snapshot_index && (s->dsnapshots || K)) {
@@ -686,12 +690,9 @@ int SCAN_BACKWARD(const ScanArgs *s) {
         real dbias[VL] = {0};
         for (int64_t t = 0; t < L; t++)
             for (int v = 0; v < VL; v++) dbias[v] += w.ddt[t * VL + v];
-        real *ddelta = s->ddelta + b * s->ddelta_s[0] + d0 * s->ddelta_s[1];
-        for (int64_t t = 0; t < L; t++) /* channels inner: ddelta is usually Δ's layout, (batch, len, dim) */
-            for (int64_t v = 0; v < nv; v++) ddelta[t * s->ddelta_s[2] + v * s->ddelta_s[1]] = w.ddt[t * VL + v];
+        store_lanes(s->ddelta + b * s->ddelta_s[0] + d0 * s->ddelta_s[1], w.ddt, s->ddelta_s, L, nv);
+        store_lanes(s->du + b * s->du_s[0] + d0 * s->du_s[1], w.du, s->du_s, L, nv);
         for (int64_t v = 0; v < nv; v++) {
-            real *du = s->du + (b * Dm + d0 + v) * L;
-            for (int64_t t = 0; t < L; t++) du[t] = w.du[t * VL + v];
             dbias_acc[d0 + v] += dbias[v];
             for (int64_t n = 0; n < N; n++) dA[(d0 + v) * N + n] += w.cum_dA[n * VL + v];
         }

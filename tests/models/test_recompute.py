@@ -158,6 +158,7 @@ def test_causal_conv1d_matches_conv1d_in_float64_on_strided_inputs_with_every_gr
         grads.append((out, *torch.autograd.grad((out * cotangent).sum(), (leaf, weight, bias))))
     for ours, theirs in zip(*grads, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert grads[0][0].stride(1) == 1, "channels adjacent, as the scan and x_proj read them"
     assert torch.autograd.gradcheck(causal_conv1d, (x.detach().requires_grad_(), weight, bias))
     assert torch.autograd.gradcheck(lambda x, w: causal_conv1d(x, w), (x.detach().requires_grad_(), weight))
 

@@ -155,6 +155,6 @@ def test_grad_checkpointing_lowers_peak_memory_and_keeps_the_gradients(kind, ext
             model(images).square().mean().backward()
         peaks.append(memory.peak)
         grads.append({n: p.grad for n, p in model.named_parameters()})
-    assert peaks[1] < 0.7 * peaks[0], peaks  # Vim's plain step already rebuilds its mixers' cheap activations
+    assert peaks[1] < 0.75 * peaks[0], peaks  # Vim's plain step already rebuilds its mixers' cheap activations
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])

@@ -295,9 +295,10 @@ def test_native_build_failure_falls_back_to_torch(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_inputs_and_output_gradient_in_a_mixers_layouts(backend):
-    """As a Vim mixer calls it: Δ a view of a (batch, len, dim) projection, z a slice of (batch, len, 2 dim),
-    and the output's gradient arriving transposed. The native kernel writes dΔ in Δ's layout, so that the
-    projection's backward needs no copy."""
+    """As a Vim mixer calls it: u and z the two halves of a (batch, len, 2 dim) projection, Δ a view of a
+    (batch, len, dim) one, and the output's gradient arriving transposed. The native kernel writes dΔ in Δ's
+    layout, and out, du and dz with channels adjacent like u and z, so that the projections around the scan
+    need no copies."""
     batch, dim, length, nstate = 2, 40, 13, 16  # 40: two full lane blocks and a part-filled one
     ref = make_inputs(batch, dim, length, nstate, 1, bc="variable", seed=5)
     g = torch.Generator().manual_seed(6)
@@ -308,20 +309,28 @@ def test_inputs_and_output_gradient_in_a_mixers_layouts(backend):
         if laid_out:
             delta_rows = ref["delta"].transpose(1, 2).contiguous().requires_grad_()
             xz = torch.cat([ref["u"], ref["z"]], dim=1).transpose(1, 2).contiguous().requires_grad_()
-            leaves.update(delta=delta_rows, z=xz)
-            args = {**leaves, "delta": delta_rows.transpose(1, 2), "z": xz.transpose(1, 2)[:, dim:]}
+            leaves.update(delta=delta_rows, u=xz, z=xz)
+            halves = xz.transpose(1, 2).split(dim, dim=1)
+            args = {**leaves, "delta": delta_rows.transpose(1, 2), "u": halves[0], "z": halves[1]}
         else:
             args = leaves
         fn = selective_scan_reference if not laid_out else lambda **kw: selective_scan(**kw, backend=backend)
         out = fn(**args, delta_softplus=True).out
         (out.transpose(1, 2) * cotangent).sum().backward()
-        delta_grad = leaves["delta"].grad.transpose(1, 2) if laid_out else leaves["delta"].grad
-        z_grad = leaves["z"].grad.transpose(1, 2)[:, dim:] if laid_out else leaves["z"].grad
-        grads.append({**{k: v.grad for k, v in leaves.items()}, "delta": delta_grad, "z": z_grad})
+        grads.append({k: v.grad for k, v in leaves.items()})
+        if laid_out:
+            grads[-1].update(delta=delta_rows.grad.transpose(1, 2), u=xz.grad.transpose(1, 2)[:, :dim],
+                             z=xz.grad.transpose(1, 2)[:, dim:])  # fmt: skip
+            if backend == "native":
+                assert out.stride(1) == 1, "out: channels adjacent, like u"
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], 1e-10, f"d{name}")
     if backend == "native":
         delta = ref["delta"].transpose(1, 2).contiguous().transpose(1, 2)
-        u, A, B, C, dout = ref["u"], ref["A"], ref["B"].unsqueeze(1), ref["C"].unsqueeze(1), cotangent.transpose(1, 2)
-        record = ScanInputs(u, delta, A, B, C, softplus=True)
+        u, z = (h.transpose(1, 2).contiguous().transpose(1, 2) for h in (ref["u"], ref["z"]))
+        A, B, C, dout = ref["A"], ref["B"].unsqueeze(1), ref["C"].unsqueeze(1), cotangent.transpose(1, 2)
+        grads = native.backward(ScanInputs(u, delta, A, B, C, z=z, softplus=True), GradsOut(dout))
+        assert grads.u.stride() == u.stride() and grads.z.stride() == z.stride()
+        record = ScanInputs(ref["u"], delta, A, B, C, softplus=True)
+        assert native.forward(record, False, False)[0].out.is_contiguous(), "out: contiguous, like u"
         assert native.backward(record, GradsOut(dout)).delta.stride() == delta.stride()
