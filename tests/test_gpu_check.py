@@ -33,10 +33,11 @@ def test_scans_are_timed_in_the_layouts_vim_hands_them(monkeypatch):
     shape, img_size = gpu_check.vim_shapes(MODEL)
     assert img_size == 32
     timed = gpu_check.vim_layout(gpu_check.scan_inputs(2, shape), shape)
-    for name, vim in calls[0].items():  # the forward direction; the flipped one's z is a copy
+    for name, vim in calls[0].items():  # the forward direction; the reverse one reads the same views
         assert timed[name].shape == vim.shape, name
         assert (timed[name].stride(), timed[name].storage_offset()) == (vim.stride(), vim.storage_offset()), name
     assert not timed["z"].is_contiguous() and not timed["B"].is_contiguous()
+    assert {k: v.stride() for k, v in calls[1].items()} == {k: v.stride() for k, v in calls[0].items()}
 
 
 def test_gpu_check_runs_end_to_end_on_the_cpu_without_datasets(tmp_path):

@@ -113,12 +113,14 @@ class AdaptorT(nn.Module):
         z: torch.Tensor | None = None,
         delta_bias: torch.Tensor | None = None,
         delta_softplus: bool = False,
+        reverse: bool = False,
         direction: int | None = None,
     ) -> torch.Tensor:
         """The selective scan's output with the adapted states, then the silu(z) gate: the scan reads its
         memory (γ folded in) at this sequence's locations with every position's weights. The locations and
-        weights are computed in float32, also under autocast."""
+        weights are computed in float32, also under autocast. ``reverse`` (a scan from the last position,
+        every tensor in sequence order): the locations count scan steps, as in a scan of the flipped sequence."""
         gamma = self.gamma.flatten() if direction is None else self.gamma[direction]
         location, weights = self.locations_and_weights(u, direction)
         memory = MemoryRead(location, weights, gamma, self.dropout if self.training and self.dropout.p else None)
-        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, memory=memory).out
+        return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, memory=memory, reverse=reverse).out

@@ -33,53 +33,66 @@ def ssm(adaptor_t: nn.Module | None, *args, direction: int | None = None, **kwar
 
 class _CausalConv1d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, reverse):
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        ctx.has_bias = bias is not None
-        return _causal_taps(_positions_first(x, weight.shape[-1] - 1, 0), weight, bias).to(x.dtype)
+        ctx.has_bias, ctx.reverse = bias is not None, reverse
+        return _conv_taps(_padded(x, weight.shape[-1], reverse), weight, bias, reverse).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        taps, length = weight.shape[-1], grad.shape[-1]
+        taps, length, reverse = weight.shape[-1], grad.shape[-1], ctx.reverse
         dx = dweight = dbias = None
-        if ctx.needs_input_grad[0]:  # the same taps, run backwards in time over the gradient
-            dx = _causal_taps(_positions_first(grad, 0, taps - 1), weight.flip(-1), None).to(grad.dtype)
+        if ctx.needs_input_grad[0]:  # the same taps, run the other way in time over the gradient
+            dx = _conv_taps(_padded(grad, taps, not reverse), weight, None, not reverse).to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            grad_in, padded = full_precision(grad).transpose(1, 2), _positions_first(x, taps - 1, 0)
-            dweight = torch.stack([(grad_in * padded[:, k : k + length]).sum((0, 1)) for k in range(taps)], -1)
+            grad_in, padded = full_precision(grad).transpose(1, 2), _padded(x, taps, reverse)
+            dweight = torch.stack(
+                [(grad_in * _tap(padded, k, taps, length, reverse)).sum((0, 1)) for k in range(taps)], -1
+            )
             dweight = dweight.unsqueeze(1).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             dbias = full_precision(grad).sum((0, 2)).to(weight.dtype)
-        return dx, dweight, dbias
+        return dx, dweight, dbias, None
 
 
-def _positions_first(x: torch.Tensor, before: int, after: int) -> torch.Tensor:
-    """(B, E, L) as a contiguous (B, before + L + after, E) in at least float32, zero-padded in time."""
-    return F.pad(full_precision(x).transpose(1, 2), (0, 0, before, after))
+def _padded(x: torch.Tensor, taps: int, reverse: bool) -> torch.Tensor:
+    """(B, E, L) as a contiguous (B, L + taps - 1, E) in at least float32, zero-padded before the sequence
+    (after it when ``reverse``)."""
+    return F.pad(full_precision(x).transpose(1, 2), (0, 0, 0, taps - 1) if reverse else (0, 0, taps - 1, 0))
 
 
-def _causal_taps(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """sum_k weight[:, 0, k] * padded[:, k : k + L] (+ bias) in padded's dtype, in conv1d's order of
-    summation, for padded (B, L + K - 1, E); returns (B, E, L) with channels adjacent in memory."""
-    length = padded.shape[1] - weight.shape[-1] + 1
-    taps = weight[:, 0, :].t().to(padded.dtype).contiguous()  # (K, E): each tap's channels adjacent, as padded's
-    first = padded[:, :length]
-    out = first * taps[0] if bias is None else torch.addcmul(bias.to(padded.dtype), first, taps[0])
-    for k in range(1, weight.shape[-1]):
-        out.addcmul_(padded[:, k : k + length], taps[k])
+def _tap(padded: torch.Tensor, k: int, taps: int, length: int, reverse: bool) -> torch.Tensor:
+    """The positions of :func:`_padded`'s output that tap ``k`` multiplies, for every output position."""
+    start = taps - 1 - k if reverse else k
+    return padded[:, start : start + length]
+
+
+def _conv_taps(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """sum_k weight[:, 0, k] * tap k (+ bias) in padded's dtype, in conv1d's order of summation, for padded
+    from :func:`_padded`; returns (B, E, L) with channels adjacent in memory."""
+    taps = weight.shape[-1]
+    length = padded.shape[1] - taps + 1
+    rows = weight[:, 0, :].t().to(padded.dtype).contiguous()  # (K, E): each tap's channels adjacent, as padded's
+    first = _tap(padded, 0, taps, length, reverse)
+    out = first * rows[0] if bias is None else torch.addcmul(bias.to(padded.dtype), first, rows[0])
+    for k in range(1, taps):
+        out.addcmul_(_tap(padded, k, taps, length, reverse), rows[k])
     return out.transpose(1, 2)
 
 
-def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, reverse: bool = False
+) -> torch.Tensor:
     """Mamba's depthwise causal convolution: ``conv1d(x, weight, bias, padding=K - 1, groups=E)[..., :L]`` for
     x (B, E, L) and weight (E, 1, K), as K shifted multiply-adds that read x in any layout, summed in at
     least float32 (as mamba-ssm's causal-conv1d kernel) and returned in x's dtype, with channels adjacent in
     memory (a transposed (B, L, E) tensor): the layout in which the scan reads one vector per position and
     ``x_proj`` reads positions as rows, with no copy. On a CPU this is several times faster than ``conv1d``
     (which copies a strided x, then runs a general kernel), and a frozen weight keeps nothing for the
-    backward pass."""
-    return _CausalConv1d.apply(x, weight, bias)
+    backward pass. ``reverse``: causal in the reversed sequence (each position sees itself and the K - 1
+    after it), what flipping x, convolving and flipping back gives, without the flips."""
+    return _CausalConv1d.apply(x, weight, bias, reverse)
 
 
 def checkpointed(module: nn.Module, *args, enabled: bool) -> torch.Tensor:

@@ -86,9 +86,9 @@ class PatchEmbed(nn.Module):
 
 
 class BiMambaMixer(SSMMixer):
-    """Bimamba-v2 mixer: one shared ``in_proj``, a forward scan and a scan over the flipped sequence,
-    each with its own causal depthwise conv, ``x_proj``, ``dt_proj``, ``A`` and ``D``; the two outputs
-    are averaged and projected back."""
+    """Bimamba-v2 mixer: one shared ``in_proj``, a forward scan and a reverse one (official Vim's scan over the
+    flipped sequence), each with its own causal depthwise conv, ``x_proj``, ``dt_proj``, ``A`` and ``D``; the
+    two outputs are averaged and projected back."""
 
     ssm_parameters = ("A_log", "A_b_log", "D", "D_b", "conv1d", "conv1d_b", "dt_proj.bias", "dt_proj_b.bias")
     no_decay = ("A_log", "A_b_log")
@@ -119,31 +119,28 @@ class BiMambaMixer(SSMMixer):
         return self.out_proj.out_features if position == "output" else self.out_proj.in_features
 
     def directions(self):
-        """Per scan direction: (conv1d, x_proj, dt_proj, A_log, D); forward first, then flipped."""
+        """Per scan direction: (conv1d, x_proj, dt_proj, A_log, D); forward first, then reversed."""
         return (
             (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
             (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b),
         )
 
     def scan(self, x_seq: torch.Tensor, z_seq: torch.Tensor, direction: int, recompute: Recompute) -> torch.Tensor:
-        """One direction on ``in_proj``'s two halves (B, E, L) in sequence order; returns (B, E, L) in that
-        direction's order.
+        """One direction on ``in_proj``'s two halves (B, E, L); returns (B, E, L). Everything stays in
+        sequence order: the reversed direction's conv looks ahead and its scan runs from the last position,
+        which computes what official Vim's flips, forward conv and scan and flip back do, without the flips.
 
-        The direction's flips, conv, SiLU and Δ are left to ``recompute``: rebuilt in the backward pass
-        from the halves and ``x_proj``'s output, which the graph keeps anyway (a conv or Δ projection wrapped by
-        another module, such as LoRA's, is kept instead)."""
+        The direction's conv, SiLU and Δ are left to ``recompute``: rebuilt in the backward pass from
+        ``in_proj``'s half and ``x_proj``'s output, which the graph keeps anyway (a conv or Δ projection wrapped
+        by another module, such as LoRA's, is kept instead)."""
         conv, x_proj, dt_proj, A_log, D = self.directions()[direction]
-        length = x_seq.shape[-1]
-        x, z, rebuild_x = x_seq, z_seq, lambda: x_seq
-        if direction:
-            x, z = x_seq.flip(-1), z_seq.flip(-1)
-            rebuild_x = recompute.add(x, lambda: x_seq.flip(-1))
-            recompute.add(z, lambda: z_seq.flip(-1))
-        if type(conv) is nn.Conv1d:  # a wrapped conv (LoRA's) runs as itself and keeps its output
-            conved = causal_conv1d(x, conv.weight, conv.bias)
-            rebuild_conved = recompute.add(conved, lambda: causal_conv1d(rebuild_x(), conv.weight, conv.bias))
-        else:
-            conved = conv(x)[..., :length]
+        length, reverse = x_seq.shape[-1], bool(direction)
+        if type(conv) is nn.Conv1d:
+            conved = causal_conv1d(x_seq, conv.weight, conv.bias, reverse)
+            rebuild_conved = recompute.add(conved, lambda: causal_conv1d(x_seq, conv.weight, conv.bias, reverse))
+        else:  # a wrapped conv (LoRA's) runs as itself, over the flipped sequence if reversed, and keeps its output
+            conved = conv(x_seq.flip(-1) if reverse else x_seq)[..., :length]
+            conved = conved.flip(-1) if reverse else conved
             rebuild_conved = lambda: conved  # noqa: E731
         u = F.silu(conved)
         recompute.add(u, lambda: F.silu(rebuild_conved()))
@@ -160,9 +157,10 @@ class BiMambaMixer(SSMMixer):
             B.transpose(1, 2),
             C.transpose(1, 2),
             full_precision(D),
-            z,
+            z_seq,
             delta_bias=full_precision(dt_proj.bias),
             delta_softplus=True,
+            reverse=reverse,
             direction=direction,
         )
 
@@ -180,7 +178,7 @@ class BiMambaMixer(SSMMixer):
         x, z = (half.transpose(1, 2) for half in self.in_proj(hidden).chunk(2, dim=-1))
         with Recompute() as recompute:
             forward = self.scan(x, z, 0, recompute)
-            backward = self.scan(x, z, 1, recompute).flip(-1)
+            backward = self.scan(x, z, 1, recompute)
         y = self.spatial(((forward + backward) / 2).transpose(1, 2), layout, "inner")
         return self.spatial(self.out_proj(y), layout, "output")
 

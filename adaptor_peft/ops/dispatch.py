@@ -269,6 +269,7 @@ def selective_scan(
     memory: MemoryRead | None = None,
     return_last_state: bool = False,
     return_hidden_states: bool = False,
+    reverse: bool = False,
     backend: str | None = None,
 ) -> ScanOutput:
     """Selective scan ``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t``, ``y_t = C_t h_t + D u_t``, gated by silu(z).
@@ -281,6 +282,10 @@ def selective_scan(
     the recurrence. A snapshot costs one state copy, so a scan with a few costs what a plain one does.
     ``memory`` adds Adaptor-T's read of the scan's own states to ``out`` (:class:`MemoryRead`; not with
     ``snapshot_index``). ``hidden_states`` is (batch, dim, len, nstate) and is only built when asked for.
+    ``reverse``: the recurrence runs from the last position to the first, as a scan of the flipped sequence
+    would, with every tensor in sequence order; snapshot positions and memory locations then count scan
+    steps (step s is position len - 1 - s). The compiled CPU scan reads its inputs backwards in place;
+    the other backends scan flipped copies.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     _check_snapshots(snapshot_index, u.shape)
@@ -297,6 +302,17 @@ def selective_scan(
     name = select_backend(u.device, u.dtype, needs_states, backend)
     if snapshot_index is not None:
         _check_range(snapshot_index, length, name)
+    if reverse and name != "native":
+        positions = lambda X: X if X is None or X.dim() == 2 else X.flip(-1)  # noqa: E731
+        flipped = None if memory is None else memory._replace(weights=memory.weights.flip(-1))
+        result = selective_scan(
+            *map(positions, (u, delta)), A, *map(positions, (B, C)), D, positions(z), delta_bias, delta_softplus,
+            snapshot_index=None if memory is not None else snapshot_index, memory=flipped,
+            return_last_state=return_last_state,
+            return_hidden_states=return_hidden_states, backend=name,
+        )  # fmt: skip
+        hidden = None if result.hidden_states is None else result.hidden_states.flip(2)
+        return result._replace(out=result.out.flip(-1), hidden_states=hidden)
     fused = memory is not None and name == "native" and memory.dropout is None
     if name == "mamba_ssm":
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
@@ -312,7 +328,7 @@ def selective_scan(
     if fused:
         read = dict(read_frac=frac, read_weights=memory.weights, read_scale=memory.scale)
         floats.update({k: t.to(compute).contiguous() for k, t in read.items()})
-    inputs = ScanInputs(**floats, snapshot_index=index, softplus=delta_softplus)
+    inputs = ScanInputs(**floats, snapshot_index=index, softplus=delta_softplus, reverse=reverse)
     result = ScanOutput(*_ScanFunction.apply(name, inputs, return_last_state, return_hidden_states, *inputs.tensors()))
     if memory is not None and not fused:
         C_seen = as_grouped(C, batch, length, memory.location.shape[1])

@@ -184,6 +184,28 @@ def _strides(t: torch.Tensor | None, n: int):
     return (ctypes.c_int64 * n)(*(t.stride() if t is not None else (0,) * n))
 
 
+def _set_along(args: _ScanArgs, reverse: bool, **tensors: torch.Tensor | None) -> None:
+    """Sets each named tensor's pointer and, for a tensor given, its strides (the field named with ``_s``); a
+    tensor whose last dimension is position is read from its last position backwards when ``reverse``, so
+    that a reversed scan runs over it in place as over a flipped copy."""
+    for name, t in tensors.items():
+        setattr(args, name, _ptr(t))
+        if t is None:
+            continue
+        strides, pointer = list(t.stride()), t.data_ptr()
+        if reverse:
+            pointer += (t.shape[-1] - 1) * strides[-1] * t.element_size()
+            strides[-1] = -strides[-1]
+        setattr(args, name, pointer)
+        setattr(args, f"{name}_s", (ctypes.c_int64 * len(strides))(*strides))
+
+
+def _in_steps(t: torch.Tensor | None, reverse: bool) -> torch.Tensor | None:
+    """A tensor the kernel indexes by scan step itself, positions last, flipped between position order and
+    step order when ``reverse`` (the kernel then runs its steps from the last position)."""
+    return t.flip(-1) if reverse and t is not None else t
+
+
 def _lanes_like(x: torch.Tensor) -> torch.Tensor:
     """An empty (batch, dim, len) tensor like ``x``, with channels adjacent in memory where ``x`` has them: the
     kernel then writes one vector per position, and the mixer's next layers read positions as rows."""
@@ -193,36 +215,29 @@ def _lanes_like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(batch, dim, length)
 
 
-def _args(x: ScanInputs) -> _ScanArgs:
+def _args(x: ScanInputs, read_weights: torch.Tensor | None) -> _ScanArgs:
+    """The kernel's arguments for ``x``, with ``read_weights`` in scan-step order."""
     batch, dim, length = x.u.shape
     snap = x.snapshot_index
-    return _ScanArgs(
+    args = _ScanArgs(
         batch=batch,
         dim=dim,
         len=length,
         nstate=x.A.shape[1],
         groups=x.B.shape[1],
-        u=_ptr(x.u),
-        delta=_ptr(x.delta),
         delta_bias=_ptr(x.delta_bias),
         A=_ptr(x.A),
-        B=_ptr(x.B),
-        C=_ptr(x.C),
         Dskip=_ptr(x.D),
-        z=_ptr(x.z),
         softplus=int(x.softplus),
-        u_s=_strides(x.u, 3),
-        delta_s=_strides(x.delta, 3),
-        z_s=_strides(x.z, 3),
-        B_s=_strides(x.B, 4),
-        C_s=_strides(x.C, 4),
         snap_groups=snap.shape[1] if snap is not None else 1,
         nsnap=snap.shape[2] if snap is not None else 0,
         snapshot_index=_ptr(snap),
         read_frac=_ptr(x.read_frac),
-        read_weights=_ptr(x.read_weights),
+        read_weights=_ptr(read_weights),
         read_scale=_ptr(x.read_scale),
     )
+    _set_along(args, x.reverse, u=x.u, delta=x.delta, z=x.z, B=x.B, C=x.C)
+    return args
 
 
 def _function(name: str, dtype: torch.dtype):
@@ -250,11 +265,12 @@ def forward(
     hidden = new(batch, dim, length, n) if want_hidden else None
     returned = x.snapshot_index is not None and x.read_weights is None
     snapshots = new(batch, dim, x.snapshot_index.shape[2], n) if returned else None
-    args = _args(x)
-    args.out, args.last_state, args.hidden = _ptr(out), _ptr(last), _ptr(hidden)
-    args.out_s = _strides(out, 3)
-    args.snapshots = _ptr(snapshots)
+    read_weights = _in_steps(x.read_weights, x.reverse)
+    args = _args(x, read_weights)
+    args.last_state, args.hidden, args.snapshots = _ptr(last), _ptr(hidden), _ptr(snapshots)
+    _set_along(args, x.reverse, out=out)
     _call("scan_forward", x.u.dtype, ctypes.byref(args))
+    hidden = hidden.flip(2) if x.reverse and hidden is not None else hidden  # the kernel writes it by step
     return ScanOutput(out, last, hidden, snapshots), ()
 
 
@@ -273,16 +289,16 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     dbias = u.new_zeros(dim) if x.delta_bias is not None else None
     reads = (x.read_frac, x.read_weights, x.read_scale)
     dread = tuple(None if t is None else torch.zeros_like(t) for t in reads)
-    args = _args(x)
-    pointers = dict(dout=grads.out, dsnapshots=dsnapshots, du=du, ddelta=ddelta, dz=dz)
-    pointers.update(dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC)
+    read_weights = _in_steps(x.read_weights, x.reverse)
+    args = _args(x, read_weights)
+    pointers = dict(dsnapshots=dsnapshots, dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC)
     pointers.update(zip(("dread_frac", "dread_weights", "dread_scale"), dread, strict=True))
     for name, t in pointers.items():
         setattr(args, name, _ptr(t))
-    args.dout_s, args.ddelta_s = _strides(grads.out, 3), _strides(ddelta, 3)
-    args.du_s, args.dz_s = _strides(du, 3), _strides(dz, 3)
+    _set_along(args, x.reverse, dout=grads.out, du=du, ddelta=ddelta, dz=dz)
     _call("scan_backward", u.dtype, ctypes.byref(args))
-    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, *dread)
+    dB, dC, dweights = (_in_steps(t, x.reverse) for t in (dB, dC, dread[1]))
+    return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, dread[0], dweights, dread[2])
 
 
 def depthwise_taps(

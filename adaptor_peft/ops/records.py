@@ -7,9 +7,12 @@ a backend that recomputes everything), and to its ``backward(inputs, grads_out, 
 :class:`ScanGrads`. Shapes, as a backend sees them: ``u``, ``delta``, ``z`` (batch, dim, len); ``A``
 (dim, nstate); ``B``, ``C`` (batch, groups, nstate, len); ``D``, ``delta_bias`` (dim,);
 ``snapshot_index`` (batch, snapshot_groups, nsnap). The step is ``dt = softplus(delta + delta_bias)``
-(bias optional, softplus if ``softplus``). The ``read_*`` fields (:class:`MemoryRead`, as the dispatcher
-hands it to the one backend that fuses it, ``native``): ``read_frac`` (batch, snapshot_groups, K),
-``read_weights`` (batch, snapshot_groups, K, len), ``read_scale`` (dim,), with ``nsnap = 2 K``.
+(bias optional, softplus if ``softplus``). ``reverse`` (only for ``native``, which reads every per-position
+tensor backwards in place; the dispatcher flips them for the others): the recurrence runs from the last
+position to the first, with snapshot positions counted in scan steps. The ``read_*`` fields
+(:class:`MemoryRead`, as the dispatcher hands it to the one backend that fuses it, ``native``): ``read_frac``
+(batch, snapshot_groups, K), ``read_weights`` (batch, snapshot_groups, K, len), ``read_scale`` (dim,), with
+``nsnap = 2 K``.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ class ScanInputs:
     z: Tensor | None = None
     delta_bias: Tensor | None = None
     softplus: bool = False
+    reverse: bool = False
     snapshot_index: Tensor | None = None
     read_frac: Tensor | None = None
     read_weights: Tensor | None = None
@@ -83,7 +87,7 @@ class ScanInputs:
         return dataclasses.replace(self, **dict(zip(TENSOR_FIELDS, tensors, strict=True)))
 
 
-TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(ScanInputs) if f.name != "softplus")
+TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(ScanInputs) if f.name not in ("softplus", "reverse"))
 """The names of :class:`ScanInputs`' tensor fields, in field order."""
 
 

@@ -5,6 +5,7 @@ gradients; and Mamba's causal conv as shifted multiply-adds (``models.layers.cau
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import weakref
 
@@ -143,8 +144,10 @@ def conv_reference(x, weight, bias):
 
 
 @pytest.mark.parametrize(("taps", "length"), [(1, 11), (4, 11), (4, 3), (4, 2), (4, 1)])
-def test_causal_conv1d_matches_conv1d_in_float64_on_strided_inputs_with_every_gradient(taps, length):
-    """Also on sequences no longer than the kernel, where some taps read only the zeros before the start."""
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+def test_causal_conv1d_matches_conv1d_in_float64_on_strided_inputs_with_every_gradient(taps, length, reverse):
+    """Also on sequences no longer than the kernel, where some taps read only the zeros before the start;
+    ``reverse`` against conv1d of the flipped sequence, flipped back."""
     g = torch.Generator().manual_seed(taps * 100 + length)
     rows = torch.randn(3, length, 16, generator=g, dtype=torch.float64)  # a (B, L, 2E) projection, as in Vim
     weight = torch.randn(8, 1, taps, generator=g, dtype=torch.float64, requires_grad=True)
@@ -153,14 +156,16 @@ def test_causal_conv1d_matches_conv1d_in_float64_on_strided_inputs_with_every_gr
     x = leaf[..., 8:].transpose(1, 2)
     cotangent = torch.randn(3, 8, length, generator=g, dtype=torch.float64)
     grads = []
-    for conv in (causal_conv1d, conv_reference):
+    convolve = functools.partial(causal_conv1d, reverse=reverse)
+    reference = (lambda x, w, b: conv_reference(x.flip(-1), w, b).flip(-1)) if reverse else conv_reference
+    for conv in (convolve, reference):
         out = conv(x, weight, bias)
         grads.append((out, *torch.autograd.grad((out * cotangent).sum(), (leaf, weight, bias))))
     for ours, theirs in zip(*grads, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     assert grads[0][0].stride(1) == 1, "channels adjacent, as the scan and x_proj read them"
-    assert torch.autograd.gradcheck(causal_conv1d, (x.detach().requires_grad_(), weight, bias))
-    assert torch.autograd.gradcheck(lambda x, w: causal_conv1d(x, w), (x.detach().requires_grad_(), weight))
+    assert torch.autograd.gradcheck(convolve, (x.detach().requires_grad_(), weight, bias))
+    assert torch.autograd.gradcheck(lambda x, w: convolve(x, w), (x.detach().requires_grad_(), weight))
 
 
 def test_causal_conv1d_keeps_nothing_for_a_frozen_weight_and_sums_half_precision_in_float32():

@@ -81,9 +81,17 @@ def in_mixer_layouts(inputs: dict) -> dict:
     return laid
 
 
+def reversed_reference(inputs: dict, location, weights, scale) -> torch.Tensor:
+    """:func:`memory_reference` of the flipped sequence, flipped back: a reverse scan's read, its locations
+    counted in scan steps."""
+    flipped = {k: v.flip(-1) if v is not None and v.dim() > 2 else v for k, v in inputs.items()}
+    return memory_reference(flipped, location, weights.flip(-1), scale).flip(-1)
+
+
 @pytest.mark.parametrize(("backend", "dtype"), PATHS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_memory_read_matches_the_reference_outputs_and_gradients(backend, dtype, case):
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_memory_read_matches_the_reference_outputs_and_gradients(backend, dtype, case, reverse):
     """The GPU's path (snapshots from the Triton kernels, then the read in PyTorch) runs in Triton's
     interpreter, in float32 as its kernels accumulate."""
     inputs, read = memory_inputs(case, seed=len(case))
@@ -99,11 +107,11 @@ def test_memory_read_matches_the_reference_outputs_and_gradients(backend, dtype,
         grads = torch.autograd.grad(out, [leaves[k] for k in names] + [location, weights, scale], cotangent.to(dtype))
         return out, dict(zip([*names, "location", "weights", "scale"], grads, strict=True))
 
-    expected, expected_grads = run(memory_reference, torch.float64, False)
+    expected, expected_grads = run(reversed_reference if reverse else memory_reference, torch.float64, False)
 
     def scan(laid, location, weights, scale):
         memory = MemoryRead(location, weights, scale)
-        return selective_scan(**laid, delta_softplus=True, memory=memory, backend=backend).out
+        return selective_scan(**laid, delta_softplus=True, memory=memory, reverse=reverse, backend=backend).out
 
     actual, grads = run(scan, dtype, True)
     rtol = 1e-10 if dtype == torch.float64 else 2e-4

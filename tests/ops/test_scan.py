@@ -59,6 +59,44 @@ def test_matches_reference_outputs_and_gradients(backend, dtype, case, states, w
         assert_close(grads[name], expected_grads[name], rtol, f"d{name}")
 
 
+def in_sequence_order(scan):
+    """``scan`` run on the flipped sequence, its output and hidden states flipped back: what a reverse scan
+    computes (snapshot positions count scan steps, so they pass unchanged)."""
+
+    def reversed_scan(**kw):
+        kw.update({k: kw[k].flip(-1) for k in ("u", "delta", "B", "C", "z") if kw[k] is not None and kw[k].dim() > 2})
+        result = scan(**kw)
+        hidden = None if result.hidden_states is None else result.hidden_states.flip(2)
+        return result._replace(out=result.out.flip(-1), hidden_states=hidden)
+
+    return reversed_scan
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"b{c[0]}d{c[1]}l{c[2]}n{c[3]}g{c[4]}-{c[5]}-{c[6]}-p{c[7]}")
+def test_a_reverse_scan_is_the_scan_of_the_flipped_sequence(backend, dtype, case):
+    """Every output and gradient, with states and snapshots, in the mixer's layouts (u, Δ and z views of
+    (batch, len, dim) tensors): the compiled kernel reads them backwards in place."""
+    batch, dim, length, nstate, groups, bc, extras, sgroups = case
+    inputs = make_inputs(batch, dim, length, nstate, groups, z=extras, D=extras, bias=extras, bc=bc, seed=dim + length)
+    inputs.update({k: v.transpose(1, 2).contiguous().transpose(1, 2) for k, v in inputs.items()
+                   if k in ("u", "delta", "z") and v is not None})  # fmt: skip
+    snapshots = torch.randint(0, length, (batch, sgroups, 5), generator=torch.Generator().manual_seed(length))
+    flipped = in_sequence_order(lambda **kw: selective_scan_reference(**kw))
+    expected, expected_grads = run_with_grads(flipped, inputs, torch.float64, snapshots)
+    actual, grads = run_with_grads(
+        lambda **kw: selective_scan(**kw, return_last_state=True, return_hidden_states=True, reverse=True,
+                                    backend=backend), inputs, dtype, snapshots,
+    )  # fmt: skip
+    rtol = 1e-10 if dtype == torch.float64 else 2e-5
+    for name in ("out", "snapshots", "last_state", "hidden_states"):
+        assert_close(getattr(actual, name), getattr(expected, name), rtol, name)
+    assert grads.keys() == expected_grads.keys()
+    for name in grads:
+        assert_close(grads[name], expected_grads[name], rtol, f"d{name}")
+
+
 def test_reference_follows_mamba_semantics():
     """Our oracle agrees with mamba-ssm's selective_scan_ref algorithm (written out independently)."""
     inputs = make_inputs(2, 8, 11, 4, 1, bc="variable")
