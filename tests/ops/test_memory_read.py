@@ -136,6 +136,19 @@ def test_a_read_dropped_entirely_leaves_the_plain_scan(backend):
     assert (read - plain).abs().max() > 1e-2
 
 
+@COMPILED
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_the_read_behind_a_dropout_is_the_read_inside_the_kernel(reverse):
+    """With a dropout the compiled scan hands back snapshots and the read runs in PyTorch after it; with one
+    that keeps everything, that read equals the one fused into the kernel, in either scan direction."""
+    inputs, read = memory_inputs("vim", seed=3)
+    fused = MemoryRead(*read)
+    after = fused._replace(dropout=lambda t: t)
+    outputs = [selective_scan(**inputs, delta_softplus=True, memory=m, reverse=reverse, backend="native").out
+               for m in (fused, after)]  # fmt: skip
+    assert_close(outputs[1], outputs[0], 1e-12, "out")
+
+
 def test_bad_memory_reads_are_rejected_with_the_field_at_fault():
     inputs, (location, weights, scale) = memory_inputs("generic")
     with pytest.raises(ValueError, match=r"memory\.weights must have shape"):
