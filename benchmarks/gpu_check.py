@@ -10,9 +10,9 @@ sections that would start after ``--budget`` seconds are skipped, not run. The r
     python benchmarks/gpu_check.py [--output benchmarks/results/gpu_check.md --model vim_small_patch16_224]
 
 The scans run in Vim's own layouts (:func:`vim_layout`): ``z`` a transposed half of ``in_proj``'s output,
-``delta`` a transposed ``dt_proj`` output, ``B`` and ``C`` transposed slices of ``x_proj``'s output (``u``
-is the conv's contiguous output), as :meth:`adaptor_peft.models.vim.BiMambaMixer.scan` passes them, and
-not the contiguous tensors a kernel finds easiest.
+``delta`` a transposed ``dt_proj`` output, ``B`` and ``C`` transposed slices of ``x_proj``'s output, ``u`` the
+conv's output with channels adjacent, as :meth:`adaptor_peft.models.vim.BiMambaMixer.scan` passes them (in
+both directions), and not the contiguous tensors a kernel finds easiest.
 """
 
 from __future__ import annotations

@@ -139,7 +139,11 @@ class BiMambaMixer(SSMMixer):
             conved = causal_conv1d(x_seq, conv.weight, conv.bias, reverse)
             rebuild_conved = recompute.add(conved, lambda: causal_conv1d(x_seq, conv.weight, conv.bias, reverse))
         else:  # a wrapped conv (LoRA's) runs as itself, over the flipped sequence if reversed, and keeps its output
-            conved = conv(x_seq.flip(-1) if reverse else x_seq)[..., :length]
+            seq = x_seq
+            if reverse:
+                seq = x_seq.flip(-1)
+                recompute.add(seq, lambda: x_seq.flip(-1))
+            conved = conv(seq)[..., :length]
             conved = conved.flip(-1) if reverse else conved
             rebuild_conved = lambda: conved  # noqa: E731
         u = F.silu(conved)

@@ -27,6 +27,7 @@ on a GPU the check would stall it (it reads the positions back to the host).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -39,7 +40,7 @@ import torch
 
 from . import native, scan_torch
 from .memory_read import add_read
-from .records import TENSOR_FIELDS, GradsOut, MemoryRead, ScanInputs, ScanOutput
+from .records import TENSOR_FIELDS, GradsOut, MemoryRead, ScanGrads, ScanInputs, ScanOutput
 
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
 CHECK_POSITIONS_ENV = "ADAPTOR_PEFT_CHECK_POSITIONS"
@@ -170,8 +171,13 @@ def _check_snapshots(index: torch.Tensor | None, shape: torch.Size) -> None:
         raise TypeError(f"selective_scan: snapshot_index must hold integer positions, got {index.dtype}")
 
 
-def _check_memory(memory: MemoryRead, shape: torch.Size) -> None:
+def _check_memory(memory: MemoryRead, shape: torch.Size, C: torch.Tensor) -> None:
     batch, dim, length = shape
+    if C.dim() == 2:  # the read mixes a group's states through one C_t per position (memory_read.py)
+        raise ValueError(
+            "selective_scan: the memory read needs an input-dependent C, (batch, nstate, len) or (batch, groups, "
+            f"nstate, len); got C of shape {tuple(C.shape)}"
+        )
     location, weights, scale = memory.location, memory.weights, memory.scale
     if location.dim() != 3 or location.shape[0] != batch or dim % location.shape[1]:
         raise ValueError(
@@ -231,12 +237,40 @@ def select_backend(
     return requested
 
 
+class _OnFlippedCopies:
+    """A backend without a reverse scan, run on flipped copies of the per-position tensors. Autograd keeps the
+    caller's own tensors, which activation recomputation may rebuild; the backward flips them again."""
+
+    FLIPPED = ("u", "delta", "z", "B", "C", "read_weights")
+
+    def __init__(self, impl: ModuleType):
+        self.impl = impl
+
+    def _flipped(self, x: ScanInputs) -> ScanInputs:
+        return dataclasses.replace(x, reverse=False, **{k: _flip(getattr(x, k)) for k in self.FLIPPED})
+
+    def forward(self, x: ScanInputs, want_last: bool, want_hidden: bool, for_backward: bool):
+        result, saved = self.impl.forward(self._flipped(x), want_last, want_hidden, for_backward)
+        hidden = None if result.hidden_states is None else result.hidden_states.flip(2)
+        return result._replace(out=result.out.flip(-1), hidden_states=hidden), saved
+
+    def backward(self, x: ScanInputs, grads: GradsOut, saved: tuple) -> ScanGrads:
+        grads = self.impl.backward(self._flipped(x), grads._replace(out=grads.out.flip(-1)), saved)
+        return grads._replace(**{k: _flip(getattr(grads, k)) for k in self.FLIPPED})
+
+
+def _flip(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` with its positions (last dimension) in reverse order; a (dim, nstate) B or C has none."""
+    return t if t is None or t.dim() == 2 else t.flip(-1)
+
+
 class _ScanFunction(torch.autograd.Function):
     """Autograd around one backend; the record's tensors travel as arguments, so that autograd sees them."""
 
     @staticmethod
     def forward(ctx, backend, inputs, want_last, want_hidden, *tensors):
         impl = _implementation(backend)
+        impl = _OnFlippedCopies(impl) if inputs.reverse and backend != "native" else impl
         inputs = inputs.with_tensors(tensors)
         result, saved = impl.forward(inputs, want_last, want_hidden, any(ctx.needs_input_grad))
         # the record without its tensors: those go through save_for_backward, whose hooks may free them
@@ -285,7 +319,7 @@ def selective_scan(
     ``reverse``: the recurrence runs from the last position to the first, as a scan of the flipped sequence
     would, with every tensor in sequence order; snapshot positions and memory locations then count scan
     steps (step s is position len - 1 - s). The compiled CPU scan reads its inputs backwards in place;
-    the other backends scan flipped copies.
+    the other backends scan flipped copies, made again in the backward pass.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     _check_snapshots(snapshot_index, u.shape)
@@ -293,7 +327,7 @@ def selective_scan(
     if memory is not None:
         if snapshot_index is not None:
             raise ValueError("selective_scan: give snapshot_index or memory, not both")
-        _check_memory(memory, u.shape)
+        _check_memory(memory, u.shape, C)
         floor = memory.location.detach().floor()
         snapshot_index = torch.cat([floor, (floor + 1).clamp(max=length - 1)], dim=-1).long()
     groups = math.lcm(*(dim if X.dim() == 2 else 1 if X.dim() == 3 else X.shape[1] for X in (B, C)))
@@ -302,21 +336,12 @@ def selective_scan(
     name = select_backend(u.device, u.dtype, needs_states, backend)
     if snapshot_index is not None:
         _check_range(snapshot_index, length, name)
-    if reverse and name != "native":
-        positions = lambda X: X if X is None or X.dim() == 2 else X.flip(-1)  # noqa: E731
-        flipped = None if memory is None else memory._replace(weights=memory.weights.flip(-1))
-        result = selective_scan(
-            *map(positions, (u, delta)), A, *map(positions, (B, C)), D, positions(z), delta_bias, delta_softplus,
-            snapshot_index=None if memory is not None else snapshot_index, memory=flipped,
-            return_last_state=return_last_state,
-            return_hidden_states=return_hidden_states, backend=name,
-        )  # fmt: skip
-        hidden = None if result.hidden_states is None else result.hidden_states.flip(2)
-        return result._replace(out=result.out.flip(-1), hidden_states=hidden)
     fused = memory is not None and name == "native" and memory.dropout is None
     if name == "mamba_ssm":
+        u, delta, B, C, z = (_flip(X) if reverse else X for X in (u, delta, B, C, z))
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
-        return ScanOutput(*result) if return_last_state else ScanOutput(result)
+        out, last = result if return_last_state else (result, None)
+        return ScanOutput(_flip(out) if reverse else out, last)
     dtype, compute = u.dtype, torch.float64 if u.dtype == torch.float64 else torch.float32
     floats = dict(u=u, delta=delta, delta_bias=delta_bias, A=A, B=Bg, C=Cg, D=D, z=z)
     if name != "triton":  # the Triton kernels read each input in its own dtype and accumulate in float32

@@ -12,6 +12,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.models import keep_activations
@@ -137,6 +138,31 @@ def test_vim_training_holds_less_memory_for_identical_gradients(method, options)
     assert grads[0].keys() == grads[1].keys()
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
     assert peaks[1] < 0.85 * peaks[0], peaks
+
+
+class WrappedConv(nn.Conv1d):
+    """Stands for a conv that another library wrapped (peft's LoRA, say): the mixer runs it as itself."""
+
+
+def test_a_wrapped_conv_runs_as_itself_in_both_directions_for_the_same_outputs_and_gradients():
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    model = tiny("vim", num_classes=10).double()
+    expected = model(images)
+    for block in model.layers:
+        for name in ("conv1d", "conv1d_b"):
+            conv = getattr(block.mixer, name)
+            wrapped = WrappedConv(conv.in_channels, conv.out_channels, conv.kernel_size, groups=conv.groups,
+                                  padding=conv.padding).double()  # fmt: skip
+            wrapped.load_state_dict(conv.state_dict())
+            setattr(block.mixer, name, wrapped)
+    torch.testing.assert_close(model(images), expected, rtol=1e-12, atol=1e-12)
+    grads = []
+    for context in (keep_activations(), contextlib.nullcontext()):
+        model.zero_grad()
+        with context:
+            model(images).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
 def conv_reference(x, weight, bias):

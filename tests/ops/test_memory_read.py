@@ -142,11 +142,17 @@ def test_the_read_behind_a_dropout_is_the_read_inside_the_kernel(reverse):
     """With a dropout the compiled scan hands back snapshots and the read runs in PyTorch after it; with one
     that keeps everything, that read equals the one fused into the kernel, in either scan direction."""
     inputs, read = memory_inputs("vim", seed=3)
-    fused = MemoryRead(*read)
-    after = fused._replace(dropout=lambda t: t)
-    outputs = [selective_scan(**inputs, delta_softplus=True, memory=m, reverse=reverse, backend="native").out
-               for m in (fused, after)]  # fmt: skip
-    assert_close(outputs[1], outputs[0], 1e-12, "out")
+    cotangent = torch.randn(inputs["u"].shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    results = []
+    for dropout in (None, lambda t: t):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None}
+        location, weights, scale = (t.clone().requires_grad_() for t in read)
+        memory = MemoryRead(location, weights, scale, dropout)
+        out = selective_scan(**leaves, delta_softplus=True, memory=memory, reverse=reverse, backend="native").out
+        grads = torch.autograd.grad(out, [*leaves.values(), location, weights, scale], cotangent)
+        results.append((out, *grads))
+    for name, fused, after in zip(["out", *leaves, "location", "weights", "scale"], *results, strict=True):
+        assert_close(after, fused, 1e-12, name)
 
 
 def test_bad_memory_reads_are_rejected_with_the_field_at_fault():
@@ -157,6 +163,8 @@ def test_bad_memory_reads_are_rejected_with_the_field_at_fault():
         selective_scan(**inputs, memory=MemoryRead(location, weights, scale[:-1]))
     with pytest.raises(ValueError, match=r"memory\.location must be"):
         selective_scan(**inputs, memory=MemoryRead(location[:, :, 0], weights, scale))
+    with pytest.raises(ValueError, match=r"needs an input-dependent C.*got C of shape \(16, 5\)"):
+        selective_scan(**{**inputs, "C": torch.randn(16, 5)}, memory=MemoryRead(location, weights, scale))
     with pytest.raises(ValueError, match="snapshot_index or memory, not both"):
         index = torch.zeros(2, 1, 2, dtype=torch.long)
         selective_scan(**inputs, snapshot_index=index, memory=MemoryRead(location, weights, scale))

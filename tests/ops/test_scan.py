@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import time
@@ -95,6 +96,34 @@ def test_a_reverse_scan_is_the_scan_of_the_flipped_sequence(backend, dtype, case
     assert grads.keys() == expected_grads.keys()
     for name in grads:
         assert_close(grads[name], expected_grads[name], rtol, f"d{name}")
+
+
+def test_a_reverse_scan_on_flipped_copies_keeps_the_callers_tensors_for_the_backward():
+    """A backend without a reverse scan flips in its forward and again in its backward, so that what autograd
+    keeps is the caller's u and z, which a mixer's activation recomputation can drop and rebuild."""
+    inputs = make_inputs(2, 16, 9, 4, 1, bc="variable", seed=4)
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.data_ptr()) or t, lambda t: t):
+        out = selective_scan(**leaves, delta_softplus=True, reverse=True, backend="torch").out
+    assert leaves["u"].data_ptr() in kept and leaves["z"].data_ptr() in kept
+    out.sum().backward()  # gradients: test_a_reverse_scan_is_the_scan_of_the_flipped_sequence
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_a_reverse_scan_through_mamba_ssms_kernel_flips_around_it(monkeypatch, last):
+    """mamba-ssm's kernel has no reverse scan: it gets flipped copies (a stand-in with its signature here)."""
+    kernel = functools.partial(selective_scan_fn, backend="torch")
+    monkeypatch.setattr(scan_module, "mamba_ssm_kernel", lambda: kernel)
+    auto = scan_module.select_backend
+    monkeypatch.setattr(scan_module, "select_backend", lambda *args: "mamba_ssm" if args[-1] is None else auto(*args))
+    inputs = make_inputs(2, 16, 9, 4, 1, bc="variable", seed=4)
+    ours = selective_scan(**inputs, delta_softplus=True, reverse=True, return_last_state=last)
+    expected = in_sequence_order(selective_scan_reference)(**inputs, delta_softplus=True)
+    assert_close(ours.out, expected.out, 1e-10, "out")
+    assert (ours.last_state is not None) == last
+    if last:
+        assert_close(ours.last_state, expected.last_state, 1e-10, "last_state")
 
 
 def test_reference_follows_mamba_semantics():
