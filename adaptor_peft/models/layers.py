@@ -41,18 +41,18 @@ class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        taps, length, reverse = weight.shape[-1], grad.shape[-1], ctx.reverse
+        taps, length, reverse, grad_in = weight.shape[-1], grad.shape[-1], ctx.reverse, full_precision(grad)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:  # the same taps, run the other way in time over the gradient
             dx = _conv_taps(_padded(grad, taps, not reverse), weight, None, not reverse).to(grad.dtype)
         if ctx.needs_input_grad[1]:
-            grad_in, padded = full_precision(grad).transpose(1, 2), _padded(x, taps, reverse)
+            rows, padded = grad_in.transpose(1, 2), _padded(x, taps, reverse)
             dweight = torch.stack(
-                [(grad_in * _tap(padded, k, taps, length, reverse)).sum((0, 1)) for k in range(taps)], -1
+                [(rows * _tap(padded, k, taps, length, reverse)).sum((0, 1)) for k in range(taps)], -1
             )
             dweight = dweight.unsqueeze(1).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = full_precision(grad).sum((0, 2)).to(weight.dtype)
+            dbias = grad_in.sum((0, 2)).to(weight.dtype)
         return dx, dweight, dbias, None
 
 

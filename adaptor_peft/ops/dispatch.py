@@ -40,7 +40,7 @@ import torch
 
 from . import native, scan_torch
 from .memory_read import add_read
-from .records import TENSOR_FIELDS, GradsOut, MemoryRead, ScanGrads, ScanInputs, ScanOutput
+from .records import TENSOR_FIELDS, GradsOut, MemoryRead, ScanGrads, ScanInputs, ScanOutput, reverse_positions
 
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
 CHECK_POSITIONS_ENV = "ADAPTOR_PEFT_CHECK_POSITIONS"
@@ -247,7 +247,7 @@ class _OnFlippedCopies:
         self.impl = impl
 
     def _flipped(self, x: ScanInputs) -> ScanInputs:
-        return dataclasses.replace(x, reverse=False, **{k: _flip(getattr(x, k)) for k in self.FLIPPED})
+        return dataclasses.replace(x, reverse=False, **{k: reverse_positions(getattr(x, k)) for k in self.FLIPPED})
 
     def forward(self, x: ScanInputs, want_last: bool, want_hidden: bool, for_backward: bool):
         result, saved = self.impl.forward(self._flipped(x), want_last, want_hidden, for_backward)
@@ -256,12 +256,7 @@ class _OnFlippedCopies:
 
     def backward(self, x: ScanInputs, grads: GradsOut, saved: tuple) -> ScanGrads:
         grads = self.impl.backward(self._flipped(x), grads._replace(out=grads.out.flip(-1)), saved)
-        return grads._replace(**{k: _flip(getattr(grads, k)) for k in self.FLIPPED})
-
-
-def _flip(t: torch.Tensor | None) -> torch.Tensor | None:
-    """``t`` with its positions (last dimension) in reverse order; a (dim, nstate) B or C has none."""
-    return t if t is None or t.dim() == 2 else t.flip(-1)
+        return grads._replace(**{k: reverse_positions(getattr(grads, k)) for k in self.FLIPPED})
 
 
 class _ScanFunction(torch.autograd.Function):
@@ -338,10 +333,10 @@ def selective_scan(
         _check_range(snapshot_index, length, name)
     fused = memory is not None and name == "native" and memory.dropout is None
     if name == "mamba_ssm":
-        u, delta, B, C, z = (_flip(X) if reverse else X for X in (u, delta, B, C, z))
+        u, delta, B, C, z = (reverse_positions(X, reverse) for X in (u, delta, B, C, z))
         result = mamba_ssm_kernel()(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
         out, last = result if return_last_state else (result, None)
-        return ScanOutput(_flip(out) if reverse else out, last)
+        return ScanOutput(reverse_positions(out, reverse), last)
     dtype, compute = u.dtype, torch.float64 if u.dtype == torch.float64 else torch.float32
     floats = dict(u=u, delta=delta, delta_bias=delta_bias, A=A, B=Bg, C=Cg, D=D, z=z)
     if name != "triton":  # the Triton kernels read each input in its own dtype and accumulate in float32

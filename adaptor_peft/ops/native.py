@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .records import GradsOut, ScanGrads, ScanInputs, ScanOutput
+from .records import GradsOut, ScanGrads, ScanInputs, ScanOutput, reverse_positions
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("selective_scan_cpu.c", "depthwise_cpu.c"))
 # -ffp-contract=fast: ISO C mode would otherwise forbid fused multiply-adds (a quarter of the scan's time)
@@ -180,17 +180,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _strides(t: torch.Tensor | None, n: int):
-    return (ctypes.c_int64 * n)(*(t.stride() if t is not None else (0,) * n))
-
-
 def _set_along(args: _ScanArgs, reverse: bool, **tensors: torch.Tensor | None) -> None:
     """Sets each named tensor's pointer and, for a tensor given, its strides (the field named with ``_s``); a
     tensor whose last dimension is position is read from its last position backwards when ``reverse``, so
     that a reversed scan runs over it in place as over a flipped copy."""
     for name, t in tensors.items():
-        setattr(args, name, _ptr(t))
         if t is None:
+            setattr(args, name, None)
             continue
         strides, pointer = list(t.stride()), t.data_ptr()
         if reverse:
@@ -198,12 +194,6 @@ def _set_along(args: _ScanArgs, reverse: bool, **tensors: torch.Tensor | None) -
             strides[-1] = -strides[-1]
         setattr(args, name, pointer)
         setattr(args, f"{name}_s", (ctypes.c_int64 * len(strides))(*strides))
-
-
-def _in_steps(t: torch.Tensor | None, reverse: bool) -> torch.Tensor | None:
-    """A tensor the kernel indexes by scan step itself, positions last, flipped between position order and
-    step order when ``reverse`` (the kernel then runs its steps from the last position)."""
-    return t.flip(-1) if reverse and t is not None else t
 
 
 def _lanes_like(x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +255,7 @@ def forward(
     hidden = new(batch, dim, length, n) if want_hidden else None
     returned = x.snapshot_index is not None and x.read_weights is None
     snapshots = new(batch, dim, x.snapshot_index.shape[2], n) if returned else None
-    read_weights = _in_steps(x.read_weights, x.reverse)
+    read_weights = reverse_positions(x.read_weights, x.reverse)  # the kernel indexes it by step
     args = _args(x, read_weights)
     args.last_state, args.hidden, args.snapshots = _ptr(last), _ptr(hidden), _ptr(snapshots)
     _set_along(args, x.reverse, out=out)
@@ -289,7 +279,7 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     dbias = u.new_zeros(dim) if x.delta_bias is not None else None
     reads = (x.read_frac, x.read_weights, x.read_scale)
     dread = tuple(None if t is None else torch.zeros_like(t) for t in reads)
-    read_weights = _in_steps(x.read_weights, x.reverse)
+    read_weights = reverse_positions(x.read_weights, x.reverse)  # the kernel indexes it by step
     args = _args(x, read_weights)
     pointers = dict(dsnapshots=dsnapshots, dA=dA, dD=dD, ddelta_bias=dbias, dB=dB, dC=dC)
     pointers.update(zip(("dread_frac", "dread_weights", "dread_scale"), dread, strict=True))
@@ -297,7 +287,7 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
         setattr(args, name, _ptr(t))
     _set_along(args, x.reverse, dout=grads.out, du=du, ddelta=ddelta, dz=dz)
     _call("scan_backward", u.dtype, ctypes.byref(args))
-    dB, dC, dweights = (_in_steps(t, x.reverse) for t in (dB, dC, dread[1]))
+    dB, dC, dweights = (reverse_positions(t, x.reverse) for t in (dB, dC, dread[1]))  # written by step
     return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, dread[0], dweights, dread[2])
 
 

@@ -87,6 +87,13 @@ class ScanInputs:
         return dataclasses.replace(self, **dict(zip(TENSOR_FIELDS, tensors, strict=True)))
 
 
+def reverse_positions(t: Tensor | None, reverse: bool = True) -> Tensor | None:
+    """``t`` with its positions (last dimension) in reverse order when ``reverse``: a reverse scan's tensors
+    between sequence order and scan-step order. None, and a (dim, nstate) B or C, which has no positions,
+    pass unchanged."""
+    return t.flip(-1) if reverse and t is not None and t.dim() > 2 else t
+
+
 TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(ScanInputs) if f.name not in ("softplus", "reverse"))
 """The names of :class:`ScanInputs`' tensor fields, in field order."""
 
