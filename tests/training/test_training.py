@@ -301,6 +301,29 @@ def test_vtab_does_not_take_a_finished_run_of_another_recipe_for_this_one(tmp_pa
     assert "holds a run of another recipe" in capsys.readouterr().out
 
 
+def test_metrics_match_a_count_over_all_images_whatever_the_batches():
+    generator = torch.Generator().manual_seed(int(torch.randint(1 << 30, ())))
+    logits, labels = torch.randn(50, 7, generator=generator), torch.randint(7, (50,), generator=generator)
+    metrics = ClassificationMetrics(7)
+    for cut in torch.tensor_split(torch.arange(50), [3, 4, 20, 41]):
+        metrics.update(logits[cut], labels[cut])
+    result = metrics.compute()
+    ranks = [(row > row[label]).sum().item() for row, label in zip(logits, labels, strict=True)]
+    assert result["top1"] == pytest.approx(100 * sum(r == 0 for r in ranks) / 50)
+    assert result["top5"] == pytest.approx(100 * sum(r < 5 for r in ranks) / 50)
+    for c in range(7):
+        mine = [r for r, label in zip(ranks, labels.tolist(), strict=True) if label == c]
+        expected = round(100 * sum(r == 0 for r in mine) / len(mine), 4) if mine else None
+        assert result["per_class"][c] == expected
+
+
+def test_metrics_name_the_bad_shape_or_label():
+    with pytest.raises(ValueError, match=r"logits must be \(images=2, classes=3\), got \(2, 4\)"):
+        ClassificationMetrics(3).update(torch.zeros(2, 4), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got 0..3"):
+        ClassificationMetrics(3).update(torch.zeros(2, 3), torch.tensor([0, 3]))
+
+
 def test_per_class_accuracy_is_none_for_absent_classes_and_empty_evaluations_fail():
     metrics = ClassificationMetrics(3)
     metrics.update(torch.eye(3)[[0, 1]], torch.tensor([0, 1]))
