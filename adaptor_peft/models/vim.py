@@ -19,12 +19,12 @@ from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 from torch import nn
 
+from ..ops.depthwise import causal_conv1d
 from .checkpoint import Loadable
 from .layers import (
     DeltaProjection,
     Recompute,
     RMSNorm,
-    causal_conv1d,
     checkpointed,
     drop_path_rates,
     full_precision,

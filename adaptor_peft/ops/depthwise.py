@@ -1,4 +1,5 @@
-"""Depthwise convolution given by taps: Adaptor-S's multi-scale branches as one op with a cheap backward.
+"""Depthwise convolution given by taps: Adaptor-S's multi-scale branches as one op with a cheap backward,
+and Mamba's causal conv, a 1 x L grid of taps.
 
 A tap is an offset ``(dy, dx)`` with one weight per channel, on channels-last maps:
 ``y[b, h, w, c] = Σ_t weight[t, c] x[b, h + dy_t, w + dx_t, c]`` (zero outside the map). The maps may be
@@ -158,3 +159,111 @@ def depthwise_taps(
     with torch.autocast(x.device.type, enabled=False):
         out = (_compiled if compiled else _dense)(tokens, weight.to(x.dtype), offsets, plus_input, grid, skip)
     return out.view(x.shape)
+
+
+class _CausalConv1d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, reverse):
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        ctx.has_bias, ctx.reverse = bias is not None, reverse
+        return _conv_taps(_padded(x, weight.shape[-1], reverse), weight, bias, reverse).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        taps, length, reverse, grad_in = weight.shape[-1], grad.shape[-1], ctx.reverse, _full_precision(grad)
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:  # the same taps, run the other way in time over the gradient
+            dx = _conv_taps(_padded(grad, taps, not reverse), weight, None, not reverse).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            rows, padded = grad_in.transpose(1, 2), _padded(x, taps, reverse)
+            dweight = torch.stack(
+                [(rows * _tap(padded, k, taps, length, reverse)).sum((0, 1)) for k in range(taps)], -1
+            )
+            dweight = dweight.unsqueeze(1).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = grad_in.sum((0, 2)).to(weight.dtype)
+        return dx, dweight, dbias, None
+
+
+def _padded(x: torch.Tensor, taps: int, reverse: bool) -> torch.Tensor:
+    """(B, E, L) as a contiguous (B, L + taps - 1, E) in at least float32, zero-padded before the sequence
+    (after it when ``reverse``)."""
+    return F.pad(_full_precision(x).transpose(1, 2), (0, 0, 0, taps - 1) if reverse else (0, 0, taps - 1, 0))
+
+
+def _tap(padded: torch.Tensor, k: int, taps: int, length: int, reverse: bool) -> torch.Tensor:
+    """The positions of :func:`_padded`'s output that tap ``k`` multiplies, for every output position."""
+    start = taps - 1 - k if reverse else k
+    return padded[:, start : start + length]
+
+
+def _conv_taps(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, reverse: bool) -> torch.Tensor:
+    """sum_k weight[:, 0, k] * tap k (+ bias) in padded's dtype, in conv1d's order of summation, for padded
+    from :func:`_padded`; returns (B, E, L) with channels adjacent in memory."""
+    taps = weight.shape[-1]
+    length = padded.shape[1] - taps + 1
+    rows = weight[:, 0, :].t().to(padded.dtype).contiguous()  # (K, E): each tap's channels adjacent, as padded's
+    first = _tap(padded, 0, taps, length, reverse)
+    out = first * rows[0] if bias is None else torch.addcmul(bias.to(padded.dtype), first, rows[0])
+    for k in range(1, taps):
+        out.addcmul_(_tap(padded, k, taps, length, reverse), rows[k])
+    return out.transpose(1, 2)
+
+
+def _full_precision(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or float64 if it already is."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+@cache
+def _causal_offsets(taps: int, reverse: bool) -> torch.Tensor:
+    """The conv weight's taps as :func:`depthwise_taps` offsets on a 1 x L grid: tap k reads K - 1 - k
+    positions back (ahead when ``reverse``)."""
+    return torch.tensor([(0, taps - 1 - k if reverse else k - taps + 1) for k in range(taps)])
+
+
+class _NativeCausalConv1d(torch.autograd.Function):
+    """The compiled taps kernel on x's rows (B, L, E), read in place, with the bias; the input gradient
+    is the conv the other way in time over the gradient's rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, reverse):
+        offsets, rows = _causal_offsets(weight.shape[-1], reverse), weight[:, 0, :].t()
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, rows, offsets)
+        ctx.has_bias = bias is not None
+        out = native.depthwise_taps(x.transpose(1, 2), rows, offsets, (1, x.shape[-1]), None, False, bias)
+        return out.transpose(1, 2)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, rows, offsets = ctx.saved_tensors
+        g, grid = grad.transpose(1, 2), (1, grad.shape[-1])
+        dx = dweight = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = native.depthwise_taps(g, rows, -offsets, grid, None, False).transpose(1, 2)
+        if ctx.needs_input_grad[1]:
+            dweight = native.depthwise_taps_grad(x.transpose(1, 2), g, offsets, grid, None).t().unsqueeze(1)
+            dweight = dweight.to(rows.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = g.sum((0, 1)).to(rows.dtype)
+        return dx, dweight, dbias, None
+
+
+def causal_conv1d(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, reverse: bool = False
+) -> torch.Tensor:
+    """Mamba's depthwise causal convolution: ``conv1d(x, weight, bias, padding=K - 1, groups=E)[..., :L]`` for
+    x (B, E, L) and weight (E, 1, K), summed in at least float32 (as mamba-ssm's causal-conv1d kernel) and
+    returned in x's dtype, with channels adjacent in memory (a transposed (B, L, E) tensor): the layout in
+    which the scan reads one vector per position and ``x_proj`` reads positions as rows, with no copy.
+    ``reverse``: causal in the reversed sequence (each position sees itself and the K - 1 after it), what
+    flipping x, convolving and flipping back gives, without the flips. A frozen weight keeps nothing for
+    the backward pass.
+
+    On a CPU in float32 or float64 the compiled taps kernel reads x's rows in place (Vim's x is one half of
+    ``in_proj``'s output) and adds the bias in the same pass; elsewhere it runs as K shifted multiply-adds.
+    Either is several times faster than ``conv1d``, which copies a strided x, then runs a general kernel."""
+    compiled = x.device.type == "cpu" and native.available(x.dtype)
+    return (_NativeCausalConv1d if compiled else _CausalConv1d).apply(x, weight, bias, reverse)

@@ -48,6 +48,7 @@ STALE_DAYS = 30
 and compiler gets its own file, so the cache would otherwise only grow."""
 _TEMPORARY = "building_"  # the name of a build in progress starts with this
 
+_I64x2 = ctypes.c_int64 * 2
 _I64x3 = ctypes.c_int64 * 3
 _I64x4 = ctypes.c_int64 * 4
 _P = ctypes.c_void_p
@@ -130,10 +131,10 @@ def _build(double: bool, target: str) -> ctypes.CDLL | None:
         fn = getattr(lib, f"scan_{name}_{suffix}")
         fn.argtypes = [ctypes.POINTER(_ScanArgs)]
         fn.restype = ctypes.c_int
-    for name, sizes in (("depthwise_taps", 7), ("depthwise_taps_grad", 6)):
-        taps = getattr(lib, f"{name}_{suffix}")
-        taps.argtypes = [_P, _P, _P, *[ctypes.c_int64] * sizes, _P]
-        taps.restype = None
+    taps, grad = getattr(lib, f"depthwise_taps_{suffix}"), getattr(lib, f"depthwise_taps_grad_{suffix}")
+    taps.argtypes = [_P, _I64x2, _P, _P, _P, *[ctypes.c_int64] * 7, _P]  # x, strides, weight, bias, offsets, ...
+    grad.argtypes = [_P, _I64x2, _P, _I64x2, _P, *[ctypes.c_int64] * 6, _P]  # x, strides, g, strides, offsets, ...
+    taps.restype = grad.restype = None
     return lib
 
 
@@ -291,6 +292,15 @@ def backward(x: ScanInputs, grads: GradsOut, saved: tuple[()] = ()) -> ScanGrads
     return ScanGrads(du, ddelta, dbias, dA, dB, dC, dD, dz, dread[0], dweights, dread[2])
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (batch, tokens, channels) with adjacent channels, read in place where it has them already."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _row_strides(x: torch.Tensor) -> ctypes.Array:
+    return _I64x2(x.stride(0), x.stride(1))
+
+
 def depthwise_taps(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -298,15 +308,19 @@ def depthwise_taps(
     grid: tuple[int, int],
     skip: int | None,
     keep_skip: bool,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y[b, p] = Σ_t weight[t, c] x[b, p + (dy_t, dx_t)]`` over the ``grid`` of patch tokens of ``x``
-    (batch, tokens, channels), zero outside it; the token at ``skip`` (not a patch) is ``x``'s with
-    ``keep_skip``, else zero. Float32 or float64, integer ``offsets`` (taps, 2); the compiled library must be
-    :func:`available` for the dtype."""
-    x, weight, offsets = x.contiguous(), weight.to(x.dtype).contiguous(), offsets.to(torch.int64).contiguous()
-    y = torch.empty_like(x)
+    """``y[b, p] = bias + Σ_t weight[t, c] x[b, p + (dy_t, dx_t)]`` over the ``grid`` of patch tokens of ``x``
+    (batch, tokens, channels; any batch and token strides), zero outside it; the token at ``skip`` (not a
+    patch) is ``x``'s with ``keep_skip``, else zero. Returns a contiguous tensor. Float32 or float64,
+    integer ``offsets`` (taps, 2); the compiled library must be :func:`available` for the dtype."""
+    x, weight, offsets = _rows(x), weight.to(x.dtype).contiguous(), offsets.to(torch.int64).contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    y = x.new_empty(x.shape)
     sizes = (offsets.shape[0], x.shape[0], *grid, x.shape[-1], _skip(skip), int(keep_skip))
-    _function("depthwise_taps", x.dtype)(_ptr(x), _ptr(weight), _ptr(offsets), *sizes, _ptr(y))
+    _function("depthwise_taps", x.dtype)(
+        _ptr(x), _row_strides(x), _ptr(weight), _ptr(bias), _ptr(offsets), *sizes, _ptr(y)
+    )
     return y
 
 
@@ -314,11 +328,21 @@ def depthwise_taps_grad(
     x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, grid: tuple[int, int], skip: int | None
 ) -> torch.Tensor:
     """``dweight[t, c] = Σ_{b,p} x[b, p + (dy_t, dx_t)] g[b, p]`` over the patches of :func:`depthwise_taps`'s
-    token layout; (taps, channels)."""
-    x, g, offsets = x.contiguous(), g.to(x.dtype).contiguous(), offsets.to(torch.int64).contiguous()
+    token layout (any batch and token strides); (taps, channels)."""
+    x, g, offsets = _rows(x), _rows(g.to(x.dtype)), offsets.to(torch.int64).contiguous()
     per_row = x.new_empty(x.shape[0], offsets.shape[0], x.shape[-1])
     _function("depthwise_taps_grad", x.dtype)(
-        _ptr(x), _ptr(g), _ptr(offsets), offsets.shape[0], x.shape[0], *grid, x.shape[-1], _skip(skip), _ptr(per_row)
+        _ptr(x),
+        _row_strides(x),
+        _ptr(g),
+        _row_strides(g),
+        _ptr(offsets),
+        offsets.shape[0],
+        x.shape[0],
+        *grid,
+        x.shape[-1],
+        _skip(skip),
+        _ptr(per_row),
     )
     return per_row.sum(0)
 

@@ -1,11 +1,10 @@
 """Activation recomputation (``models.layers.Recompute``) and its use in Vim's mixer, whose cheap
 activations are rebuilt in the backward pass, so a training step holds less memory for the very same
-gradients; and Mamba's causal conv as shifted multiply-adds (``models.layers.causal_conv1d``)."""
+gradients."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import weakref
 
@@ -16,7 +15,7 @@ from torch import nn
 
 from adaptor_peft.adaptors import prepare_model
 from adaptor_peft.models import keep_activations
-from adaptor_peft.models.layers import Recompute, causal_conv1d
+from adaptor_peft.models.layers import Recompute
 from tests.support.memory import PeakTensorMemory
 from tests.support.models import tiny
 
@@ -165,45 +164,3 @@ def test_a_wrapped_conv_runs_as_itself_in_both_directions_for_the_same_outputs_a
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
-def conv_reference(x, weight, bias):
-    return F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=weight.shape[0])[..., : x.shape[-1]]
-
-
-@pytest.mark.parametrize(("taps", "length"), [(1, 11), (4, 11), (4, 3), (4, 2), (4, 1)])
-@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
-def test_causal_conv1d_matches_conv1d_in_float64_on_strided_inputs_with_every_gradient(taps, length, reverse):
-    """Also on sequences no longer than the kernel, where some taps read only the zeros before the start;
-    ``reverse`` against conv1d of the flipped sequence, flipped back."""
-    g = torch.Generator().manual_seed(taps * 100 + length)
-    rows = torch.randn(3, length, 16, generator=g, dtype=torch.float64)  # a (B, L, 2E) projection, as in Vim
-    weight = torch.randn(8, 1, taps, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
-    leaf = rows.clone().requires_grad_()
-    x = leaf[..., 8:].transpose(1, 2)
-    cotangent = torch.randn(3, 8, length, generator=g, dtype=torch.float64)
-    grads = []
-    convolve = functools.partial(causal_conv1d, reverse=reverse)
-    reference = (lambda x, w, b: conv_reference(x.flip(-1), w, b).flip(-1)) if reverse else conv_reference
-    for conv in (convolve, reference):
-        out = conv(x, weight, bias)
-        grads.append((out, *torch.autograd.grad((out * cotangent).sum(), (leaf, weight, bias))))
-    for ours, theirs in zip(*grads, strict=True):
-        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
-    assert grads[0][0].stride(1) == 1, "channels adjacent, as the scan and x_proj read them"
-    assert torch.autograd.gradcheck(convolve, (x.detach().requires_grad_(), weight, bias))
-    assert torch.autograd.gradcheck(lambda x, w: convolve(x, w), (x.detach().requires_grad_(), weight))
-
-
-def test_causal_conv1d_keeps_nothing_for_a_frozen_weight_and_sums_half_precision_in_float32():
-    x = torch.randn(2, 8, 9, requires_grad=True)
-    weight, bias = torch.randn(8, 1, 4), torch.randn(8)
-    holder = x * 1
-    out, alive = causal_conv1d(holder, weight, bias), weakref.ref(holder)
-    del holder
-    gc.collect()
-    assert alive() is None  # only a trained weight's gradient needs the input
-    out.sum().backward()
-    half = x.detach().bfloat16()
-    expected = conv_reference(half.float(), weight, bias).bfloat16()
-    assert causal_conv1d(half, weight, bias).dtype == torch.bfloat16
-    assert torch.equal(causal_conv1d(half, weight, bias), expected)

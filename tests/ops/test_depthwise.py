@@ -1,14 +1,18 @@
-"""The tap-wise depthwise convolution (Adaptor-S's op) against a float64 reference: outputs and gradients,
-on the compiled CPU kernel and on the PyTorch path it falls back to."""
+"""The tap-wise depthwise convolution (Adaptor-S's op) and Mamba's causal conv against float64 references:
+outputs and gradients, on the compiled CPU kernel and on the PyTorch path it falls back to."""
 
 from __future__ import annotations
+
+import functools
+import gc
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from adaptor_peft.ops import depthwise, native
-from adaptor_peft.ops.depthwise import depthwise_taps
+from adaptor_peft.ops.depthwise import causal_conv1d, depthwise_taps
 
 PATHS = [
     pytest.param("native", marks=pytest.mark.skipif(not native.available(torch.float64), reason="no C compiler")),
@@ -137,3 +141,53 @@ def test_tokens_with_a_token_that_is_no_patch(path, skip, plus_input):
 def test_tokens_that_do_not_fill_the_grid_are_named():
     with pytest.raises(ValueError, match=r"do not hold a 5x4 grid of patches and the token at 3"):
         depthwise_taps(torch.zeros(1, 20, 2), torch.zeros(1, 2), ((0, 0),), grid=(5, 4), skip=3)
+
+
+def conv_reference(x, weight, bias):
+    return F.conv1d(x, weight, bias, padding=weight.shape[-1] - 1, groups=weight.shape[0])[..., : x.shape[-1]]
+
+
+@pytest.mark.parametrize(
+    ("taps", "length", "channels"), [(1, 11, 8), (4, 11, 8), (4, 11, 70), (4, 3, 8), (4, 2, 8), (4, 1, 8)]
+)
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+def test_causal_conv1d_matches_conv1d_in_float64_on_strided_inputs_with_every_gradient(
+    path, taps, length, channels, reverse
+):
+    """Also on sequences no longer than the kernel, where some taps read only the zeros before the start;
+    ``reverse`` against conv1d of the flipped sequence, flipped back."""
+    g = torch.Generator().manual_seed(taps * 100 + length + int(torch.randint(1 << 20, ())))
+    rows = torch.randn(3, length, 2 * channels, generator=g, dtype=torch.float64)  # a (B, L, 2E) projection (Vim's)
+    weight = torch.randn(channels, 1, taps, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(channels, generator=g, dtype=torch.float64, requires_grad=True)
+    leaf = rows.clone().requires_grad_()
+    x = leaf[..., channels:].transpose(1, 2)
+    cotangent = torch.randn(3, length, channels, generator=g, dtype=torch.float64).transpose(1, 2)
+    grads = []
+    convolve = functools.partial(causal_conv1d, reverse=reverse)
+    reference = (lambda x, w, b: conv_reference(x.flip(-1), w, b).flip(-1)) if reverse else conv_reference
+    for conv in (convolve, reference):
+        out = conv(x, weight, bias)
+        grads.append((out, *torch.autograd.grad((out * cotangent).sum(), (leaf, weight, bias))))
+    for ours, theirs in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert grads[0][0].stride(1) == 1, "channels adjacent, as the scan and x_proj read them"
+    compiled = "Native" in type(convolve(x, weight, bias).grad_fn).__name__
+    assert compiled == (path == "native"), "the compiled kernel runs on the CPU, and only there"
+    assert torch.autograd.gradcheck(convolve, (x.detach().requires_grad_(), weight, bias))
+    assert torch.autograd.gradcheck(lambda x, w: convolve(x, w), (x.detach().requires_grad_(), weight))
+
+
+def test_causal_conv1d_keeps_nothing_for_a_frozen_weight_and_sums_half_precision_in_float32(path):
+    x = torch.randn(2, 8, 9, requires_grad=True)
+    weight, bias = torch.randn(8, 1, 4), torch.randn(8)
+    holder = x * 1
+    out, alive = causal_conv1d(holder, weight, bias), weakref.ref(holder)
+    del holder
+    gc.collect()
+    assert alive() is None  # only a trained weight's gradient needs the input
+    out.sum().backward()
+    half = x.detach().bfloat16()
+    expected = conv_reference(half.float(), weight, bias).bfloat16()
+    assert causal_conv1d(half, weight, bias).dtype == torch.bfloat16
+    assert torch.equal(causal_conv1d(half, weight, bias), expected)
