@@ -85,18 +85,24 @@ SLOW = {"sequential: mamba-ssm selective_scan_ref algorithm"}  # seconds per cal
 
 
 def make_inputs(batch, dim, length, nstate, seed=0):
+    """u, Δ, A, B, C, D, z, the Δ bias, and the output's cotangent; u, Δ, z and the cotangent (batch, dim,
+    length) with channels adjacent in memory, as Vim's mixer hands them to the scan."""
     g = torch.Generator().manual_seed(seed)
+
+    def per_position(scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(batch, length, dim, generator=g) * scale).transpose(1, 2)
+
     inputs = [
-        torch.randn(batch, dim, length, generator=g),
-        torch.randn(batch, dim, length, generator=g) * 0.5,
+        per_position(),
+        per_position(0.5),
         -torch.rand(dim, nstate, generator=g) - 0.1,
         torch.randn(batch, nstate, length, generator=g),
         torch.randn(batch, nstate, length, generator=g),
         torch.randn(dim, generator=g),
-        torch.randn(batch, dim, length, generator=g),
+        per_position(),
         torch.randn(dim, generator=g) * 0.1,
     ]
-    return [t.requires_grad_() for t in inputs], torch.randn(batch, dim, length, generator=g)
+    return [t.requires_grad_() for t in inputs], per_position()
 
 
 def step(method, inputs, cotangent, backward=True):
