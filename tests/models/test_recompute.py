@@ -162,5 +162,3 @@ def test_a_wrapped_conv_runs_as_itself_in_both_directions_for_the_same_outputs_a
             model(images).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
-
-
