@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..ops import selective_scan
+from ..ops.records import full_precision
 
 
 def ssm(adaptor_t: nn.Module | None, *args, direction: int | None = None, **kwargs) -> torch.Tensor:
@@ -144,11 +145,6 @@ def pool_choice(global_pool: str, allowed: Sequence[str], model: str) -> str:
     if global_pool not in allowed:
         raise ValueError(f"{model}: global_pool {global_pool!r} is not supported; expected one of {tuple(allowed)}")
     return global_pool
-
-
-def full_precision(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32, or float64 if it already is: where the official code says ``.float()``."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class DeltaProjection(nn.Linear):

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from . import native
+from .records import full_precision
 
 Offsets = tuple[tuple[int, int], ...]
 
@@ -171,7 +172,7 @@ class _CausalConv1d(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        taps, length, reverse, grad_in = weight.shape[-1], grad.shape[-1], ctx.reverse, _full_precision(grad)
+        taps, length, reverse, grad_in = weight.shape[-1], grad.shape[-1], ctx.reverse, full_precision(grad)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:  # the same taps, run the other way in time over the gradient
             dx = _conv_taps(_padded(grad, taps, not reverse), weight, None, not reverse).to(grad.dtype)
@@ -189,7 +190,7 @@ class _CausalConv1d(torch.autograd.Function):
 def _padded(x: torch.Tensor, taps: int, reverse: bool) -> torch.Tensor:
     """(B, E, L) as a contiguous (B, L + taps - 1, E) in at least float32, zero-padded before the sequence
     (after it when ``reverse``)."""
-    return F.pad(_full_precision(x).transpose(1, 2), (0, 0, 0, taps - 1) if reverse else (0, 0, taps - 1, 0))
+    return F.pad(full_precision(x).transpose(1, 2), (0, 0, 0, taps - 1) if reverse else (0, 0, taps - 1, 0))
 
 
 def _tap(padded: torch.Tensor, k: int, taps: int, length: int, reverse: bool) -> torch.Tensor:
@@ -209,11 +210,6 @@ def _conv_taps(padded: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     for k in range(1, taps):
         out.addcmul_(_tap(padded, k, taps, length, reverse), rows[k])
     return out.transpose(1, 2)
-
-
-def _full_precision(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32, or float64 if it already is."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 @cache

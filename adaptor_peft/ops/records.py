@@ -87,6 +87,11 @@ class ScanInputs:
         return dataclasses.replace(self, **dict(zip(TENSOR_FIELDS, tensors, strict=True)))
 
 
+def full_precision(t: Tensor) -> Tensor:
+    """``t`` in float32, or float64 if it already is: where the official code says ``.float()``."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def reverse_positions(t: Tensor | None, reverse: bool = True) -> Tensor | None:
     """``t`` with its positions (last dimension) in reverse order when ``reverse``: a reverse scan's tensors
     between sequence order and scan-step order. None, and a (dim, nstate) B or C, which has no positions,
