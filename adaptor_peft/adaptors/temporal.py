@@ -93,7 +93,7 @@ class AdaptorT(nn.Module):
         batch, _, length = u.shape
         groups = dirs * self.groups
         with torch.autocast(u.device.type, enabled=False):
-            hidden = torch.matmul(self.down[picked], u.to(self.down.dtype).view(batch, dirs, self.channels, length))
+            hidden = _per_direction(self.down[picked], u.to(self.down.dtype))  # (B, dirs, rank, L)
             logits = torch.matmul(self.weight_up[picked], hidden) + self.weight_bias[picked, :, None]
             weights = logits.view(batch, groups, self.locations, length).softmax(dim=2)
             location = self.anchor[picked].reshape(1, groups, self.locations)
@@ -124,3 +124,16 @@ class AdaptorT(nn.Module):
         location, weights = self.locations_and_weights(u, direction)
         memory = MemoryRead(location, weights, gamma, self.dropout if self.training and self.dropout.p else None)
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, memory=memory, reverse=reverse).out
+
+
+def _per_direction(weight: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Each direction's ``weight`` (dirs, out, E) applied to its channels of ``u`` (B, dirs * E, L): (B, dirs,
+    out, L), arranged so that ``u``'s gradient comes out in ``u``'s own layout and joins the scan's without a
+    transposing copy."""
+    batch, _, length = u.shape
+    dirs = weight.shape[0]
+    if u.stride(1) != 1:
+        return torch.matmul(weight, u.view(batch, dirs, -1, length))
+    # channels adjacent, as Vim's scans have them: one product over all positions, the weight block-diagonal
+    tokens = u.transpose(1, 2).reshape(batch * length, -1)
+    return (torch.block_diag(*weight) @ tokens.t()).view(dirs, -1, batch, length).permute(2, 0, 1, 3)

@@ -113,15 +113,20 @@ def scan_inputs(style: str, t: AdaptorT, length: int = 7, nstate: int = 3, seed:
     def randn(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).requires_grad_()
 
+    def sequence(scale=1.0):  # (batch, dim, length) in the layout the mixer gives: Vim's channels adjacent
+        if style == "vim":
+            return randn(batch, length, dim, scale=scale).detach().transpose(1, 2).requires_grad_()
+        return randn(batch, dim, length, scale=scale)
+
     bc_shape = (batch, nstate, length) if style == "vim" else (batch, t.directions, nstate, length)
     return dict(
-        u=randn(batch, dim, length),
-        delta=randn(batch, dim, length, scale=0.5),
+        u=sequence(),
+        delta=sequence(scale=0.5),
         A=(-torch.exp(torch.randn(dim, nstate, generator=g, dtype=torch.float64) * 0.5)).requires_grad_(),
         B=randn(*bc_shape),
         C=randn(*bc_shape),
         D=randn(dim),
-        z=randn(batch, dim, length) if style == "vim" else None,  # as the mixers call it: Vim gates, VMamba not
+        z=sequence() if style == "vim" else None,  # as the mixers call it: Vim gates, VMamba not
         delta_bias=None if style == "vim" else randn(dim, scale=0.5),
         delta_softplus=True,
         direction=1 if style == "vim" else None,
@@ -160,6 +165,25 @@ def test_adaptor_t_scan_equals_the_formula_with_gradients(monkeypatch, style, an
     for name in want:
         torch.testing.assert_close(have[name], want[name], rtol=1e-9, atol=1e-10, msg=f"gradient of {name}")
     assert want["down"].abs().max() > 1e-3 and want["weight_up"].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("direction", [None, 1])
+def test_adaptor_t_predictor_is_the_same_in_either_layout_of_u(direction):
+    """Vim hands the scan input with channels adjacent, the other mixers with positions adjacent; the predictor
+    takes a different product for each, and both must give the same locations, weights and gradients."""
+    t = random_adaptor_t("vmamba", "learned")
+    width = t.channels * (t.directions if direction is None else 1)
+    values = torch.randn(2, width, 9, dtype=torch.float64)
+    results = []
+    for u in (values.clone(), values.transpose(1, 2).contiguous().transpose(1, 2)):
+        u.requires_grad_()
+        location, weights = t.locations_and_weights(u, direction)
+        assert location.shape == (2, width // t.channels * t.groups, t.locations)
+        assert weights.shape == (2, width // t.channels * t.groups, t.locations, 9)
+        mixed = (location * torch.arange(location.numel()).view(location.shape)).sum() + (weights**3).sum()
+        results.append((location, weights, *torch.autograd.grad(mixed, [u, t.down, t.offset_up])))
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test():
