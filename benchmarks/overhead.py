@@ -31,6 +31,7 @@ from adaptor_peft import create_model
 from adaptor_peft.adaptors import AdaptorS, prepare_model
 from adaptor_peft.models import keep_activations
 from adaptor_peft.reports import parameter_report
+from adaptor_peft.training.optim import build_optimizer
 from benchmarks.machine import describe
 from tests.support.memory import PeakTensorMemory, in_fresh_process
 
@@ -66,10 +67,10 @@ def batch(size: int, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def trainer(model: torch.nn.Module, keep_all: bool = False):
-    """One training step of ``model`` (AdamW on its trainable parameters) as a closure; ``keep_all``:
-    keeping every activation (:func:`adaptor_peft.models.keep_activations`)."""
+    """One training step of ``model`` (AdamW on its trainable parameters, as the training loop builds it) as a
+    closure; ``keep_all``: keeping every activation (:func:`adaptor_peft.models.keep_activations`)."""
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer(model, "adamw", 1e-4, 0.05)
 
     def step(images: torch.Tensor, labels: torch.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -62,12 +62,14 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """``adamw`` or ``sgd`` (momentum 0.9) over :func:`param_groups`."""
+    """``adamw`` or ``sgd`` (momentum 0.9) over :func:`param_groups`, with PyTorch's fused update (on CPUs as
+    on GPUs): one pass over each parameter instead of about ten small operations, which is most of the
+    optimizer's time for an adaptor's many small tensors and for full fine-tuning's many large ones."""
     groups = param_groups(model, lr, weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.9)
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, fused=True)
     raise ValueError(f"optimizer {name!r} is not one of {OPTIMIZERS}")
 
 

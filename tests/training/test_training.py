@@ -3,6 +3,7 @@ in the benchmark layouts that the tests write themselves."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -239,6 +240,31 @@ def test_weight_decay_groups_and_warmup_cosine_schedule():
     assert all(a >= b for a, b in itertools.pairwise(rates[3:])) and rates[-1] > 0.01
     with pytest.raises(ValueError, match="optimizer 'lamb'"):
         build_optimizer(model, "lamb", 1.0, 0.1)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_the_fused_optimizer_takes_the_steps_of_pytorchs_loop(name):
+    """build_optimizer runs PyTorch's fused update; it must move every parameter group as the reference
+    for-loop implementation does, weight decay and per-group rates included."""
+    from adaptor_peft.adaptors import prepare_model
+
+    torch.manual_seed(0)
+    model = prepare_model(create_model("vim_tiny_patch16_224", depth=2, num_classes=3), "adaptor").double()
+    twin = copy.deepcopy(model)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    fused = build_optimizer(model, name, 0.01, 0.1)
+    assert fused.defaults["fused"] and len(fused.param_groups) > 2
+    loop = type(fused)(param_groups(twin, 0.01, 0.1), lr=0.01, foreach=False, fused=False,
+                       **({"momentum": 0.9} if name == "sgd" else {}))  # fmt: skip
+    images = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    for _ in range(3):
+        for net, optimizer in ((model, fused), (twin, loop)):
+            optimizer.zero_grad()
+            net(images).square().mean().backward()
+            optimizer.step()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=n)
+    assert all(not torch.equal(p, initial[n]) for n, p in model.named_parameters() if n in initial)
 
 
 def test_lr_scale_multiplies_the_rate_of_the_adaptors_zero_initialised_parameters_only():
