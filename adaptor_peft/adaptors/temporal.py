@@ -23,6 +23,7 @@ first reads the anchors with equal weights.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import selective_scan
@@ -83,17 +84,35 @@ class AdaptorT(nn.Module):
             f"groups={self.groups}, rank={self.down.shape[1]}, anchor={'learned' if self.learned else 'static'}"
         )
 
-    def locations_and_weights(self, u: torch.Tensor, direction: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def project(
+        self, weight: torch.Tensor, rows: torch.Tensor, direction: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``F.linear(rows, weight)``, a mixer's own projection of the scan input's rows (B, L, E), and this
+        direction's predictor input (B, L, rank) from the same matrix product, so that the scan input is read
+        once; :meth:`scan` takes the second as ``projected``. Only in the predictor's dtype without autocast
+        (the predictor keeps its float32): otherwise the second is None and the predictor reads ``u`` itself."""
+        if not (weight.dtype == rows.dtype == self.down.dtype) or torch.is_autocast_enabled(rows.device.type):
+            return F.linear(rows, weight), None
+        both = F.linear(rows, torch.cat([weight, self.down[direction]]))
+        return both.split([weight.shape[0], self.down.shape[1]], dim=-1)
+
+    def locations_and_weights(
+        self, u: torch.Tensor, direction: int | None, projected: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """For scan input ``u`` (B, dirs * E, L): the K locations of every group, in [0, L - 1] (B, dirs * S,
-        K), and every position's softmax weights over them (B, dirs * S, K, L). In the parameters'
-        precision (float32), also under autocast: in bfloat16 a location above 128 would lose its fraction,
-        and with it the interpolation."""
+        K), and every position's softmax weights over them (B, dirs * S, K, L); ``projected``: the
+        predictor's input from :meth:`project`, if the mixer took it. In the parameters' precision (float32),
+        also under autocast: in bfloat16 a location above 128 would lose its fraction, and with it the
+        interpolation."""
         picked = slice(None) if direction is None else slice(direction, direction + 1)
         dirs = self.directions if direction is None else 1
         batch, _, length = u.shape
         groups = dirs * self.groups
         with torch.autocast(u.device.type, enabled=False):
-            hidden = _per_direction(self.down[picked], u.to(self.down.dtype))  # (B, dirs, rank, L)
+            if projected is None:
+                hidden = _per_direction(self.down[picked], u.to(self.down.dtype))  # (B, dirs, rank, L)
+            else:
+                hidden = projected.transpose(1, 2).unsqueeze(1)
             logits = torch.matmul(self.weight_up[picked], hidden) + self.weight_bias[picked, :, None]
             weights = logits.view(batch, groups, self.locations, length).softmax(dim=2)
             location = self.anchor[picked].reshape(1, groups, self.locations)
@@ -115,13 +134,15 @@ class AdaptorT(nn.Module):
         delta_softplus: bool = False,
         reverse: bool = False,
         direction: int | None = None,
+        projected: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The selective scan's output with the adapted states, then the silu(z) gate: the scan reads its
         memory (γ folded in) at this sequence's locations with every position's weights. The locations and
         weights are computed in float32, also under autocast. ``reverse`` (a scan from the last position,
-        every tensor in sequence order): the locations count scan steps, as in a scan of the flipped sequence."""
+        every tensor in sequence order): the locations count scan steps, as in a scan of the flipped sequence.
+        ``projected``: the predictor's input, where the mixer took it with :meth:`project`."""
         gamma = self.gamma.flatten() if direction is None else self.gamma[direction]
-        location, weights = self.locations_and_weights(u, direction)
+        location, weights = self.locations_and_weights(u, direction, projected)
         memory = MemoryRead(location, weights, gamma, self.dropout if self.training and self.dropout.p else None)
         return selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, memory=memory, reverse=reverse).out
 

@@ -18,18 +18,40 @@ from ..ops import selective_scan
 from ..ops.records import full_precision
 
 
-def ssm(adaptor_t: nn.Module | None, *args, direction: int | None = None, **kwargs) -> torch.Tensor:
+def ssm(
+    adaptor_t: nn.Module | None,
+    *args,
+    direction: int | None = None,
+    projected: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor:
     """The selective scan of a mixer, run through its Adaptor-T when one is injected.
 
     Extension points of every mixer and block (all None until ``inject_adaptor`` / ``prepare_model``
     sets them, so official state dicts still load): ``mixer.adaptor_t`` (a module whose
-    ``scan(*args, direction=..., **kwargs)`` replaces :func:`selective_scan`), ``mixer.adaptor_s``
-    (a module on (B, H, W, C) maps, with ``position`` "inner" or "output") and
-    ``block.parallel_adapter`` (a module whose output is added to the mixer's).
+    ``scan(*args, direction=..., **kwargs)`` replaces :func:`selective_scan`, given ``projected`` where
+    :func:`project_scan_input` made one), ``mixer.adaptor_s`` (a module on (B, H, W, C) maps, with
+    ``position`` "inner" or "output") and ``block.parallel_adapter`` (a module whose output is added to the
+    mixer's).
     """
     if adaptor_t is None:
         return selective_scan(*args, **kwargs).out
+    if projected is not None:
+        kwargs["projected"] = projected
     return adaptor_t.scan(*args, direction=direction, **kwargs)
+
+
+def project_scan_input(
+    adaptor_t: nn.Module | None, x_proj: nn.Module, u: torch.Tensor, direction: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x_proj`` on the rows of the scan input ``u`` (B, E, L), and what the Adaptor-T's ``project`` makes
+    of the two for :func:`ssm`'s ``projected`` (else None): the predictor's input, taken in the same matrix
+    product, so that the scan input is read once."""
+    rows = u.transpose(1, 2)
+    project = getattr(adaptor_t, "project", None)
+    if project is None or type(x_proj) is not nn.Linear:
+        return x_proj(rows), None
+    return project(x_proj.weight, rows, direction)
 
 
 def checkpointed(module: nn.Module, *args, enabled: bool) -> torch.Tensor:

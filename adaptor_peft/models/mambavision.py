@@ -28,7 +28,16 @@ from timm.models._features import feature_take_indices
 from torch import nn
 
 from .checkpoint import Loadable
-from .layers import DeltaProjection, checkpointed, drop_path_rates, full_precision, pool_choice, s4d_real_a_log, ssm
+from .layers import (
+    DeltaProjection,
+    checkpointed,
+    drop_path_rates,
+    full_precision,
+    pool_choice,
+    project_scan_input,
+    s4d_real_a_log,
+    ssm,
+)
 from .protocol import AdaptableBlock, SSMMixer, declared
 from .registry import build, register
 
@@ -98,7 +107,8 @@ class MambaVisionMixer(SSMMixer):
         """(B, L, C) tokens of one window (or any sequence when no Adaptor-S is injected) → (B, L, C)."""
         x, z = (half.transpose(1, 2) for half in self.in_proj(tokens).chunk(2, dim=-1))
         u, gate = F.silu(self.conv1d_x(x)), F.silu(self.conv1d_z(z))
-        dt, B, C = self.x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        x_dbl, projected = project_scan_input(self.adaptor_t, self.x_proj, u, 0)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         y = ssm(
             self.adaptor_t,
             u,
@@ -110,6 +120,7 @@ class MambaVisionMixer(SSMMixer):
             delta_bias=2 * full_precision(self.dt_proj.bias),
             delta_softplus=True,
             direction=0,
+            projected=projected,
         )
         mixed = self.spatial(torch.cat([y, gate], dim=1).transpose(1, 2), grid, "inner")
         return self.spatial(self.out_proj(mixed), grid, "output")

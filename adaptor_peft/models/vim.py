@@ -30,6 +30,7 @@ from .layers import (
     full_precision,
     init_dt_,
     pool_choice,
+    project_scan_input,
     s4d_real_a_log,
     ssm,
 )
@@ -148,7 +149,8 @@ class BiMambaMixer(SSMMixer):
             rebuild_conved = lambda: conved  # noqa: E731
         u = F.silu(conved)
         recompute.add(u, lambda: F.silu(rebuild_conved()))
-        dt, B, C = x_proj(u.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        x_dbl, projected = project_scan_input(self.adaptor_t, x_proj, u, direction)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = dt_proj(dt)
         if type(dt_proj) is DeltaProjection:
             recompute.add(delta, lambda: F.linear(dt, dt_proj.weight))
@@ -166,6 +168,7 @@ class BiMambaMixer(SSMMixer):
             delta_softplus=True,
             reverse=reverse,
             direction=direction,
+            projected=projected,
         )
 
     def spatial(self, tokens: torch.Tensor, layout: TokenLayout | None, position: str) -> torch.Tensor:

@@ -30,7 +30,7 @@ from adaptor_peft.adaptors import (
 )
 from adaptor_peft.adaptors.methods import from_record
 from adaptor_peft.ops import native
-from tests.support.models import SIZES, images_for, logits, perturb, tiny
+from tests.support.models import SIZES, assert_shared_projection_changes_nothing, images_for, logits, perturb, tiny
 
 BACKEND_ENV = "ADAPTOR_PEFT_SCAN_BACKEND"
 BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(not native.available(), reason="no C compiler"))]
@@ -184,6 +184,12 @@ def test_adaptor_t_predictor_is_the_same_in_either_layout_of_u(direction):
         results.append((location, weights, *torch.autograd.grad(mixed, [u, t.down, t.offset_up])))
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_vim_takes_adaptor_t_predictor_input_in_x_proj_product_for_the_same_results():
+    model = prepare_model(tiny("vim", num_classes=10), "adaptor_t").double()
+    perturb(model, ".adaptor_t.")
+    assert_shared_projection_changes_nothing(model, images_for("vim").double())
 
 
 def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test():

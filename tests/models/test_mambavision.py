@@ -25,6 +25,7 @@ from adaptor_peft.cli import main
 from adaptor_peft.models import create_model, find_blocks, find_mixers
 from adaptor_peft.models.mambavision import HybridBlock, MambaVision, MambaVisionMixer
 from adaptor_peft.ops.reference import selective_scan_reference
+from tests.support.models import assert_shared_projection_changes_nothing, perturb
 
 INSTALL = "pip install --no-deps mambavision==1.2.0"
 VARIANTS = {  # ours → the official registry's name
@@ -223,6 +224,12 @@ def test_every_method_is_exact_at_init_and_trains(method):
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
     if model.peft_method.groups:
         assert added and any(p.grad.abs().sum() > 0 for p in added)
+
+
+def test_the_mixer_takes_adaptor_t_predictor_input_in_x_proj_product_for_the_same_results():
+    model = prepare_model(tiny(), "adaptor_t").double()
+    perturb(model, ".adaptor_t.")
+    assert_shared_projection_changes_nothing(model, images(dtype=torch.float64))
 
 
 def test_adaptor_s_works_on_each_window_grid():
