@@ -46,10 +46,11 @@ def project_scan_input(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x_proj`` on the rows of the scan input ``u`` (B, E, L), and what the Adaptor-T's ``project`` makes
     of the two for :func:`ssm`'s ``projected`` (else None): the predictor's input, taken in the same matrix
-    product, so that the scan input is read once."""
+    product, so that the scan input is read once (for a plain Linear without bias: ``project`` reads only the
+    weight)."""
     rows = u.transpose(1, 2)
     project = getattr(adaptor_t, "project", None)
-    if project is None or type(x_proj) is not nn.Linear:
+    if project is None or type(x_proj) is not nn.Linear or x_proj.bias is not None:
         return x_proj(rows), None
     return project(x_proj.weight, rows, direction)
 

@@ -29,6 +29,7 @@ from adaptor_peft.adaptors import (
     unload_adaptor,
 )
 from adaptor_peft.adaptors.methods import from_record
+from adaptor_peft.models.layers import project_scan_input
 from adaptor_peft.ops import native
 from tests.support.models import SIZES, assert_shared_projection_changes_nothing, images_for, logits, perturb, tiny
 
@@ -190,6 +191,18 @@ def test_vim_takes_adaptor_t_predictor_input_in_x_proj_product_for_the_same_resu
     model = prepare_model(tiny("vim", num_classes=10), "adaptor_t").double()
     perturb(model, ".adaptor_t.")
     assert_shared_projection_changes_nothing(model, images_for("vim").double())
+
+
+def test_an_x_proj_with_a_bias_keeps_its_own_product():
+    t = AdaptorT(8, 2, locations=2, groups=2, rank=3)
+    u = torch.randn(2, 8, 5)
+    for bias in (False, True):
+        x_proj = torch.nn.Linear(8, 6, bias=bias)
+        out, projected = project_scan_input(t, x_proj, u, 1)
+        torch.testing.assert_close(out, x_proj(u.transpose(1, 2)))
+        assert (projected is None) == bias
+        if not bias:
+            torch.testing.assert_close(projected, F.linear(u.transpose(1, 2), t.down[1]))
 
 
 def test_adaptor_t_memory_term_is_not_negligible_in_the_reference_test():
