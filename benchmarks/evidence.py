@@ -16,9 +16,16 @@ that finished is skipped when the command runs again:
 ``OUT/ledger.json`` keeps each stage's wall seconds (added every minute while it runs, and when it stops)
 and whether it finished, with the code version that ran it: a checkout of another version refuses to add
 to it. ``benchmarks/results/evidence.md`` gets the commit, date, machine, command, and the hours per
-stage against :data:`BUDGET_HOURS`. Usage:
+stage against :data:`BUDGET_HOURS`.
 
-    python benchmarks/evidence.py [--stages study,suite,backbone,shipped] [--output-dir runs/evidence] [--dry-run]
+The rerun outlasts a working session, and a fresh checkout holds only what was committed. ``--archive``
+writes every finished run (the few small files that read it back, not its weights) and the ledger into
+:data:`ARCHIVE`, to be committed; a rerun first restores from there what its output folder lacks, so that
+it goes on where the archive left it. The archive is also the tables' raw data, one JSON line per run.
+Usage:
+
+    python benchmarks/evidence.py [--stages study,suite,backbone,shipped] [--output-dir runs/evidence]
+        [--dry-run | --archive]
 """
 
 from __future__ import annotations
@@ -64,6 +71,13 @@ SUITE_METHODS = "linear_probe,lora,lora_x_proj,lora_p_x,parallel_adapter,adaptor
 DEMO_METHODS = "linear_probe,bias,lora,full"
 SHIPPED_RECIPE = ("--classes", "100", "--per-class", "100", "--epochs", "15", "--batch-size", "128", "--lr", "0.002")
 """``vim_nano_patch4_32_adaptor``'s pretraining, as the default backbone's model card gives it, seed 0."""
+
+ARCHIVE = RESULTS / "evidence_runs"
+"""The committed archive: ``<stage folder>.jsonl`` (one finished run per line) and ``ledger.json``."""
+RUN_FILES = ("config.yaml", "resolved.json", "results.json", "log.jsonl")
+"""What reads a finished run back (recipe, code version, results, training minutes): its weights are left
+out, so a restored run can be reported but not evaluated again."""
+LEDGER = "ledger.json"
 
 Step = list[str] | partial
 """A command line, or a function run in this process (the writing of a table from finished runs)."""
@@ -123,6 +137,63 @@ def write_demo_rows(shipped_dir: Path, weights: Path) -> None:
     for title, folder in (("Default backbone", "demo-plain"), ("With built-in adaptors", "demo-adaptor")):
         parts += ["", f"## {title}", "", (shipped_dir / folder / "demo.md").read_text().strip()]
     write_atomically(RESULTS / "demo_builtin_adaptor.md", "\n".join(parts) + "\n")
+
+
+def finished_runs(output_dir: Path) -> dict[str, list[dict[str, str]]]:
+    """Stage folder -> a record per finished run under it (a folder with a recipe and results): its path
+    relative to ``output_dir`` and its :data:`RUN_FILES` as text."""
+    found: dict[str, list[dict[str, str]]] = {}
+    for results in sorted(output_dir.glob("*/**/results.json")):
+        run = results.parent
+        if (run / "config.yaml").is_file():
+            files = {name: (run / name).read_text() for name in RUN_FILES if (run / name).is_file()}
+            relative = run.relative_to(output_dir).as_posix()
+            found.setdefault(relative.split("/")[0], []).append({"run": relative, "files": files})
+    return found
+
+
+def read_archive(path: Path) -> dict[str, dict]:
+    """Run path -> its record, from one ``.jsonl`` file of the archive."""
+    records = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(line)
+            records[record["run"]] = record
+        except (ValueError, KeyError, TypeError) as error:
+            raise SystemExit(f"{path}, line {number}: not a run record ({error}); restore the file from git") from None
+    return records
+
+
+def archive(output_dir: Path, into: Path = ARCHIVE) -> int:
+    """Adds every finished run under ``output_dir``, and its ledger, to the archive ``into``; runs the
+    archive holds and the folder no longer does are kept. Returns the number of runs archived now."""
+    count = 0
+    for stage, records in finished_runs(output_dir).items():
+        path = into / f"{stage}.jsonl"
+        merged = read_archive(path) if path.exists() else {}
+        merged.update((record["run"], record) for record in records)
+        into.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, "".join(json.dumps(merged[run], sort_keys=True) + "\n" for run in sorted(merged)))
+        count += len(records)
+    if (output_dir / LEDGER).is_file():
+        write_atomically(into / LEDGER, (output_dir / LEDGER).read_bytes())
+    return count
+
+
+def restore(output_dir: Path, source: Path = ARCHIVE) -> int:
+    """Writes each archived run whose folder ``output_dir`` lacks; a folder that exists is left as it is.
+    Returns the number of runs restored."""
+    count = 0
+    for path in sorted(source.glob("*.jsonl")):
+        for record in read_archive(path).values():
+            run = output_dir / record["run"]
+            if run.exists():
+                continue
+            run.mkdir(parents=True)
+            for name, text in record["files"].items():
+                write_atomically(run / name, text)
+            count += 1
+    return count
 
 
 class Ledger:
@@ -212,6 +283,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--stages", default="study,suite,backbone,shipped")
     parser.add_argument("--output-dir", type=Path, default=Path("runs/evidence"))
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
+    parser.add_argument(
+        "--archive", action="store_true", help="add the finished runs to benchmarks/results/evidence_runs, run nothing"
+    )
     args = parser.parse_args(argv)
     steps = plan(args.output_dir.resolve())
     stages = args.stages.split(",")
@@ -222,7 +296,17 @@ def main(argv: list[str] | None = None) -> str:
         text = "\n".join(f"[{name}] {shown(step)}" for name in stages for step in steps[name])
         print(text)
         return text
-    ledger = Ledger(args.output_dir / "ledger.json", code_version())
+    if args.archive:
+        text = f"{archive(args.output_dir, ARCHIVE)} finished runs of {args.output_dir} archived in {ARCHIVE}"
+        print(text)
+        return text
+    if (ARCHIVE / LEDGER).is_file() and not (args.output_dir / LEDGER).exists():
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomically(args.output_dir / LEDGER, (ARCHIVE / LEDGER).read_bytes())
+    ledger = Ledger(args.output_dir / LEDGER, code_version())  # refuses another version's archive too
+    restored = restore(args.output_dir, ARCHIVE)
+    if restored:
+        print(f"{restored} finished runs restored from {ARCHIVE}", flush=True)
     with stopped_by_sigterm():  # a stop unwinds, so that the running step's time is added
         for name in stages:
             if not ledger.stage(name)["done"]:

@@ -4,6 +4,7 @@ interruptions, skips finished stages, keeps a failed step's time and refuses ano
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,10 @@ from pathlib import Path
 import pytest
 
 from adaptor_peft.adaptors import METHODS
+from adaptor_peft.provenance import code_version
+from adaptor_peft.suite import QUICK
+from adaptor_peft.training import load_recipe
+from adaptor_peft.training.loop import train_once
 from benchmarks import ablation, evidence
 
 
@@ -56,6 +61,7 @@ def test_the_ledger_sums_time_skips_finished_stages_and_refuses_other_versions(t
     marker, out = tmp_path / "allowed", tmp_path / "out"
     monkeypatch.setattr(evidence, "plan", stub_plan(marker))
     monkeypatch.setattr(evidence, "RESULTS", tmp_path)
+    monkeypatch.setattr(evidence, "ARCHIVE", tmp_path / "archive")
     argv = ["--stages", "first,second", "--output-dir", str(out)]
 
     with pytest.raises(subprocess.CalledProcessError):  # the second stage fails: its time is kept, not done
@@ -95,6 +101,7 @@ def test_a_running_step_adds_its_time_as_it_goes_and_when_stopped(tmp_path, monk
 
     monkeypatch.setattr(evidence, "plan", lambda output_dir: {"slow": [partial(look)]})
     monkeypatch.setattr(evidence, "RESULTS", tmp_path)
+    monkeypatch.setattr(evidence, "ARCHIVE", tmp_path / "archive")
     monkeypatch.setattr(evidence, "HEARTBEAT_SECONDS", 0.1)
     evidence.main(["--stages", "slow", "--output-dir", str(out)])
     assert seen and 0.3 <= seen[0] <= 0.5  # the heartbeats, before the step ended
@@ -105,6 +112,7 @@ from pathlib import Path
 from benchmarks import evidence
 evidence.plan = lambda output_dir: {{"slow": [[sys.executable, "-c", "import time; time.sleep(60)"]]}}
 evidence.RESULTS = Path({str(tmp_path)!r})
+evidence.ARCHIVE = evidence.RESULTS / "archive"
 evidence.main(["--stages", "slow", "--output-dir", {str(tmp_path / "killed")!r}])
 """
     child = subprocess.Popen([sys.executable, "-c", script], cwd=evidence.ROOT, stdout=subprocess.PIPE, text=True)
@@ -114,3 +122,62 @@ evidence.main(["--stages", "slow", "--output-dir", {str(tmp_path / "killed")!r}]
     assert child.wait(timeout=30) != 0
     stage = json.loads((tmp_path / "killed" / "ledger.json").read_text())["stages"]["slow"]
     assert stage["seconds"] >= 1 and not stage["done"]  # the stopped step's time, before any heartbeat
+
+
+def test_finished_runs_are_archived_and_a_fresh_folder_reads_them_back_untrained(tmp_path):
+    out, into, fresh = tmp_path / "out", tmp_path / "archive", tmp_path / "fresh"
+    recipe = load_recipe("offline_vtab/digits", ["method=linear_probe", *QUICK])
+    folder = "suite/select/digits/linear_probe"
+    results, minutes = train_once(recipe, out / folder)
+    assert minutes is not None
+    (out / "suite" / "unfinished").mkdir()  # a run that got nowhere: nothing to archive
+    (out / "suite" / "unfinished" / "config.yaml").write_text("task: digits\n")
+    (out / "ledger.json").write_text('{"code_version": "v", "stages": {}}\n')
+
+    assert evidence.archive(out, into) == 1
+    assert [json.loads(line)["run"] for line in (into / "suite.jsonl").read_text().splitlines()] == [folder]
+    assert (into / "ledger.json").read_text() == (out / "ledger.json").read_text()
+
+    assert evidence.restore(fresh, into) == 1
+    assert not (fresh / folder / "checkpoints").exists()  # the small files only
+    again, minutes = train_once(recipe, fresh / folder)
+    assert minutes is None and again == json.loads(json.dumps(results))  # read back, not trained
+
+    (fresh / folder / "results.json").write_text("{}")  # a folder that exists is never overwritten
+    assert evidence.restore(fresh, into) == 0 and (fresh / folder / "results.json").read_text() == "{}"
+
+    shutil.rmtree(out / "suite" / "select")
+    (out / "suite" / "other" / "run").mkdir(parents=True)
+    for name in ("config.yaml", "results.json"):
+        shutil.copy(fresh / folder / name, out / "suite" / "other" / "run" / name)
+    assert evidence.archive(out, into) == 1  # the archive keeps the runs the folder no longer has
+    runs = [json.loads(line)["run"] for line in (into / "suite.jsonl").read_text().splitlines()]
+    assert runs == ["suite/other/run", folder]
+
+
+def test_a_damaged_archive_line_is_named(tmp_path):
+    (tmp_path / "suite.jsonl").write_text('{"run": "a", "files": {}}\nnot json\n')
+    with pytest.raises(SystemExit, match=r"suite\.jsonl, line 2: not a run record"):
+        evidence.restore(tmp_path / "out", tmp_path)
+
+
+def test_a_rerun_restores_the_archive_before_it_runs(tmp_path, monkeypatch):
+    into, out = tmp_path / "archive", tmp_path / "out"
+    record = {"run": "first/done", "files": {"config.yaml": "task: digits\n", "results.json": "{}"}}
+    into.mkdir()
+    (into / "first.jsonl").write_text(json.dumps(record) + "\n")
+    (into / "ledger.json").write_text(
+        json.dumps({"code_version": code_version(), "stages": {"first": {"seconds": 5.0, "done": False}}})
+    )
+    seen = []
+    monkeypatch.setattr(evidence, "plan", lambda output_dir: {"first": [partial(seen.append, 1)]})
+    monkeypatch.setattr(evidence, "RESULTS", tmp_path)
+    monkeypatch.setattr(evidence, "ARCHIVE", into)
+    evidence.main(["--stages", "first", "--output-dir", str(out)])
+    assert (out / "first" / "done" / "results.json").read_text() == "{}" and seen == [1]
+    assert json.loads((out / "ledger.json").read_text())["stages"]["first"]["seconds"] >= 5.0  # the time goes on
+
+    (into / "ledger.json").write_text(json.dumps({"code_version": "0.0.0+other", "stages": {}}))
+    with pytest.raises(SystemExit, match=r"code version 0\.0\.0\+other"):
+        evidence.main(["--stages", "first", "--output-dir", str(tmp_path / "elsewhere")])
+    assert not (tmp_path / "elsewhere" / "first").exists()  # nothing restored from another version's archive
