@@ -8,7 +8,9 @@ that finished is skipped when the command runs again:
   the same budget, each variant at the suite's three learning rates (extended one step at an edge) and two
   training seeds (``benchmarks/ablation.py --choose``, which writes ``recipes/offline_vtab/_tuned.yaml``);
 - ``suite``: the offline suite with those options, all twelve tasks, the adaptor against the best LoRA,
-  the parallel adapter and (as the booster) full fine-tuning (``adaptor-peft suite``);
+  the parallel adapter and (as the booster) full fine-tuning (``adaptor-peft suite``); the study's runs of
+  each chosen variant are the suite's selection runs on the design tasks, so they are shared, not
+  trained again (:func:`share_study_runs`);
 - ``backbone``: the backbone-usage comparison (``benchmarks/backbone_usage.py``);
 - ``shipped``: ``vim_nano_patch4_32_adaptor`` pretrained again with its model card's recipe, and the
   demo's rows on it beside the default backbone's.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -45,7 +48,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.provenance import code_version
+from adaptor_peft.suite import SELECTION_SEEDS, selection_runs
 from adaptor_peft.training.pool import stopped_by_sigterm
+from adaptor_peft.training.runs import as_recorded, read_config
 from benchmarks.machine import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +104,7 @@ def plan(output_dir: Path) -> dict[str, list[Step]]:
     return {
         "study": study,
         "suite": [
+            partial(share_study_runs, output_dir),
             [*cli, "suite", "--methods", SUITE_METHODS, "--output-dir", str(suite_dir), "--no-progress"],
             partial(copy_files, suite_dir, ("suite.md", "suite.json", "suite.png")),
         ],
@@ -115,6 +121,27 @@ def plan(output_dir: Path) -> dict[str, list[Step]]:
 def shown(step: Step) -> str:
     """A step as the log and ``--dry-run`` print it."""
     return f"{step.func.__name__} (in this process)" if isinstance(step, partial) else shlex.join(step)
+
+
+def share_study_runs(output_dir: Path) -> int:
+    """Copies each finished study run into the suite's selection folder that would train the same recipe
+    (weights and results; not its checkpoints), where that folder does not exist yet: the study's runs of
+    each chosen variant on the design tasks are runs the suite needs, at the same rates and seeds. Returns
+    the number shared."""
+    shared = 0
+    for results in sorted(output_dir.glob("study-*/select/**/results.json")):
+        run = results.parent
+        recorded = as_recorded(read_config(run))
+        for index in range(SELECTION_SEEDS):
+            [(_, folder, recipe)] = selection_runs(
+                output_dir / "suite", recorded["task"], recorded["method"], [recorded["lr"]], seed_index=index
+            )
+            same = json.loads(json.dumps(as_recorded(recipe))) == json.loads(json.dumps(recorded))
+            if same and not folder.exists():
+                shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+                shared += 1
+    print(f"{shared} study runs shared with the suite", flush=True)
+    return shared
 
 
 def copy_files(folder: Path, names: tuple[str, ...]) -> None:

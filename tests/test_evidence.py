@@ -13,12 +13,14 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import yaml
 
 from adaptor_peft.adaptors import METHODS
 from adaptor_peft.provenance import code_version
-from adaptor_peft.suite import QUICK
+from adaptor_peft.suite import QUICK, selection_runs, tuned_options
 from adaptor_peft.training import load_recipe
 from adaptor_peft.training.loop import train_once
+from adaptor_peft.training.runs import same_recipe
 from benchmarks import ablation, evidence
 
 
@@ -181,3 +183,31 @@ def test_a_rerun_restores_the_archive_before_it_runs(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"code version 0\.0\.0\+other"):
         evidence.main(["--stages", "first", "--output-dir", str(tmp_path / "elsewhere")])
     assert not (tmp_path / "elsewhere" / "first").exists()  # nothing restored from another version's archive
+
+
+def finished_study_run(out: Path, label: str, seed: int, options: dict) -> Path:
+    """A study run folder as ``benchmarks/ablation.py`` makes it, finished (recipe and results)."""
+    extra = [f"seed={seed}", *(f"method_options.{key}={value}" for key, value in options.items())]
+    [(_, run, recipe)] = selection_runs(out / "study-lora", "digits", "lora", [0.01], extra, f"{label}/seed_{seed}")
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (run / "results.json").write_text(json.dumps({"top1": float(seed)}))
+    (run / "checkpoints").mkdir()
+    return run
+
+
+def test_the_suite_shares_the_study_runs_of_the_chosen_variant_only(tmp_path):
+    tuned = tuned_options()["lora"]
+    other = {**tuned, "lr_scale": float(tuned["lr_scale"]) * 4}
+    for seed in (42, 43):
+        finished_study_run(tmp_path, "chosen", seed, tuned)
+        finished_study_run(tmp_path, "other", seed, other)
+    kept = tmp_path / "suite" / "select" / "digits" / "lora" / "seed_1" / "lr_0.01"
+    kept.mkdir(parents=True)
+
+    assert evidence.share_study_runs(tmp_path) == 1
+    shared = tmp_path / "suite" / "select" / "digits" / "lora" / "lr_0.01"
+    assert json.loads((shared / "results.json").read_text()) == {"top1": 42.0}
+    assert not (shared / "checkpoints").exists() and not any(kept.iterdir())  # a folder there is kept as it is
+    [(_, folder, recipe)] = selection_runs(tmp_path / "suite", "digits", "lora", [0.01])
+    assert folder == shared and same_recipe(shared, recipe)  # the suite reads it back as its own run
