@@ -21,9 +21,10 @@ to it. ``benchmarks/results/evidence.md`` gets the commit, date, machine, comman
 stage against :data:`BUDGET_HOURS`.
 
 The rerun outlasts a working session, and a fresh checkout holds only what was committed. ``--archive``
-writes every finished run (the few small files that read it back, not its weights) and the ledger into
-:data:`ARCHIVE`, to be committed; a rerun first restores from there what its output folder lacks, so that
-it goes on where the archive left it. The archive is also the tables' raw data, one JSON line per run.
+writes every finished run (the few small files that read it back, not its weights), the pretrained
+backbones (:data:`BACKBONES`) and the ledger into :data:`ARCHIVE`, to be committed; a rerun first
+restores from there what its output folder lacks, so that it goes on where the archive left it. The
+archive is also the tables' raw data, one JSON line per run.
 Usage:
 
     python benchmarks/evidence.py [--stages study,suite,backbone,shipped] [--output-dir runs/evidence]
@@ -83,6 +84,10 @@ RUN_FILES = ("config.yaml", "resolved.json", "results.json", "log.jsonl")
 """What reads a finished run back (recipe, code version, results, training minutes): its weights are left
 out, so a restored run can be reported but not evaluated again."""
 LEDGER = "ledger.json"
+BACKBONES = ("backbone/pretrain/*.safetensors", "shipped/*.safetensors")
+"""The pretrained backbones under the output folder, archived whole (about 3 MB each) with their model
+cards (``.md`` beside them): transfer runs are trained from them and the reports read their pretraining
+records, and a pretraining run again on another machine would not give the same bits."""
 
 Step = list[str] | partial
 """A command line, or a function run in this process (the writing of a table from finished runs)."""
@@ -202,14 +207,25 @@ def archive(output_dir: Path, into: Path = ARCHIVE) -> int:
         into.mkdir(parents=True, exist_ok=True)
         write_atomically(path, "".join(json.dumps(merged[run], sort_keys=True) + "\n" for run in sorted(merged)))
         count += len(records)
+    for weights in (file for pattern in BACKBONES for file in sorted(output_dir.glob(pattern))):
+        for file in (weights, weights.with_suffix(".md")):
+            copy = into / "backbones" / file.relative_to(output_dir)
+            if file.is_file() and not (copy.is_file() and copy.read_bytes() == file.read_bytes()):
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                write_atomically(copy, file.read_bytes())
     if (output_dir / LEDGER).is_file():
         write_atomically(into / LEDGER, (output_dir / LEDGER).read_bytes())
     return count
 
 
 def restore(output_dir: Path, source: Path = ARCHIVE) -> int:
-    """Writes each archived run whose folder ``output_dir`` lacks; a folder that exists is left as it is.
-    Returns the number of runs restored."""
+    """Writes each archived run whose folder ``output_dir`` lacks, and each archived backbone file it lacks;
+    what exists is left as it is. Returns the number of runs restored."""
+    for file in sorted((source / "backbones").rglob("*")):
+        target = output_dir / file.relative_to(source / "backbones")
+        if file.is_file() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, file.read_bytes())
     count = 0
     for path in sorted(source.glob("*.jsonl")):
         for record in read_archive(path).values():

@@ -211,3 +211,27 @@ def test_the_suite_shares_the_study_runs_of_the_chosen_variant_only(tmp_path):
     assert not (shared / "checkpoints").exists() and not any(kept.iterdir())  # a folder there is kept as it is
     [(_, folder, recipe)] = selection_runs(tmp_path / "suite", "digits", "lora", [0.01])
     assert folder == shared and same_recipe(shared, recipe)  # the suite reads it back as its own run
+
+
+def test_pretrained_backbones_and_their_cards_are_archived_and_restored(tmp_path):
+    out, into, fresh = tmp_path / "out", tmp_path / "archive", tmp_path / "fresh"
+    files = {
+        "backbone/pretrain/adaptor_epochs8_seed0.safetensors": b"weights",
+        "backbone/pretrain/adaptor_epochs8_seed0.md": b"card",
+        "shipped/vim_nano_patch4_32_adaptor.safetensors": b"shipped",
+    }
+    for name, data in {**files, "backbone/pretrain/plain_epochs8_seed1.safetensors.resume.pt": b"partial"}.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    evidence.archive(out, into)
+    assert sorted(p.relative_to(into / "backbones").as_posix() for p in (into / "backbones").rglob("*.*")) == sorted(
+        files
+    )
+
+    (fresh / "shipped").mkdir(parents=True)
+    (fresh / "shipped" / "vim_nano_patch4_32_adaptor.safetensors").write_bytes(b"newer")  # kept as it is
+    evidence.restore(fresh, into)
+    assert (fresh / "backbone/pretrain/adaptor_epochs8_seed0.safetensors").read_bytes() == b"weights"
+    assert (fresh / "backbone/pretrain/adaptor_epochs8_seed0.md").read_bytes() == b"card"
+    assert (fresh / "shipped/vim_nano_patch4_32_adaptor.safetensors").read_bytes() == b"newer"
+    assert not (fresh / "backbone/pretrain/plain_epochs8_seed1.safetensors.resume.pt").exists()
