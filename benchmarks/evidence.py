@@ -24,7 +24,8 @@ The rerun outlasts a working session, and a fresh checkout holds only what was c
 writes every finished run (the few small files that read it back, not its weights), the pretrained
 backbones (:data:`BACKBONES`) and the ledger into :data:`ARCHIVE`, to be committed; a rerun first
 restores from there what its output folder lacks, so that it goes on where the archive left it. The
-archive is also the tables' raw data, one JSON line per run.
+archive is also the tables' raw data, one JSON line per run. A transfer run records its backbone file's
+absolute path, so the rerun goes on from a checkout at the same path.
 Usage:
 
     python benchmarks/evidence.py [--stages study,suite,backbone,shipped] [--output-dir runs/evidence]
