@@ -52,7 +52,8 @@ from adaptor_peft.atomic import write_atomically
 from adaptor_peft.provenance import code_version
 from adaptor_peft.suite import SELECTION_SEEDS, selection_runs
 from adaptor_peft.training.pool import stopped_by_sigterm
-from adaptor_peft.training.runs import as_recorded, read_config
+from adaptor_peft.training.runs import CHECKPOINTS, CONFIG, LOG, RESOLVED, as_recorded, read_config
+from adaptor_peft.training.runs import RESULTS as RUN_RESULTS
 from benchmarks.machine import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ SHIPPED_RECIPE = ("--classes", "100", "--per-class", "100", "--epochs", "15", "-
 
 ARCHIVE = RESULTS / "evidence_runs"
 """The committed archive: ``<stage folder>.jsonl`` (one finished run per line) and ``ledger.json``."""
-RUN_FILES = ("config.yaml", "resolved.json", "results.json", "log.jsonl")
+RUN_FILES = (CONFIG, RESOLVED, RUN_RESULTS, LOG)
 """What reads a finished run back (recipe, code version, results, training minutes): its weights are left
 out, so a restored run can be reported but not evaluated again."""
 LEDGER = "ledger.json"
@@ -135,25 +136,30 @@ def share_study_runs(output_dir: Path) -> int:
     each chosen variant on the design tasks are runs the suite needs, at the same rates and seeds. Returns
     the number shared."""
     shared = 0
-    for results in sorted(output_dir.glob("study-*/select/**/results.json")):
+    for results in sorted(output_dir.glob(f"study-*/select/**/{RUN_RESULTS}")):
         run = results.parent
         recorded = as_recorded(read_config(run))
         for index in range(SELECTION_SEEDS):
             [(_, folder, recipe)] = selection_runs(
                 output_dir / "suite", recorded["task"], recorded["method"], [recorded["lr"]], seed_index=index
             )
-            same = json.loads(json.dumps(as_recorded(recipe))) == json.loads(json.dumps(recorded))
-            if same and not folder.exists():
-                shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+            if as_recorded(recipe) == recorded and not folder.exists():  # the comparison the suite's read-back makes
+                shutil.copytree(run, folder, ignore=shutil.ignore_patterns(CHECKPOINTS, "tensorboard"))
                 shared += 1
     print(f"{shared} study runs shared with the suite", flush=True)
     return shared
 
 
+def copy_file(source: Path, target: Path) -> None:
+    """Writes ``source``'s bytes to ``target`` (by temp file and rename), making its folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(target, source.read_bytes())
+
+
 def copy_files(folder: Path, names: tuple[str, ...]) -> None:
     """Copies finished report files into ``benchmarks/results/``."""
     for name in names:
-        write_atomically(RESULTS / name, (folder / name).read_bytes())
+        copy_file(folder / name, RESULTS / name)
 
 
 def write_demo_rows(shipped_dir: Path, weights: Path) -> None:
@@ -176,9 +182,9 @@ def finished_runs(output_dir: Path) -> dict[str, list[dict[str, str]]]:
     """Stage folder -> a record per finished run under it (a folder with a recipe and results): its path
     relative to ``output_dir`` and its :data:`RUN_FILES` as text."""
     found: dict[str, list[dict[str, str]]] = {}
-    for results in sorted(output_dir.glob("*/**/results.json")):
+    for results in sorted(output_dir.glob(f"*/**/{RUN_RESULTS}")):
         run = results.parent
-        if (run / "config.yaml").is_file():
+        if (run / CONFIG).is_file():
             files = {name: (run / name).read_text() for name in RUN_FILES if (run / name).is_file()}
             relative = run.relative_to(output_dir).as_posix()
             found.setdefault(relative.split("/")[0], []).append({"run": relative, "files": files})
@@ -197,7 +203,7 @@ def read_archive(path: Path) -> dict[str, dict]:
     return records
 
 
-def archive(output_dir: Path, into: Path = ARCHIVE) -> int:
+def archive(output_dir: Path, into: Path) -> int:
     """Adds every finished run under ``output_dir``, and its ledger, to the archive ``into``; runs the
     archive holds and the folder no longer does are kept. Returns the number of runs archived now."""
     count = 0
@@ -212,21 +218,19 @@ def archive(output_dir: Path, into: Path = ARCHIVE) -> int:
         for file in (weights, weights.with_suffix(".md")):
             copy = into / "backbones" / file.relative_to(output_dir)
             if file.is_file() and not (copy.is_file() and copy.read_bytes() == file.read_bytes()):
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                write_atomically(copy, file.read_bytes())
+                copy_file(file, copy)
     if (output_dir / LEDGER).is_file():
-        write_atomically(into / LEDGER, (output_dir / LEDGER).read_bytes())
+        copy_file(output_dir / LEDGER, into / LEDGER)
     return count
 
 
-def restore(output_dir: Path, source: Path = ARCHIVE) -> int:
+def restore(output_dir: Path, source: Path) -> int:
     """Writes each archived run whose folder ``output_dir`` lacks, and each archived backbone file it lacks;
     what exists is left as it is. Returns the number of runs restored."""
     for file in sorted((source / "backbones").rglob("*")):
         target = output_dir / file.relative_to(source / "backbones")
         if file.is_file() and not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(target, file.read_bytes())
+            copy_file(file, target)
     count = 0
     for path in sorted(source.glob("*.jsonl")):
         for record in read_archive(path).values():
@@ -345,8 +349,7 @@ def main(argv: list[str] | None = None) -> str:
         print(text)
         return text
     if (ARCHIVE / LEDGER).is_file() and not (args.output_dir / LEDGER).exists():
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        write_atomically(args.output_dir / LEDGER, (ARCHIVE / LEDGER).read_bytes())
+        copy_file(ARCHIVE / LEDGER, args.output_dir / LEDGER)
     ledger = Ledger(args.output_dir / LEDGER, code_version())  # refuses another version's archive too
     restored = restore(args.output_dir, ARCHIVE)
     if restored:
