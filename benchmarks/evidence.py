@@ -54,7 +54,7 @@ from adaptor_peft.suite import SELECTION_SEEDS, selection_runs
 from adaptor_peft.training.pool import stopped_by_sigterm
 from adaptor_peft.training.runs import CHECKPOINTS, CONFIG, LOG, RESOLVED, as_recorded, read_config
 from adaptor_peft.training.runs import RESULTS as RUN_RESULTS
-from benchmarks.machine import provenance
+from benchmarks.machine import describe, provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -245,11 +245,12 @@ def restore(output_dir: Path, source: Path) -> int:
 
 
 class Ledger:
-    """Each stage's wall seconds (summed over interruptions) and whether it finished, in one JSON file
-    owned by one code version."""
+    """Each stage's wall seconds (summed over interruptions), how many of them each machine gave, and whether
+    it finished, in one JSON file owned by one code version. A rerun spans working sessions, and sessions
+    may get different machines."""
 
-    def __init__(self, path: Path, version: str):
-        self.path, self.lock = path, threading.Lock()
+    def __init__(self, path: Path, version: str, machine: str):
+        self.path, self.machine, self.lock = path, machine, threading.Lock()
         self.data = json.loads(path.read_text()) if path.exists() else {"code_version": version, "stages": {}}
         if self.data["code_version"] != version:
             raise SystemExit(
@@ -264,6 +265,8 @@ class Ledger:
         with self.lock:
             entry = self.stage(name)
             entry["seconds"] = round(float(entry["seconds"]) + seconds, 1)
+            machines = entry.setdefault("machines", {})
+            machines[self.machine] = round(machines.get(self.machine, 0.0) + seconds, 1)
             entry["done"] = bool(entry["done"] or done)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(self.path, json.dumps(self.data, indent=2) + "\n")
@@ -308,18 +311,28 @@ def run_stage(ledger: Ledger, name: str, steps: list[Step]) -> None:
     ledger.add(name, 0.0, done=True)
 
 
+def by_machine(entry: dict) -> str:
+    """A stage's hours on each machine; time from ledgers older than the machine record is "unrecorded"."""
+    hours = {machine: seconds / 3600 for machine, seconds in entry.get("machines", {}).items()}
+    unrecorded = (float(entry["seconds"]) - sum(entry.get("machines", {}).values())) / 3600
+    if unrecorded >= 0.005:
+        hours["unrecorded"] = unrecorded
+    return "; ".join(f"{machine}: {h:.2f}" for machine, h in hours.items())
+
+
 def report(ledger: Ledger, stages: list[str], argv: list[str] | None) -> str:
     lines = [
         "# The evidence rerun: wall time against its budget",
         "",
         provenance(argv),
         "",
-        "| stage | hours (wall, over every session) | finished |",
-        "|---|---:|---|",
+        "| stage | hours (wall, over every session) | finished | hours per machine |",
+        "|---|---:|---|---|",
     ]
     for name in stages:
         entry = ledger.stage(name)
-        lines.append(f"| {name} | {float(entry['seconds']) / 3600:.2f} | {'yes' if entry['done'] else 'no'} |")
+        done = "yes" if entry["done"] else "no"
+        lines.append(f"| {name} | {float(entry['seconds']) / 3600:.2f} | {done} | {by_machine(entry)} |")
     total = ledger.hours()
     verdict = "within" if total <= BUDGET_HOURS else "over"
     lines += ["", f"Total {total:.2f} h, {verdict} the budget of {BUDGET_HOURS:g} h on 2 cores.", ""]
@@ -350,7 +363,7 @@ def main(argv: list[str] | None = None) -> str:
         return text
     if (ARCHIVE / LEDGER).is_file() and not (args.output_dir / LEDGER).exists():
         copy_file(ARCHIVE / LEDGER, args.output_dir / LEDGER)
-    ledger = Ledger(args.output_dir / LEDGER, code_version())  # refuses another version's archive too
+    ledger = Ledger(args.output_dir / LEDGER, code_version(), describe())  # refuses another version's archive too
     restored = restore(args.output_dir, ARCHIVE)
     if restored:
         print(f"{restored} finished runs restored from {ARCHIVE}", flush=True)

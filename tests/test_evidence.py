@@ -65,6 +65,7 @@ def test_the_ledger_sums_time_skips_finished_stages_and_refuses_other_versions(t
     monkeypatch.setattr(evidence, "RESULTS", tmp_path)
     monkeypatch.setattr(evidence, "ARCHIVE", tmp_path / "archive")
     argv = ["--stages", "first,second", "--output-dir", str(out)]
+    monkeypatch.setattr(evidence, "describe", lambda: "machine A")
 
     with pytest.raises(subprocess.CalledProcessError):  # the second stage fails: its time is kept, not done
         evidence.main(argv)
@@ -74,11 +75,19 @@ def test_the_ledger_sums_time_skips_finished_stages_and_refuses_other_versions(t
     assert not ledger["stages"]["second"]["done"] and ledger["stages"]["second"]["seconds"] > 0
 
     marker.touch()
+    monkeypatch.setattr(evidence, "describe", lambda: "machine B")  # the next session's machine
     text = evidence.main(argv)
     again = json.loads((out / "ledger.json").read_text())
     assert again["stages"]["first"] == first  # finished: not run again
-    assert again["stages"]["second"]["done"]
-    assert again["stages"]["second"]["seconds"] > ledger["stages"]["second"]["seconds"]  # both tries counted
+    second = again["stages"]["second"]
+    assert second["done"]
+    assert second["seconds"] > ledger["stages"]["second"]["seconds"]  # both tries counted
+    assert set(second["machines"]) == {"machine A", "machine B"}
+    assert sum(second["machines"].values()) == pytest.approx(second["seconds"], abs=0.2)
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| ")}
+    assert set(first["machines"]) == {"machine A"} and rows["| first"].endswith("| machine A: 0.00 |")
+    assert "machine A: " in rows["| second"] and "machine B: " in rows["| second"]
+    assert evidence.by_machine({"seconds": 7200.0, "machines": {"A": 3600.0}}) == "A: 1.00; unrecorded: 1.00"
     total = sum(s["seconds"] for s in again["stages"].values()) / 3600
     assert f"Total {total:.2f} h, within the budget of 6 h" in text
     assert (tmp_path / "evidence.md").read_text() == text
