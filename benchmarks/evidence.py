@@ -10,7 +10,8 @@ that finished is skipped when the command runs again:
 - ``suite``: the offline suite with those options, all twelve tasks, the adaptor against the best LoRA,
   the parallel adapter and (as the booster) full fine-tuning (``adaptor-peft suite``); the study's runs of
   each chosen variant are the suite's selection runs on the design tasks, so they are shared, not
-  trained again (:func:`share_study_runs`);
+  trained again (:func:`share_study_runs`); then the runs are archived and ``suite_timing.md`` is read
+  from them (``benchmarks/suite_timing.py``);
 - ``backbone``: the backbone-usage comparison (``benchmarks/backbone_usage.py``);
 - ``shipped``: ``vim_nano_patch4_32_adaptor`` pretrained again with its model card's recipe, and the
   demo's rows on it beside the default backbone's.
@@ -114,6 +115,8 @@ def plan(output_dir: Path) -> dict[str, list[Step]]:
             partial(share_study_runs, output_dir),
             [*cli, "suite", "--methods", SUITE_METHODS, "--output-dir", str(suite_dir), "--no-progress"],
             partial(copy_files, suite_dir, ("suite.md", "suite.json", "suite.png")),
+            partial(archive, output_dir, ARCHIVE),
+            [python, "benchmarks/suite_timing.py"],
         ],
         "backbone": [[python, "benchmarks/backbone_usage.py", *backbone]],
         "shipped": [
