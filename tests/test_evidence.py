@@ -244,3 +244,17 @@ def test_pretrained_backbones_and_their_cards_are_archived_and_restored(tmp_path
     assert (fresh / "backbone/pretrain/adaptor_epochs8_seed0.md").read_bytes() == b"card"
     assert (fresh / "shipped/vim_nano_patch4_32_adaptor.safetensors").read_bytes() == b"newer"
     assert not (fresh / "backbone/pretrain/plain_epochs8_seed1.safetensors.resume.pt").exists()
+
+
+def test_the_demo_rows_of_both_backbones_go_into_one_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(evidence, "RESULTS", tmp_path)
+    shipped, weights = tmp_path / "shipped", tmp_path / "shipped" / "vim_nano_patch4_32_adaptor.safetensors"
+    for folder, row in (("demo-plain", "| lora | 80.0 |"), ("demo-adaptor", "| lora | 90.0 |")):
+        (shipped / folder).mkdir(parents=True)
+        (shipped / folder / "demo.md").write_text(f"| method | top-1 |\n|---|---:|\n{row}\n")
+    evidence.write_demo_rows(shipped, weights)
+    text = (tmp_path / "demo_builtin_adaptor.md").read_text()
+    plain, adaptor = text.index("## Default backbone"), text.index("## With built-in adaptors")
+    assert plain < text.index("| lora | 80.0 |") < adaptor < text.index("| lora | 90.0 |")
+    assert f"code version {code_version()}" in text and "--seed 0 --adaptor" in text
+    assert "`vim_nano_patch4_32_adaptor.safetensors`" in text
