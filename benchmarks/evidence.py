@@ -120,7 +120,7 @@ def plan(output_dir: Path) -> dict[str, list[Step]]:
         ],
         "backbone": [[python, "benchmarks/backbone_usage.py", *backbone]],
         "shipped": [
-            [*pretrain, "--output", str(weights)],
+            partial(run_unless_made, [*pretrain, "--output", str(weights)], weights),
             [*demo, str(shipped_dir / "demo-plain")],
             [*demo, str(shipped_dir / "demo-adaptor"), "model=vim_nano_patch4_32_adaptor", f"checkpoint={weights}"],
             partial(write_demo_rows, shipped_dir, weights),
@@ -151,6 +151,15 @@ def share_study_runs(output_dir: Path) -> int:
                 shared += 1
     print(f"{shared} study runs shared with the suite", flush=True)
     return shared
+
+
+def run_unless_made(command: list[str], made: Path) -> None:
+    """Runs ``command`` unless its output ``made`` exists: a stage run again, after a later step of it failed
+    or was stopped, keeps what it made (a pretraining otherwise starts again and replaces its weights)."""
+    if made.exists():
+        print(f"{made} exists: not made again", flush=True)
+        return
+    subprocess.run(command, check=True, cwd=ROOT)
 
 
 def copy_file(source: Path, target: Path) -> None:

@@ -30,7 +30,9 @@ def test_the_plan_names_real_scripts_variants_and_methods(tmp_path):
     for name, stage in steps.items():
         for step in stage:
             if isinstance(step, partial):
-                continue
+                if step.func is not evidence.run_unless_made:
+                    continue
+                step = step.args[0]
             script = step[1] if step[1] != "-m" else None
             assert script is None or (evidence.ROOT / script).exists(), (name, script)
     multipliers = {}
@@ -258,3 +260,15 @@ def test_the_demo_rows_of_both_backbones_go_into_one_report(tmp_path, monkeypatc
     assert plain < text.index("| lora | 80.0 |") < adaptor < text.index("| lora | 90.0 |")
     assert f"code version {code_version()}" in text and "--seed 0 --adaptor" in text
     assert "`vim_nano_patch4_32_adaptor.safetensors`" in text
+
+
+def test_a_made_output_is_not_made_again(tmp_path):
+    made = tmp_path / "weights.safetensors"
+    command = [sys.executable, "-c", f"open({str(made)!r}, 'a').write('x')"]
+    evidence.run_unless_made(command, made)
+    evidence.run_unless_made(command, made)
+    assert made.read_text() == "x"
+    pretrain = evidence.plan(tmp_path)["shipped"][0]  # the shipped backbone's pretraining
+    weights = tmp_path / "shipped" / "vim_nano_patch4_32_adaptor.safetensors"
+    assert pretrain.func is evidence.run_unless_made and pretrain.args[1] == weights
+    assert pretrain.args[0][-2:] == ["--output", str(weights)]
