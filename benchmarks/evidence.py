@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -61,6 +63,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 HEARTBEAT_SECONDS = 60.0
 """How often a running stage's wall time is added to the ledger."""
+STOP_SECONDS = 60.0
+"""How long a stopped step's process group may take to wind down before it is killed."""
 BUDGET_HOURS = 6.0
 """The most wall time the whole rerun may take on a 2-core machine."""
 MULTIPLIERS = (1, 4, 16)
@@ -159,7 +163,29 @@ def run_unless_made(command: list[str], made: Path) -> None:
     if made.exists():
         print(f"{made} exists: not made again", flush=True)
         return
-    subprocess.run(command, check=True, cwd=ROOT)
+    run_command(command)
+
+
+def run_command(command: list[str]) -> None:
+    """Runs ``command`` in the checkout's root with the checkout's package first on the path (a script
+    under ``examples/`` would otherwise import whatever package is installed, perhaps another checkout's),
+    in a process group of its own that is stopped whole when this process stops: a pretraining or pool
+    worker it started must not train on as an orphan, racing the resumed rerun for the same files."""
+    paths = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+    try:
+        code = process.wait()
+    except BaseException:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, command)
 
 
 def copy_file(source: Path, target: Path) -> None:
@@ -319,7 +345,7 @@ def run_stage(ledger: Ledger, name: str, steps: list[Step]) -> None:
             if isinstance(step, partial):
                 step()
             else:
-                subprocess.run(step, check=True, cwd=ROOT)
+                run_command(step)
     ledger.add(name, 0.0, done=True)
 
 

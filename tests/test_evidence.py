@@ -119,11 +119,14 @@ def test_a_running_step_adds_its_time_as_it_goes_and_when_stopped(tmp_path, monk
     evidence.main(["--stages", "slow", "--output-dir", str(out)])
     assert seen and 0.3 <= seen[0] <= 0.5  # the heartbeats, before the step ended
 
+    pid_file = tmp_path / "grandchild.pid"  # the step starts a process of its own, as a pool or pretraining does
+    step = f"import subprocess, time; open({str(pid_file)!r}, 'w').write(str(subprocess.Popen(['sleep', '60']).pid)); "
+    step += "time.sleep(60)"
     script = f"""
 import sys
 from pathlib import Path
 from benchmarks import evidence
-evidence.plan = lambda output_dir: {{"slow": [[sys.executable, "-c", "import time; time.sleep(60)"]]}}
+evidence.plan = lambda output_dir: {{"slow": [[sys.executable, "-c", {step!r}]]}}
 evidence.RESULTS = Path({str(tmp_path)!r})
 evidence.ARCHIVE = evidence.RESULTS / "archive"
 evidence.main(["--stages", "slow", "--output-dir", {str(tmp_path / "killed")!r}])
@@ -135,6 +138,9 @@ evidence.main(["--stages", "slow", "--output-dir", {str(tmp_path / "killed")!r}]
     assert child.wait(timeout=30) != 0
     stage = json.loads((tmp_path / "killed" / "ledger.json").read_text())["stages"]["slow"]
     assert stage["seconds"] >= 1 and not stage["done"]  # the stopped step's time, before any heartbeat
+    status = Path(f"/proc/{pid_file.read_text()}/status")
+    time.sleep(0.5)
+    assert not status.exists() or "State:\tZ" in status.read_text()  # stopped with its step, not orphaned
 
 
 def test_finished_runs_are_archived_and_a_fresh_folder_reads_them_back_untrained(tmp_path):
@@ -272,3 +278,13 @@ def test_a_made_output_is_not_made_again(tmp_path):
     weights = tmp_path / "shipped" / "vim_nano_patch4_32_adaptor.safetensors"
     assert pretrain.func is evidence.run_unless_made and pretrain.args[1] == weights
     assert pretrain.args[0][-2:] == ["--output", str(weights)]
+
+
+def test_a_step_imports_the_package_of_its_own_checkout(tmp_path):
+    script, seen = tmp_path / "script.py", tmp_path / "seen"
+    found = "importlib.util.find_spec('adaptor_peft').origin"
+    script.write_text(f"import importlib.util; open({str(seen)!r}, 'w').write({found})")
+    evidence.run_command([sys.executable, "-S", str(script)])  # no site packages: no installed adaptor_peft
+    assert Path(seen.read_text()).is_relative_to(evidence.ROOT)
+    with pytest.raises(subprocess.CalledProcessError):
+        evidence.run_command([sys.executable, "-c", "raise SystemExit(3)"])
