@@ -157,7 +157,10 @@ def test_pretrain_tiny_resumes_an_interrupted_run_as_if_it_had_not_stopped(tmp_p
 
 
 def test_pretrain_tiny_trains_the_backbone_with_adaptors_from_scratch(tmp_path, monkeypatch, capsys):
+    from safetensors import safe_open
     from safetensors.torch import load_file
+
+    from adaptor_peft.provenance import code_version
 
     output = tmp_path / "nano.safetensors"
     argv = ["pretrain_tiny.py", "--classes", "3", "--per-class", "4", "--epochs", "1", "--batch-size", "4",
@@ -173,3 +176,6 @@ def test_pretrain_tiny_trains_the_backbone_with_adaptors_from_scratch(tmp_path, 
     assert card.startswith("# vim_nano_patch4_32_adaptor\n")
     assert "--adaptor`" in card and "built into every block" in card
     assert '"held_out_top1"' in capsys.readouterr().out
+    with safe_open(str(output), "pt") as weights:  # the code that pretrained it, in the file and on its card
+        assert weights.metadata()["code"] == code_version()
+    assert f"adaptor_peft {code_version()}, finished on" in card
