@@ -9,8 +9,9 @@ epoch costs in plain epochs). Every backbone is then transferred at each task re
 (nothing is chosen, so nothing is tuned), one run per task, method and pretraining seed, with the data
 seed and training seed moved by the seed's index as the suite's final runs are. The report gives each
 arm's held-out pretraining top-1 and transfer test top-1 as mean ± sd over seeds, and the paired
-differences of the adaptor arm against each plain arm with 95 % t-intervals (over seeds for pretraining,
-over tasks × seeds for transfer), labelled "within noise" where the interval holds 0. Every pretraining
+differences of the adaptor arm against each plain arm with 95 % t-intervals over pretraining seeds (for
+transfer, of each seed's mean over the tasks: the tasks of a seed share its backbones), labelled "within
+noise" where the interval holds 0, and names any transfer run that diverged. Every pretraining
 and every transfer run is kept under ``--output-dir`` and read back when the command runs again, so an
 interrupted study resumes. Usage:
 
@@ -27,6 +28,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +37,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.data.synthetic import task_roles
+from adaptor_peft.provenance import code_version
 from adaptor_peft.reports.paired import PairedDifference, paired_difference
 from adaptor_peft.suite import QUICK, final_recipe
 from adaptor_peft.training.pool import train_runs
@@ -46,6 +49,10 @@ PRETRAIN = ROOT / "examples" / "pretrain_tiny.py"
 METHODS = ("linear_probe", "bias", "lora", "full")
 """Methods that add no adaptors: the adaptor arm's built-in adaptors are backbone weights to them."""
 QUICK_PRETRAINING = ("--classes", "3", "--per-class", "4", "--batch-size", "4")
+PAIRED_TRANSFER = (
+    "Paired differences of the task means, over pretraining seeds (95 % t-intervals): a seed's tasks share "
+    "its pair of backbones, so the seed, not the task, is the independent unit."
+)
 
 
 class Arm(NamedTuple):
@@ -77,12 +84,18 @@ def pretrain(arm: Arm, seed: int, output_dir: Path, size: list[str]) -> dict:
     """The arm's backbone for ``seed`` (pretrained unless its weights exist; an interrupted run resumes), and
     its final record: held-out top-1 % and minutes."""
     path = weights_file(output_dir, arm, seed)
+    settings = [*size, "--epochs", str(arm.epochs), "--seed", str(seed)]
     if not path.exists():
-        command = [sys.executable, str(PRETRAIN), *size, "--epochs", str(arm.epochs), "--seed", str(seed)]
-        command += ["--output", str(path), *(["--adaptor"] if arm.adaptor else [])]
+        command = [sys.executable, str(PRETRAIN), *settings, "--output", str(path), *(["--adaptor"] * arm.adaptor)]
         subprocess.run(command, check=True, cwd=ROOT)
     with safe_open(str(path), "pt") as weights:
-        return json.loads(weights.metadata()["history"])[-1]
+        metadata = weights.metadata()
+    expected = {flag[2:].replace("-", "_"): value for flag, value in zip(settings[::2], settings[1::2], strict=True)}
+    expected.update(adaptor=str(arm.adaptor), code=code_version())  # the transfer runs check theirs alike
+    differ = {key: (metadata.get(key), value) for key, value in expected.items() if metadata.get(key) != value}
+    if differ:
+        raise SystemExit(f"{path}: pretrained with other settings than the arm's (file, arm): {differ}; remove it")
+    return json.loads(metadata["history"])[-1]
 
 
 def transfer_jobs(
@@ -117,8 +130,10 @@ def report(
     transfer: dict[tuple[str, int, str, str], float],
     tasks: list[str],
     methods: list[str],
+    diverged: Sequence[str] = (),
 ) -> str:
-    """The Markdown report: pretraining and transfer per arm, and the adaptor arm's paired differences."""
+    """The Markdown report: pretraining and transfer per arm, the adaptor arm's paired differences, and the
+    transfer runs that diverged (named in ``diverged``; they count as 0 in the means)."""
     adaptor, plains = setup[0], setup[1:]
     seed_cells = " | ".join(f"seed {s}" for s in seeds)
     lines = [title, "", "## Pretraining: held-out top-1 % on the pretraining classes", ""]
@@ -139,17 +154,20 @@ def report(
             lines.append(f"- adaptor − {plain.name}: {difference(paired_difference(a, b))}")
     lines += ["", "## Transfer: test top-1 %, mean over the tasks per pretraining seed", ""]
     lines += [f"| method | arm | {seed_cells} | mean ± sd |", "|---|---|" + "---:|" * (len(seeds) + 1)]
-    for method in methods:
-        for arm in setup:
-            per_seed = [statistics.fmean(transfer[arm.name, s, t, method] for t in tasks) for s in seeds]
-            lines.append(f"| {method} | {arm.name} | {' | '.join(f'{v:.2f}' for v in per_seed)} | {spread(per_seed)} |")
-    pairs = [(t, s) for t in tasks for s in seeds]
-    if len(pairs) > 1:
-        lines += ["", "Paired differences over tasks × seeds (95 % t-intervals):", ""]
+    task_means = {
+        (arm, method): [statistics.fmean(transfer[arm.name, s, t, method] for t in tasks) for s in seeds]
+        for method in methods
+        for arm in setup
+    }
+    for (arm, method), per_seed in task_means.items():
+        lines.append(f"| {method} | {arm.name} | {' | '.join(f'{v:.2f}' for v in per_seed)} | {spread(per_seed)} |")
+    if len(seeds) > 1:
+        lines += ["", PAIRED_TRANSFER, ""]
         for method in methods:
             for plain in plains:
-                a, b = ([transfer[arm.name, s, t, method] for t, s in pairs] for arm in (adaptor, plain))
-                lines.append(f"- {method}, adaptor − {plain.name}: {difference(paired_difference(a, b))}")
+                pair = paired_difference(task_means[adaptor, method], task_means[plain, method])
+                lines.append(f"- {method}, adaptor − {plain.name}: {difference(pair)}")
+    lines += ["", f"Runs whose loss became non-finite (scored 0): {', '.join(diverged) or 'none'}."]
     return "\n".join(lines) + "\n"
 
 
@@ -179,9 +197,11 @@ def main(argv: list[str] | None = None) -> str:
                 keys.append((arm.name, seed, recipe["task"], recipe["method"]))
                 jobs.append((recipe, folder))
     results = train_runs(jobs, args.workers)
-    transfer = {key: outcome[0]["top1"] for key, outcome in zip(keys, results, strict=True)}
+    finished = [(key, outcome[0]) for key, outcome in zip(keys, results, strict=True)]
+    transfer = {key: result["top1"] for key, result in finished}
+    diverged = [" / ".join(map(str, key)) for key, result in finished if result.get("diverged")]
     title = f"# Backbone usage: pretrained with the adaptors built in, or plain\n\n{provenance(argv)}"
-    text = report(title, setup, seeds, pretraining, transfer, tasks, methods)
+    text = report(title, setup, seeds, pretraining, transfer, tasks, methods, diverged)
     if args.output:
         write_atomically(args.output, text)
     print(text)

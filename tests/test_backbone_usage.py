@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from safetensors import safe_open
 
 from adaptor_peft.reports.paired import paired_difference
@@ -42,10 +43,21 @@ def test_backbone_usage_pretrains_every_arm_transfers_and_resumes(tmp_path):
         assert f"| linear_probe | {name} | {top1[arm, 'seed_0']:.2f} | {top1[arm, 'seed_1']:.2f} |" in text
     assert (tmp_path / "report.md").read_text() == text
 
+    transferred = paired_difference(
+        [top1["adaptor_epochs1", "seed_0"], top1["adaptor_epochs1", "seed_1"]],
+        [top1["plain_epochs1", "seed_0"], top1["plain_epochs1", "seed_1"]],
+    )
+    assert f"- linear_probe, adaptor − plain: {transferred.mean:+.2f} [{transferred.low:+.2f}," in text
+    assert "Runs whose loss became non-finite (scored 0): none." in text
+
     stamps = {f: f.stat().st_mtime_ns for f in [*files, *(tmp_path / "transfer").rglob("results.json")]}
     again = backbone_usage.main(argv)
     assert again[again.index("## Pretraining") :] == text[text.index("## Pretraining") :]  # read back, not retrained
     assert all(f.stat().st_mtime_ns == stamp for f, stamp in stamps.items())
+
+    other_size = [*backbone_usage.QUICK_PRETRAINING[:-1], "8"]  # a batch of 8, not 4: not this arm's backbone
+    with pytest.raises(SystemExit, match=r"plain_epochs1_seed0\.safetensors: pretrained with other.*batch_size"):
+        backbone_usage.pretrain(backbone_usage.arms(1, 2)[1], 0, tmp_path, other_size)
 
 
 def test_the_report_gives_the_measured_cost_of_an_adaptor_epoch_beside_the_assumed_one():
@@ -55,3 +67,21 @@ def test_the_report_gives_the_measured_cost_of_an_adaptor_epoch_beside_the_assum
     transfer = {(arm.name, 0, "count", "lora"): 60.0 for arm in setup}
     text = backbone_usage.report("# t", setup, [0], pretraining, transfer, ["count"], ["lora"])
     assert "An adaptor epoch took 1.50 plain epochs here; equal compute assumed 1.25." in text
+
+
+def test_transfer_is_paired_over_pretraining_seeds_and_diverged_runs_are_named():
+    setup = backbone_usage.arms(8, 1.25)
+    seeds, tasks = [0, 1, 2], ["count", "digits"]
+    pretraining = {(arm.name, s): {"held_out_top1": 50.0, "minutes": 10.0} for arm in setup for s in seeds}
+    scores = {"adaptor": [[60, 70], [50, 64], [62, 72]], "plain": [[55, 61], [52, 58], [50, 60]]}
+    scores["plain, equal compute"] = scores["plain"]
+    transfer = {
+        (arm.name, s, t, "lora"): float(scores[arm.name][i][j]) for arm in setup for i, s in enumerate(seeds)
+        for j, t in enumerate(tasks)
+    }  # fmt: skip
+    text = backbone_usage.report("# t", setup, seeds, pretraining, transfer, tasks, ["lora"], ["plain / 1 / count"])
+    # task means per seed: adaptor 65, 57, 67; plain 58, 55, 55; differences 7, 2, 12: mean 7, sd 5,
+    # half-width t(0.975, 2) 4.3027 * 5 / sqrt(3) = 12.42
+    assert "- lora, adaptor − plain: +7.00 [-5.42, +19.42], n = 3, within noise" in text
+    assert "| lora | adaptor | 65.00 | 57.00 | 67.00 | 63.00 ± 5.29 |" in text
+    assert "Runs whose loss became non-finite (scored 0): plain / 1 / count." in text
