@@ -25,8 +25,7 @@ The rerun outlasts a working session, and a fresh checkout holds only what was c
 writes every finished run (the few small files that read it back, not its weights), the pretrained
 backbones (:data:`BACKBONES`) and the ledger into :data:`ARCHIVE`, to be committed; a rerun first
 restores from there what its output folder lacks, so that it goes on where the archive left it. The
-archive is also the tables' raw data, one JSON line per run. A transfer run records its backbone file's
-absolute path, so the rerun goes on from a checkout at the same path.
+archive is also the tables' raw data, one JSON line per run.
 Usage:
 
     python benchmarks/evidence.py [--stages study,suite,backbone,shipped] [--output-dir runs/evidence]
@@ -90,6 +89,9 @@ ARCHIVE = RESULTS / "evidence_runs"
 RUN_FILES = (CONFIG, RESOLVED, RUN_RESULTS, LOG)
 """What reads a finished run back (recipe, code version, results, training minutes): its weights are left
 out, so a restored run can be reported but not evaluated again."""
+OUTPUT_DIR = "<evidence output dir>"
+"""What the archive writes for the output folder's absolute path (a transfer run records its backbone
+file's), and a restore writes back as the restoring folder's: the rerun goes on from any checkout path."""
 LEDGER = "ledger.json"
 BACKBONES = ("backbone/pretrain/*.safetensors", "shipped/*.safetensors")
 """The pretrained backbones under the output folder, archived whole (about 3 MB each) with their model
@@ -218,12 +220,17 @@ def write_demo_rows(shipped_dir: Path, weights: Path) -> None:
 
 def finished_runs(output_dir: Path) -> dict[str, list[dict[str, str]]]:
     """Stage folder -> a record per finished run under it (a folder with a recipe and results): its path
-    relative to ``output_dir`` and its :data:`RUN_FILES` as text."""
+    relative to ``output_dir`` and its :data:`RUN_FILES` as text, ``output_dir`` itself written as
+    :data:`OUTPUT_DIR`."""
     found: dict[str, list[dict[str, str]]] = {}
     for results in sorted(output_dir.glob(f"*/**/{RUN_RESULTS}")):
         run = results.parent
         if (run / CONFIG).is_file():
-            files = {name: (run / name).read_text() for name in RUN_FILES if (run / name).is_file()}
+            files = {
+                name: (run / name).read_text().replace(str(output_dir.resolve()), OUTPUT_DIR)
+                for name in RUN_FILES
+                if (run / name).is_file()
+            }
             relative = run.relative_to(output_dir).as_posix()
             found.setdefault(relative.split("/")[0], []).append({"run": relative, "files": files})
     return found
@@ -277,7 +284,7 @@ def restore(output_dir: Path, source: Path) -> int:
                 continue
             run.mkdir(parents=True)
             for name, text in record["files"].items():
-                write_atomically(run / name, text)
+                write_atomically(run / name, text.replace(OUTPUT_DIR, str(output_dir.resolve())))
             count += 1
     return count
 

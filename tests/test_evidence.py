@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from adaptor_peft.adaptors import METHODS
+from adaptor_peft.models import resolve_checkpoint
 from adaptor_peft.provenance import code_version
 from adaptor_peft.suite import QUICK, selection_runs, tuned_options
 from adaptor_peft.training import load_recipe
@@ -288,3 +289,22 @@ def test_a_step_imports_the_package_of_its_own_checkout(tmp_path):
     assert Path(seen.read_text()).is_relative_to(evidence.ROOT)
     with pytest.raises(subprocess.CalledProcessError):
         evidence.run_command([sys.executable, "-c", "raise SystemExit(3)"])
+
+
+def test_a_run_trained_from_a_backbone_in_the_folder_is_restored_at_another_path(tmp_path):
+    out, into, fresh = tmp_path / "first" / "runs", tmp_path / "archive", tmp_path / "second" / "runs"
+    backbone = Path("backbone/pretrain/plain_epochs1_seed0.safetensors")
+    (out / backbone).parent.mkdir(parents=True)
+    shutil.copy(resolve_checkpoint("pretrained", "vim_nano_patch4_32"), out / backbone)
+    folder = "backbone/transfer/plain_epochs1/seed_0/digits/linear_probe"
+
+    def recipe(root: Path) -> dict:
+        return load_recipe("offline_vtab/digits", [f"checkpoint={root / backbone}", "method=linear_probe", *QUICK])
+
+    results, _ = train_once(recipe(out), out / folder)
+
+    evidence.archive(out, into)
+    assert str(out) not in (into / "backbone.jsonl").read_text()  # its absolute path is not archived
+    assert evidence.restore(fresh, into) == 1
+    again, minutes = train_once(recipe(fresh), fresh / folder)
+    assert minutes is None and again["top1"] == results["top1"]  # read back at the new path, not trained
