@@ -120,7 +120,7 @@ def plan(output_dir: Path) -> dict[str, list[Step]]:
         "suite": [
             partial(share_study_runs, output_dir),
             [*cli, "suite", "--methods", SUITE_METHODS, "--output-dir", str(suite_dir), "--no-progress"],
-            partial(copy_files, suite_dir, ("suite.md", "suite.json", "suite.png")),
+            partial(copy_reports, suite_dir, ("suite.md", "suite.json", "suite.png"), output_dir, "suite"),
             partial(archive, output_dir, ARCHIVE),
             [python, "benchmarks/suite_timing.py"],
         ],
@@ -196,10 +196,19 @@ def copy_file(source: Path, target: Path) -> None:
     write_atomically(target, source.read_bytes())
 
 
-def copy_files(folder: Path, names: tuple[str, ...]) -> None:
-    """Copies finished report files into ``benchmarks/results/``."""
+def copy_reports(folder: Path, names: tuple[str, ...], output_dir: Path, stage: str) -> None:
+    """Copies a stage's finished report files into ``benchmarks/results/``. A Markdown report made by the
+    package (which knows no commit or machine) gets, under its title, the rerun's command, date, commit,
+    code version and machine, and the machines that trained the stage's runs, from the ledger."""
+    ledger = json.loads((output_dir / LEDGER).read_text()) if (output_dir / LEDGER).is_file() else {}
+    entry = ledger.get("stages", {}).get(stage)
+    made_on = f" Its runs were trained on: {by_machine(entry)} (hours)." if entry else ""
     for name in names:
-        copy_file(folder / name, RESULTS / name)
+        if name.endswith(".md"):
+            title, _, rest = (folder / name).read_text().partition("\n")
+            write_atomically(RESULTS / name, f"{title}\n\n{provenance()}.{made_on}\n{rest}")
+        else:
+            copy_file(folder / name, RESULTS / name)
 
 
 def write_demo_rows(shipped_dir: Path, weights: Path) -> None:

@@ -308,3 +308,20 @@ def test_a_run_trained_from_a_backbone_in_the_folder_is_restored_at_another_path
     assert evidence.restore(fresh, into) == 1
     again, minutes = train_once(recipe(fresh), fresh / folder)
     assert minutes is None and again["top1"] == results["top1"]  # read back at the new path, not trained
+
+
+def test_a_package_report_is_copied_under_the_reruns_provenance(tmp_path, monkeypatch):
+    monkeypatch.setattr(evidence, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    suite, out = tmp_path / "suite", tmp_path / "out"
+    suite.mkdir()
+    out.mkdir()
+    (suite / "suite.md").write_text("# The suite\n\n| task | top-1 |\n")
+    (suite / "suite.json").write_text('{"tasks": []}')
+    ledger = {"code_version": "v", "stages": {"suite": {"seconds": 7200.0, "done": False, "machines": {"M": 3600.0}}}}
+    (out / "ledger.json").write_text(json.dumps(ledger))
+    evidence.copy_reports(suite, ("suite.md", "suite.json"), out, "suite")
+    title, blank, header, rest = (tmp_path / "results" / "suite.md").read_text().split("\n", 3)
+    assert (title, blank) == ("# The suite", "") and rest == "\n| task | top-1 |\n"
+    assert f"code version {code_version()}" in header and "trained on: M: 1.00; unrecorded: 1.00 (hours)" in header
+    assert (tmp_path / "results" / "suite.json").read_text() == '{"tasks": []}'
