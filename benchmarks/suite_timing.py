@@ -65,16 +65,14 @@ def table(archive: Path, argv: list[str] | None = None) -> str:
         "| method | selection runs | minutes each | test runs | minutes each | minutes per task |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    total = 0.0
-    for method, parts in sorted(minutes.items(), key=lambda item: sum(map(sum, item[1].values()))):
+    spent = {method: sum(map(sum, parts.values())) for method, parts in minutes.items()}
+    for method in sorted(minutes, key=spent.get):
         cells = []
         for part in SPLITS.values():
-            times = parts.get(part, [])
+            times = minutes[method].get(part, [])
             cells += [str(len(times)), f"{sum(times) / len(times):.2f}" if times else "-"]
-        spent = sum(map(sum, parts.values()))
-        total += spent
-        lines.append(f"| {method} | {' | '.join(cells)} | {spent / len(tasks[method]):.1f} |")
-    lines += ["", f"All {runs} runs: {total / 60:.1f} hours of training on one core each.", ""]
+        lines.append(f"| {method} | {' | '.join(cells)} | {spent[method] / len(tasks[method]):.1f} |")
+    lines += ["", f"All {runs} runs: {sum(spent.values()) / 60:.1f} hours of training on one core each.", ""]
     return "\n".join(lines)
 
 
