@@ -157,6 +157,7 @@ def model_card(args: argparse.Namespace, history: list[dict], train_images: int,
     last = history[-1]
     rows = "\n".join(f"| {r['epoch']} | {r['loss']:.3f} | {r['held_out_top1']:.1f} | {r['minutes']} |" for r in history)
     flag = " --adaptor" if args.adaptor else ""
+    rate = f", the adaptors' zero-initialised parameters at {ADAPTOR_LR_SCALE:g}x the rate" if args.adaptor else ""
     what = (
         f"`{MODEL}` with Adaptor-T and Adaptor-S built into every block and pretrained with them from random\n"
         "weights (the Mamba-Adaptor paper's backbone use). Transfer it with a method that adds no adaptors\n"
@@ -180,7 +181,7 @@ stand-in for the official weights, not a replacement for them.
   {held_out} held-out renderings of the same classes (new views) for the accuracy below.
 - **Training**: AdamW (lr {args.lr}, weight decay 0.05 on matrices, none on norms, biases and
   embeddings), one warm-up epoch then cosine, label smoothing 0.1, horizontal flips, drop path 0.05,
-  gradient clipping at 1, batch {args.batch_size}, {args.epochs} epochs on CPU.
+  gradient clipping at 1, batch {args.batch_size}, {args.epochs} epochs on CPU{rate}.
 - **Result**: held-out top-1 {last["held_out_top1"]:.1f} % over {args.classes} classes after
   {last["minutes"]} minutes.
 - **Code**: adaptor_peft {code_version()}, finished on {datetime.date.today().isoformat()}.

@@ -255,18 +255,29 @@ def test_pretrained_backbones_and_their_cards_are_archived_and_restored(tmp_path
     assert not (fresh / "backbone/pretrain/plain_epochs8_seed1.safetensors.resume.pt").exists()
 
 
-def test_the_demo_rows_of_both_backbones_go_into_one_report(tmp_path, monkeypatch):
+def test_the_demo_rows_of_both_backbones_go_into_one_report_and_the_card(tmp_path, monkeypatch):
     monkeypatch.setattr(evidence, "RESULTS", tmp_path)
     shipped, weights = tmp_path / "shipped", tmp_path / "shipped" / "vim_nano_patch4_32_adaptor.safetensors"
-    for folder, row in (("demo-plain", "| lora | 80.0 |"), ("demo-adaptor", "| lora | 90.0 |")):
+    top1 = {"demo-plain": 80.0, "demo-adaptor": 90.0}
+    for folder, score in top1.items():
         (shipped / folder).mkdir(parents=True)
-        (shipped / folder / "demo.md").write_text(f"| method | top-1 |\n|---|---:|\n{row}\n")
+        (shipped / folder / "demo.md").write_text(f"| method | top-1 |\n|---|---:|\n| lora | {score} |\n")
+        for i, method in enumerate(evidence.DEMO_METHODS.split(",")):
+            (shipped / folder / method).mkdir()
+            (shipped / folder / method / "results.json").write_text(json.dumps({"top1": score + i}))
+    weights.with_suffix(".md").write_text("# vim_nano_patch4_32_adaptor\n\n| epoch | top-1 |\n")
     evidence.write_demo_rows(shipped, weights)
     text = (tmp_path / "demo_builtin_adaptor.md").read_text()
     plain, adaptor = text.index("## Default backbone"), text.index("## With built-in adaptors")
     assert plain < text.index("| lora | 80.0 |") < adaptor < text.index("| lora | 90.0 |")
     assert f"code version {code_version()}" in text and "--seed 0 --adaptor" in text
     assert "`vim_nano_patch4_32_adaptor.safetensors`" in text
+
+    card = weights.with_suffix(".md").read_text()
+    assert card.startswith("# vim_nano_patch4_32_adaptor\n\n| epoch | top-1 |\n\n## Transfer\n")
+    assert "| linear_probe | 80.00 | 90.00 |" in card and "| full | 83.00 | 93.00 |" in card
+    evidence.write_demo_rows(shipped, weights)  # a second run replaces the section, not adds another
+    assert weights.with_suffix(".md").read_text() == card
 
 
 def test_a_made_output_is_not_made_again(tmp_path):

@@ -174,7 +174,7 @@ def test_pretrain_tiny_trains_the_backbone_with_adaptors_from_scratch(tmp_path, 
     create_model("vim_nano_patch4_32_adaptor", checkpoint=str(output))  # the shipped model's layout, strictly
     card = output.with_suffix(".md").read_text()
     assert card.startswith("# vim_nano_patch4_32_adaptor\n")
-    assert "--adaptor`" in card and "built into every block" in card
+    assert "--adaptor`" in card and "built into every block" in card and "parameters at 10x the rate" in card
     assert '"held_out_top1"' in capsys.readouterr().out
     with safe_open(str(output), "pt") as weights:  # the code that pretrained it, in the file and on its card
         assert weights.metadata()["code"] == code_version()
