@@ -143,10 +143,21 @@ def report(
         top1 = [pretraining[arm.name, s]["held_out_top1"] for s in seeds]
         cells = " | ".join(f"{v:.1f}" for v in top1)
         lines.append(f"| {arm.name} | {arm.epochs} | {cells} | {spread(top1)} | {minutes[arm]:.1f} |")
-    if minutes[plains[0]] > 0:  # minutes are rounded to 0.1: a tiny pretraining has none to compare
-        per_epoch = {arm: minutes[arm] / arm.epochs for arm in (adaptor, plains[0])}
-        measured, assumed = per_epoch[adaptor] / per_epoch[plains[0]], plains[-1].epochs / adaptor.epochs
-        lines += ["", f"An adaptor epoch took {measured:.2f} plain epochs here; equal compute assumed {assumed:.2f}."]
+    if all(pretraining[plains[0].name, s]["minutes"] > 0 for s in seeds):  # rounded to 0.1: a tiny one has none
+
+        def cost(adaptor_minutes: float, plain_minutes: float) -> float:  # an adaptor epoch, in plain epochs
+            return (adaptor_minutes / adaptor.epochs) / (plain_minutes / plains[0].epochs)
+
+        per_seed = ", ".join(
+            f"{cost(pretraining[adaptor.name, s]['minutes'], pretraining[plains[0].name, s]['minutes']):.2f}"
+            for s in seeds
+        )
+        lines += [
+            "",
+            f"An adaptor epoch took {cost(minutes[adaptor], minutes[plains[0]]):.2f} plain epochs here (per seed: "
+            f"{per_seed}; a seed's pretrainings ran one after the other, on one machine unless the rerun moved "
+            f"between them); equal compute assumed {plains[-1].epochs / adaptor.epochs:.2f}.",
+        ]
     if len(seeds) > 1:
         lines.append("")
         for plain in plains:

@@ -62,11 +62,15 @@ def test_backbone_usage_pretrains_every_arm_transfers_and_resumes(tmp_path):
 
 def test_the_report_gives_the_measured_cost_of_an_adaptor_epoch_beside_the_assumed_one():
     setup = backbone_usage.arms(8, 1.25)  # the equal-compute arm: 10 epochs
-    minutes = {"adaptor": 24.0, "plain": 16.0, "plain, equal compute": 20.0}  # 3.0 and 2.0 minutes per epoch
-    pretraining = {(arm.name, s): {"held_out_top1": 50.0, "minutes": minutes[arm.name]} for arm in setup for s in (0,)}
-    transfer = {(arm.name, 0, "count", "lora"): 60.0 for arm in setup}
-    text = backbone_usage.report("# t", setup, [0], pretraining, transfer, ["count"], ["lora"])
-    assert "An adaptor epoch took 1.50 plain epochs here; equal compute assumed 1.25." in text
+    minutes = {"adaptor": (24.0, 28.0), "plain": (16.0, 16.0), "plain, equal compute": (20.0, 20.0)}
+    pretraining = {
+        (arm.name, s): {"held_out_top1": 50.0, "minutes": minutes[arm.name][s]} for arm in setup for s in (0, 1)
+    }
+    transfer = {(arm.name, s, "count", "lora"): 60.0 for arm in setup for s in (0, 1)}
+    text = backbone_usage.report("# t", setup, [0, 1], pretraining, transfer, ["count"], ["lora"])
+    # means 26 / 8 against 16 / 8 minutes per epoch; per seed 3.0 / 2.0 and 3.5 / 2.0
+    assert "An adaptor epoch took 1.62 plain epochs here (per seed: 1.50, 1.75;" in text
+    assert "equal compute assumed 1.25." in text
 
 
 def test_transfer_is_paired_over_pretraining_seeds_and_diverged_runs_are_named():
