@@ -5,7 +5,7 @@ weights: counts do not depend on them). Trainable parameters exclude the classif
 given in percent of the backbone's; the adapter file size includes a 100-class head (VTAB-1k cifar).
 Usage:
 
-    python benchmarks/params.py [--output benchmarks/results/params.md]
+    python benchmarks/params.py [--models Vim-T,Vim-S,...] [--output benchmarks/results/params.md]
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft import create_model
 from adaptor_peft.adaptors import METHODS, prepare_model
+from adaptor_peft.atomic import write_atomically
 from adaptor_peft.reports import parameter_report
 from adaptor_peft.reports.params import group_order
+from benchmarks.machine import provenance
 
 MODELS = {
     "Vim-T": "vim_tiny_patch16_224",
@@ -28,41 +30,48 @@ MODELS = {
     "VMamba-S": "vmamba_small_s1l20",
 }
 DETAIL = "Vim-S"
+"""The backbone shown per parameter group (the first one chosen when it is not among them)."""
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"columns, of {', '.join(MODELS)}")
     parser.add_argument("--output", type=Path, help="also write the tables to this Markdown file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    unknown = [label for label in args.models.split(",") if label not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    models = {label: MODELS[label] for label in args.models.split(",")}
+    detail = DETAIL if DETAIL in models else next(iter(models))
     reports = {
         (label, method): parameter_report(prepare_model(create_model(name, num_classes=100), method))
-        for label, name in MODELS.items()
+        for label, name in models.items()
         for method in METHODS
     }
-    backbones = {label: reports[label, "full"].backbone for label in MODELS}
+    backbones = {label: reports[label, "full"].backbone for label in models}
     lines = [
         "Trainable parameters without the head (% of the backbone)",
         "",
-        "| method | " + " | ".join(f"{label} ({backbones[label] / 1e6:.1f} M)" for label in MODELS) + " |",
-        "|---|" + "---:|" * len(MODELS),
+        "| method | " + " | ".join(f"{label} ({backbones[label] / 1e6:.1f} M)" for label in models) + " |",
+        "|---|" + "---:|" * len(models),
     ]
     for method in METHODS:
-        cells = [reports[label, method] for label in MODELS]
+        cells = [reports[label, method] for label in models]
         lines.append(
             f"| {method} | "
             + " | ".join(f"{r.trainable_without_head / 1e6:.3f} M ({r.trainable_percent:.2f} %)" for r in cells)
             + " |"
         )
-    groups = [g for g in group_order() if any(g in reports[DETAIL, m].groups for m in METHODS)]
+    groups = [g for g in group_order() if any(g in reports[detail, m].groups for m in METHODS)]
     lines += [
         "",
-        f"{DETAIL} ({MODELS[DETAIL]}, 100-class head) in detail",
+        f"{detail} ({models[detail]}, 100-class head) in detail",
         "",
         "| method | trainable w/o head | % of backbone | " + " | ".join(groups) + " | adapter file |",
         "|---|---:|---:|" + "---:|" * len(groups) + "---:|",
     ]
     for method in METHODS:
-        r = reports[DETAIL, method]
+        r = reports[detail, method]
         cells = [f"{r.groups[g]:,}" if g in r.groups else "" for g in groups]
         lines.append(
             f"| {method} | {r.trainable_without_head:,} | {r.trainable_percent:.2f} % | "
@@ -72,7 +81,8 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.output:
-        args.output.write_text(f"Command: `python benchmarks/params.py --output {args.output}`\n\n{text}")
+        write_atomically(args.output, f"{provenance(argv)}\n\n{text}")
+    return text
 
 
 if __name__ == "__main__":
