@@ -81,6 +81,8 @@ STUDY = {
 placements (``in_proj``, MambaPEFT's ``x_proj`` and LoRA_p(X)); the same budget for each method."""
 SUITE_METHODS = "linear_probe,lora,lora_x_proj,lora_p_x,parallel_adapter,adaptor,adaptor_booster,full"
 DEMO_METHODS = "linear_probe,bias,lora,full"
+DEMO_RUNS = {"Default backbone": "demo-plain", "With built-in adaptors": "demo-adaptor"}
+"""The shipped stage's two demo folders, by the backbone they transfer from."""
 SHIPPED_RECIPE = ("--classes", "100", "--per-class", "100", "--epochs", "15", "--batch-size", "128", "--lr", "0.002")
 """``vim_nano_patch4_32_adaptor``'s pretraining, as the default backbone's model card gives it, seed 0."""
 
@@ -115,6 +117,7 @@ def plan(output_dir: Path) -> dict[str, list[Step]]:
     weights = shipped_dir / "vim_nano_patch4_32_adaptor.safetensors"
     pretrain = [python, "examples/pretrain_tiny.py", *SHIPPED_RECIPE, "--seed", "0", "--adaptor"]
     demo = [*cli, "demo", "--methods", DEMO_METHODS, "--no-progress", "--output-dir"]
+    plain_demo, adaptor_demo = (shipped_dir / folder for folder in DEMO_RUNS.values())
     return {
         "study": study,
         "suite": [
@@ -127,8 +130,8 @@ def plan(output_dir: Path) -> dict[str, list[Step]]:
         "backbone": [[python, "benchmarks/backbone_usage.py", *backbone]],
         "shipped": [
             partial(run_unless_made, [*pretrain, "--output", str(weights)], weights),
-            [*demo, str(shipped_dir / "demo-plain")],
-            [*demo, str(shipped_dir / "demo-adaptor"), "model=vim_nano_patch4_32_adaptor", f"checkpoint={weights}"],
+            [*demo, str(plain_demo)],
+            [*demo, str(adaptor_demo), "model=vim_nano_patch4_32_adaptor", f"checkpoint={weights}"],
             partial(write_demo_rows, shipped_dir, weights),
         ],
     }
@@ -223,7 +226,7 @@ def write_demo_rows(shipped_dir: Path, weights: Path) -> None:
         f"(`python examples/pretrain_tiny.py {' '.join(SHIPPED_RECIPE)} --seed 0 --adaptor`); its adaptors "
         "are backbone weights here, trained by `full` and frozen by the others. One task, one seed.",
     ]
-    for title, folder in (("Default backbone", "demo-plain"), ("With built-in adaptors", "demo-adaptor")):
+    for title, folder in DEMO_RUNS.items():
         parts += ["", f"## {title}", "", (shipped_dir / folder / "demo.md").read_text().strip()]
     write_atomically(RESULTS / "demo_builtin_adaptor.md", "\n".join(parts) + "\n")
     card = weights.with_suffix(".md")
@@ -238,20 +241,25 @@ TRANSFER = "## Transfer"
 def transfer_section(shipped_dir: Path) -> str:
     """The shipped card's transfer figures: the demo's test top-1 per method on both backbones, read from
     the demo runs' records, and where the controlled comparison lies."""
-    rows = []
-    for method in DEMO_METHODS.split(","):
-        plain, adaptor = (
-            json.loads((shipped_dir / folder / method / RUN_RESULTS).read_text())["top1"]
-            for folder in ("demo-plain", "demo-adaptor")
-        )
-        rows.append(f"| {method} | {plain:.2f} | {adaptor:.2f} |")
+    methods = DEMO_METHODS.split(",")
+    results = {
+        (folder, method): json.loads((shipped_dir / folder / method / RUN_RESULTS).read_text())
+        for folder in DEMO_RUNS.values()
+        for method in methods
+    }
+    rows = [
+        f"| {m} | " + " | ".join(f"{results[f, m]['top1']:.2f}" for f in DEMO_RUNS.values()) + " |" for m in methods
+    ]
+    images = results[next(iter(results))]["images"]
+    error = 100 * (0.9 * 0.1 / images) ** 0.5  # binomial, at 90 %
     return "\n".join(
         [
             TRANSFER,
             "",
-            "The demo's task (scikit-learn's digits, 30 training images per class, 1,497 test images; "
+            f"The demo's task (scikit-learn's digits, 30 training images per class, {images:,} test images; "
             f"`adaptor-peft demo --methods {DEMO_METHODS}`, once with `model=vim_nano_patch4_32_adaptor`), one "
-            "seed, test top-1 %. A top-1 near 90 % on 1,497 images has a standard error of about 0.8 points.",
+            f"seed, test top-1 %. A top-1 near 90 % on {images:,} images has a standard error of about {error:.1f} "
+            "points.",
             "",
             "| method | `vim_nano_patch4_32` | `vim_nano_patch4_32_adaptor` |",
             "|---|---:|---:|",

@@ -38,10 +38,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--models", default=",".join(MODELS), help=f"columns, of {', '.join(MODELS)}")
     parser.add_argument("--output", type=Path, help="also write the tables to this Markdown file")
     args = parser.parse_args(argv)
-    unknown = [label for label in args.models.split(",") if label not in MODELS]
+    labels = args.models.split(",")
+    unknown = [label for label in labels if label not in MODELS]
     if unknown:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    models = {label: MODELS[label] for label in args.models.split(",")}
+    models = {label: MODELS[label] for label in labels}
     detail = DETAIL if DETAIL in models else next(iter(models))
     reports = {
         (label, method): parameter_report(prepare_model(create_model(name, num_classes=100), method))

@@ -264,7 +264,7 @@ def test_the_demo_rows_of_both_backbones_go_into_one_report_and_the_card(tmp_pat
         (shipped / folder / "demo.md").write_text(f"| method | top-1 |\n|---|---:|\n| lora | {score} |\n")
         for i, method in enumerate(evidence.DEMO_METHODS.split(",")):
             (shipped / folder / method).mkdir()
-            (shipped / folder / method / "results.json").write_text(json.dumps({"top1": score + i}))
+            (shipped / folder / method / "results.json").write_text(json.dumps({"top1": score + i, "images": 1497}))
     weights.with_suffix(".md").write_text("# vim_nano_patch4_32_adaptor\n\n| epoch | top-1 |\n")
     evidence.write_demo_rows(shipped, weights)
     text = (tmp_path / "demo_builtin_adaptor.md").read_text()
@@ -276,6 +276,7 @@ def test_the_demo_rows_of_both_backbones_go_into_one_report_and_the_card(tmp_pat
     card = weights.with_suffix(".md").read_text()
     assert card.startswith("# vim_nano_patch4_32_adaptor\n\n| epoch | top-1 |\n\n## Transfer\n")
     assert "| linear_probe | 80.00 | 90.00 |" in card and "| full | 83.00 | 93.00 |" in card
+    assert "1,497 test images" in card and "standard error of about 0.8 points" in card
     evidence.write_demo_rows(shipped, weights)  # a second run replaces the section, not adds another
     assert weights.with_suffix(".md").read_text() == card
 
