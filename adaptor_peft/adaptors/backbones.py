@@ -9,8 +9,6 @@ fingerprint them as backbone weights.
 
 from __future__ import annotations
 
-import warnings
-
 from timm.models import generate_default_cfgs
 from torch import nn
 
@@ -35,14 +33,6 @@ BUILTIN_ADAPTORS = AdaptorConfig(
 """The adaptors of the built-in backbones, every field spelled out so that a change of AdaptorConfig's
 defaults cannot change the architecture; ``lr_scale`` 1 since they are pretrained, not zero."""
 
-STALE_WEIGHTS = (
-    "vim_nano_patch4_32_adaptor: its shipped weights were pretrained with adaptor_peft 0.1's Adaptor-T, which "
-    "read per-position locations; this version's Adaptor-T reads a memory at per-sequence locations (their "
-    "mean, for these weights), so the model card's accuracy does not hold for it until the weights are "
-    "pretrained again (examples/pretrain_tiny.py --adaptor)"
-)
-"""Said on every load of the shipped weights until they are pretrained again with the memory Adaptor-T."""
-
 default_cfgs = generate_default_cfgs({"vim_nano_patch4_32_adaptor": embedded_cfg("vim_nano_patch4_32_adaptor")})
 
 
@@ -64,6 +54,5 @@ def vim_nano_patch4_32_adaptor(pretrained: bool = False, **kwargs) -> nn.Module:
     model = build_nano("vim_nano_patch4_32_adaptor", **kwargs)
     with_builtin_adaptors(model)
     if pretrained:
-        warnings.warn(STALE_WEIGHTS, UserWarning, stacklevel=2)
         load_checkpoint(model, model.pretrained_cfg["file"])
     return model
