@@ -47,7 +47,8 @@ VARIANTS = {
     "s_share_kernel=False": ("adaptor", {"s_share_kernel": False, "lr_scale": 10}),
 }
 """name -> (method, options): LoRA as the bar, the adaptor before the study (lr_scale=1), the default it
-chose (lr_scale=10), and one more choice changed at a time. lr_scale is spelled out in every row; should
+chose then (lr_scale=10; the equal-tuning study of the ``adaptor`` family later chose 16),
+and one more choice changed at a time. lr_scale is spelled out in every row; should
 another default change, the run folders' records refuse the old runs instead of reading them back as
 the new setting."""
 FAMILIES = {

@@ -1,6 +1,6 @@
 """An offline transfer suite in the VTAB-1k mould, generated on demand from fixed seeds.
 
-Eight tasks at the embedded backbone's resolution (32x32 RGB), in VTAB-1k's three groups, each standing
+Twelve tasks at the embedded backbone's resolution (32x32 RGB), in VTAB-1k's three groups, each standing
 in for the VTAB-1k task named in its :class:`Task` entry. Nothing is stored or downloaded: a split is
 drawn from ``(seed, split)``, so ``train800`` is the same images whatever size the other splits have, and
 two calls with the same arguments give the same pixels. Splits follow the NOAH layout: ``train800``,

@@ -75,7 +75,7 @@ def test_a_finished_run_is_not_read_back_once_a_method_default_changed(tmp_path,
     first = train(recipe, tmp_path / "run", data, progress=False)
     record = json.loads((tmp_path / "run" / "resolved.json").read_text())
     settings = record["method"]
-    assert settings["method"] == "adaptor" and settings["adaptor.lr_scale"] == 10.0 and settings["adaptor.t_rank"] == 4
+    assert settings["method"] == "adaptor" and settings["adaptor.lr_scale"] == 16.0 and settings["adaptor.t_rank"] == 4
     assert train_once(recipe, tmp_path / "run") == (first, None)  # read back
     before_field = {k: v for k, v in settings.items() if k != "adaptor.s_position"}  # made before it existed
     (tmp_path / "run" / "resolved.json").write_text(json.dumps({**record, "method": before_field}))
@@ -83,9 +83,9 @@ def test_a_finished_run_is_not_read_back_once_a_method_default_changed(tmp_path,
 
     older = {**record, "method": {**settings, "adaptor.lr_scale": 1.0}}  # made under an older default
     (tmp_path / "run" / "resolved.json").write_text(json.dumps(older))
-    with pytest.raises(TrainingError, match=r"other settings of method 'adaptor'.*adaptor.lr_scale: run 1.0, now 10.0"):
+    with pytest.raises(TrainingError, match=r"other settings of method 'adaptor'.*adaptor.lr_scale: run 1.0, now 16.0"):
         train_once(recipe, tmp_path / "run")
-    with pytest.raises(TrainingError, match=r"adaptor\.lr_scale: run 1\.0, now 10\.0"):
+    with pytest.raises(TrainingError, match=r"adaptor\.lr_scale: run 1\.0, now 16\.0"):
         train(recipe, tmp_path / "run", data, progress=False)  # nor resumed or overwritten
 
     (tmp_path / "run" / "resolved.json").unlink()  # a run from before the record: its recipe is all there is
