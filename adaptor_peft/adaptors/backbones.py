@@ -47,8 +47,9 @@ def with_builtin_adaptors(model: nn.Module, config: AdaptorConfig = BUILTIN_ADAP
 def vim_nano_patch4_32_adaptor(pretrained: bool = False, **kwargs) -> nn.Module:
     """``vim_nano_patch4_32`` with Adaptor-T and Adaptor-S in every block, pretrained with them from random
     weights on the same data and budget as the embedded default (``examples/pretrain_tiny.py --adaptor``;
-    model card in ``adaptor_peft/models/weights/vim_nano_patch4_32_adaptor.md``): 81.5 % held-out top-1
-    against the default's 60.8 %."""
+    model card in ``adaptor_peft/models/weights/vim_nano_patch4_32_adaptor.md``): 80.0 % held-out top-1
+    against the default's 60.8 %. Its transfer is within noise of a plain backbone pretrained as long
+    (three seeds, ``benchmarks/results/backbone_usage.md``)."""
     if kwargs.get("features_only"):
         raise TypeError("vim_nano_patch4_32_adaptor: features_only is not supported; use forward_intermediates")
     model = build_nano("vim_nano_patch4_32_adaptor", **kwargs)
