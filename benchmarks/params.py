@@ -2,7 +2,8 @@
 
 Counts come from :func:`adaptor_peft.reports.parameter_report` on freshly built backbones (random
 weights: counts do not depend on them). Trainable parameters exclude the classification head and are
-given in percent of the backbone's; the adapter file size includes a 100-class head (VTAB-1k cifar).
+given in percent of the backbone's; the adapter file size includes a 100-class head (VTAB-1k cifar). A
+method placed on modules an architecture lacks (MambaPEFT's LoRA variants on VMamba) is marked n/a.
 Usage:
 
     python benchmarks/params.py [--models Vim-T,Vim-S,...] [--output benchmarks/results/params.md]
@@ -16,9 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft import create_model
-from adaptor_peft.adaptors import METHODS, prepare_model
+from adaptor_peft.adaptors import METHODS, MethodOptionError, prepare_model
 from adaptor_peft.atomic import write_atomically
-from adaptor_peft.reports import parameter_report
+from adaptor_peft.reports import ParameterReport, parameter_report
 from adaptor_peft.reports.params import group_order
 from benchmarks.machine import provenance
 
@@ -33,6 +34,19 @@ DETAIL = "Vim-S"
 """The backbone shown per parameter group (the first one chosen when it is not among them)."""
 
 
+NA = "n/a"
+"""The cell of a method that does not apply to a backbone (a LoRA placed on modules it does not have)."""
+
+
+def report(name: str, method: str) -> ParameterReport | None:
+    """The parameter report of ``method`` on a fresh ``name`` with a 100-class head; None where the method
+    does not apply to that architecture."""
+    try:
+        return parameter_report(prepare_model(create_model(name, num_classes=100), method))
+    except MethodOptionError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"columns, of {', '.join(MODELS)}")
@@ -44,11 +58,7 @@ def main(argv: list[str] | None = None) -> str:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     models = {label: MODELS[label] for label in labels}
     detail = DETAIL if DETAIL in models else next(iter(models))
-    reports = {
-        (label, method): parameter_report(prepare_model(create_model(name, num_classes=100), method))
-        for label, name in models.items()
-        for method in METHODS
-    }
+    reports = {(label, method): report(name, method) for label, name in models.items() for method in METHODS}
     backbones = {label: reports[label, "full"].backbone for label in models}
     lines = [
         "Trainable parameters without the head (% of the backbone)",
@@ -60,10 +70,13 @@ def main(argv: list[str] | None = None) -> str:
         cells = [reports[label, method] for label in models]
         lines.append(
             f"| {method} | "
-            + " | ".join(f"{r.trainable_without_head / 1e6:.3f} M ({r.trainable_percent:.2f} %)" for r in cells)
+            + " | ".join(
+                f"{r.trainable_without_head / 1e6:.3f} M ({r.trainable_percent:.2f} %)" if r else NA for r in cells
+            )
             + " |"
         )
-    groups = [g for g in group_order() if any(g in reports[detail, m].groups for m in METHODS)]
+    applicable = [m for m in METHODS if reports[detail, m]]
+    groups = [g for g in group_order() if any(g in reports[detail, m].groups for m in applicable)]
     lines += [
         "",
         f"{detail} ({models[detail]}, 100-class head) in detail",
@@ -71,7 +84,7 @@ def main(argv: list[str] | None = None) -> str:
         "| method | trainable w/o head | % of backbone | " + " | ".join(groups) + " | adapter file |",
         "|---|---:|---:|" + "---:|" * len(groups) + "---:|",
     ]
-    for method in METHODS:
+    for method in applicable:
         r = reports[detail, method]
         cells = [f"{r.groups[g]:,}" if g in r.groups else "" for g in groups]
         lines.append(

@@ -30,3 +30,9 @@ def test_an_unknown_model_is_refused_with_the_known_ones(capsys):
     with pytest.raises(SystemExit):
         params.main(["--models", "Vim-T,Vim-X"])
     assert "--models: unknown Vim-X; choose from Vim-T, Vim-S" in capsys.readouterr().err
+
+
+def test_a_method_placed_on_modules_an_architecture_lacks_is_not_applicable_there():
+    assert params.report("vmamba_tiny_s1l8", "lora_x_proj") is None  # VMamba's x_proj is a parameter, not a Linear
+    applicable = params.report("vim_tiny_patch16_224", "lora_x_proj")
+    assert applicable is not None and applicable.trainable_without_head > 0
