@@ -47,7 +47,8 @@ class AdaptorConfig:
     """Adaptor-S (ours): one depthwise kernel per channel shared by all dilations, each branch with its
     own zero-initialised per-channel scale (True, a third of the parameters). False is Adaptor-S as the
     paper describes it: every dilation its own kernel, the branches summed and scaled by one zero-initialised
-    per-channel scale (79.8 % against 82.5 % on the offline suite's val splits)."""
+    per-channel scale (79.8 % against 82.5 % for this default on the offline suite's val splits, both at
+    ``lr_scale`` 10)."""
     s_position: str = "output"
     """Adaptor-S placement (ours): "output" = on the mixer output (model width); "inner" = on the
     gated scan output before ``out_proj`` (inner width, about twice the parameters)."""
