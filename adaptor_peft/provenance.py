@@ -1,4 +1,5 @@
-"""The code version a run records, so that numbers of different code are never mixed unawares.
+"""The code version a run records, so that numbers of different code are never mixed unawares, and the
+machine it ran on, since CPU figures move several times between machines (AVX-512 against AVX2 alone).
 
 The version is the package's ``__version__`` plus a hash of its source: every ``.py`` and ``.c`` file of
 the package, by relative path and content. Unlike a git commit it needs no git, is the same in a checkout
@@ -9,6 +10,8 @@ show. Recipes are left out: a run folder records its whole resolved recipe, whic
 from __future__ import annotations
 
 import hashlib
+import os
+import platform
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,3 +31,32 @@ def code_version() -> str:
     for path in files:
         digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+ISA = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("sve", "SVE"), ("asimd", "NEON"), ("sse4_2", "SSE4.2"))
+"""/proc/cpuinfo flags and the vector instruction sets they name, widest first."""
+
+
+def cpu_fields(info: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The first processor's fields of ``info`` (empty where there is none)."""
+    fields: dict[str, str] = {}
+    if info.exists():
+        for line in info.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def vector_isa(flags: str) -> str:
+    """The widest vector instruction set among ``flags`` (/proc/cpuinfo's flags or Features line)."""
+    present = set(flags.split())
+    return next((name for flag, name in ISA if flag in present), "scalar")
+
+
+def describe_machine() -> str:
+    """One line naming the machine: CPU model, architecture, widest vector ISA, cores, e.g. ``AMD EPYC,
+    x86_64, AVX2, 2 cores``; what results files, model cards and the evidence ledger record."""
+    fields = cpu_fields()
+    model = fields.get("model name") or fields.get("CPU part") or platform.processor() or "unknown CPU"
+    isa = vector_isa(fields.get("flags") or fields.get("Features") or "")
+    return f"{model}, {platform.machine()}, {isa}, {os.cpu_count()} cores"

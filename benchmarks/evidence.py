@@ -51,12 +51,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.atomic import write_atomically
-from adaptor_peft.provenance import code_version
+from adaptor_peft.provenance import code_version, describe_machine
 from adaptor_peft.suite import SELECTION_SEEDS, selection_runs
 from adaptor_peft.training.pool import stopped_by_sigterm
 from adaptor_peft.training.runs import CHECKPOINTS, CONFIG, LOG, RESOLVED, as_recorded, read_config
 from adaptor_peft.training.runs import RESULTS as RUN_RESULTS
-from benchmarks.machine import describe, provenance
+from benchmarks.machine import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> str:
         return text
     if (ARCHIVE / LEDGER).is_file() and not (args.output_dir / LEDGER).exists():
         copy_file(ARCHIVE / LEDGER, args.output_dir / LEDGER)
-    ledger = Ledger(args.output_dir / LEDGER, code_version(), describe())  # refuses another version's archive too
+    # refuses another version's archive too
+    ledger = Ledger(args.output_dir / LEDGER, code_version(), describe_machine())
     restored = restore(args.output_dir, ARCHIVE)
     if restored:
         print(f"{restored} finished runs restored from {ARCHIVE}", flush=True)

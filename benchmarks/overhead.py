@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft import create_model
 from adaptor_peft.adaptors import AdaptorS, prepare_model
 from adaptor_peft.models import keep_activations
+from adaptor_peft.provenance import describe_machine
 from adaptor_peft.reports import parameter_report
 from adaptor_peft.training.optim import build_optimizer
-from benchmarks.machine import describe
 from tests.support.memory import PeakTensorMemory, in_fresh_process
 
 INFERENCE = ("plain", "adaptor", "adaptor_t", "adaptor_s")
@@ -158,7 +158,8 @@ def main() -> None:
     parser.add_argument("--inference-only", action="store_true")
     args = parser.parse_args()
     images, labels = batch(args.batch, args.img_size)
-    print(f"{describe()}; {args.model} at {args.img_size}, batch {args.batch}, {torch.get_num_threads()} threads, "
+    threads = torch.get_num_threads()
+    print(f"{describe_machine()}; {args.model} at {args.img_size}, batch {args.batch}, {threads} threads, "
           f"torch {torch.__version__}; medians over {args.rounds} interleaved rounds\n")  # fmt: skip
 
     base = build(args.model, "plain").eval()  # every model a copy of it, so that all sit in fresh memory alike

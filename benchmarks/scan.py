@@ -32,7 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.ops import native, selective_scan, selective_scan_reference
 from adaptor_peft.ops.records import MemoryRead
-from benchmarks.machine import FLOAT_LANES, cpu_fields, cpu_ghz, describe, vector_isa
+from adaptor_peft.provenance import cpu_fields, describe_machine, vector_isa
+from benchmarks.machine import FLOAT_LANES, cpu_ghz
 from tests.support.memory import in_fresh_process
 from tests.support.official import scan_ref
 
@@ -165,7 +166,7 @@ def main() -> None:
     median = {m: {k: statistics.median(v) * 1e3 for k, v in times[m].items()} for m in methods}
     seq, lean, mambapy = methods[0], methods[1], "mambapy pscan"
     threads = torch.get_num_threads()
-    print(f"{describe()}; selective scan, batch {args.batch}, dim {args.dim}, len {args.length}, nstate "
+    print(f"{describe_machine()}; selective scan, batch {args.batch}, dim {args.dim}, len {args.length}, nstate "
           f"{args.nstate}, {threads} threads, torch {torch.__version__}; medians of interleaved rounds\n")  # fmt: skip
     print("| method | fwd ms | fwd+bwd ms | fwd+bwd speed-up vs mamba ref / step loop / mambapy | peak extra MB |")
     print("|---|---:|---:|---|---:|")

@@ -40,7 +40,7 @@ from adaptor_peft.adaptors.backbones import BUILTIN_ADAPTORS, with_builtin_adapt
 from adaptor_peft.atomic import write_atomically
 from adaptor_peft.data.fractals import FractalImages
 from adaptor_peft.models.vim import EMBEDDED_WEIGHTS
-from adaptor_peft.provenance import code_version
+from adaptor_peft.provenance import code_version, describe_machine
 from adaptor_peft.training.optim import build_optimizer, build_scheduler
 
 MODEL = "vim_nano_patch4_32"
@@ -118,7 +118,8 @@ def main() -> None:
         write_atomically(resume, buffer.getvalue())
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    metadata = {"model": name(args), "script": "examples/pretrain_tiny.py", "code": code_version(), **vars(args)}
+    metadata = {"model": name(args), "script": "examples/pretrain_tiny.py", "code": code_version()}
+    metadata |= {"machine": describe_machine(), **vars(args)}
     metadata["history"] = json.dumps(history)  # every epoch's record, for scripts that compare runs
     write_atomically(args.output, save(state, metadata={k: str(v) for k, v in metadata.items()}))
     card = args.output.with_suffix(".md")
@@ -185,7 +186,7 @@ stand-in for the official weights, not a replacement for them.
   embeddings), one warm-up epoch then cosine, label smoothing 0.1, horizontal flips, drop path 0.05,
   gradient clipping at 1, batch {args.batch_size}, {args.epochs} epochs on CPU{rate}.
 - **Result**: held-out top-1 {last["held_out_top1"]:.1f} % over {args.classes} classes after
-  {last["minutes"]} minutes.
+  {last["minutes"]} minutes on {describe_machine()}.
 - **Code**: adaptor_peft {code_version()}, finished on {datetime.date.today().isoformat()}.
 - **File**: safetensors, the full state dict including the {args.classes}-class head (dropped when a task
   asks for another number of classes).

@@ -68,7 +68,7 @@ def test_the_ledger_sums_time_skips_finished_stages_and_refuses_other_versions(t
     monkeypatch.setattr(evidence, "RESULTS", tmp_path)
     monkeypatch.setattr(evidence, "ARCHIVE", tmp_path / "archive")
     argv = ["--stages", "first,second", "--output-dir", str(out)]
-    monkeypatch.setattr(evidence, "describe", lambda: "machine A")
+    monkeypatch.setattr(evidence, "describe_machine", lambda: "machine A")
 
     with pytest.raises(subprocess.CalledProcessError):  # the second stage fails: its time is kept, not done
         evidence.main(argv)
@@ -78,7 +78,7 @@ def test_the_ledger_sums_time_skips_finished_stages_and_refuses_other_versions(t
     assert not ledger["stages"]["second"]["done"] and ledger["stages"]["second"]["seconds"] > 0
 
     marker.touch()
-    monkeypatch.setattr(evidence, "describe", lambda: "machine B")  # the next session's machine
+    monkeypatch.setattr(evidence, "describe_machine", lambda: "machine B")  # the next session's machine
     text = evidence.main(argv)
     again = json.loads((out / "ledger.json").read_text())
     assert again["stages"]["first"] == first  # finished: not run again

@@ -160,7 +160,7 @@ def test_pretrain_tiny_trains_the_backbone_with_adaptors_from_scratch(tmp_path, 
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from adaptor_peft.provenance import code_version
+    from adaptor_peft.provenance import code_version, describe_machine
 
     output = tmp_path / "nano.safetensors"
     argv = ["pretrain_tiny.py", "--classes", "3", "--per-class", "4", "--epochs", "1", "--batch-size", "4",
@@ -178,4 +178,5 @@ def test_pretrain_tiny_trains_the_backbone_with_adaptors_from_scratch(tmp_path, 
     assert '"held_out_top1"' in capsys.readouterr().out
     with safe_open(str(output), "pt") as weights:  # the code that pretrained it, in the file and on its card
         assert weights.metadata()["code"] == code_version()
-    assert f"adaptor_peft {code_version()}, finished on" in card
+        assert weights.metadata()["machine"] == describe_machine()  # minutes mean little without it
+    assert f"adaptor_peft {code_version()}, finished on" in card and f"minutes on {describe_machine()}." in card

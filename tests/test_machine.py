@@ -4,15 +4,35 @@ from __future__ import annotations
 
 import subprocess
 
-from adaptor_peft.provenance import code_version
+from adaptor_peft import provenance
+from adaptor_peft.provenance import code_version, describe_machine, vector_isa
 from benchmarks import machine
 
 
 def test_vector_isa_is_the_widest_listed():
-    assert machine.vector_isa("fpu sse4_2 avx2 avx512f") == "AVX-512"
-    assert machine.vector_isa("fpu sse4_2 avx2") == "AVX2"
-    assert machine.vector_isa("fp asimd") == "NEON"
-    assert machine.vector_isa("fpu") == "scalar"
+    assert vector_isa("fpu sse4_2 avx2 avx512f") == "AVX-512"
+    assert vector_isa("fpu sse4_2 avx2") == "AVX2"
+    assert vector_isa("fp asimd") == "NEON"
+    assert vector_isa("fpu") == "scalar"
+
+
+def test_the_machine_is_named_by_model_architecture_widest_isa_and_cores(monkeypatch):
+    fields = {"model name": "AMD EPYC 9004", "flags": "fpu sse4_2 avx2"}
+    monkeypatch.setattr(provenance, "cpu_fields", lambda: fields)
+    monkeypatch.setattr(provenance.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(provenance.os, "cpu_count", lambda: 2)
+    assert describe_machine() == "AMD EPYC 9004, x86_64, AVX2, 2 cores"
+    fields.clear()
+    fields.update({"CPU part": "0xd0c", "Features": "fp asimd"})  # an Arm /proc/cpuinfo
+    monkeypatch.setattr(provenance.platform, "machine", lambda: "aarch64")
+    assert describe_machine() == "0xd0c, aarch64, NEON, 2 cores"
+
+
+def test_cpu_fields_are_the_first_processors(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: First CPU\n\nprocessor\t: 1\nmodel name\t: Second CPU\n")
+    assert provenance.cpu_fields(info)["model name"] == "First CPU"
+    assert provenance.cpu_fields(tmp_path / "absent") == {}
 
 
 def test_commit_is_the_checkouts_with_its_edited_files_named(monkeypatch):
@@ -60,4 +80,4 @@ def test_provenance_names_command_commit_code_version_and_machine(monkeypatch):
     monkeypatch.setattr(machine, "commit", lambda: "abc1234")
     line = machine.provenance(["--family", "lora"])
     assert "--family lora`" in line and "commit abc1234" in line
-    assert f"code version {code_version()}" in line and line.endswith(machine.describe())
+    assert f"code version {code_version()}" in line and line.endswith(describe_machine())
