@@ -28,6 +28,7 @@ import json
 import statistics
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -80,9 +81,20 @@ def weights_file(output_dir: Path, arm: Arm, seed: int) -> Path:
     return output_dir / "pretrain" / f"{label(arm)}_seed{seed}.safetensors"
 
 
+UNRECORDED = "unrecorded"
+"""The machine of a pretraining whose weights do not name one."""
+
+
+def machines(records: Sequence[dict]) -> str:
+    """Where ``records``' minutes were measured: each machine with its number of pretrainings."""
+    counts = Counter(record.get("machine", UNRECORDED) for record in records)
+    return "; ".join(f"{machine} ({count})" for machine, count in counts.most_common())
+
+
 def pretrain(arm: Arm, seed: int, output_dir: Path, size: list[str]) -> dict:
     """The arm's backbone for ``seed`` (pretrained unless its weights exist; an interrupted run resumes), and
-    its final record: held-out top-1 % and minutes."""
+    its final record: held-out top-1 %, minutes and the machine that measured them ("unrecorded" for weights
+    from before the pretraining script recorded it)."""
     path = weights_file(output_dir, arm, seed)
     settings = [*size, "--epochs", str(arm.epochs), "--seed", str(seed)]
     if not path.exists():
@@ -95,7 +107,7 @@ def pretrain(arm: Arm, seed: int, output_dir: Path, size: list[str]) -> dict:
     differ = {key: (metadata.get(key), value) for key, value in expected.items() if metadata.get(key) != value}
     if differ:
         raise SystemExit(f"{path}: pretrained with other settings than the arm's (file, arm): {differ}; remove it")
-    return json.loads(metadata["history"])[-1]
+    return {**json.loads(metadata["history"])[-1], "machine": metadata.get("machine", UNRECORDED)}
 
 
 def transfer_jobs(
@@ -143,6 +155,7 @@ def report(
         top1 = [pretraining[arm.name, s]["held_out_top1"] for s in seeds]
         cells = " | ".join(f"{v:.1f}" for v in top1)
         lines.append(f"| {arm.name} | {arm.epochs} | {cells} | {spread(top1)} | {minutes[arm]:.1f} |")
+    lines += ["", f"Pretrained on: {machines(list(pretraining.values()))}."]
     if all(pretraining[plains[0].name, s]["minutes"] > 0 for s in seeds):  # rounded to 0.1: a tiny one has none
 
         def cost(adaptor_minutes: float, plain_minutes: float) -> float:  # an adaptor epoch, in plain epochs
@@ -155,8 +168,8 @@ def report(
         lines += [
             "",
             f"An adaptor epoch took {cost(minutes[adaptor], minutes[plains[0]]):.2f} plain epochs here (per seed: "
-            f"{per_seed}; a seed's pretrainings ran one after the other, on one machine unless the rerun moved "
-            f"between them); equal compute assumed {plains[-1].epochs / adaptor.epochs:.2f}.",
+            f"{per_seed}; a seed's pretrainings ran one after the other); equal compute assumed "
+            f"{plains[-1].epochs / adaptor.epochs:.2f}.",
         ]
     if len(seeds) > 1:
         lines.append("")

@@ -8,6 +8,7 @@ import json
 import pytest
 from safetensors import safe_open
 
+from adaptor_peft.provenance import describe_machine
 from adaptor_peft.reports.paired import paired_difference
 from benchmarks import backbone_usage
 
@@ -28,6 +29,7 @@ def test_backbone_usage_pretrains_every_arm_transfers_and_resumes(tmp_path):
         held_out[f.stem] = history[-1]["held_out_top1"]
     equal_compute = f"{held_out['plain_epochs2_seed0']:.1f} | {held_out['plain_epochs2_seed1']:.1f}"
     assert f"| plain, equal compute | 2 | {equal_compute} |" in text
+    assert f"Pretrained on: {describe_machine()} (6)." in text  # read from the weights, where the script wrote it
     pretrained = paired_difference(
         [held_out["adaptor_epochs1_seed0"], held_out["adaptor_epochs1_seed1"]],
         [held_out["plain_epochs1_seed0"], held_out["plain_epochs1_seed1"]],
@@ -71,6 +73,10 @@ def test_the_report_gives_the_measured_cost_of_an_adaptor_epoch_beside_the_assum
     # means 26 / 8 against 16 / 8 minutes per epoch; per seed 3.0 / 2.0 and 3.5 / 2.0
     assert "An adaptor epoch took 1.62 plain epochs here (per seed: 1.50, 1.75;" in text
     assert "equal compute assumed 1.25." in text
+    assert "Pretrained on: unrecorded (6)." in text  # records without a machine: weights from before it was kept
+    pretraining[setup[0].name, 0]["machine"] = "CPU A, x86_64, AVX2, 2 cores"
+    text = backbone_usage.report("# t", setup, [0, 1], pretraining, transfer, ["count"], ["lora"])
+    assert "Pretrained on: unrecorded (5); CPU A, x86_64, AVX2, 2 cores (1)." in text
 
 
 def test_transfer_is_paired_over_pretraining_seeds_and_diverged_runs_are_named():
