@@ -91,7 +91,8 @@ def main() -> None:
     schedule = build_scheduler(optimizer, "cosine", len(loader), args.epochs * len(loader), min_lr_ratio=0.0)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     resume = args.output.with_name(args.output.name + ".resume.pt")
-    settings = {key: str(value) for key, value in vars(args).items()}
+    # the resume file lies beside the output, so the output's spelling (relative or absolute) is no setting
+    settings = {key: str(value) for key, value in vars(args).items() if key != "output"}
     history, minutes_before = resumed(resume, settings, model, optimizer, schedule, loader.generator)
     for epoch in range(len(history) + 1, args.epochs + 1):
         model.train()
@@ -135,9 +136,9 @@ def resumed(resume: Path, settings: dict, model, optimizer, schedule, shuffle: t
     if not resume.exists():
         return [], 0.0
     state = torch.load(resume, weights_only=True)
-    if state["settings"] != settings:
-        there = state["settings"]
-        differ = ", ".join(f"{k}: {there.get(k)} there, {v} here" for k, v in settings.items() if there.get(k) != v)
+    there = state["settings"]  # a file of older code may hold settings no longer compared, such as the output
+    differ = ", ".join(f"{k}: {there.get(k)} there, {v} here" for k, v in settings.items() if there.get(k) != v)
+    if differ:
         raise SystemExit(
             f"{resume}: an interrupted run with other settings ({differ}); start it again with its settings to "
             "finish it, or delete the file to start afresh"
