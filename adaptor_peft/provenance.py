@@ -47,6 +47,11 @@ def cpu_fields(info: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     return fields
 
 
+def cpu_flags(fields: dict[str, str]) -> str:
+    """The feature flags among ``fields`` (:func:`cpu_fields`): x86's flags line or Arm's Features line."""
+    return fields.get("flags") or fields.get("Features") or ""
+
+
 def vector_isa(flags: str) -> str:
     """The widest vector instruction set among ``flags`` (/proc/cpuinfo's flags or Features line)."""
     present = set(flags.split())
@@ -58,5 +63,5 @@ def describe_machine() -> str:
     x86_64, AVX2, 2 cores``; what results files, model cards and the evidence ledger record."""
     fields = cpu_fields()
     model = fields.get("model name") or fields.get("CPU part") or platform.processor() or "unknown CPU"
-    isa = vector_isa(fields.get("flags") or fields.get("Features") or "")
+    isa = vector_isa(cpu_flags(fields))
     return f"{model}, {platform.machine()}, {isa}, {os.cpu_count()} cores"

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adaptor_peft.ops import native, selective_scan, selective_scan_reference
 from adaptor_peft.ops.records import MemoryRead
-from adaptor_peft.provenance import cpu_fields, describe_machine, vector_isa
+from adaptor_peft.provenance import cpu_fields, cpu_flags, describe_machine, vector_isa
 from benchmarks.machine import FLOAT_LANES, cpu_ghz
 from tests.support.memory import in_fresh_process
 from tests.support.official import scan_ref
@@ -178,7 +178,7 @@ def main() -> None:
         print(f"| {m} | {median[m]['fwd']:.1f} | {t:.1f} | {' / '.join(f'{x:.1f}x' for x in ratios)} | {mem} |")
 
     updates = args.batch * args.dim * args.length * args.nstate
-    ghz, isa = cpu_ghz(), vector_isa(cpu_fields().get("flags", ""))
+    ghz, isa = cpu_ghz(), vector_isa(cpu_flags(cpu_fields()))
     print(f"\nState updates per second per thread (forward) against the arithmetic bound: {OPS_PER_UPDATE} vector "
           f"operations per update at two issues per cycle, {ghz or float('nan'):.2f} GHz nominal\n")  # fmt: skip
     print("| native build | lanes | G updates / s / thread | bound | share of bound | fwd+bwd vs -march=native |")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from adaptor_peft import provenance
-from adaptor_peft.provenance import code_version, describe_machine, vector_isa
+from adaptor_peft.provenance import code_version, cpu_flags, describe_machine, vector_isa
 from benchmarks import machine
 
 
@@ -14,6 +14,12 @@ def test_vector_isa_is_the_widest_listed():
     assert vector_isa("fpu sse4_2 avx2") == "AVX2"
     assert vector_isa("fp asimd") == "NEON"
     assert vector_isa("fpu") == "scalar"
+
+
+def test_cpu_flags_are_x86s_flags_or_arms_features():
+    assert cpu_flags({"flags": "fpu avx2", "model name": "x"}) == "fpu avx2"
+    assert cpu_flags({"Features": "fp asimd"}) == "fp asimd"
+    assert cpu_flags({}) == ""
 
 
 def test_the_machine_is_named_by_model_architecture_widest_isa_and_cores(monkeypatch):

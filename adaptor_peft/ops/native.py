@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..provenance import cpu_fields, cpu_flags
 from .records import GradsOut, ScanGrads, ScanInputs, ScanOutput, reverse_positions
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("selective_scan_cpu.c", "depthwise_cpu.c"))
@@ -78,11 +79,7 @@ def cache_dir() -> Path:
 
 def _machine_fingerprint() -> bytes:
     """Distinguishes CPUs, since ``-march=native`` output may not run on another one."""
-    info = Path("/proc/cpuinfo")
-    flags = ""
-    if info.exists():
-        flags = next((line for line in info.read_text().splitlines() if line.startswith(("flags", "Features"))), "")
-    return f"{platform.machine()}|{platform.processor()}|{flags}".encode()
+    return f"{platform.machine()}|{platform.processor()}|{cpu_flags(cpu_fields())}".encode()
 
 
 def cpu_target() -> str:
