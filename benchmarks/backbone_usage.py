@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -85,7 +85,7 @@ UNRECORDED = "unrecorded"
 """The machine of a pretraining whose weights do not name one."""
 
 
-def machines(records: Sequence[dict]) -> str:
+def machines(records: Iterable[dict]) -> str:
     """Where ``records``' minutes were measured: each machine with its number of pretrainings."""
     counts = Counter(record.get("machine", UNRECORDED) for record in records)
     return "; ".join(f"{machine} ({count})" for machine, count in counts.most_common())
@@ -155,7 +155,7 @@ def report(
         top1 = [pretraining[arm.name, s]["held_out_top1"] for s in seeds]
         cells = " | ".join(f"{v:.1f}" for v in top1)
         lines.append(f"| {arm.name} | {arm.epochs} | {cells} | {spread(top1)} | {minutes[arm]:.1f} |")
-    lines += ["", f"Pretrained on: {machines(list(pretraining.values()))}."]
+    lines += ["", f"Pretrained on: {machines(pretraining.values())}."]
     if all(pretraining[plains[0].name, s]["minutes"] > 0 for s in seeds):  # rounded to 0.1: a tiny one has none
 
         def cost(adaptor_minutes: float, plain_minutes: float) -> float:  # an adaptor epoch, in plain epochs

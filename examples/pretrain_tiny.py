@@ -119,8 +119,13 @@ def main() -> None:
         write_atomically(resume, buffer.getvalue())
 
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    metadata = {"model": name(args), "script": "examples/pretrain_tiny.py", "code": code_version()}
-    metadata |= {"machine": describe_machine(), **vars(args)}
+    metadata = {
+        "model": name(args),
+        "script": "examples/pretrain_tiny.py",
+        "code": code_version(),
+        "machine": describe_machine(),
+        **vars(args),
+    }
     metadata["history"] = json.dumps(history)  # every epoch's record, for scripts that compare runs
     write_atomically(args.output, save(state, metadata={k: str(v) for k, v in metadata.items()}))
     card = args.output.with_suffix(".md")
